@@ -1,0 +1,259 @@
+"""The `defectbench` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import yaml
+from tabulate import tabulate
+
+from harness.errors import DefectBenchError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"defectbench: warning: {message}\n"
+    warnings.filterwarnings("ignore", message=".*'pretrained' is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*Arguments other than a weight enum.*")
+    try:
+        return args.func(args) or 0
+    except (DefectBenchError, FileExistsError) as err:
+        print(f"defectbench: error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="defectbench", description="Few-shot industrial defect generation benchmark.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write the synthetic data set (MVTec AD / LOCO / Caption layouts)")
+    p.add_argument("out", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--n-train", type=int, default=100)
+    p.add_argument("--n-defect", type=int, default=15, help="images per defect type")
+    p.add_argument("--n-test-good", type=int, default=12)
+    p.add_argument("--categories", nargs="+", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("inspect", help="list categories, defect types and counts, and every problem found")
+    p.add_argument("root", type=Path)
+    _data_options(p, category_required=False)
+    p.add_argument("--no-verify", action="store_true", help="read headers only, do not decode every file")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("split", help="apply a split protocol to a category and write its manifest")
+    p.add_argument("root", type=Path)
+    _data_options(p)
+    p.add_argument("--protocol", default="clean-thirds")
+    p.add_argument("--out", type=Path, default=None, help="manifest path (default results/splits/...)")
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("methods", help="list the available methods")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("generate", help="fit a method on a category's training part and generate defects")
+    p.add_argument("--method", required=True)
+    p.add_argument("--data", type=Path, required=True, help="data set root (the folder holding category folders)")
+    _data_options(p)
+    p.add_argument("--defect", required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--protocol", default="clean-thirds")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--profile", default="tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a method setting (YAML value), e.g. --set blend=poisson")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("score", help="score a folder of generated images")
+    p.add_argument("generated", type=Path)
+    p.add_argument("--real", type=Path, help="folder of real images: the FID/KID reference")
+    p.add_argument("--centres", type=Path, help="folder of the generator-training anomalies (IC-LPIPS centres)")
+    p.add_argument("--data", type=Path, help="instead of --real/--centres: a data set root ...")
+    _data_options(p, category_required=False)
+    p.add_argument("--defect", help="... with --category and --defect: the split's test part and centres")
+    p.add_argument("--protocol", default="clean-thirds")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--profile", default="tiny")
+    p.add_argument("--ic-lpips", default="ic_lpips", choices=["ic_lpips", "ic_lpips_dfmgan"],
+                   help="IC-LPIPS variant: DualAnoDiff/AnomalyDiffusion (vgg, 256 px, 50) or DFMGAN (alex, 200)")
+    p.add_argument("--json", type=Path, help="also write the values (with details) to this JSON file")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("demo", help="synthesize, generate with the model-free baselines, score, print a table")
+    p.add_argument("--n", type=int, default=12, help="images generated per defect type")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--categories", nargs="+", default=None)
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--out", type=Path, default=None)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _data_options(p: argparse.ArgumentParser, category_required: bool = True) -> None:
+    p.add_argument("--category", required=category_required)
+    p.add_argument("--captions", type=Path, default=None, help="MVTec Caption JSON {category: {defect: [captions]}}")
+
+
+def cmd_synth(args) -> int:
+    from harness.data.synth import CATEGORIES, SynthConfig, synthesize
+
+    config = SynthConfig(seed=args.seed, size=args.size, n_train=args.n_train, n_defect=args.n_defect,
+                         n_test_good=args.n_test_good, categories=tuple(args.categories or CATEGORIES))
+    synthesize(args.out, config, overwrite=args.overwrite)
+    print(f"wrote {len(config.categories)} categories to {args.out} (seed {args.seed}, {args.size} px)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from harness.inspection import inspect_dataset
+
+    result = inspect_dataset(args.root, args.captions, [args.category] if args.category else None, not args.no_verify)
+    print(tabulate(result.rows(), headers="keys", tablefmt="simple"))
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    for error in result.errors:
+        print(f"problem: {error}")
+    print(f"{len(result.categories)} categories, {len(result.errors)} problems, {len(result.warnings)} warnings")
+    return 1 if result.errors else 0
+
+
+def _read(args, root: Path, require_captions: bool = False):
+    from harness.data.layouts import read_category
+
+    return read_category(root, args.category, captions=args.captions, require_captions=require_captions)
+
+
+def cmd_split(args) -> int:
+    from harness.data.splits import make_splits, write_manifests
+    from harness.paths import RESULTS_DIR
+
+    category = _read(args, args.root)
+    splits = make_splits(category, args.protocol)
+    rows = []
+    for split in splits:
+        for defect, parts in split.defects.items():
+            rows.append({"fold": split.fold, "defect type": defect, "N": len(category.defects[defect]),
+                         "train": len(parts.train), "test": len(parts.test), "centres": len(parts.centres),
+                         "in both": len(split.overlap(defect))})
+    print(tabulate(rows, headers="keys", tablefmt="simple"))
+    out = args.out or RESULTS_DIR / "splits" / category.dataset / category.name / f"{args.protocol}.json"
+    write_manifests(splits, out)
+    first = splits[0]
+    print(f"normal: train {len(first.normal_train)}, validation {len(first.normal_validation)}, test {len(first.normal_test)}")
+    print(f"manifest: {out}\nhash: {json.loads(out.read_text())['hash']}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from harness.methods import discover
+
+    rows, broken = [], []
+    for name, info in discover().items():
+        if info.ok:
+            rows.append([name, info.cls.granularity, ", ".join(sorted(info.cls.needs)) or "-", info.cls.paper])
+        else:
+            rows.append([name, "BROKEN", "-", info.error.splitlines()[0]])
+            broken.append(info)
+    print(tabulate(rows, headers=["method", "granularity", "needs", "paper"], tablefmt="simple", maxcolwidths=[None, None, None, 70]))
+    for info in broken:
+        print(f"\nmethod {info.name!r} ({info.directory}) is broken:\n{info.error}")
+    return 1 if broken else 0
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise DefectBenchError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        node = out
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def cmd_generate(args) -> int:
+    from harness.data.splits import make_split
+    from harness.generation import fit_method, generate_to
+    from harness.methods import load_method
+    from harness.tasks import build_task
+
+    method = load_method(args.method, args.profile, _overrides(args.overrides))
+    category = _read(args, args.data, require_captions="caption" in method.needs)
+    split = make_split(category, args.protocol, args.fold)
+    defects = category.defect_types if method.granularity == "category" else [args.defect]
+    task = build_task(split, defects, method.profile.resolution, args.seed)
+    workdir = args.out.parent / f".{args.out.name}.fit"
+    seconds = fit_method(method, task, workdir)
+    generate_to(method, task, args.defect, args.n, args.seed, args.out, workdir, overwrite=args.overwrite,
+                meta={"split": split.manifest_hash, "protocol": args.protocol, "fold": args.fold,
+                      "data": str(args.data), "fit_seconds": round(seconds, 3)})
+    print(f"{args.n} samples of {args.category}/{args.defect} by {args.method} in {args.out} "
+          f"(images/, masks/, samples.jsonl; fit in {seconds:.1f}s, work folder {workdir})")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from harness.data.splits import make_split
+    from harness.metrics.iclpips import PRESETS
+    from harness.metrics.score import LABELS, ScoreConfig, Scorer, ScoreInputs, images_in
+
+    if args.data:
+        if not (args.category and args.defect):
+            raise DefectBenchError("score --data needs --category and --defect")
+        split = make_split(_read(args, args.data), args.protocol, args.fold)
+        if args.defect not in split.defects:
+            raise DefectBenchError(f"no defect type {args.defect!r} in {args.category}; known: {', '.join(split.defects)}")
+        real = [s.image for s in split.defects[args.defect].test]
+        centres = [s.image for s in split.defects[args.defect].centres]
+    else:
+        if not args.real:
+            raise DefectBenchError("score needs --real DIR (or --data ROOT --category C --defect D)")
+        real = images_in(_existing(args.real))
+        centres = images_in(_existing(args.centres)) if args.centres else []
+    if not _existing(args.generated).is_dir():
+        raise DefectBenchError(f"{args.generated}: not a folder")
+    scorer = Scorer(args.profile, ScoreConfig.for_profile(args.profile, ic_lpips=PRESETS[args.ic_lpips]))
+    inputs = ScoreInputs.from_folder(args.generated, real, centres)
+    values = scorer.score(inputs, progress=True)
+    print(tabulate([[LABELS[v.metric], v.value, v.std, v.n] for v in values], headers=["metric", "value", "std", "n"],
+                   floatfmt=".5g", tablefmt="simple"))
+    if any(v.details.get("random") for v in values):
+        print("note: some feature extractors had random weights (no pretrained weights found); see --json details")
+    if args.json:
+        from harness.io import atomic_write_json
+
+        atomic_write_json(args.json, [v.as_dict() for v in values])
+    return 0
+
+
+def _existing(path: Path) -> Path:
+    if not path.exists():
+        raise DefectBenchError(f"{path}: no such folder")
+    return path
+
+
+def cmd_demo(args) -> int:
+    from harness.demo import DEMO_CATEGORIES, DEMO_METHODS, run_demo
+    from harness.paths import RESULTS_DIR
+
+    run_demo(out=args.out or RESULTS_DIR / "demo", n=args.n, seed=args.seed,
+             categories=tuple(args.categories or DEMO_CATEGORIES), methods=tuple(args.methods or DEMO_METHODS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Reading images and masks from disk: any size, grayscale or RGB, PNG or JPEG; resized at load time."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from harness.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MASK_THRESHOLD = 127  # a mask pixel above this (of 255) belongs to the defect
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(path, f"unreadable image ({err})") from None
+
+
+def _open_decoded(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()  # decode now, so truncated files fail here with their name
+        return image
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(path, f"unreadable or truncated image ({err})") from None
+
+
+def verify_image(path: Path) -> None:
+    """Decode the whole file; raises DataError if it is unreadable or truncated."""
+    _open_decoded(path).close()
+
+
+def read_image(path: Path, size: int | None = None) -> np.ndarray:
+    """An RGB uint8 array (H, W, 3); resized to size x size with PIL's antialiased bicubic filter."""
+    image = _open_decoded(Path(path)).convert("RGB")
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def read_mask(paths: Sequence[Path] | Path, size: int | None = None) -> np.ndarray:
+    """A boolean (H, W) mask: the union of the given mask files (LOCO has one file per region)."""
+    if isinstance(paths, (str, Path)):
+        paths = [Path(paths)]
+    union: np.ndarray | None = None
+    for path in paths:
+        layer = np.asarray(_open_decoded(Path(path)).convert("L")) > MASK_THRESHOLD
+        if union is not None and layer.shape != union.shape:
+            raise DataError(path, f"mask size {layer.shape[::-1]} differs from the other masks {union.shape[::-1]}")
+        union = layer if union is None else (union | layer)
+    if union is None:
+        raise ValueError("read_mask needs at least one path")
+    if size is not None and union.shape != (size, size):
+        return resize_mask(union, size)
+    return union
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Resize a boolean mask with bilinear interpolation and a 0.5 threshold (as the published loaders do)."""
+    layer = Image.fromarray(mask.astype(np.float32))
+    return np.asarray(layer.resize((size, size), Image.BILINEAR)) >= 0.5
+
+
+def save_image(path: Path, image: np.ndarray) -> None:
+    """Save an RGB uint8 array as PNG (never JPEG: its artefacts shift FID)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path, format="PNG")
+
+
+def save_mask(path: Path, mask: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.asarray(mask, dtype=bool) * 255).astype(np.uint8)).save(path, format="PNG")

@@ -1,0 +1,88 @@
+"""Run a method's fit and generate, and write what it made: images/, masks/ (PNG) and samples.jsonl.
+
+The output folder appears only when generation finished: a killed or failing run leaves no half-written folder.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from harness.data.images import save_image, save_mask
+from harness.errors import MethodError
+from harness.io import atomic_directory, atomic_write_json, read_jsonl, write_jsonl
+from harness.methods import FewShotTask, GeneratedSample, GenerationRequest, Method
+from harness.tasks import build_request
+
+SAMPLES_FILE = "samples.jsonl"
+META_FILE = "generation.json"
+
+
+def fit_method(method: Method, task: FewShotTask, workdir: Path) -> float:
+    """Fit into `workdir`; returns the seconds it took."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    method.fit(task, workdir)
+    return time.perf_counter() - start
+
+
+def generate_to(method: Method, task: FewShotTask, defect_type: str, n: int, seed: int, out: Path,
+                workdir: Path, meta: dict | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Generate n samples of `defect_type` with an already fitted method and write them to `out`."""
+    request = build_request(task, method, defect_type, n, seed)
+    normal_paths = {item.id: str(item.path) for item in task.normals}
+    start = time.perf_counter()
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        samples = method.generate(request, workdir)
+        rows = write_samples(samples, request, tmp, normal_paths, method.name, progress)
+        atomic_write_json(tmp / META_FILE, {
+            **(meta or {}), "method": method.name, "config": method.config, "profile": method.profile.name,
+            "defect_type": defect_type, "n": n, "seed": seed, "category": task.category, "dataset": task.dataset,
+            "resolution": task.resolution, "seconds": round(time.perf_counter() - start, 3), "count": len(rows),
+        })
+    return out
+
+
+def write_samples(samples: Iterable[GeneratedSample], request: GenerationRequest, out: Path,
+                  normal_paths: dict[str, str], method_name: str, progress: bool = True) -> list[dict]:
+    rows = []
+    bar = tqdm(total=request.n, desc=f"{method_name}: {request.defect_type}", unit="img", disable=not progress,
+               leave=False)
+    for index, sample in enumerate(samples):
+        if index >= request.n:
+            break
+        _check_sample(sample, request, index, method_name)
+        image_rel, mask_rel = f"images/{index:04d}.png", f"masks/{index:04d}.png"
+        save_image(out / image_rel, sample.image)
+        save_mask(out / mask_rel, sample.mask)
+        rows.append({
+            "index": index, "image": image_rel, "mask": mask_rel, "defect_type": sample.defect_type,
+            "normal_id": sample.normal_id, "normal_path": normal_paths.get(sample.normal_id) if sample.normal_id else None,
+            "mask_id": sample.mask_id, "caption": sample.caption, "extra": sample.extra,
+        })
+        bar.update(1)
+    bar.close()
+    if len(rows) != request.n:
+        raise MethodError(f"method {method_name!r} made {len(rows)} samples of {request.defect_type!r}; {request.n} were asked for")
+    write_jsonl(out / SAMPLES_FILE, rows)
+    return rows
+
+
+def _check_sample(sample: GeneratedSample, request: GenerationRequest, index: int, method_name: str) -> None:
+    where = f"method {method_name!r}, sample {index}"
+    image, mask = np.asarray(sample.image), np.asarray(sample.mask)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise MethodError(f"{where}: image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    if mask.shape != image.shape[:2]:
+        raise MethodError(f"{where}: mask shape {mask.shape} differs from image shape {image.shape[:2]}")
+    if sample.defect_type != request.defect_type:
+        raise MethodError(f"{where}: defect type {sample.defect_type!r}, but {request.defect_type!r} was asked for")
+
+
+def read_samples(folder: Path) -> list[dict]:
+    """The rows of a generated folder's samples.jsonl (empty if the folder was not made by DefectBench)."""
+    path = Path(folder) / SAMPLES_FILE
+    return read_jsonl(path) if path.is_file() else []

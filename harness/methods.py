@@ -1,0 +1,247 @@
+"""The Method interface, the types it exchanges with the harness, and discovery of `methods/<name>/`.
+
+A method is a directory holding `method.py` (one subclass of `Method`), `method.yaml` (`defaults:` and
+per-profile overrides under `profiles:`) and `README.md`. Dropping a directory in adds a method.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import inspect
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import numpy as np
+import yaml
+
+from harness.errors import ConfigError, MethodError
+from harness.profiles import Profile, get_profile
+
+NEEDS = frozenset({"target_normal", "target_mask", "caption"})
+GRANULARITIES = ("defect_type", "category")
+REPO_METHODS_DIR = Path(__file__).resolve().parents[1] / "methods"
+
+
+@dataclass(frozen=True)
+class Item:
+    """An image handed to a method: pixels at the profile's resolution and where they came from."""
+
+    id: str  # the sample key in its category, e.g. "train/good/012" or "test/crack/003"
+    image: np.ndarray  # uint8 (H, W, 3)
+    defect_type: str
+    mask: np.ndarray | None = None  # bool (H, W); training anomalies only
+    caption: str | None = None
+    path: Path | None = None
+
+
+@dataclass
+class FewShotTask:
+    """What `fit` sees: the training part of a split, never its test part."""
+
+    dataset: str
+    category: str
+    defect_types: list[str]
+    anomalies: list[Item]  # the generator-training anomalies of every defect type in `defect_types`
+    normals: list[Item]  # the normal training images
+    resolution: int
+    texture: bool | None  # True for textures, False for objects, None if unknown
+    seed: int
+    other_normals: dict[str, list[Path]] = field(default_factory=dict)  # train/good of the other categories
+
+    def anomalies_of(self, defect_type: str) -> list[Item]:
+        return [a for a in self.anomalies if a.defect_type == defect_type]
+
+
+@dataclass
+class Target:
+    """One generation target; fields are filled as the method's `needs` ask."""
+
+    normal: Item | None = None
+    normal_foreground: np.ndarray | None = None  # bool (H, W): where on `normal` a defect may land
+    mask: np.ndarray | None = None  # bool (H, W), a training mask moved onto the normal image's foreground
+    mask_source: str | None = None  # the training anomaly the mask came from
+    caption: str | None = None
+    caption_source: str | None = None
+
+
+@dataclass
+class GenerationRequest:
+    defect_type: str
+    n: int
+    seed: int
+    targets: list[Target]  # exactly n
+
+    def rng(self, *keys: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *keys])
+
+
+@dataclass
+class GeneratedSample:
+    image: np.ndarray  # uint8 (H, W, 3)
+    mask: np.ndarray  # bool (H, W): produced by the method or the target mask it was given
+    defect_type: str
+    normal_id: str | None = None
+    mask_id: str | None = None
+    caption: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def on_target(cls, target: Target, image: np.ndarray, mask: np.ndarray, defect_type: str,
+                  **extra: Any) -> "GeneratedSample":
+        """A sample made on `target`, recording which normal image, mask and caption it came from."""
+        return cls(image=image, mask=mask, defect_type=defect_type,
+                   normal_id=target.normal.id if target.normal else None,
+                   mask_id=target.mask_source, caption=target.caption, extra=dict(extra))
+
+
+class Method:
+    """Base class of every generator. Subclasses set the class attributes and implement fit/generate."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    granularity: ClassVar[str] = "defect_type"  # one model per defect type, or one per category
+    needs: ClassVar[frozenset[str]] = frozenset()  # subset of NEEDS
+    resources: ClassVar[dict[str, float]] = {"num_cpus": 1, "num_gpus": 0}
+
+    def __init__(self, config: dict[str, Any], profile: Profile):
+        self.config = config
+        self.profile = profile
+
+    def fit(self, task: FewShotTask, workdir: Path) -> None:
+        """Learn from the few training anomalies and the normal images; save what generate needs in workdir."""
+
+    def generate(self, request: GenerationRequest, workdir: Path) -> Iterator[GeneratedSample]:
+        raise NotImplementedError
+
+
+# ---- discovery ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodInfo:
+    """A discovered method directory; `error` is set (and `cls` None) when it could not be loaded."""
+
+    name: str
+    directory: Path
+    cls: type[Method] | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def config(self, profile: str | Profile, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """defaults <- profiles[profile] <- overrides; an override key absent from the defaults is an error."""
+        profile = get_profile(profile)
+        config = _merge(copy.deepcopy(self.defaults), self.profiles.get(profile.name, {}), f"{self.name}.yaml")
+        return _merge(config, overrides or {}, f"overrides for method {self.name!r}")
+
+
+def _merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:
+    for key, value in update.items():
+        if key not in base:
+            known = ", ".join(sorted(base)) or "(none)"
+            raise ConfigError(f"{where}: unknown key {prefix + key!r}; known keys: {known}")
+        if isinstance(base[key], dict) and isinstance(value, dict):
+            base[key] = _merge(base[key], value, where, prefix + key + ".")
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def methods_dirs() -> list[Path]:
+    """The repository's methods/ folder plus any folders in $DEFECTBENCH_METHODS_PATH."""
+    extra = [Path(p) for p in os.environ.get("DEFECTBENCH_METHODS_PATH", "").split(os.pathsep) if p]
+    return [*extra, REPO_METHODS_DIR]
+
+
+def discover(dirs: list[Path] | None = None) -> dict[str, MethodInfo]:
+    """Every method directory found; a broken one is reported with its error and does not hide the others."""
+    found: dict[str, MethodInfo] = {}
+    for root in dirs if dirs is not None else methods_dirs():
+        if not root.is_dir():
+            continue
+        for directory in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+            if directory.name not in found:
+                found[directory.name] = _load_info(directory)
+    return dict(sorted(found.items()))
+
+
+def _load_info(directory: Path) -> MethodInfo:
+    info = MethodInfo(name=directory.name, directory=directory)
+    try:
+        info.defaults, info.profiles = _read_yaml(directory / "method.yaml")
+        info.cls = _load_class(directory)
+        if info.cls.name != directory.name:
+            raise MethodError(f"class {info.cls.__name__} has name {info.cls.name!r}, but its directory is {directory.name!r}")
+        _check_class(info.cls)
+    except Exception as err:  # any failure of one method is reported and does not stop discovery
+        info.cls = None
+        info.error = f"{type(err).__name__}: {err}"
+        if not isinstance(err, (MethodError, ConfigError)):
+            info.error += "\n" + "".join(traceback.format_exception(err)[-3:])
+    return info
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict]:
+    if not path.is_file():
+        raise MethodError(f"{path}: missing method.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise MethodError(f"{path}: invalid YAML ({err})") from None
+    unknown = set(data) - {"defaults", "profiles"}
+    if unknown:
+        raise MethodError(f"{path}: unknown top-level keys {sorted(unknown)}; expected 'defaults' and 'profiles'")
+    return dict(data.get("defaults") or {}), dict(data.get("profiles") or {})
+
+
+def _load_class(directory: Path) -> type[Method]:
+    source = directory / "method.py"
+    if not source.is_file():
+        raise MethodError(f"{source}: missing method.py")
+    module_name = f"defectbench_methods.{directory.name}"
+    spec = importlib.util.spec_from_file_location(module_name, source)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        sys.modules.pop(module_name, None)
+        raise
+    classes = [obj for obj in vars(module).values()
+               if inspect.isclass(obj) and issubclass(obj, Method) and obj is not Method and obj.__module__ == module_name]
+    if len(classes) != 1:
+        raise MethodError(f"{source}: expected exactly one subclass of harness.Method, found {len(classes)}")
+    return classes[0]
+
+
+def _check_class(cls: type[Method]) -> None:
+    if cls.granularity not in GRANULARITIES:
+        raise MethodError(f"{cls.__name__}.granularity must be one of {GRANULARITIES}, not {cls.granularity!r}")
+    unknown = set(cls.needs) - NEEDS
+    if unknown:
+        raise MethodError(f"{cls.__name__}.needs has unknown inputs {sorted(unknown)}; known: {sorted(NEEDS)}")
+
+
+def get_method_info(name: str, dirs: list[Path] | None = None) -> MethodInfo:
+    methods = discover(dirs)
+    if name not in methods:
+        raise MethodError(f"unknown method {name!r}; known: {', '.join(methods) or '(none)'}")
+    info = methods[name]
+    if not info.ok:
+        raise MethodError(f"method {name!r} in {info.directory} is broken: {info.error}")
+    return info
+
+
+def load_method(name: str, profile: str | Profile = "tiny", overrides: dict[str, Any] | None = None,
+                dirs: list[Path] | None = None) -> Method:
+    info = get_method_info(name, dirs)
+    profile = get_profile(profile)
+    return info.cls(info.config(profile, overrides), profile)

@@ -1,0 +1,122 @@
+"""IS, FID and KID through torch-fidelity, from one Inception pass per image set.
+
+Backend: torch-fidelity's Inception-v3 (the TF-FID network) and its metric functions, for all three metrics.
+Resize path, recorded with every value: images are loaded and resized to the profile's resolution with PIL's
+antialiased bicubic filter (the same loader for real and generated images), then torch-fidelity resizes them to
+299 x 299 with its TF1-compatible bilinear interpolation. Generated images are saved as PNG, never JPEG.
+
+Without the Inception weights (as on machines without network), a profile that allows it uses a seeded random
+Inception (He-normal convolutions, so activations neither vanish nor explode); every value says so.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+from unittest import mock
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from harness import weights
+from harness.data.images import read_image
+from harness.device import default_device
+from harness.io import cached_file_hash, sha256_json
+from harness.paths import cache_dir
+from harness.profiles import Profile
+
+RESIZE_PATH = "PIL bicubic to {resolution}px, then torch-fidelity TF1 bilinear to 299px"
+MIN_IMAGES_PER_IS_SPLIT = 10
+
+
+def random_inception_weights(seed: int) -> Path:
+    """A state dict for torch-fidelity's Inception with seeded random weights, written once to the cache.
+
+    torch-fidelity offers no way to build its network without loading weights, so its loader is stubbed
+    while the layers are built; the convolutions are then He-initialised.
+    """
+    path = cache_dir("weights") / f"inception-v3-fid-random-seed{seed}.pth"
+    if path.is_file():
+        return path
+    import torch_fidelity.feature_extractor_inceptionv3 as fx
+
+    cls = fx.FeatureExtractorInceptionV3
+    with weights.seeded(seed), mock.patch.object(fx, "load_state_dict_from_url", return_value={}), \
+            mock.patch.object(cls, "load_state_dict", lambda self, state, strict=True: None):
+        model = cls("inception-v3-compat", ["2048"])
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return path
+
+
+class InceptionFeatures:
+    """torch-fidelity's Inception-v3: 2048-d pool features (FID, KID) and unbiased logits (IS) in one pass."""
+
+    def __init__(self, profile: str | Profile = "tiny", weights_path: str | Path | None = None,
+                 device: torch.device | None = None, batch_size: int = 32):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.resolved = weights.resolve("inception-v3-fid", profile, weights_path)
+        path = self.resolved.path or random_inception_weights(self.resolved.seed)
+        self.device = device or default_device()
+        self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                 feature_extractor_weights_path=str(path)).to(self.device)
+        self.batch_size = batch_size
+
+    def provenance(self) -> dict:
+        return {"inception": self.resolved.describe(), "random": self.resolved.is_random}
+
+    @torch.no_grad()
+    def extract(self, paths: Sequence[Path], resolution: int, progress: bool = False) -> dict[str, torch.Tensor]:
+        pools, logits = [], []
+        for start in tqdm(range(0, len(paths), self.batch_size), desc="Inception features", disable=not progress,
+                          leave=False):
+            batch = np.stack([read_image(p, resolution) for p in paths[start:start + self.batch_size]])
+            pool, logit = self.model(torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().to(self.device))
+            pools.append(pool.cpu())
+            logits.append(logit.cpu())
+        return {"pool": torch.cat(pools), "logits": torch.cat(logits)}
+
+    def extract_cached(self, paths: Sequence[Path], resolution: int, progress: bool = False) -> dict[str, torch.Tensor]:
+        """Features of a reference set, cached on disk by the files' contents, the weights and the resolution."""
+        key = sha256_json({"weights": self.resolved.describe(), "resolution": resolution,
+                           "files": [cached_file_hash(Path(p)) for p in paths]})
+        path = cache_dir("inception") / f"{key}.pt"
+        if path.is_file():
+            return torch.load(path)
+        features = self.extract(paths, resolution, progress)
+        tmp = path.with_suffix(".tmp")
+        torch.save(features, tmp)
+        tmp.replace(path)
+        return features
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 2020) -> dict:
+    """torch-fidelity's IS; the number of splits is reduced so that each holds at least 10 images."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    effective = max(1, min(splits, len(logits) // MIN_IMAGES_PER_IS_SPLIT))
+    out = isc_features_to_metric(logits, splits=effective, shuffle=True, rng_seed=seed)
+    return {"value": out["inception_score_mean"], "std": out["inception_score_std"], "splits": effective}
+
+
+def frechet_distance(generated: torch.Tensor, real: torch.Tensor) -> dict:
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    value = fid_statistics_to_metric(fid_features_to_statistics(generated), fid_features_to_statistics(real), verbose=False)
+    return {"value": value["frechet_inception_distance"]}
+
+
+def kernel_distance(generated: torch.Tensor, real: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
+                    seed: int = 2020) -> dict:
+    """torch-fidelity's KID (cubic polynomial kernel); subset size min(subset_size, n_real, n_generated)."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    size = min(subset_size, len(generated), len(real))
+    out = kid_features_to_metric(generated, real, kid_subsets=subsets, kid_subset_size=size, rng_seed=seed, verbose=False)
+    return {"value": out["kernel_inception_distance_mean"], "std": out["kernel_inception_distance_std"],
+            "subset_size": size, "subsets": subsets}

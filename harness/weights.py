@@ -1,0 +1,170 @@
+"""Where pretrained weights come from, and a record of what was used.
+
+Resolution order for a named network: an explicit path from the config, the standard cache (torch hub's
+`$TORCH_HOME/hub/checkpoints`), a download when the host is reachable, and, only where the profile allows
+it, a seeded random initialisation. The fallback is warned about once per process and recorded in every
+result as `random(seed=...)`; where the profile forbids it, a WeightsError says where to put the file.
+Nothing here blocks for long without a network: reachability is checked with a short socket timeout.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import urllib.parse
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from harness.errors import WeightsError
+from harness.profiles import Profile, get_profile
+
+log = logging.getLogger(__name__)
+
+RANDOM_SEED = 0
+CONNECT_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    name: str
+    filename: str
+    url: str
+    description: str
+
+
+# Networks whose weights the metrics and downstream models use. File names are the ones torch hub caches.
+KNOWN: dict[str, WeightSpec] = {s.name: s for s in (
+    WeightSpec("inception-v3-fid", "weights-inception-2015-12-05-6726825d.pth",
+               "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+               "Inception-v3 of the TF FID code (torch-fidelity), for IS / FID / KID"),
+    WeightSpec("vgg16", "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth",
+               "torchvision VGG-16 ImageNet weights, the trunk of LPIPS (vgg)"),
+    WeightSpec("alexnet", "alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+               "torchvision AlexNet ImageNet weights, the trunk of LPIPS (alex)"),
+    WeightSpec("resnet18", "resnet18-f37072fd.pth", "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+               "torchvision ResNet-18 ImageNet weights"),
+    WeightSpec("resnet34", "resnet34-b627a593.pth", "https://download.pytorch.org/models/resnet34-b627a593.pth",
+               "torchvision ResNet-34 ImageNet weights (defect classifier)"),
+    WeightSpec("wide_resnet50_2", "wide_resnet50_2-95faca4d.pth",
+               "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
+               "torchvision Wide-ResNet-50-2 ImageNet weights (anomalib backbones)"),
+)}
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """What a network was built with: `source` is config | cache | download | random."""
+
+    name: str
+    source: str
+    path: Path | None
+    seed: int | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.source == "random"
+
+    def describe(self) -> str:
+        if self.is_random:
+            return f"random(seed={self.seed})"
+        return f"{self.source}:{self.path.name if self.path else '?'}"
+
+    def as_record(self) -> dict:
+        return {"name": self.name, "source": self.source, "path": str(self.path) if self.path else None,
+                "seed": self.seed, "random": self.is_random}
+
+
+_warned: set[str] = set()
+_reachable: dict[str, bool] = {}
+
+
+def cache_dir() -> Path:
+    """torch hub's checkpoint folder ($TORCH_HOME/hub/checkpoints, by default ~/.cache/torch/...)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def is_reachable(url: str) -> bool:
+    """Can a TCP connection to the URL's host be opened within a few seconds? (cached per host)"""
+    parsed = urllib.parse.urlparse(url)
+    host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+    if os.environ.get("DEFECTBENCH_OFFLINE") == "1":
+        return False
+    if host not in _reachable:
+        try:
+            with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
+                _reachable[host] = True
+        except OSError:
+            _reachable[host] = False
+    return _reachable[host]
+
+
+def resolve(name: str, profile: str | Profile, explicit: str | Path | None = None) -> ResolvedWeights:
+    """Find the weights of a known network, or fall back to random weights where the profile allows."""
+    spec = KNOWN.get(name)
+    if spec is None:
+        raise WeightsError(f"unknown weights {name!r}; known: {', '.join(KNOWN)}")
+    profile = get_profile(profile)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"weights for {name!r}: the configured file {path} does not exist")
+        return ResolvedWeights(name, "config", path)
+    cached = cache_dir() / spec.filename
+    if cached.is_file():
+        return ResolvedWeights(name, "cache", cached)
+    downloaded = _download(spec, cached)
+    if downloaded is not None:
+        return ResolvedWeights(name, "download", downloaded)
+    if not profile.allow_random_weights:
+        raise WeightsError(
+            f"weights for {name!r} ({spec.description}) not found and cannot be downloaded; the {profile.name!r} "
+            f"profile does not allow random weights. Put {spec.filename} in {cache_dir()} or set its path in the "
+            f"config (weights: {{{name}: /path/to/{spec.filename}}})")
+    warn_once(name, f"no pretrained weights for {name!r} ({spec.description}): using a random initialisation "
+                    f"(seed {RANDOM_SEED}); results are marked as computed with random weights")
+    return ResolvedWeights(name, "random", None, RANDOM_SEED)
+
+
+def _download(spec: WeightSpec, target: Path) -> Path | None:
+    if not is_reachable(spec.url):
+        return None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(spec.url, str(target), progress=False)
+        return target
+    except Exception as err:  # a failed download falls through to the next option
+        log.warning("download of %s failed: %s", spec.url, err)
+        return None
+
+
+def warn_once(key: str, message: str) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, RandomWeightsWarning, stacklevel=3)
+
+
+class RandomWeightsWarning(UserWarning):
+    """A network runs with random weights because no pretrained ones could be found."""
+
+
+def load_state_dict(resolved: ResolvedWeights) -> dict:
+    if resolved.path is None:
+        raise WeightsError(f"{resolved.name}: no file to load (random weights)")
+    try:
+        return torch.load(resolved.path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise WeightsError(f"{resolved.path}: cannot load weights for {resolved.name!r} ({err})") from None
+
+
+@contextlib.contextmanager
+def seeded(seed: int = RANDOM_SEED) -> Iterator[None]:
+    """Build a randomly initialised network reproducibly, without disturbing the global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

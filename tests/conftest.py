@@ -1,0 +1,40 @@
+"""Shared fixtures: a small synthetic data set, the real data in ../shared/data, an isolated cache."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Caches (random weight files, Inception features, synthetic sets) go to a temporary folder."""
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("DEFECTBENCH_CACHE")
+    os.environ["DEFECTBENCH_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("DEFECTBENCH_CACHE", None)
+    else:
+        os.environ["DEFECTBENCH_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """The synthetic data set at 64 px with few images per part (fast to write and to read)."""
+    from harness.data.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("synth") / "data"
+    synthesize(root, SynthConfig(seed=0, size=64, n_train=12, n_validation=3, n_test_good=4, n_defect=6))
+    return root
+
+
+def shared(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not found: the real data in ../shared/data is needed for this test")
+    return path

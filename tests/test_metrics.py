@@ -1,0 +1,178 @@
+"""Generation metrics against independent references: brute-force LPIPS, lpips itself, torch-fidelity."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harness.data import read_category
+from harness.metrics.fidelity import InceptionFeatures, frechet_distance, inception_score, kernel_distance, random_inception_weights
+from harness.metrics.iclpips import ICLPIPSConfig, ic_lpips, ic_lpips_bruteforce, member_order, preset, select_members
+from harness.metrics.lpips_net import LPIPSNet, load_lpips_image
+from harness.metrics.paired import PSNR_CAP, mask_iou, psnr_outside
+from harness.metrics.score import METRICS, ScoreConfig, Scorer, ScoreInputs
+
+
+@pytest.fixture(scope="module")
+def images(synth_root):
+    """Defect images of three categories (generated stand-ins) and one training defect per category (centres)."""
+    generated, centres = [], []
+    for name, defect in (("washer", "crack"), ("pill", "color"), ("weave", "stain")):
+        samples = read_category(synth_root, name).defects[defect]
+        centres.append(samples[0].image)
+        generated += [s.image for s in samples[1:]]
+    return generated, centres
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    return LPIPSNet("vgg")
+
+
+@pytest.fixture(scope="module")
+def alex():
+    return LPIPSNet("alex")
+
+
+def test_cached_ic_lpips_equals_bruteforce_vgg(vgg, images):
+    generated, centres = images
+    config = ICLPIPSConfig(size=64, cluster_cap=4, seed=1)
+    fast, slow = ic_lpips(vgg, generated, centres, config, batch_size=4), ic_lpips_bruteforce(vgg, generated, centres, config)
+    assert np.array_equal(fast.assignment, slow.assignment)
+    assert sum(v is not None for v in slow.cluster_values) >= 2  # several clusters are exercised
+    assert abs(fast.value - slow.value) < 1e-5
+    assert np.allclose(fast.nearest, slow.nearest, atol=1e-5)
+
+
+def test_cached_ic_lpips_equals_bruteforce_dfmgan_variant(alex, images, monkeypatch):
+    generated, centres = images
+    monkeypatch.setenv("DEFECTBENCH_LPIPS_MEMORY_GB", "0.001")  # most member features wait on disk
+    config = preset("ic_lpips_dfmgan", cluster_cap=5)
+    fast, slow = ic_lpips(alex, generated, centres, config), ic_lpips_bruteforce(alex, generated, centres, config)
+    assert abs(fast.value - slow.value) < 1e-5
+    for a, b in zip(fast.cluster_values, slow.cluster_values):
+        assert (a is None) == (b is None) and (a is None or abs(a - b) < 1e-5)
+
+
+def test_cluster_sampling_is_seeded_and_capped():
+    assignment = np.array([0] * 30 + [1] * 3 + [2])
+    members = select_members(assignment, 3, 5, member_order(34, "random", 7))
+    assert [len(m) for m in members] == [5, 3, 1]
+    assert members == select_members(assignment, 3, 5, member_order(34, "random", 7))
+    assert members[0] != select_members(assignment, 3, 5, member_order(34, "random", 8))[0]
+    assert select_members(assignment, 3, 5, member_order(34, "first", 0))[0] == [0, 1, 2, 3, 4]
+
+
+def test_ic_lpips_leaves_out_small_clusters(alex, images):
+    generated, centres = images
+    result = ic_lpips(alex, generated[:1], centres, ICLPIPSConfig(net="alex", size=64))
+    assert np.isnan(result.value) and result.clusters_used == 0
+    zero = ic_lpips(alex, generated[:1], centres, ICLPIPSConfig(net="alex", size=64, small_clusters="zero"))
+    assert zero.value == 0.0
+
+
+def test_feature_distances_equal_lpips_forward(vgg, images):
+    generated, _ = images
+    batch = torch.stack([load_lpips_image(p, 64) for p in generated[:5]])
+    features = vgg.features(batch)
+    matrix = vgg.distances(features, features)
+    for i in range(5):
+        for j in range(5):
+            reference = vgg.model(batch[i:i + 1], batch[j:j + 1]).item()
+            assert abs(matrix[i, j].item() - reference) < 1e-5
+
+
+def test_spatial_map_equals_lpips_spatial(vgg, images):
+    import lpips
+
+    generated, _ = images
+    a = torch.stack([load_lpips_image(p, 64) for p in generated[:2]])
+    b = torch.stack([load_lpips_image(p, 64) for p in generated[2:4]])
+    spatial = lpips.LPIPS(net="vgg", pnet_rand=True, spatial=True, verbose=False)
+    spatial.load_state_dict(vgg.model.state_dict())
+    reference = spatial.eval()(a, b)[:, 0]
+    ours = vgg.spatial_map(vgg.features(a), vgg.features(b), (64, 64))
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def inception():
+    return InceptionFeatures("tiny")
+
+
+def test_fid_of_a_set_against_itself_is_zero(inception, images):
+    generated, _ = images
+    features = inception.extract(generated[:12], 64)["pool"]
+    assert abs(frechet_distance(features, features)["value"]) < 1e-3
+    other = inception.extract(images[0][-3:] + images[1], 64)["pool"]
+    assert frechet_distance(features, other)["value"] > 1e-3
+
+
+def test_kid_works_with_ten_images(inception, images):
+    generated, _ = images
+    a = inception.extract(generated[:10], 64)["pool"]
+    b = inception.extract(generated[5:15], 64)["pool"]
+    kid = kernel_distance(a, b, subset_size=1000)
+    assert kid["subset_size"] == 10 and np.isfinite(kid["value"]) and np.isfinite(kid["std"])
+
+
+def test_is_of_copies_of_one_image_is_one(inception, images):
+    logits = inception.extract([images[0][0]] * 12, 64)["logits"]
+    assert inception_score(logits)["value"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_fidelity_metrics_equal_torch_fidelity(tmp_path, inception, images):
+    """Our one-pass IS/FID/KID equal torch-fidelity's own calculate_metrics on the same folders and weights."""
+    import torch_fidelity
+
+    generated, centres = images
+    gen_dir, real_dir = tmp_path / "gen", tmp_path / "real"
+    for folder, paths in ((gen_dir, generated), (real_dir, generated[3:] + centres)):
+        folder.mkdir()
+        for i, path in enumerate(paths):
+            Image.open(path).convert("RGB").save(folder / f"{i:03d}.png")
+    scorer = Scorer("tiny", ScoreConfig(resolution=64, metrics=("is", "fid", "kid")))
+    ours = {v.metric: v for v in scorer.score(ScoreInputs.from_folder(gen_dir, sorted(real_dir.glob("*.png"))))}
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(gen_dir), input2=str(real_dir), isc=True, fid=True, kid=True, cuda=False, verbose=False,
+        feature_extractor_weights_path=str(random_inception_weights(0)), isc_splits=ours["is"].details["splits"],
+        kid_subset_size=ours["kid"].details["subset_size"], save_cpu_ram=True)
+    assert ours["is"].value == pytest.approx(theirs["inception_score_mean"], rel=1e-6)
+    assert ours["fid"].value == pytest.approx(theirs["frechet_inception_distance"], rel=1e-5, abs=1e-6)
+    assert ours["kid"].value == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-5, abs=1e-9)
+
+
+def test_background_fidelity_and_mask_alignment():
+    rng = np.random.default_rng(0)
+    normal = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)
+    mask = np.zeros((32, 32), bool)
+    mask[8:16, 8:20] = True
+    inside_only = normal.copy()
+    inside_only[mask] = 255 - normal[mask]
+    assert psnr_outside(inside_only, normal, mask) == PSNR_CAP
+    assert mask_iou(inside_only, normal, mask) > 0.9
+    noisy = np.clip(inside_only.astype(int) + rng.integers(-20, 21, normal.shape), 0, 255).astype(np.uint8)
+    assert psnr_outside(noisy, normal, mask) < 40
+    assert mask_iou(inside_only, normal, np.roll(mask, 12, axis=1)) < 0.5
+
+
+def test_scorer_reports_every_metric_with_provenance(tmp_path, synth_root):
+    from harness.data.splits import make_split
+    from harness.generation import fit_method, generate_to
+    from harness.methods import load_method
+    from harness.tasks import build_task
+
+    split = make_split(read_category(synth_root, "pill"))
+    method = load_method("draem")
+    task = build_task(split, ["crack"], 64, 0)
+    fit_method(method, task, tmp_path / "fit")
+    out = generate_to(method, task, "crack", 6, 0, tmp_path / "gen", tmp_path / "fit", progress=False)
+    parts = split.defects["crack"]
+    inputs = ScoreInputs.from_folder(out, [s.image for s in parts.test], [s.image for s in parts.centres])
+    values = {v.metric: v for v in Scorer("tiny", ScoreConfig(resolution=64, ic_lpips=ICLPIPSConfig(size=64))).score(inputs)}
+    assert set(values) == set(METRICS)
+    assert values["bg_psnr"].value == PSNR_CAP  # DRAEM leaves the background untouched
+    assert values["mask_iou"].value > 0.3
+    assert values["fid"].details["random"] and values["ic_lpips"].details["random"]
+    assert values["kid"].details["subset_size"] == 4
