@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.data.images import is_image_file
 from harness.data.layouts import list_categories
 from harness.data.model import Sample
 from harness.data.splits import Split
@@ -63,7 +64,7 @@ def _other_normals(root: Path, own: str) -> dict[str, list[Path]]:
     for name in names:
         folder = root / name / "train" / "good"
         if name != own and folder.is_dir():
-            out[name] = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+            out[name] = sorted(p for p in folder.iterdir() if is_image_file(p))
     return out
 
 

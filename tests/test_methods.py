@@ -1,6 +1,7 @@
 """Method plugins: discovery, configs, the three model-free baselines, targets, and the generation driver."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import textwrap
@@ -160,8 +161,7 @@ def test_jitter_mask_keeps_size_roughly():
 def test_captions_are_required_when_needed(washer, tmp_path):
     _, split = washer
     task = build_task(split, ["chip"], 64, 0)
-    for anomaly in task.anomalies:
-        object.__setattr__(anomaly, "caption", None)
+    task.anomalies = [dataclasses.replace(a, caption=None) for a in task.anomalies]
     method = load_method("cutpaste")
     method.needs = frozenset({"caption"})
     with pytest.raises(DataError, match="needs captions"):
