@@ -5,12 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow bench clean-cache help
+.PHONY: install demo test test-slow bench leaderboard suite-mvtec-ad suite-mvtec-loco suite-mvtec-caption clean-cache help
 
 help:
-	@echo "make demo        synthesize the embedded data set, generate with every model-free baseline, score, print a table"
-	@echo "make test        install if needed, run the test suite (fast checks; slow ones: make test-slow)"
-	@echo "make bench       speed benchmarks in tests/benchmarks (slow; prints ratios)"
+	@echo "make demo                 the smoke suite on Ray (synthetic data, every method), then its leaderboard"
+	@echo "make test                 install if needed, run the test suite (slow checks: make test-slow)"
+	@echo "make suite-mvtec-ad DATA=/path/to/mvtec_anomaly_detection     (also suite-mvtec-loco, suite-mvtec-caption)"
+	@echo "make leaderboard          re-render results/leaderboard/*.md and *.tex from the records"
+	@echo "make bench                speed benchmarks in tests/benchmarks (slow; prints ratios)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +22,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/defectbench demo
+	$(BIN)/defectbench run smoke
+
+suite-mvtec-ad suite-mvtec-loco suite-mvtec-caption: $(STAMP)
+	$(BIN)/defectbench run $(patsubst suite-%,%,$@) $(if $(DATA),--data "$(DATA)")
+
+leaderboard: $(STAMP)
+	$(BIN)/defectbench leaderboard
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -90,13 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the values (with details) to this JSON file")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("demo", help="synthesize, generate with the model-free baselines, score, print a table")
-    p.add_argument("--n", type=int, default=12, help="images generated per defect type")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--categories", nargs="+", default=None)
-    p.add_argument("--methods", nargs="+", default=None)
-    p.add_argument("--out", type=Path, default=None)
-    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("run", help="run a suite (suites/<name>.yaml or a path): plan, execute, resume, summarise")
+    p.add_argument("suite")
+    p.add_argument("--dry-run", action="store_true", help="print the job graph and its size; run nothing")
+    p.add_argument("--executor", choices=["ray", "serial"], help="override the suite's executor")
+    p.add_argument("--address", help="an existing Ray cluster (e.g. 127.0.0.1:6379)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance")
+    p.add_argument("--data", help="the data root for ${DATA} in the suite (or set DATA)")
+    p.add_argument("--results", type=Path, help="results folder (default results/, or $DEFECTBENCH_RESULTS)")
+    p.add_argument("--fresh", action="store_true", help="recompute every job instead of resuming")
+    p.add_argument("--no-leaderboard", action="store_true", help="do not render the leaderboard at the end")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("leaderboard", help="render results/leaderboard/<suite>.md and .tex from the records")
+    p.add_argument("suite", nargs="?", help="default: every suite with a run")
+    p.add_argument("--results", type=Path, help="results folder (default results/, or $DEFECTBENCH_RESULTS)")
+    p.add_argument("--no-reported", action="store_true", help="leave out the numbers the papers report")
+    p.set_defaults(func=cmd_leaderboard)
+
     return parser
 
 
@@ -246,12 +258,43 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def cmd_demo(args) -> int:
-    from harness.demo import DEMO_CATEGORIES, DEMO_METHODS, run_demo
-    from harness.paths import RESULTS_DIR
+def cmd_run(args) -> int:
+    from harness.runner.plan import expand, prepare
+    from harness.runner.run import dry_run, run_suite, summary
+    from harness.runner.suite import load_suite
 
-    run_demo(out=args.out or RESULTS_DIR / "demo", n=args.n, seed=args.seed,
-             categories=tuple(args.categories or DEMO_CATEGORIES), methods=tuple(args.methods or DEMO_METHODS))
+    if args.results:
+        os.environ["DEFECTBENCH_RESULTS"] = str(args.results)
+    suite = load_suite(args.suite, data=args.data)
+    if args.dry_run:
+        plan = prepare(suite)
+        expand(plan)
+        print(dry_run(plan))
+        return 0
+    result = run_suite(suite, executor=args.executor, address=args.address, num_cpus=args.num_cpus,
+                       results=args.results, fresh=args.fresh)
+    print(summary(result))
+    if not args.no_leaderboard:
+        from harness.report.leaderboard import render_leaderboard
+
+        md, tex = render_leaderboard(suite.name, args.results)
+        print(f"leaderboard: {md} and {tex}")
+    return 1 if result.failed else 0
+
+
+def cmd_leaderboard(args) -> int:
+    from harness.report.leaderboard import render_leaderboard
+    from harness.runner.store import runs_root
+
+    if args.results:
+        os.environ["DEFECTBENCH_RESULTS"] = str(args.results)
+    root = runs_root(args.results)
+    suites = [args.suite] if args.suite else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not suites:
+        raise DefectBenchError(f"no runs under {root}; run a suite first (defectbench run smoke)")
+    for suite in suites:
+        md, tex = render_leaderboard(suite, args.results, show_reported=not args.no_reported)
+        print(f"{suite}: {md} and {tex}")
     return 0
 
 

@@ -161,10 +161,23 @@ def methods_dirs() -> list[Path]:
     return [*extra, REPO_METHODS_DIR]
 
 
-def discover(dirs: list[Path] | None = None) -> dict[str, MethodInfo]:
-    """Every method directory found; a broken one is reported with its error and does not hide the others."""
+_DISCOVERED: dict[tuple[str, ...], dict[str, MethodInfo]] = {}
+
+
+def discover(dirs: list[Path] | None = None, refresh: bool = False) -> dict[str, MethodInfo]:
+    """Every method directory found; a broken one is reported with its error and does not hide the others.
+
+    Loaded once per process and set of folders (`refresh=True` reloads)."""
+    roots = list(dirs) if dirs is not None else methods_dirs()
+    key = tuple(str(r) for r in roots)
+    if refresh or key not in _DISCOVERED:
+        _DISCOVERED[key] = _discover(roots)
+    return _DISCOVERED[key]
+
+
+def _discover(roots: list[Path]) -> dict[str, MethodInfo]:
     found: dict[str, MethodInfo] = {}
-    for root in dirs if dirs is not None else methods_dirs():
+    for root in roots:
         if not root.is_dir():
             continue
         for directory in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):

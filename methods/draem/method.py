@@ -29,11 +29,10 @@ class Draem(Method):
         if kind == "auto":
             kind = "other_categories" if task.other_normals else "procedural"
         if kind == "procedural":
-            paths = []
+            paths = []  # relative to the work folder, which may move once fit has finished
             for k in range(self.config["n_procedural"]):
-                path = workdir / "textures" / f"{k:03d}.png"
-                save_image(path, procedural_texture(rng, task.resolution))
-                paths.append(str(path))
+                save_image(workdir / "textures" / f"{k:03d}.png", procedural_texture(rng, task.resolution))
+                paths.append(f"textures/{k:03d}.png")
         elif kind == "other_categories":
             paths = [str(p) for files in task.other_normals.values() for p in files]
         elif kind == "folder":
@@ -54,14 +53,14 @@ class Draem(Method):
             image = target.normal.image
             region = target.normal_foreground if self.config["foreground_only"] else np.ones(image.shape[:2], bool)
             mask = self.anomaly_mask(rng, image.shape[:2], region)
-            source_path = sources[rng.integers(len(sources))]
-            texture = self.augment(rng, read_image(Path(source_path), None))
+            source_path = workdir / sources[rng.integers(len(sources))]  # absolute paths stay absolute
+            texture = self.augment(rng, read_image(source_path, None))
             texture = cv2.resize(texture, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
             beta = rng.uniform(*self.config["beta"])
             m = mask[..., None].astype(np.float32)
             out = image * (1 - m) + (1 - beta) * texture * m + beta * image * m
             yield GeneratedSample.on_target(target, np.clip(np.round(out), 0, 255).astype(np.uint8), mask,
-                                            request.defect_type, beta=round(float(beta), 4), source=Path(source_path).name)
+                                            request.defect_type, beta=round(float(beta), 4), source=source_path.name)
 
     def anomaly_mask(self, rng: np.random.Generator, shape: tuple[int, int], region: np.ndarray) -> np.ndarray:
         """Perlin noise at scales (2^kx, 2^ky), rotated, thresholded; redrawn until it hits the allowed region."""

@@ -85,6 +85,23 @@ def _write_masks(folder: Path, index: int, regions: list[np.ndarray], layout: st
         save_mask(folder / f"{index:03d}_mask.png", np.logical_or.reduce(regions))
 
 
+def cached(config: SynthConfig = SynthConfig()) -> Path:
+    """The synthetic data set for `config` under results/cache/synthetic, written on first use."""
+    from harness.io import sha256_json
+    from harness.paths import cache_dir
+
+    default = config == SynthConfig(seed=config.seed)
+    name = f"seed{config.seed}" if default else f"custom-{sha256_json(config.as_dict())[:12]}"
+    root = cache_dir("synthetic") / f"{name}-v{SYNTH_VERSION}"
+    if not root.is_dir():
+        try:
+            synthesize(root, config)
+        except (FileExistsError, OSError):
+            if not root.is_dir():  # another process writing the same set at once is fine; anything else is not
+                raise
+    return root
+
+
 def read_synth_config(root: Path) -> dict | None:
     path = Path(root) / "synth.json"
     return json.loads(path.read_text()) if path.is_file() else None

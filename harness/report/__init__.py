@@ -1,0 +1,1 @@
+"""Leaderboards (Markdown, LaTeX) and figures rendered from the records of a run."""

@@ -1,0 +1,209 @@
+"""`defectbench leaderboard [SUITE]`: results/leaderboard/<suite>.md and .tex (and figures) from the records.
+
+Tables are rendered from the records of the suite's latest run only; nothing printed is typed in by hand:
+every measured cell is a mean of records, and reported cells come from results/reported/*.yaml with their
+source table.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from harness.data.splits import COMPAT_PROTOCOLS
+from harness.errors import ConfigError
+from harness.io import atomic_write_text
+from harness.metrics.score import LABELS
+from harness.paths import RESULTS_DIR
+from harness.report.figures import bar_chart, sample_grid
+from harness.report.render import latex_document, latex_table, markdown_table, tex_escape
+from harness.report.tables import Table, build_table
+from harness.results import job_folder, run_records, run_states
+from harness.runner.store import RunStore, latest_run
+
+GENERATION_KINDS = ("fit", "generate", "score")
+TABLE_GROUPS = (
+    ("quality", "Generation quality: IS and IC-LPIPS", ("is", "ic_lpips"),
+     "in the shape of DualAnoDiff Table 1 and AnomalyDiffusion Table 1"),
+    ("fidelity", "Closeness to the real defects: FID, KID and LPIPS to the nearest training defect", ("fid", "kid", "lpips_to_real"),
+     "in the shape of Cho et al. Table 1 (FID, LPIPS)"),
+    ("background", "Background fidelity and mask alignment", ("bg_psnr", "bg_lpips", "mask_iou"),
+     "samples made on a known normal image; not reported by the papers"),
+)
+HEADLINE = ("fid", "kid", "is", "ic_lpips", "bg_psnr", "mask_iou")
+REPORTED_DIR = RESULTS_DIR / "reported"
+
+
+def leaderboard_dir(results: Path | None = None) -> Path:
+    """results/leaderboard, or <results>/leaderboard (a --results folder or $DEFECTBENCH_RESULTS)."""
+    return Path(results or os.environ.get("DEFECTBENCH_RESULTS") or RESULTS_DIR) / "leaderboard"
+
+
+@dataclass
+class Reported:
+    source: str  # paper and table
+    dataset: str  # mvtec_ad | mvtec_loco
+    protocol: str
+    rows: pd.DataFrame  # category, method, metric, value (in DefectBench's units)
+
+
+def load_reported(folder: Path = REPORTED_DIR) -> list[Reported]:
+    out = []
+    for path in sorted(folder.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            scale = data.get("scale", {})
+            rows = [{"category": category, "method": method, "metric": metric, "value": float(value) / scale.get(metric, 1)}
+                    for method, categories in data["values"].items() for category, metrics in categories.items()
+                    for metric, value in metrics.items() if value is not None]
+            source = f"{data['source']['paper']}, {data['source']['table']}"
+            out.append(Reported(source, data["dataset"], data.get("protocol", "?"), pd.DataFrame(rows)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"{path}: malformed reported numbers ({err}); expected source, dataset, values") from None
+    return out
+
+
+def render_leaderboard(suite: str, results: Path | None = None, out_dir: Path | None = None,
+                       show_reported: bool = True, reported_dir: Path = REPORTED_DIR) -> tuple[Path, Path]:
+    store = latest_run(suite, results)
+    if store is None:
+        raise ConfigError(f"no run of suite {suite!r} found; run `defectbench run {suite}` first")
+    out_dir = out_dir or leaderboard_dir(results)
+    manifest = store.read_manifest()
+    config = manifest["config"]
+    records = run_records(store)
+    states = run_states(store)
+    failed = {(s["job"]["tags"].get("dataset"), s["job"]["tags"].get("category"), s["job"]["tags"].get("method"))
+              for s in states.values() if s["job"]["kind"] in GENERATION_KINDS and s["state"] != "done"}
+    methods = [m["label"] for m in config["methods"]]
+    reported = load_reported(reported_dir) if show_reported else []
+    caption = _caption(manifest)
+    md = [f"# Leaderboard: `{suite}`", "", caption, ""]
+    tex: list[str] = []
+    figures_dir = out_dir / suite
+    for dataset in config["datasets"]:
+        name = dataset["name"]
+        categories = _categories(states, name)
+        frame = records[records["dataset"] == name] if not records.empty else records
+        md += [f"## Data set `{name}` ({len(categories)} categories)", ""]
+        for key, title, metrics, shape in TABLE_GROUPS:
+            wanted = [m for m in metrics if m in config["metrics"]]
+            if not wanted:
+                continue
+            extra, sources = _reported_rows(reported, dataset, categories, wanted)
+            table = build_table(title, frame, {(c, m) for d, c, m in failed if d == name}, wanted, methods, categories, extra)
+            notes = _notes(table, manifest, sources, store)
+            mark_random = any(c.random for c in table.cells.values()) and not _all_random(table)
+            md += [f"### {title}", f"_{shape}; mean over defect types per category._", "",
+                   markdown_table(table, mark_random), ""] + [f"- {n}" for n in notes] + [""]
+            tex.append(latex_table(table, tex_escape(f"{title} ({name}). ") + tex_escape(caption.replace("`", "")) +
+                                   ("" if not notes else " " + tex_escape(" ".join(notes))),
+                                   f"tab:{suite}-{name}-{key}", mark_random))
+        md += _figures(records, frame, states, store, name, methods, config, figures_dir, out_dir)
+    md_path, tex_path = out_dir / f"{suite}.md", out_dir / f"{suite}.tex"
+    atomic_write_text(md_path, "\n".join(md).rstrip() + "\n")
+    atomic_write_text(tex_path, latex_document(tex))
+    return md_path, tex_path
+
+
+def _caption(manifest: dict) -> str:
+    config = manifest["config"]
+    seeds = ", ".join(str(s) for s in config["seeds"])
+    return (f"Protocol `{config['protocol']}` · profile `{config['profile']}` · {config['n_per_defect']} generated images "
+            f"per defect type · seeds {seeds} · IC-LPIPS `{config['ic_lpips']}` · code `{manifest['code']['git']}` · "
+            f"run `{manifest['run_id']}`")
+
+
+def _categories(states: dict, dataset: str) -> list[str]:
+    seen: dict[str, None] = {}
+    for state in states.values():
+        tags = state["job"]["tags"]
+        if tags.get("dataset") == dataset and tags.get("category"):
+            seen.setdefault(tags["category"], None)
+    return list(seen)
+
+
+def _reported_rows(reported: list[Reported], dataset: dict, categories: list[str], metrics: list[str]):
+    rows, sources = [], []
+    for entry in reported:
+        if entry.dataset != dataset.get("layout") or entry.rows.empty:
+            continue
+        subset = entry.rows[entry.rows["category"].isin(categories) & entry.rows["metric"].isin(metrics)]
+        if not subset.empty:
+            rows.append(subset)
+            sources.append(f"{entry.source} (protocol `{entry.protocol}`)")
+    return (pd.concat(rows) if rows else None), sources
+
+
+def _all_random(table: Table) -> bool:
+    measured = [c for c in table.cells.values() if c.state == "ok" and not c.reported]
+    return bool(measured) and all(c.random for c in measured)
+
+
+def _notes(table: Table, manifest: dict, sources: list[str], store: RunStore) -> list[str]:
+    notes = list(table.notes)
+    if _all_random(table):
+        notes.append("All measured values were computed with random-weight feature extractors (no pretrained "
+                     "Inception / LPIPS weights where they ran): compare methods with each other, not with published numbers.")
+    elif any(c.random for c in table.cells.values()):
+        notes.append("\\* computed with random-weight feature extractors.")
+    protocol = manifest["config"]["protocol"]
+    if protocol in COMPAT_PROTOCOLS:
+        notes.append(f"Protocol `{protocol}` reproduces a published split: images in both the generator's training "
+                     "part and the test part are possible (AnomalyDiffusion: exactly one per defect type).")
+    if any(c.state == "failed" for c in table.cells.values()):
+        notes.append("—<sup>f</sup>: a job failed; its traceback is in the job's status.json under "
+                     f"{store.run_dir / 'jobs'}.")
+    for source in sources:
+        notes.append(f"'(reported)' columns: numbers from {source}, under the paper's own protocol and weights.")
+    return notes
+
+
+def _figures(records: pd.DataFrame, frame: pd.DataFrame, states: dict, store: RunStore, dataset: str,
+             methods: list[str], config: dict, figures_dir: Path, out_dir: Path) -> list[str]:
+    lines = ["### Figures", ""]
+    if not frame.empty:
+        charts = []
+        for metric in HEADLINE:
+            if metric not in config["metrics"]:
+                continue
+            per_category = frame[frame["metric"] == metric].groupby(["method", "category"])["value"].mean()
+            if per_category.empty:
+                continue
+            averages = per_category.groupby("method").agg(["mean", "std", "count"]).reindex(
+                [m for m in methods if m in per_category.index.get_level_values(0)])
+            path = bar_chart(averages, metric, figures_dir / f"{dataset}-bar-{metric}.png",
+                             f"{LABELS[metric]}: mean over categories ({dataset})")
+            charts.append(f"![{LABELS[metric]}]({path.relative_to(out_dir).as_posix()})")
+        lines += [" ".join(charts), ""]
+    grids = _grids(states, store, dataset, methods, figures_dir, out_dir, config["seeds"][0])
+    if grids:
+        lines += ["Samples (normal image | generated | mask outline):", "", "| category | " + " | ".join(methods) + " |",
+                  "|---|" + "---|" * len(methods)]
+        for category, row in grids.items():
+            lines.append(f"| {category} | " + " | ".join(row.get(m, "—") for m in methods) + " |")
+        lines.append("")
+    return lines
+
+
+def _grids(states: dict, store: RunStore, dataset: str, methods: list[str], figures_dir: Path,
+           out_dir: Path, first_seed: int) -> dict[str, dict[str, str]]:
+    """One grid per category and method, from the first fold and the first seed."""
+    folders: dict[tuple[str, str], dict[str, Path]] = {}
+    for key, state in states.items():
+        job, tags = state["job"], state["job"]["tags"]
+        if job["kind"] != "generate" or state["state"] != "done" or tags.get("dataset") != dataset:
+            continue
+        if tags.get("fold", 0) != 0 or tags.get("seed") != first_seed:
+            continue
+        folders.setdefault((tags["category"], tags["method"]), {}).setdefault(tags["defect_type"],
+                                                                             job_folder(store, key) / "samples")
+    grids: dict[str, dict[str, str]] = {}
+    for (category, method), by_defect in sorted(folders.items()):
+        path = sample_grid(by_defect, figures_dir / f"{dataset}-{category}-{method}.png", f"{method} on {category}")
+        if path:
+            grids.setdefault(category, {})[method] = f"![{method} {category}]({path.relative_to(out_dir).as_posix()})"
+    return grids

@@ -1,0 +1,77 @@
+"""Tables as Markdown and as LaTeX (booktabs)."""
+from __future__ import annotations
+
+from harness.report.tables import FAILED, Table, arrow, format_value, label
+
+FAILED_MARK_MD = "<sup>f</sup>"
+FAILED_MARK_TEX = r"\textsuperscript{f}"
+RANDOM_MARK = "*"
+
+
+def _cell_text_md(table: Table, row: str, method: str, metric: str, mark_random: bool) -> str:
+    cell = table.cell(row, method, metric)
+    if cell.state == FAILED:
+        return "—" + FAILED_MARK_MD
+    if cell.state != "ok":
+        return "—"
+    text = format_value(cell.value, metric) + (RANDOM_MARK if mark_random and cell.random else "")
+    if cell.rank == 1:
+        return f"**{text}**"
+    if cell.rank == 2:
+        return f"<u>{text}</u>"
+    return text
+
+
+def markdown_table(table: Table, mark_random: bool) -> str:
+    header = ["Category"] + [f"{m} {label(k)}{arrow(k)}" for m in table.methods for k in table.metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * (len(header) - 1)) + "|"]
+    for row in table.rows:
+        name = f"**{row}**" if row == "Average" else row
+        cells = [_cell_text_md(table, row, m, k, mark_random) for m in table.methods for k in table.metrics]
+        lines.append("| " + " | ".join([name] + cells) + " |")
+    return "\n".join(lines)
+
+
+def tex_escape(text: str) -> str:
+    for char, replacement in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
+                              ("$", r"\$"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}")):
+        text = text.replace(char, replacement)
+    return text
+
+
+def _cell_text_tex(table: Table, row: str, method: str, metric: str, mark_random: bool) -> str:
+    cell = table.cell(row, method, metric)
+    if cell.state == FAILED:
+        return "---" + FAILED_MARK_TEX
+    if cell.state != "ok":
+        return "---"
+    text = format_value(cell.value, metric) + (r"$^{*}$" if mark_random and cell.random else "")
+    if cell.rank == 1:
+        return rf"\textbf{{{text}}}"
+    if cell.rank == 2:
+        return rf"\underline{{{text}}}"
+    return text
+
+
+def latex_table(table: Table, caption: str, label_id: str, mark_random: bool) -> str:
+    k = len(table.metrics)
+    columns = "l" + " ".join("c" * k for _ in table.methods)
+    method_header = " & ".join(rf"\multicolumn{{{k}}}{{c}}{{{tex_escape(m)}}}" for m in table.methods)
+    rules = " ".join(rf"\cmidrule(lr){{{2 + i * k}-{1 + (i + 1) * k}}}" for i in range(len(table.methods)))
+    metric_header = " & ".join(f"{tex_escape(label(m))}{arrow(m, latex=True)}" for _ in table.methods for m in table.metrics)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{caption}}}", rf"\label{{{label_id}}}",
+             r"\resizebox{\linewidth}{!}{%", rf"\begin{{tabular}}{{{columns}}}", r"\toprule",
+             f" & {method_header} \\\\", rules, f"Category & {metric_header} \\\\", r"\midrule"]
+    for row in table.rows:
+        if row == "Average":
+            lines.append(r"\midrule")
+        cells = [_cell_text_tex(table, row, m, k, mark_random) for m in table.methods for k in table.metrics]
+        lines.append(" & ".join([tex_escape(row)] + cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
+    return "\n".join(lines)
+
+
+def latex_document(body: list[str]) -> str:
+    preamble = [r"\documentclass{article}", r"\usepackage[margin=1.5cm,landscape]{geometry}", r"\usepackage{booktabs}",
+                r"\usepackage{graphicx}", r"\begin{document}"]
+    return "\n".join(preamble + ["", *body, "", r"\end{document}", ""])

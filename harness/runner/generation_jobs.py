@@ -1,0 +1,137 @@
+"""fit -> generate -> score, for each method x category x defect type (or category) x fold x seed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.data.layouts import read_category
+from harness.data.splits import Split, make_split
+from harness.errors import DataError
+from harness.generation import fit_method, generate_to
+from harness.io import atomic_write_json, sha256_file, sha256_json
+from harness.methods import Method, discover
+from harness.metrics.iclpips import PRESETS
+from harness.metrics.score import ScoreConfig, Scorer, ScoreInputs
+from harness.profiles import get_profile
+from harness.runner.jobs import Job, JobContext, expander, job_kind, make_job
+from harness.tasks import build_task
+from harness import weights
+
+SCORE_RESOURCES = {"num_cpus": 1, "memory": 4 * 2**30}
+
+
+def method_hash(directory: Path) -> str:
+    """Content hash of a method directory: editing a method recomputes its jobs, and only its jobs."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return sha256_json({str(p.relative_to(directory)): sha256_file(p) for p in files})[:16]
+
+
+def _source(dataset, category, split: Split, require_captions: bool) -> dict:
+    return {"dataset": dataset.spec.name, "root": str(dataset.root),
+            "captions": str(dataset.spec.captions) if dataset.spec.captions else None,
+            "category": category.name, "protocol": split.protocol, "fold": split.fold,
+            "split_hash": split.manifest_hash, "require_captions": require_captions}
+
+
+def _score_weights(suite, needed: tuple[str, ...]) -> dict:
+    """Which weights the score job will use: part of its key, so results follow the weights."""
+    return {name: weights.resolve(name, suite.profile, suite.weights.get(name)).describe() for name in needed}
+
+
+@expander
+def generation_jobs(plan) -> list[Job]:
+    suite = plan.suite
+    profile = get_profile(suite.profile)
+    infos = discover()
+    preset = PRESETS[suite.ic_lpips]
+    needed = ("inception-v3-fid", "vgg16" if preset.net == "vgg" else "alexnet")
+    score_params = {"metrics": list(suite.metrics), "ic_lpips": suite.ic_lpips, "profile": profile.name,
+                    "resolution": profile.resolution, "weights": dict(suite.weights),
+                    "weights_used": _score_weights(suite, needed)}
+    jobs = []
+    for dataset in plan.datasets:
+        for category in dataset.categories:
+            for split in plan.splits[(dataset.spec.name, category.name)]:
+                for seed in suite.seeds:
+                    for spec in suite.methods:
+                        info = infos[spec.method]
+                        requires = "caption" in info.cls.needs
+                        source = _source(dataset, category, split, requires)
+                        config = info.config(profile, spec.config)
+                        groups = ([category.defect_types] if info.cls.granularity == "category"
+                                  else [[d] for d in category.defect_types])
+                        for defects in groups:
+                            tags = {"dataset": dataset.spec.name, "category": category.name, "method": spec.label,
+                                    "method_name": spec.method, "fold": split.fold, "seed": seed,
+                                    "protocol": split.protocol, "split_hash": split.manifest_hash}
+                            where = f"{dataset.spec.name}/{category.name}"
+                            fit = make_job("fit", f"fit {spec.label} {where}/{'+'.join(defects) if len(defects) == 1 else '*'} f{split.fold} s{seed}",
+                                           {**source, "method": spec.method, "config": config,
+                                            "method_hash": method_hash(info.directory), "profile": profile.name,
+                                            "resolution": profile.resolution, "defect_types": defects, "seed": seed},
+                                           resources=dict(info.cls.resources), tags=tags)
+                            jobs.append(fit)
+                            for defect in defects:
+                                defect_tags = {**tags, "defect_type": defect}
+                                generate = make_job("generate", f"generate {spec.label} {where}/{defect} f{split.fold} s{seed}",
+                                                    {**fit.params, "defect_type": defect, "n": suite.n_per_defect},
+                                                    (fit.key,), dict(info.cls.resources), defect_tags)
+                                score = make_job("score", f"score {spec.label} {where}/{defect} f{split.fold} s{seed}",
+                                                 {**source, **score_params, "defect_type": defect},
+                                                 (generate.key,), SCORE_RESOURCES, defect_tags)
+                                jobs += [generate, score]
+    return jobs
+
+
+def load_split(params: dict, cache: dict) -> Split:
+    """Re-read the category and re-split it; the content hash must match the plan's, or the data changed."""
+    key = ("split", params["root"], params["category"], params["protocol"], params["fold"], params["captions"])
+    if key not in cache:
+        category = read_category(Path(params["root"]), params["category"], captions=params["captions"],
+                                 require_captions=params["require_captions"], dataset=params["dataset"])
+        cache[key] = make_split(category, params["protocol"], params["fold"])
+    split = cache[key]
+    if split.manifest_hash != params["split_hash"]:
+        raise DataError(split.category.root, "the data changed since the suite was planned (split manifest hash "
+                                             "differs); run the suite again")
+    return split
+
+
+def _method(params: dict) -> Method:
+    info = discover()[params["method"]]
+    return info.cls(params["config"], get_profile(params["profile"]))
+
+
+@job_kind("fit")
+def run_fit(job: Job, ctx: JobContext) -> list[dict]:
+    p = job.params
+    task = build_task(load_split(p, ctx.cache), p["defect_types"], p["resolution"], p["seed"])
+    seconds = fit_method(_method(p), task, ctx.folder / "work")
+    atomic_write_json(ctx.folder / "fit.json", {"seconds": round(seconds, 3)})
+    return []
+
+
+@job_kind("generate")
+def run_generate(job: Job, ctx: JobContext) -> list[dict]:
+    p = job.params
+    split = load_split(p, ctx.cache)
+    task = build_task(split, p["defect_types"], p["resolution"], p["seed"])
+    generate_to(_method(p), task, p["defect_type"], p["n"], p["seed"], ctx.folder / "samples",
+                ctx.only_dep(job) / "work", meta={"split": split.manifest_hash, "protocol": split.protocol},
+                progress=False)
+    return []
+
+
+@job_kind("score")
+def run_score(job: Job, ctx: JobContext) -> list[dict]:
+    p = job.params
+    parts = load_split(p, ctx.cache).defects[p["defect_type"]]
+    scorer_key = ("scorer", p["profile"], p["resolution"], p["ic_lpips"], tuple(sorted(p["weights"].items())),
+                  tuple(p["metrics"]))
+    if scorer_key not in ctx.cache:
+        config = ScoreConfig(resolution=p["resolution"], metrics=tuple(p["metrics"]), ic_lpips=PRESETS[p["ic_lpips"]],
+                             weights=tuple(sorted(p["weights"].items())))
+        ctx.cache[scorer_key] = Scorer(p["profile"], config)
+    inputs = ScoreInputs.from_folder(ctx.only_dep(job) / "samples", [s.image for s in parts.test],
+                                     [s.image for s in parts.centres])
+    return [{"metric": v.metric, "value": v.value, "n": v.n, "std": v.std, "details": v.details,
+             "random_weights": bool(v.details.get("random", False))} for v in ctx.cache[scorer_key].score(inputs)]

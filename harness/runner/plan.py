@@ -1,0 +1,81 @@
+"""From a suite to a plan: data sets on disk, categories, splits, and the expanded job graph."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.data.layouts import MVTEC_AD, MVTEC_LOCO, list_categories, read_category
+from harness.data.model import Category
+from harness.data.splits import Split, make_splits
+from harness.data.synth import SynthConfig
+from harness.data.synth import cached as cached_synthetic
+from harness.errors import ConfigError, DataError
+from harness.methods import discover
+from harness.runner.jobs import EXPANDERS, Job, topological
+from harness.runner.suite import DatasetSpec, Suite
+
+
+@dataclass
+class PreparedDataset:
+    spec: DatasetSpec
+    root: Path
+    categories: list[Category]
+
+
+@dataclass
+class Plan:
+    suite: Suite
+    datasets: list[PreparedDataset]
+    splits: dict[tuple[str, str], list[Split]] = field(default_factory=dict)  # (dataset, category) -> folds
+    jobs: list[Job] = field(default_factory=list)
+
+    def by_key(self) -> dict[str, Job]:
+        return {job.key: job for job in self.jobs}
+
+
+def prepare(suite: Suite) -> Plan:
+    """Make the data exist (the synthetic set is written on demand), read it, and split it."""
+    methods = discover()
+    needs_captions = any("caption" in methods[m.method].cls.needs for m in suite.methods)
+    datasets = []
+    for spec in suite.datasets:
+        root = cached_synthetic(SynthConfig(**spec.synth)) if spec.layout == "synthetic" else spec.root
+        names = list(spec.categories) if spec.categories else list_categories(root)
+        available = set(list_categories(root))
+        for name in names:
+            if name not in available:
+                raise ConfigError(f"{suite.where()}: dataset {spec.name!r}: no category {name!r} in {root}; "
+                                  f"found: {', '.join(sorted(available))}")
+        categories = [read_category(root, name, captions=spec.captions, require_captions=needs_captions,
+                                    dataset=spec.name) for name in names]
+        for category in categories:
+            _check_layout(spec, category, suite)
+        datasets.append(PreparedDataset(spec, root, categories))
+    plan = Plan(suite, datasets)
+    for dataset in datasets:
+        for category in dataset.categories:
+            plan.splits[(dataset.spec.name, category.name)] = make_splits(category, suite.protocol)
+    return plan
+
+
+def _check_layout(spec: DatasetSpec, category: Category, suite: Suite) -> None:
+    expected = {"mvtec_ad": MVTEC_AD, "mvtec_loco": MVTEC_LOCO}.get(spec.layout)
+    if expected and category.layout != expected:
+        raise DataError(category.root, f"{suite.where()} says layout {spec.layout!r}, but this category is {category.layout!r}")
+
+
+def expand(plan: Plan) -> list[Job]:
+    """Every registered expander's jobs, de-duplicated by key, in dependency order."""
+    from harness.runner.registry import load_job_kinds
+
+    load_job_kinds()
+
+    jobs: dict[str, Job] = {}
+    for make in EXPANDERS:
+        for job in make(plan):
+            jobs.setdefault(job.key, job)
+    missing = {dep for job in jobs.values() for dep in job.deps if dep not in jobs}
+    if missing:
+        raise ValueError(f"jobs depend on keys no expander made: {sorted(missing)[:3]}")
+    plan.jobs = topological(list(jobs.values()))
+    return plan.jobs

@@ -1,0 +1,140 @@
+"""`defectbench run SUITE`: plan, execute (Ray or serial), resume, summarise."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from tabulate import tabulate
+
+import harness
+from harness.io import sha256_json
+from harness.paths import REPO_ROOT
+from harness.runner.executors import Progress, Scheduler, now, run_ray, run_serial
+from harness.runner.plan import Plan, expand, prepare
+from harness.runner.store import DONE, FAILED, RunStore, read_status, runs_root
+from harness.runner.suite import Suite
+
+
+@dataclass
+class RunResult:
+    store: RunStore
+    plan: Plan
+    states: dict[str, str]
+
+    @property
+    def failed(self) -> list[str]:
+        return [k for k, s in self.states.items() if s in (FAILED, "skipped")]
+
+
+def code_version() -> dict:
+    """The git commit of the code (with a dirty flag), and the package version."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    sha = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if sha else False
+    return {"git": sha[:12] + ("+dirty" if dirty else "") if sha else "unknown", "package": harness.__version__}
+
+
+def resolved_config(suite: Suite) -> dict:
+    data = dataclasses.asdict(suite)
+    data.pop("executor")
+    data.pop("description")
+    data["path"] = str(suite.path) if suite.path else None
+    return json.loads(json.dumps(data, default=str))
+
+
+def run_id_for(suite: Suite) -> str:
+    """Runs are named by their resolved config: running the same suite again continues the same run."""
+    config = resolved_config(suite)
+    config.pop("path")
+    return sha256_json(config)[:10]
+
+
+def dry_run(plan: Plan) -> str:
+    jobs = plan.jobs
+    kinds = Counter(j.kind for j in jobs)
+    methods = Counter(j.tags.get("method", "-") for j in jobs)
+    lines = [f"suite {plan.suite.name}: {len(jobs)} jobs ({', '.join(f'{v} {k}' for k, v in kinds.items())})",
+             f"methods: {', '.join(f'{k} ({v})' for k, v in methods.items())}",
+             f"categories: {', '.join(c.name for d in plan.datasets for c in d.categories)}",
+             f"protocol {plan.suite.protocol}, profile {plan.suite.profile}, seeds {list(plan.suite.seeds)}", "",
+             "job graph (first 30 jobs, each after the jobs it needs):"]
+    by_key = plan.by_key()
+    for job in jobs[:30]:
+        needs = ", ".join(by_key[d].kind for d in job.deps)
+        lines.append(f"  {job.key}  {job.label}" + (f"   <- {needs}" if needs else ""))
+    if len(jobs) > 30:
+        lines.append(f"  ... and {len(jobs) - 30} more")
+    return "\n".join(lines)
+
+
+def run_suite(suite: Suite, executor: str | None = None, address: str | None = None, num_cpus: int | None = None,
+              results: Path | None = None, fresh: bool = False, progress: bool = True) -> RunResult:
+    plan = prepare(suite)
+    expand(plan)
+    store = RunStore(runs_root(results), suite.name, run_id_for(suite))
+    if fresh and store.run_dir.exists():
+        shutil.rmtree(store.run_dir)
+    finished = {} if fresh else store.finished()
+    finished = {k: v for k, v in finished.items() if k in plan.by_key()}
+    manifest = {
+        "suite": suite.name, "run_id": store.run_id, "config": resolved_config(suite),
+        "code": code_version(), "host": platform.node(), "python": sys.version.split()[0],
+        "created": (store.read_manifest() or {}).get("created", now()), "started": now(),
+        "executor": executor or suite.executor.kind, "jobs": [j.as_dict() for j in plan.jobs],
+    }
+    store.write_manifest(manifest)
+    common = {"suite": suite.name, "run_id": store.run_id, "profile": suite.profile, "code_version": manifest["code"]["git"],
+              "config_hash": store.run_id}
+    scheduler = Scheduler(plan.jobs, finished, store.job_dir)
+    bar = Progress(len(plan.jobs), len(finished), enabled=progress)
+    try:
+        if (executor or suite.executor.kind) == "serial":
+            run_serial(scheduler, common, bar)
+        else:
+            run_ray(scheduler, common, bar, num_cpus or suite.executor.num_cpus, address or suite.executor.address,
+                    suite.executor.max_retries)
+    finally:
+        bar.close()
+    manifest.update(finished=now(), states=dict(Counter(scheduler.state.values())),
+                    locations={k: str(v) for k, v in scheduler.location.items() if Path(v).parent.parent != store.run_dir})
+    store.write_manifest(manifest)
+    return RunResult(store, plan, dict(scheduler.state))
+
+
+def summary(result: RunResult) -> str:
+    """A table per method and category: the headline metrics (mean over defect types) and job failures."""
+    from harness.metrics.score import LABELS, METRICS
+    from harness.results import run_records
+
+    frame = run_records(result.store)
+    lines = []
+    if not frame.empty:
+        metrics = [m for m in METRICS if m in set(frame["metric"])]
+        table = frame[frame["metric"].isin(metrics)].pivot_table(index=["category", "method"], columns="metric",
+                                                                 values="value", aggfunc="mean")
+        table = table[[m for m in metrics if m in table.columns]].rename(columns=LABELS).reset_index()
+        lines.append("Mean over defect types:\n" + tabulate(table, headers="keys", floatfmt=".4g", tablefmt="simple",
+                                                           showindex=False))
+    failed = [k for k, s in result.states.items() if s == FAILED]
+    skipped = [k for k, s in result.states.items() if s == "skipped"]
+    by_key = result.plan.by_key()
+    for key in failed:
+        status = read_status(result.store.job_dir(key)) or {}
+        lines.append(f"FAILED {by_key[key].label}: {status.get('error', '?')}  ({result.store.job_dir(key) / 'status.json'})")
+    if skipped:
+        lines.append(f"{len(skipped)} jobs skipped because a job they need failed")
+    counts = Counter(result.states.values())
+    lines.append(f"{counts.get(DONE, 0)} of {len(result.states)} jobs done; run folder {result.store.run_dir}")
+    return "\n".join(lines)

@@ -1,0 +1,251 @@
+"""Suite files (suites/*.yaml): what to run, validated before anything runs.
+
+Every unknown or mistyped key, unknown method, unknown metric or missing data root is one ConfigError naming
+the key (or path) and the suite file. `${DATA}` in a root is replaced by --data or the DATA environment variable.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.data.splits import PROTOCOLS
+from harness.errors import ConfigError
+from harness.metrics.iclpips import PRESETS
+from harness.metrics.score import METRICS
+from harness.paths import REPO_ROOT
+from harness.profiles import PROFILES
+
+SUITES_DIR = REPO_ROOT / "suites"
+LAYOUTS = ("synthetic", "mvtec_ad", "mvtec_loco", "auto")
+EXECUTORS = ("ray", "serial")
+SYNTH_KEYS = {"seed", "size", "n_train", "n_validation", "n_test_good", "n_defect"}
+TOP_KEYS = {"name", "description", "datasets", "protocol", "profile", "methods", "generate", "metrics", "ic_lpips",
+            "downstream", "detectors", "seeds", "executor", "weights"}
+DATASET_KEYS = {"name", "layout", "root", "captions", "categories", "synth"}
+METHOD_KEYS = {"method", "label", "config"}
+GENERATE_KEYS = {"n"}
+EXECUTOR_KEYS = {"kind", "num_cpus", "address", "max_retries"}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    layout: str
+    root: Path | None = None  # None for the synthetic set: generated on demand into the cache
+    captions: Path | None = None
+    categories: tuple[str, ...] | None = None  # None: every category found
+    synth: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    label: str  # the name shown in leaderboards (a method with settings can appear several times)
+    method: str  # the directory under methods/
+    config: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    kind: str = "ray"
+    num_cpus: int | None = None  # None: all CPUs of this machine
+    address: str | None = None  # an existing Ray cluster; None starts one here
+    max_retries: int = 2  # a job whose worker died is retried this often
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    path: Path | None
+    datasets: tuple[DatasetSpec, ...]
+    methods: tuple[MethodSpec, ...]
+    protocol: str = "clean-thirds"
+    profile: str = "tiny"
+    n_per_defect: int = 12
+    metrics: tuple[str, ...] = METRICS
+    ic_lpips: str = "ic_lpips"
+    seeds: tuple[int, ...] = (0,)
+    downstream: tuple[dict, ...] = ()
+    detectors: tuple[dict, ...] = ()
+    executor: ExecutorSpec = ExecutorSpec()
+    weights: dict = field(default_factory=dict)
+    description: str = ""
+
+    def where(self) -> str:
+        return str(self.path) if self.path else f"suite {self.name!r}"
+
+
+def suite_path(name_or_path: str | Path) -> Path:
+    """A suite file given as a path, or as a name under suites/ (`smoke` -> suites/smoke.yaml)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"{path}: suite file not found")
+        return path
+    candidate = SUITES_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown suite {str(name_or_path)!r}: no {candidate}; known: {', '.join(known)}")
+    return candidate
+
+
+def load_suite(name_or_path: str | Path, data: str | Path | None = None, check_methods: bool = True) -> Suite:
+    path = suite_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({err})") from None
+    return parse_suite(raw, path, data, check_methods)
+
+
+def parse_suite(raw: dict, path: Path | None, data: str | Path | None = None, check_methods: bool = True) -> Suite:
+    where = str(path) if path else "suite"
+    _mapping(raw, where, "the top level")
+    _keys(raw, TOP_KEYS, where, "")
+    name = str(raw.get("name") or (path.stem if path else "suite"))
+    protocol = _choice(raw.get("protocol", "clean-thirds"), PROTOCOLS, where, "protocol")
+    profile = _choice(raw.get("profile", "tiny"), tuple(PROFILES), where, "profile")
+    generate = raw.get("generate") or {}
+    _mapping(generate, where, "generate")
+    _keys(generate, GENERATE_KEYS, where, "generate.")
+    n = _positive_int(generate.get("n", 12), where, "generate.n")
+    metrics = tuple(_list(raw.get("metrics", list(METRICS)), where, "metrics"))
+    for metric in metrics:
+        _choice(metric, METRICS, where, "metrics")
+    seeds = tuple(int(s) for s in _list(raw.get("seeds", [0]), where, "seeds"))
+    return Suite(
+        name=name, path=path, description=str(raw.get("description", "")),
+        datasets=tuple(_datasets(raw.get("datasets"), where, data)),
+        methods=tuple(_methods(raw.get("methods"), where, check_methods)),
+        protocol=protocol, profile=profile, n_per_defect=n, metrics=metrics,
+        ic_lpips=_choice(raw.get("ic_lpips", "ic_lpips"), tuple(PRESETS), where, "ic_lpips"),
+        seeds=seeds, downstream=tuple(_list(raw.get("downstream", []), where, "downstream")),
+        detectors=tuple(_list(raw.get("detectors", []), where, "detectors")),
+        executor=_executor(raw.get("executor") or {}, where), weights=dict(raw.get("weights") or {}),
+    )
+
+
+def _datasets(value: Any, where: str, data: str | Path | None) -> list[DatasetSpec]:
+    items = _list(value if value is not None else [{"name": "synthetic", "layout": "synthetic"}], where, "datasets")
+    if not items:
+        raise ConfigError(f"{where}: 'datasets' is empty")
+    out = []
+    for i, item in enumerate(items):
+        key = f"datasets[{i}]"
+        _mapping(item, where, key)
+        _keys(item, DATASET_KEYS, where, key + ".")
+        layout = _choice(item.get("layout", "auto"), LAYOUTS, where, key + ".layout")
+        synth = dict(item.get("synth") or {})
+        _keys(synth, SYNTH_KEYS, where, key + ".synth.")
+        root = None
+        if layout != "synthetic":
+            root = _root(item.get("root"), where, key + ".root", data)
+        captions = _root(item["captions"], where, key + ".captions", data) if item.get("captions") else None
+        categories = item.get("categories", "all")
+        categories = None if categories in ("all", None) else tuple(str(c) for c in _list(categories, where, key + ".categories"))
+        out.append(DatasetSpec(str(item.get("name") or (root.name if root else "synthetic")), layout, root, captions,
+                               categories, synth))
+    return out
+
+
+def _root(value: Any, where: str, key: str, data: str | Path | None) -> Path:
+    if not value:
+        raise ConfigError(f"{where}: {key} is required (a folder holding category folders)")
+    text = str(value)
+    if "${DATA}" in text:
+        replacement = str(data) if data else os.environ.get("DATA")
+        if not replacement:
+            raise ConfigError(f"{where}: {key} is {text!r}; give the data root with DATA=/path (make) or --data /path")
+        text = text.replace("${DATA}", replacement)
+    unresolved = re.findall(r"\$\{(\w+)\}", text)
+    for var in unresolved:
+        if var not in os.environ:
+            raise ConfigError(f"{where}: {key} uses ${{{var}}}, which is not set")
+        text = text.replace(f"${{{var}}}", os.environ[var])
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{where}: {key}: {path} does not exist")
+    return path
+
+
+def _methods(value: Any, where: str, check: bool) -> list[MethodSpec]:
+    from harness.methods import discover
+
+    known = discover() if check else {}
+    if value in (None, "all"):
+        if not check:
+            raise ConfigError(f"{where}: 'methods: all' needs method discovery")
+        value = [name for name, info in known.items() if info.ok]
+    items = _list(value, where, "methods")
+    if not items:
+        raise ConfigError(f"{where}: 'methods' is empty")
+    out, labels = [], set()
+    for i, item in enumerate(items):
+        key = f"methods[{i}]"
+        if isinstance(item, str):
+            item = {"method": item}
+        _mapping(item, where, key)
+        _keys(item, METHOD_KEYS, where, key + ".")
+        name = str(item.get("method", ""))
+        label = str(item.get("label") or name)
+        if check:
+            if name not in known:
+                close = difflib.get_close_matches(name, list(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{where}: {key}: unknown method {name!r}{hint}; known: {', '.join(known)}")
+            if not known[name].ok:
+                raise ConfigError(f"{where}: {key}: method {name!r} is broken: {known[name].error.splitlines()[0]}")
+            known[name].config("tiny", item.get("config") or {})  # unknown setting keys fail here, naming the key
+        if label in labels:
+            raise ConfigError(f"{where}: {key}: label {label!r} is used twice; give each entry its own 'label'")
+        labels.add(label)
+        out.append(MethodSpec(label, name, dict(item.get("config") or {})))
+    return out
+
+
+def _executor(value: Any, where: str) -> ExecutorSpec:
+    _mapping(value, where, "executor")
+    _keys(value, EXECUTOR_KEYS, where, "executor.")
+    kind = _choice(value.get("kind", "ray"), EXECUTORS, where, "executor.kind")
+    num_cpus = value.get("num_cpus")
+    if num_cpus is not None:
+        num_cpus = _positive_int(num_cpus, where, "executor.num_cpus")
+    return ExecutorSpec(kind, num_cpus, value.get("address"), int(value.get("max_retries", 2)))
+
+
+def _keys(mapping: dict, allowed: set[str], where: str, prefix: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _mapping(value: Any, where: str, key: str) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key} must be a mapping, not {type(value).__name__}")
+
+
+def _list(value: Any, where: str, key: str) -> list:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: '{key}' must be a list, not {type(value).__name__}")
+    return value
+
+
+def _choice(value: Any, choices: tuple[str, ...], where: str, key: str) -> str:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), list(choices), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: {key}: unknown value {value!r}{hint}; choose from {', '.join(choices)}")
+    return str(value)
+
+
+def _positive_int(value: Any, where: str, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where}: {key} must be a positive integer, not {value!r}")
+    return value

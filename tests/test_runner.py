@@ -1,0 +1,279 @@
+"""The runner: suite validation, job graph, serial and Ray execution, resume, failure isolation, leaderboards."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.errors import ConfigError
+from harness.results import load, run_records
+from harness.runner.plan import expand, prepare
+from harness.runner.run import run_suite
+from harness.runner.store import latest_run
+from harness.runner.suite import load_suite, parse_suite
+
+REPO = Path(__file__).resolve().parents[1]
+MINI = REPO / "tests" / "suites" / "mini.yaml"
+CLI = [sys.executable, "-m", "harness.cli"]
+VALUE_FIELDS = ["dataset", "category", "defect_type", "method", "fold", "seed", "metric", "value", "n", "job_key"]
+
+
+def mini(**changes) -> dict:
+    import yaml
+
+    raw = yaml.safe_load(MINI.read_text())
+    raw.update(changes)
+    return raw
+
+
+# ---- suites -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"methdos": ["cutpaste"]}, "unknown key 'methdos' (did you mean 'methods'?)"),
+    ({"methods": ["cutpast"]}, "unknown method 'cutpast' (did you mean 'cutpaste'?)"),
+    ({"methods": [{"method": "croppaste", "config": {"blendd": 1}}]}, "unknown key 'blendd'"),
+    ({"metrics": ["fid", "lpips"]}, "metrics: unknown value 'lpips'"),
+    ({"protocol": "thirds"}, "protocol: unknown value 'thirds'"),
+    ({"generate": {"n": 0}}, "generate.n must be a positive integer"),
+    ({"datasets": [{"name": "x", "layout": "mvtec_ad", "root": "/no/such/folder"}]}, "datasets[0].root: /no/such/folder does not exist"),
+    ({"datasets": [{"name": "x", "layout": "mvtec_ad", "root": "${DATA}"}]}, "give the data root with DATA=/path"),
+    ({"datasets": [{"name": "x", "layout": "synthetic", "synth": {"sise": 3}}]}, "unknown key 'datasets[0].synth.sise'"),
+])
+def test_bad_suites_name_the_key_and_the_file(change, message, monkeypatch):
+    monkeypatch.delenv("DATA", raising=False)
+    with pytest.raises(ConfigError) as info:
+        parse_suite(mini(**change), Path("suites/x.yaml"))
+    assert message in str(info.value) and "suites/x.yaml" in str(info.value)
+
+
+def test_data_root_from_argument(tmp_path):
+    suite = parse_suite(mini(datasets=[{"name": "x", "layout": "mvtec_ad", "root": "${DATA}"}]), None, data=tmp_path)
+    assert suite.datasets[0].root == tmp_path
+
+
+def test_shipped_suites_are_valid(tmp_path):
+    for name in ("smoke", "mvtec-ad", "mvtec-loco", "mvtec-caption"):
+        suite = load_suite(name, data=tmp_path)
+        assert suite.methods and suite.metrics
+    assert load_suite("mvtec-ad", data=tmp_path).profile == "paper"
+    assert {m.method for m in load_suite("smoke").methods} >= {"cutpaste", "croppaste", "draem"}
+
+
+def test_job_graph(isolated_cache):
+    plan = prepare(load_suite(MINI))
+    jobs = expand(plan)
+    kinds = [j.kind for j in jobs]
+    assert kinds.count("fit") == 18 and kinds.count("generate") == 18 and kinds.count("score") == 18
+    by_key = {j.key: j for j in jobs}
+    seen = set()
+    for job in jobs:  # dependency order
+        assert all(d in seen for d in job.deps)
+        seen.add(job.key)
+    score = next(j for j in jobs if j.kind == "score")
+    assert by_key[score.deps[0]].kind == "generate"
+    assert len({j.key for j in jobs}) == len(jobs)
+    again = expand(prepare(load_suite(MINI)))
+    assert [j.key for j in again] == [j.key for j in jobs]  # keys are stable
+
+
+# ---- running ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def serial_run(tmp_path_factory, isolated_cache):
+    results = tmp_path_factory.mktemp("serial")
+    result = run_suite(load_suite(MINI), executor="serial", results=results, progress=False)
+    return results, result
+
+
+def test_serial_run_completes_and_records(serial_run):
+    results, result = serial_run
+    assert not result.failed and len(result.states) == 54
+    frame = run_records(result.store)
+    assert set(frame["metric"]) == {"fid", "kid", "lpips_to_real", "ic_lpips", "bg_psnr", "mask_iou"}
+    for field in ("suite", "run_id", "profile", "split_hash", "protocol", "code_version", "config_hash", "random_weights",
+                  "details", "started", "finished", "job_key"):
+        assert field in frame.columns, field
+    assert len(load(results=results)) == len(frame)
+
+
+def test_rerun_skips_finished_jobs(serial_run):
+    results, result = serial_run
+    before = {p: p.read_text() for p in result.store.run_dir.glob("jobs/*/status.json")}
+    again = run_suite(load_suite(MINI), executor="serial", results=results, progress=False)
+    assert not again.failed
+    after = {p: p.read_text() for p in again.store.run_dir.glob("jobs/*/status.json")}
+    assert before == after  # nothing was recomputed
+
+
+def test_config_change_recomputes_only_what_it_affects(serial_run, tmp_path):
+    results, result = serial_run
+    path = tmp_path / "mini.yaml"
+    raw = mini(methods=["cutpaste", "croppaste", {"method": "draem", "config": {"beta": [0.2, 0.5]}}])
+    path.write_text(json.dumps({**raw, "name": "mini"}))
+    changed = run_suite(load_suite(path), executor="serial", results=results, progress=False)
+    assert changed.store.run_id != result.store.run_id
+    executed = list(changed.store.run_dir.glob("jobs/*/status.json"))
+    labels = {json.loads(p.read_text())["label"].split()[1] for p in executed}
+    assert labels == {"draem"} and len(executed) == 18  # draem's 6 fit + 6 generate + 6 score, nothing else
+    assert len(run_records(changed.store)) == len(run_records(result.store))
+
+
+def test_ray_gives_the_same_records_as_serial(serial_run, tmp_path):
+    _, serial = serial_run
+    ray_result = run_suite(load_suite(MINI), executor="ray", num_cpus=2, results=tmp_path, progress=False)
+    assert not ray_result.failed
+    a = run_records(serial.store)[VALUE_FIELDS].sort_values(["job_key", "metric"]).reset_index(drop=True)
+    b = run_records(ray_result.store)[VALUE_FIELDS].sort_values(["job_key", "metric"]).reset_index(drop=True)
+    assert a.equals(b)
+
+
+FAILING_METHOD = '''
+from harness import Method
+
+class Exploding(Method):
+    name = "exploding"
+    needs = frozenset({"target_normal"})
+
+    def generate(self, request, workdir):
+        raise RuntimeError("this method always fails")
+        yield
+'''
+
+
+def test_a_failing_method_is_isolated(tmp_path, monkeypatch, isolated_cache):
+    methods = tmp_path / "methods" / "exploding"
+    methods.mkdir(parents=True)
+    (methods / "method.py").write_text(FAILING_METHOD)
+    (methods / "method.yaml").write_text("defaults: {}\n")
+    monkeypatch.setenv("DEFECTBENCH_METHODS_PATH", str(tmp_path / "methods"))
+    suite_path = tmp_path / "failing.yaml"
+    suite_path.write_text(json.dumps(mini(methods=["cutpaste", "exploding"], name="failing")))
+    result = run_suite(load_suite(suite_path), executor="serial", results=tmp_path / "results", progress=False)
+    failed = [k for k, s in result.states.items() if s == "failed"]
+    skipped = [k for k, s in result.states.items() if s == "skipped"]
+    assert len(failed) == 6 and len(skipped) == 6  # 6 generate jobs fail, their score jobs are skipped
+    status = json.loads((result.store.job_dir(failed[0]) / "status.json").read_text())
+    assert "this method always fails" in status["traceback"]
+    assert set(run_records(result.store)["method"]) == {"cutpaste"}
+    from harness.report.leaderboard import render_leaderboard
+
+    md, tex = render_leaderboard("failing", tmp_path / "results")
+    text = md.read_text()
+    assert "—<sup>f</sup>" in text and "status.json" in text and "cutpaste" in text
+    code = subprocess.run(CLI + ["run", str(suite_path), "--results", str(tmp_path / "results"), "--executor", "serial"],
+                          capture_output=True, text=True, env={**os.environ}).returncode
+    assert code == 1
+
+
+# ---- resume after SIGKILL ---------------------------------------------------------------------------------
+
+
+def _done(results: Path) -> list[Path]:
+    return [p for p in results.glob("runs/mini/*/jobs/*/status.json") if '"state": "done"' in p.read_text()]
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, isolated_cache):
+    env = {**os.environ, "DEFECTBENCH_CACHE": str(isolated_cache)}
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    args = CLI + ["run", str(MINI), "--executor", "serial", "--results"]
+    process = subprocess.Popen(args + [str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while len(_done(killed)) < 25 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = {p: p.read_text() for p in _done(killed)}
+    assert 0 < len(finished) < 54, "the run should be killed halfway"
+    assert subprocess.run(args + [str(killed)], env=env, capture_output=True).returncode == 0
+    assert all(p.read_text() == text for p, text in finished.items())  # no finished job was recomputed
+    assert len(_done(killed)) == 54
+    assert subprocess.run(args + [str(clean)], env=env, capture_output=True).returncode == 0
+    for suffix in ("md", "tex"):
+        assert (killed / "leaderboard" / f"mini.{suffix}").read_text() == (clean / "leaderboard" / f"mini.{suffix}").read_text()
+
+
+# ---- leaderboards -----------------------------------------------------------------------------------------
+
+
+def test_leaderboard_markdown_and_latex(serial_run):
+    from harness.report.leaderboard import render_leaderboard
+
+    results, _ = serial_run
+    md, tex = render_leaderboard("mini", results)
+    text = md.read_text()
+    assert "| **Average** |" in text and "IC-LPIPS↑" in text and "FID↓" in text
+    assert "**" in text and "<u>" in text  # best bold, second underlined
+    assert "random-weight" in text and "clean-thirds" in text
+    for image in re.findall(r"\]\(([^)]+\.png)\)", text):
+        assert (md.parent / image).is_file()
+    latex = tex.read_text()
+    assert latex.count(r"\toprule") == latex.count(r"\bottomrule") == latex.count(r"\midrule") // 2 >= 3
+    assert latex.count("{") == latex.count("}")
+    for table in latex.split(r"\begin{tabular}")[1:]:
+        rows = [line for line in table.split(r"\end{tabular}")[0].splitlines() if line.endswith("\\\\")]
+        header = next(line for line in rows if line.startswith("Category"))
+        assert all(line.count("&") == header.count("&") for line in rows if "multicolumn" not in line)
+    if shutil.which("pdflatex"):
+        run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", tex.name], cwd=tex.parent,
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout[-2000:]
+
+
+# ---- a two-node Ray cluster on this machine -----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_cluster_by_address(tmp_path, isolated_cache):
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DEFECTBENCH_CACHE": str(isolated_cache)}
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    try:
+        subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+                       env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([ray_cli, "start", f"--address=127.0.0.1:{port}", *common], env=env, check=True,
+                       capture_output=True, timeout=120)
+        result = run_suite(load_suite(MINI), executor="ray", address=f"127.0.0.1:{port}", results=tmp_path,
+                           progress=False)
+        assert not result.failed
+        nodes = {json.loads(p.read_text())["node"] for p in result.store.run_dir.glob("jobs/*/status.json")}
+        assert len(nodes) == 2  # jobs ran on both nodes
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_reported_numbers_beside_measured(serial_run, tmp_path):
+    import yaml
+
+    from harness.report.leaderboard import render_leaderboard
+
+    results, _ = serial_run
+    reported = tmp_path / "reported"
+    reported.mkdir()
+    (reported / "paper.yaml").write_text(yaml.safe_dump({
+        "source": {"paper": "A paper", "table": "Table 9"}, "dataset": "synthetic", "protocol": "clean-thirds",
+        "scale": {"kid": 1000}, "values": {"cutpaste": {"weave": {"fid": 1.5, "kid": 2.0}}}}))
+    md, _ = render_leaderboard("mini", results, out_dir=tmp_path / "board", reported_dir=reported)
+    text = md.read_text()
+    assert "cutpaste (reported) FID↓" in text and "A paper, Table 9" in text
+    assert "1.50" in text
+    assert "0.0020" in text  # 2.0 / 1000
