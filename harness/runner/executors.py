@@ -34,6 +34,7 @@ def now() -> str:
 def execute_job(job_dict: dict, folder: str, deps: dict[str, str], common: dict) -> dict:
     """Run one job in `folder` (emptied first); records.jsonl then status.json are written last, atomically."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     from harness.runner.registry import load_job_kinds
 
@@ -43,13 +44,17 @@ def execute_job(job_dict: dict, folder: str, deps: dict[str, str], common: dict)
     if path.exists():
         shutil.rmtree(path)  # what a killed or failed attempt left
     path.mkdir(parents=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(job.resources.get("num_cpus", 1))))
+    threads, job_threads = torch.get_num_threads(), max(1, int(job.resources.get("num_cpus", 1)))
+    torch.set_num_threads(job_threads)
     started, clock = now(), time.perf_counter()
     status = {"key": job.key, "kind": job.kind, "label": job.label, "host": platform.node(), "pid": os.getpid(),
               "node": _ray_node(), "started": started}
     try:
-        records = JOB_KINDS[job.kind](job, JobContext(path, {k: Path(v) for k, v in deps.items()}, _PROCESS_CACHE)) or []
+        # BLAS threads too: scipy's sqrtm (FID) rounds differently with another thread count, and the serial and
+        # Ray executors must give identical numbers
+        with threadpool_limits(limits=job_threads):
+            records = JOB_KINDS[job.kind](job, JobContext(path, {k: Path(v) for k, v in deps.items()},
+                                                          _PROCESS_CACHE)) or []
         finished = now()
         write_jsonl(path / RECORDS_FILE, [{**common, **job.tags, "job_key": job.key, "kind": job.kind, **r,
                                            "started": started, "finished": finished} for r in records])

@@ -121,7 +121,7 @@ def parse_suite(raw: dict, path: Path | None, data: str | Path | None = None, ch
     return Suite(
         name=name, path=path, description=str(raw.get("description", "")),
         datasets=tuple(_datasets(raw.get("datasets"), where, data)),
-        methods=tuple(_methods(raw.get("methods"), where, check_methods)),
+        methods=tuple(_methods(raw.get("methods"), where, check_methods, profile)),
         protocol=protocol, profile=profile, n_per_defect=n, metrics=metrics,
         ic_lpips=_choice(raw.get("ic_lpips", "ic_lpips"), tuple(PRESETS), where, "ic_lpips"),
         seeds=seeds, downstream=tuple(_list(raw.get("downstream", []), where, "downstream")),
@@ -173,7 +173,7 @@ def _root(value: Any, where: str, key: str, data: str | Path | None) -> Path:
     return path
 
 
-def _methods(value: Any, where: str, check: bool) -> list[MethodSpec]:
+def _methods(value: Any, where: str, check: bool, profile: str) -> list[MethodSpec]:
     from harness.methods import discover
 
     known = discover() if check else {}
@@ -200,7 +200,10 @@ def _methods(value: Any, where: str, check: bool) -> list[MethodSpec]:
                 raise ConfigError(f"{where}: {key}: unknown method {name!r}{hint}; known: {', '.join(known)}")
             if not known[name].ok:
                 raise ConfigError(f"{where}: {key}: method {name!r} is broken: {known[name].error.splitlines()[0]}")
-            known[name].config("tiny", item.get("config") or {})  # unknown setting keys fail here, naming the key
+            try:
+                known[name].config(profile, item.get("config") or {})
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {key}.config: {err}") from None
         if label in labels:
             raise ConfigError(f"{where}: {key}: label {label!r} is used twice; give each entry its own 'label'")
         labels.add(label)
