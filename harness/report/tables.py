@@ -3,7 +3,8 @@
 A cell is the mean over defect types (and folds and seeds) of one category; the Average row is the mean of the
 category rows that exist, with how many went in (a published average was once wrong because a row was
 missing). In each row, per metric, the best method is bold and the second best underlined (direction from
-`harness.metrics.score.DIRECTION`). Missing cells are '—'; cells whose job failed are '—' marked as failed.
+`harness.metrics.score.DIRECTION`), judged on the values as displayed, so ties share a mark; numbers reported
+by papers are shown but not ranked. Missing cells are '—'; cells whose job failed are '—' marked as failed.
 """
 from __future__ import annotations
 
@@ -91,19 +92,21 @@ def _averages(table: Table, categories: list[str]) -> None:
 
 
 def _rank(table: Table) -> None:
+    """Dense ranking on the displayed values: ties share a mark; a row where every method ties gets none;
+    reported numbers are not measured under this protocol and are left out."""
     for row in table.rows:
         for metric in table.metrics:
             direction = DIRECTION.get(metric)
             if direction is None:
                 continue
-            ok = [(m, table.cells[(row, m, metric)]) for m in table.methods
-                  if table.cell(row, m, metric).state == "ok"]
-            if len(ok) < 2:
+            cells = [table.cells[(row, m, metric)] for m in table.methods
+                     if table.cell(row, m, metric).state == "ok" and not table.cell(row, m, metric).reported]
+            shown = sorted({float(format_value(c.value, metric)) for c in cells}, reverse=direction == "up")
+            if len(shown) < 2:
                 continue
-            ordered = sorted(ok, key=lambda mc: mc[1].value, reverse=direction == "up")
-            ordered[0][1].rank = 1
-            if ordered[1][1].value != ordered[0][1].value:
-                ordered[1][1].rank = 2
+            for cell in cells:
+                place = shown.index(float(format_value(cell.value, metric))) + 1
+                cell.rank = place if place <= 2 else None
 
 
 def arrow(metric: str, latex: bool = False) -> str:

@@ -68,6 +68,21 @@ def execute_job(job_dict: dict, folder: str, deps: dict[str, str], common: dict)
     return status
 
 
+def _cluster_cpus(ray: Any) -> float:
+    try:
+        return float(ray.cluster_resources().get("CPU", 1))
+    except Exception:
+        return 1.0
+
+
+def _fits(job: Job, running: Any, capacity: float) -> bool:
+    """Hand Ray only what the cluster can run now, so that 'running' on the bar means running, not queued.
+
+    The cluster's CPU count is read every round, so nodes that join (or an autoscaler) are used."""
+    busy = sum(float(j.resources.get("num_cpus", 1)) for j in running)
+    return busy == 0 or busy + float(job.resources.get("num_cpus", 1)) <= capacity
+
+
 def _ray_node() -> str | None:
     """The Ray node a job runs on (None outside Ray)."""
     ray = sys.modules.get("ray")  # never import Ray just to ask
@@ -168,12 +183,13 @@ def run_ray(scheduler: Scheduler, common: dict, progress: Progress, num_cpus: in
     waiting = scheduler.pending()
     try:
         while waiting or running:
+            capacity = _cluster_cpus(ray)
             for job in list(waiting):
                 if scheduler.blocked(job):
                     waiting.remove(job)
                     scheduler.state[job.key] = "skipped"
                     progress.skipped()
-                elif scheduler.ready(job):
+                elif scheduler.ready(job) and _fits(job, running.values(), capacity):
                     waiting.remove(job)
                     options = {"num_cpus": job.resources.get("num_cpus", 1), "num_gpus": job.resources.get("num_gpus", 0),
                                "max_retries": max_retries}

@@ -125,7 +125,7 @@ def summary(result: RunResult) -> str:
         table = frame[frame["metric"].isin(metrics)].pivot_table(index=["category", "method"], columns="metric",
                                                                  values="value", aggfunc="mean")
         table = table[[m for m in metrics if m in table.columns]].rename(columns=LABELS).reset_index()
-        lines.append("Mean over defect types:\n" + tabulate(table, headers="keys", floatfmt=".4g", tablefmt="simple",
+        lines.append("Mean over defect types:\n" + tabulate(table, headers="keys", floatfmt="#.4g", tablefmt="simple",
                                                            showindex=False))
     failed = [k for k, s in result.states.items() if s == FAILED]
     skipped = [k for k, s in result.states.items() if s == "skipped"]
