@@ -99,7 +99,7 @@ def render_leaderboard(suite: str, results: Path | None = None, out_dir: Path | 
             mark_random = any(c.random for c in table.cells.values()) and not _all_random(table)
             md += [f"### {title}", f"_{shape}; mean over defect types per category._", "",
                    markdown_table(table, mark_random), ""] + [f"- {n}" for n in notes] + [""]
-            tex.append(latex_table(table, tex_escape(f"{title} ({name}). ") + tex_escape(caption.replace("`", "")) +
+            tex.append(latex_table(table, tex_escape(f"{title} ({name}). ") + tex_escape(caption.replace("`", "")) + "." +
                                    ("" if not notes else " " + tex_escape(" ".join(notes))),
                                    f"tab:{suite}-{name}-{key}", mark_random))
         md += _figures(records, frame, states, store, name, methods, config, figures_dir, out_dir)

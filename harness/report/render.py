@@ -60,7 +60,8 @@ def latex_table(table: Table, caption: str, label_id: str, mark_random: bool) ->
     rules = " ".join(rf"\cmidrule(lr){{{2 + i * k}-{1 + (i + 1) * k}}}" for i in range(len(table.methods)))
     metric_header = " & ".join(f"{tex_escape(label(m))}{arrow(m, latex=True)}" for _ in table.methods for m in table.metrics)
     lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{caption}}}", rf"\label{{{label_id}}}",
-             r"\resizebox{\linewidth}{!}{%", rf"\begin{{tabular}}{{{columns}}}", r"\toprule",
+             r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",  # shrink wide tables only
+             rf"\begin{{tabular}}{{{columns}}}", r"\toprule",
              f" & {method_header} \\\\", rules, f"Category & {metric_header} \\\\", r"\midrule"]
     for row in table.rows:
         if row == "Average":
