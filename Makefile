@@ -5,11 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-slow bench leaderboard suite-mvtec-ad suite-mvtec-loco suite-mvtec-caption clean-cache help
+.PHONY: install demo test bench leaderboard suite-mvtec-ad suite-mvtec-loco suite-mvtec-caption clean-cache help
 
 help:
 	@echo "make demo                 the smoke suite on Ray (synthetic data, every method), then its leaderboard"
-	@echo "make test                 install if needed, run the test suite (slow checks: make test-slow)"
+	@echo "make test                 install if needed, run the test suite"
 	@echo "make suite-mvtec-ad DATA=/path/to/mvtec_anomaly_detection     (also suite-mvtec-loco, suite-mvtec-caption)"
 	@echo "make leaderboard          re-render results/leaderboard/*.md and *.tex from the records"
 	@echo "make bench                speed benchmarks in tests/benchmarks (slow; prints ratios)"
@@ -32,9 +32,6 @@ leaderboard: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
-
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -o addopts="-q" -p no:cacheprovider -s tests/benchmarks
