@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from harness.cli import main
 from tests.conftest import shared

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from harness.report.render import tex_escape
 from harness.report.tables import FAILED, build_table
 
 
@@ -42,3 +43,7 @@ def test_reported_numbers_are_shown_but_not_ranked():
     assert table.cell("a", "x (reported)", "fid").value == 1.0
     assert table.cell("a", "x (reported)", "fid").rank is None
     assert table.cell("a", "x", "fid").rank == 1
+
+
+def test_tex_escape_does_not_escape_its_own_replacements():
+    assert tex_escape(r"ic_lpips \ {x} 5% ~") == r"ic\_lpips \textbackslash{} \{x\} 5\% \textasciitilde{}"

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from harness.errors import ConfigError
 from harness.results import load, run_records
 from harness.runner.plan import expand, prepare
 from harness.runner.run import run_suite
-from harness.runner.store import latest_run
 from harness.runner.suite import load_suite, parse_suite
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,6 @@ source table.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from harness.report.figures import bar_chart, sample_grid
 from harness.report.render import latex_document, latex_table, markdown_table, tex_escape
 from harness.report.tables import Table, build_table
 from harness.results import job_folder, run_records, run_states
-from harness.runner.store import RunStore, latest_run
+from harness.runner.store import RunStore, latest_run, results_root
 
 GENERATION_KINDS = ("fit", "generate", "score")
 TABLE_GROUPS = (
@@ -38,8 +37,7 @@ REPORTED_DIR = RESULTS_DIR / "reported"
 
 
 def leaderboard_dir(results: Path | None = None) -> Path:
-    """results/leaderboard, or <results>/leaderboard (a --results folder or $DEFECTBENCH_RESULTS)."""
-    return Path(results or os.environ.get("DEFECTBENCH_RESULTS") or RESULTS_DIR) / "leaderboard"
+    return results_root(results) / "leaderboard"
 
 
 @dataclass

@@ -1,25 +1,31 @@
 """Tables as Markdown and as LaTeX (booktabs)."""
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 from harness.report.tables import FAILED, Table, arrow, format_value, label
 
-FAILED_MARK_MD = "<sup>f</sup>"
-FAILED_MARK_TEX = r"\textsuperscript{f}"
-RANDOM_MARK = "*"
+
+@dataclass(frozen=True)
+class CellStyle:
+    missing: str
+    failed_mark: str
+    random_mark: str
+    best: str  # format strings around the value
+    second: str
 
 
-def _cell_text_md(table: Table, row: str, method: str, metric: str, mark_random: bool) -> str:
+MARKDOWN = CellStyle("—", "<sup>f</sup>", "*", "**{}**", "<u>{}</u>")
+LATEX = CellStyle("---", r"\textsuperscript{f}", r"$^{*}$", r"\textbf{{{}}}", r"\underline{{{}}}")
+
+
+def _cell_text(table: Table, row: str, method: str, metric: str, mark_random: bool, style: CellStyle) -> str:
     cell = table.cell(row, method, metric)
-    if cell.state == FAILED:
-        return "—" + FAILED_MARK_MD
     if cell.state != "ok":
-        return "—"
-    text = format_value(cell.value, metric) + (RANDOM_MARK if mark_random and cell.random else "")
-    if cell.rank == 1:
-        return f"**{text}**"
-    if cell.rank == 2:
-        return f"<u>{text}</u>"
-    return text
+        return style.missing + (style.failed_mark if cell.state == FAILED else "")
+    text = format_value(cell.value, metric) + (style.random_mark if mark_random and cell.random else "")
+    return {1: style.best, 2: style.second}.get(cell.rank, "{}").format(text)
 
 
 def markdown_table(table: Table, mark_random: bool) -> str:
@@ -27,30 +33,18 @@ def markdown_table(table: Table, mark_random: bool) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * (len(header) - 1)) + "|"]
     for row in table.rows:
         name = f"**{row}**" if row == "Average" else row
-        cells = [_cell_text_md(table, row, m, k, mark_random) for m in table.methods for k in table.metrics]
+        cells = [_cell_text(table, row, m, k, mark_random, MARKDOWN) for m in table.methods for k in table.metrics]
         lines.append("| " + " | ".join([name] + cells) + " |")
     return "\n".join(lines)
 
 
+_TEX_SPECIALS = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}"}
+
+
 def tex_escape(text: str) -> str:
-    for char, replacement in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
-                              ("$", r"\$"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}")):
-        text = text.replace(char, replacement)
-    return text
-
-
-def _cell_text_tex(table: Table, row: str, method: str, metric: str, mark_random: bool) -> str:
-    cell = table.cell(row, method, metric)
-    if cell.state == FAILED:
-        return "---" + FAILED_MARK_TEX
-    if cell.state != "ok":
-        return "---"
-    text = format_value(cell.value, metric) + (r"$^{*}$" if mark_random and cell.random else "")
-    if cell.rank == 1:
-        return rf"\textbf{{{text}}}"
-    if cell.rank == 2:
-        return rf"\underline{{{text}}}"
-    return text
+    """One pass, so that the braces of one replacement are not escaped by the next."""
+    return re.sub(r"[\\_%&#$}{~^]", lambda m: _TEX_SPECIALS[m.group()], text)
 
 
 def latex_table(table: Table, caption: str, label_id: str, mark_random: bool) -> str:
@@ -66,7 +60,7 @@ def latex_table(table: Table, caption: str, label_id: str, mark_random: bool) ->
     for row in table.rows:
         if row == "Average":
             lines.append(r"\midrule")
-        cells = [_cell_text_tex(table, row, m, k, mark_random) for m in table.methods for k in table.metrics]
+        cells = [_cell_text(table, row, m, k, mark_random, LATEX) for m in table.methods for k in table.metrics]
         lines.append(" & ".join([tex_escape(row)] + cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
     return "\n".join(lines)

@@ -50,8 +50,8 @@ def execute_job(job_dict: dict, folder: str, deps: dict[str, str], common: dict)
     status = {"key": job.key, "kind": job.kind, "label": job.label, "host": platform.node(), "pid": os.getpid(),
               "node": _ray_node(), "started": started}
     try:
-        # BLAS threads too: scipy's sqrtm (FID) rounds differently with another thread count, and the serial and
-        # Ray executors must give identical numbers
+        # BLAS threads too: numpy/scipy linear algebra (FID) rounds differently with another thread count, and the
+        # serial and Ray executors must give identical numbers
         with threadpool_limits(limits=job_threads):
             records = JOB_KINDS[job.kind](job, JobContext(path, {k: Path(v) for k, v in deps.items()},
                                                           _PROCESS_CACHE)) or []
@@ -121,9 +121,6 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-Submit = Callable[[Job, dict[str, str]], dict]
 
 
 class Scheduler:

@@ -47,6 +47,8 @@ def generation_jobs(plan) -> list[Job]:
     score_params = {"metrics": list(suite.metrics), "ic_lpips": suite.ic_lpips, "profile": profile.name,
                     "resolution": profile.resolution, "weights": dict(suite.weights),
                     "weights_used": _score_weights(suite, needed)}
+    method_hashes = {spec.method: method_hash(infos[spec.method].directory) for spec in suite.methods}
+    configs = {spec.label: infos[spec.method].config(profile, spec.config) for spec in suite.methods}
     jobs = []
     for dataset in plan.datasets:
         for category in dataset.categories:
@@ -56,7 +58,6 @@ def generation_jobs(plan) -> list[Job]:
                         info = infos[spec.method]
                         requires = "caption" in info.cls.needs
                         source = _source(dataset, category, split, requires)
-                        config = info.config(profile, spec.config)
                         groups = ([category.defect_types] if info.cls.granularity == "category"
                                   else [[d] for d in category.defect_types])
                         for defects in groups:
@@ -64,9 +65,9 @@ def generation_jobs(plan) -> list[Job]:
                                     "method_name": spec.method, "fold": split.fold, "seed": seed,
                                     "protocol": split.protocol, "split_hash": split.manifest_hash}
                             where = f"{dataset.spec.name}/{category.name}"
-                            fit = make_job("fit", f"fit {spec.label} {where}/{'+'.join(defects) if len(defects) == 1 else '*'} f{split.fold} s{seed}",
-                                           {**source, "method": spec.method, "config": config,
-                                            "method_hash": method_hash(info.directory), "profile": profile.name,
+                            fit = make_job("fit", f"fit {spec.label} {where}/{defects[0] if len(defects) == 1 else '*'} f{split.fold} s{seed}",
+                                           {**source, "method": spec.method, "config": configs[spec.label],
+                                            "method_hash": method_hashes[spec.method], "profile": profile.name,
                                             "resolution": profile.resolution, "defect_types": defects, "seed": seed},
                                            resources=dict(info.cls.resources), tags=tags)
                             jobs.append(fit)

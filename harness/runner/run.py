@@ -86,8 +86,8 @@ def run_suite(suite: Suite, executor: str | None = None, address: str | None = N
     store = RunStore(runs_root(results), suite.name, run_id_for(suite))
     if fresh and store.run_dir.exists():
         shutil.rmtree(store.run_dir)
-    finished = {} if fresh else store.finished()
-    finished = {k: v for k, v in finished.items() if k in plan.by_key()}
+    planned = plan.by_key()
+    finished = {} if fresh else {k: v for k, v in store.finished().items() if k in planned}
     manifest = {
         "suite": suite.name, "run_id": store.run_id, "config": resolved_config(suite),
         "code": code_version(), "host": platform.node(), "python": sys.version.split()[0],

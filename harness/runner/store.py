@@ -19,10 +19,13 @@ RECORDS_FILE = "records.jsonl"
 DONE, FAILED = "done", "failed"
 
 
+def results_root(results: Path | None = None) -> Path:
+    """results/, or a --results folder, or $DEFECTBENCH_RESULTS."""
+    return Path(results or os.environ.get("DEFECTBENCH_RESULTS") or RESULTS_DIR)
+
+
 def runs_root(results: Path | None = None) -> Path:
-    """results/runs, or <results>/runs (a --results folder or $DEFECTBENCH_RESULTS)."""
-    base = results or os.environ.get("DEFECTBENCH_RESULTS") or RESULTS_DIR
-    return Path(base) / "runs"
+    return results_root(results) / "runs"
 
 
 def read_status(folder: Path) -> dict | None:
