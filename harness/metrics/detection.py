@@ -1,0 +1,188 @@
+"""Detection and localisation metrics: image / pixel AUROC, AP, F1-max, AUPRO, classification accuracy.
+
+Everything is exact (no score binning): a curve has one point per distinct score. Scores and labels may be
+large (every pixel of every test image), so the curves are computed from one stable sort in NumPy.
+
+- AUROC: trapezoidal area under the ROC curve through (0, 0) (as scikit-learn's `roc_auc_score`).
+- AP: step-wise average precision, sum over thresholds of (R_k - R_{k-1}) P_k (as `average_precision_score`).
+- F1-max: the largest F1 over every threshold of the precision-recall curve.
+- F1-max compat: the published pixel F1-max of AnomalyDiffusion / DualAnoDiff, the largest F1 over the 21
+  thresholds 0, 0.05, ..., 1 applied to maps scaled to [0, 1] by the test set's min and max.
+- AUPRO: the per-region overlap (mean over connected ground-truth regions, 8-connectivity, of the fraction of the
+  region above the threshold) against the false positive rate on normal pixels, integrated up to FPR 0.3 and
+  divided by 0.3 (Bergmann et al., MVTec AD). Exact: every pixel of a region adds 1 / (|region| x #regions) to
+  the overlap once the threshold passes it, every normal pixel adds 1 / #normal to the FPR.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
+PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+COMPAT_METRICS = ("pixel_f1max_compat",)
+CLASSIFICATION_METRICS = ("accuracy", "class_accuracy")
+COMPAT_THRESHOLDS = np.round(np.arange(21) * 0.05, 2)
+AUPRO_FPR_LIMIT = 0.3
+
+DIRECTION = {m: "up" for m in (*IMAGE_METRICS, *PIXEL_METRICS, *COMPAT_METRICS, *CLASSIFICATION_METRICS)}
+LABELS = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max", "pixel_auroc": "P-AUROC",
+          "pixel_ap": "P-AP", "pixel_f1max": "P-F1max", "pixel_aupro": "AUPRO", "pixel_f1max_compat": "P-F1max(21)",
+          "accuracy": "Acc", "class_accuracy": "Acc"}
+
+
+def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).astype(bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels ({labels.size}) and scores ({scores.size}) differ in size")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values")
+    if labels.all() or not labels.any():
+        raise ValueError("labels hold only one class; AUROC, AP and F1 need both normal and anomalous samples")
+    return labels, scores
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Cumulative true / false positives at each distinct score, highest score first."""
+
+    tps: np.ndarray
+    fps: np.ndarray
+    thresholds: np.ndarray
+
+    @property
+    def positives(self) -> int:
+        return int(self.tps[-1])
+
+    @property
+    def negatives(self) -> int:
+        return int(self.fps[-1])
+
+
+def curve(labels: np.ndarray, scores: np.ndarray) -> Curve:
+    labels, scores = _check(labels, scores)
+    order = np.argsort(-scores, kind="stable")
+    scores, labels = scores[order], labels[order]
+    last_of_value = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    tps = np.cumsum(labels, dtype=np.int64)[last_of_value]
+    fps = (last_of_value + 1) - tps
+    return Curve(tps, fps, scores[last_of_value])
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    c = curve(labels, scores)
+    tpr = np.r_[0.0, c.tps / c.positives]
+    fpr = np.r_[0.0, c.fps / c.negatives]
+    return float(np.trapezoid(tpr, fpr))
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    c = curve(labels, scores)
+    precision = c.tps / (c.tps + c.fps)
+    recall = c.tps / c.positives
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    c = curve(labels, scores)
+    precision = c.tps / (c.tps + c.fps)
+    recall = c.tps / c.positives
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+    return float(f1.max())
+
+
+def f1_max_compat(labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarray = COMPAT_THRESHOLDS) -> float:
+    """F1-max over fixed thresholds on min-max scaled scores (the published pixel F1-max)."""
+    labels, scores = _check(labels, scores)
+    low, high = scores.min(), scores.max()
+    scaled = (scores - low) / (high - low) if high > low else np.zeros_like(scores)
+    best = 0.0
+    positives = labels.sum()
+    for t in thresholds:
+        predicted = scaled >= t
+        tp = np.count_nonzero(predicted & labels)
+        n_predicted = np.count_nonzero(predicted)
+        if tp:
+            precision, recall = tp / n_predicted, tp / positives
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return float(best)
+
+
+def region_labels(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected ground-truth regions (8-connectivity), numbered across all images: (labels, count)."""
+    out = np.zeros(masks.shape, dtype=np.int64)
+    count = 0
+    structure = np.ones((3, 3), dtype=bool)
+    for i, mask in enumerate(masks):
+        labelled, n = ndimage.label(mask, structure=structure)
+        out[i] = np.where(labelled > 0, labelled + count, 0)
+        count += n
+    return out, count
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
+    """Normalised area under the PRO curve up to `fpr_limit`. masks: (N, H, W) bool; maps: (N, H, W) scores."""
+    masks = np.asarray(masks).astype(bool)
+    maps = np.asarray(maps, dtype=np.float64)
+    if masks.shape != maps.shape or masks.ndim != 3:
+        raise ValueError(f"masks {masks.shape} and maps {maps.shape} must both be (N, H, W)")
+    _check(masks, maps)
+    regions, n_regions = region_labels(masks)
+    sizes = np.bincount(regions.ravel(), minlength=n_regions + 1).astype(np.float64)
+    flat_regions = regions.ravel()
+    weights = np.where(flat_regions > 0, 1.0 / (sizes[flat_regions] * n_regions), 0.0)
+    normal = ~masks.ravel()
+    scores = maps.ravel()
+    order = np.argsort(-scores, kind="stable")
+    scores = scores[order]
+    last_of_value = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    pro = np.r_[0.0, np.cumsum(weights[order])[last_of_value]]
+    fpr = np.r_[0.0, np.cumsum(normal[order])[last_of_value] / normal.sum()]
+    return _partial_area(fpr, pro, fpr_limit) / fpr_limit
+
+
+def _partial_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
+    """Trapezoidal area under y(x) for x in [0, limit], interpolating y linearly at the limit."""
+    inside = x <= limit
+    xs, ys = x[inside], y[inside]
+    if xs[-1] < limit and inside.sum() < x.size:
+        j = int(np.argmax(~inside))  # first point beyond the limit
+        y_limit = y[j - 1] + (y[j] - y[j - 1]) * (limit - x[j - 1]) / (x[j] - x[j - 1])
+        xs, ys = np.r_[xs, limit], np.r_[ys, y_limit]
+    return float(np.trapezoid(ys, xs))
+
+
+def image_scores_from_maps(maps: np.ndarray, kernel: int = 21) -> np.ndarray:
+    """Image score = max of the kernel x kernel average-pooled map (DRAEM's rule, used by the published protocol)."""
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.as_tensor(np.asarray(maps, dtype=np.float32))[:, None]
+    pooled = F.avg_pool2d(tensor, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    return pooled.amax(dim=(1, 2, 3)).numpy().astype(np.float64)
+
+
+def detection_metrics(image_labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray,
+                      maps: np.ndarray, compat: bool = True) -> dict[str, float]:
+    """Every image- and pixel-level metric of one test set (masks, maps: (N, H, W))."""
+    out = {"image_auroc": auroc(image_labels, image_scores), "image_ap": average_precision(image_labels, image_scores),
+           "image_f1max": f1_max(image_labels, image_scores)}
+    out.update({"pixel_auroc": auroc(masks, maps), "pixel_ap": average_precision(masks, maps),
+                "pixel_f1max": f1_max(masks, maps), "pixel_aupro": aupro(masks, maps)})
+    if compat:
+        out["pixel_f1max_compat"] = f1_max_compat(masks, maps)
+    return out
+
+
+def accuracy(true: list[str] | np.ndarray, predicted: list[str] | np.ndarray) -> tuple[float, dict[str, float]]:
+    """Accuracy over the whole set, and per true class."""
+    true, predicted = np.asarray(true), np.asarray(predicted)
+    if true.shape != predicted.shape or true.size == 0:
+        raise ValueError(f"need as many predictions as labels, and at least one (got {predicted.size}, {true.size})")
+    correct = true == predicted
+    per_class = {str(c): float(correct[true == c].mean()) for c in sorted(set(true.tolist()))}
+    return float(correct.mean()), per_class
