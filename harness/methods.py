@@ -139,17 +139,18 @@ class MethodInfo:
     def config(self, profile: str | Profile, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """defaults <- profiles[profile] <- overrides; an override key absent from the defaults is an error."""
         profile = get_profile(profile)
-        config = _merge(copy.deepcopy(self.defaults), self.profiles.get(profile.name, {}), f"{self.name}.yaml")
-        return _merge(config, overrides or {}, f"overrides for method {self.name!r}")
+        config = merge_config(copy.deepcopy(self.defaults), self.profiles.get(profile.name, {}), f"{self.name}.yaml")
+        return merge_config(config, overrides or {}, f"overrides for method {self.name!r}")
 
 
-def _merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:
+def merge_config(base: dict, update: dict, where: str, prefix: str = "") -> dict:
+    """`update` merged into `base` (nested); a key that `base` does not have is a ConfigError."""
     for key, value in update.items():
         if key not in base:
             known = ", ".join(sorted(base)) or "(none)"
             raise ConfigError(f"{where}: unknown key {prefix + key!r}; known keys: {known}")
         if isinstance(base[key], dict) and isinstance(value, dict):
-            base[key] = _merge(base[key], value, where, prefix + key + ".")
+            base[key] = merge_config(base[key], value, where, prefix + key + ".")
         else:
             base[key] = copy.deepcopy(value)
     return base

@@ -15,15 +15,22 @@ import yaml
 from harness.data.splits import COMPAT_PROTOCOLS
 from harness.errors import ConfigError
 from harness.io import atomic_write_text
+from harness.downstream.data import ALL
+from harness.downstream.detectors import DETECTORS
+from harness.metrics import detection
 from harness.metrics.score import LABELS
 from harness.paths import RESULTS_DIR
 from harness.report.figures import bar_chart, sample_grid
-from harness.report.render import latex_document, latex_table, markdown_table, tex_escape
+from harness.report.render import (latex_document, latex_method_rows, latex_table, markdown_method_rows,
+                                   markdown_table, tex_escape)
 from harness.report.tables import Table, build_table
 from harness.results import job_folder, run_records, run_states
 from harness.runner.store import RunStore, latest_run, results_root
 
 GENERATION_KINDS = ("fit", "generate", "score")
+DETECTION_METRICS = (*detection.IMAGE_METRICS, *detection.PIXEL_METRICS)
+LOCO_KINDS = (("logical_anomalies", "logical anomalies"), ("structural_anomalies", "structural anomalies"))
+TEST_SELECTED = " †"  # appended to a method whose U-Net was selected on the test part
 TABLE_GROUPS = (
     ("quality", "Generation quality: IS and IC-LPIPS", ("is", "ic_lpips"),
      "in the shape of DualAnoDiff Table 1 and AnomalyDiffusion Table 1"),
@@ -100,11 +107,113 @@ def render_leaderboard(suite: str, results: Path | None = None, out_dir: Path | 
             tex.append(latex_table(table, tex_escape(f"{title} ({name}). ") + tex_escape(caption.replace("`", "")) + "." +
                                    ("" if not notes else " " + tex_escape(" ".join(notes))),
                                    f"tab:{suite}-{name}-{key}", mark_random))
+        down_md, down_tex = _downstream_tables(frame, states, manifest, store, dataset, categories, methods, caption,
+                                               suite)
+        md += down_md
+        tex += down_tex
         md += _figures(records, frame, states, store, name, methods, config, figures_dir, out_dir)
     md_path, tex_path = out_dir / f"{suite}.md", out_dir / f"{suite}.tex"
     atomic_write_text(md_path, "\n".join(md).rstrip() + "\n")
     atomic_write_text(tex_path, latex_document(tex))
     return md_path, tex_path
+
+
+def _failed(states: dict, dataset: str, kinds: tuple[str, ...]) -> set[tuple[str, str]]:
+    return {(s["job"]["tags"].get("category"), s["job"]["tags"].get("method")) for s in states.values()
+            if s["job"]["kind"] in kinds and s["state"] != "done" and s["job"]["tags"].get("dataset") == dataset}
+
+
+def _downstream_tables(frame: pd.DataFrame, states: dict, manifest: dict, store: RunStore, dataset: dict,
+                       categories: list[str], methods: list[str], caption: str, suite: str) -> tuple[list[str], list[str]]:
+    """Detection (Cho et al. Table 2), per-category pixel AUROC / AP (DualAnoDiff Table 4) and classification
+    accuracy (DualAnoDiff Table 3); MVTec LOCO-style categories also get logical and structural tables."""
+    config = manifest["config"]
+    if not config.get("downstream") and not config.get("detectors"):
+        return [], []
+    name = dataset["name"]
+    frame = _mark_test_selection(frame)
+    synthetic = _synthetic_labels(frame, methods)
+    detectors = [DETECTORS[d["name"]].label for d in config.get("detectors", [])]
+    failed = _failed(states, name, ("segment", "detect"))
+    failed = {(c, m + TEST_SELECTED if (c, m + TEST_SELECTED) in _pairs(frame) else m) for c, m in failed}
+    md, tex = [], []
+    scopes = [(ALL, "all defect types", categories)]
+    loco = [c for c in categories if _is_loco(frame, c)]
+    scopes += [(kind, title, loco) for kind, title in LOCO_KINDS if loco]
+    for defect_type, scope, cats in scopes:
+        subset = frame[frame["defect_type"] == defect_type] if not frame.empty else frame
+        table = build_table("Detection", subset, failed, list(DETECTION_METRICS), [*detectors, *synthetic], cats)
+        if not any(c.state == "ok" for c in table.cells.values()):
+            continue
+        groups = [(g, m) for g, m in (("Unsupervised (anomalib, normal images only)", detectors),
+                                       ("Synthetic-based (U-Net trained on generated defects)", synthetic)) if m]
+        notes = _downstream_notes(table, frame, store) + [f"Mean over {len(cats)} categor{'y' if len(cats) == 1 else 'ies'} ({scope})."]
+        title = f"Detection and localisation ({scope})"
+        md += [f"### {title}", "_in the shape of Cho et al. Table 2; image- and pixel-level, in %._", "",
+               markdown_method_rows(table, groups, _mark(table)), ""] + [f"- {n}" for n in notes] + [""]
+        tex.append(latex_method_rows(table, groups, tex_escape(f"{title} ({name}). {caption.replace('`', '')}. "
+                                                               + " ".join(notes)),
+                                     f"tab:{suite}-{name}-detection-{defect_type}", _mark(table)))
+    per_category = [("pixel", "Localisation per category: pixel AUROC and AP", ("pixel_auroc", "pixel_ap"),
+                     "in the shape of DualAnoDiff Table 4", failed, ALL),
+                    ("classification", "Defect classification accuracy (ResNet-34 on generated images)",
+                     ("accuracy",), "in the shape of DualAnoDiff Table 3", _failed(states, name, ("classify",)), ALL)]
+    for key, title, metrics, shape, bad, defect_type in per_category:
+        subset = frame[frame["defect_type"] == defect_type] if not frame.empty else frame
+        table = build_table(title, subset, bad, list(metrics), synthetic, categories)
+        if not any(c.state == "ok" for c in table.cells.values()):
+            continue
+        notes = _downstream_notes(table, frame, store)
+        md += [f"### {title}", f"_{shape}, in %._", "", markdown_table(table, _mark(table)), ""] + \
+              [f"- {n}" for n in notes] + [""]
+        tex.append(latex_table(table, tex_escape(f"{title} ({name}). {caption.replace('`', '')}. " + " ".join(notes)),
+                               f"tab:{suite}-{name}-{key}", _mark(table)))
+    return md, tex
+
+
+def _mark_test_selection(frame: pd.DataFrame) -> pd.DataFrame:
+    if frame.empty or "selection" not in frame:
+        return frame
+    frame = frame.copy()
+    chosen_on_test = frame["selection"] == "test"
+    frame.loc[chosen_on_test, "method"] = frame.loc[chosen_on_test, "method"] + TEST_SELECTED
+    return frame
+
+
+def _synthetic_labels(frame: pd.DataFrame, methods: list[str]) -> list[str]:
+    present = set(frame["method"]) if not frame.empty else set()
+    return [m + TEST_SELECTED if m + TEST_SELECTED in present and m not in present else m for m in methods]
+
+
+def _pairs(frame: pd.DataFrame) -> set[tuple[str, str]]:
+    return set(zip(frame["category"], frame["method"])) if not frame.empty else set()
+
+
+def _is_loco(frame: pd.DataFrame, category: str) -> bool:
+    if frame.empty:
+        return False
+    types = set(frame.loc[frame["category"] == category, "defect_type"].dropna())
+    return {k for k, _ in LOCO_KINDS} <= types
+
+
+def _mark(table: Table) -> bool:
+    return any(c.random for c in table.cells.values()) and not _all_random(table)
+
+
+def _downstream_notes(table: Table, frame: pd.DataFrame, store: RunStore) -> list[str]:
+    notes = list(table.notes)
+    if _all_random(table):
+        notes.append("Every backbone here started from random weights (no ImageNet weights on this machine): compare "
+                     "rows with each other, not with published numbers.")
+    elif any(c.random for c in table.cells.values()):
+        notes.append("\\* a backbone started from random weights (no ImageNet weights on this machine).")
+    if any(m.endswith(TEST_SELECTED) for m in table.methods):
+        notes.append("† U-Net checkpoint selected on the test part (`select_on: test`), the published practice: "
+                     "optimistic, not comparable with rows selected on the validation part.")
+    if any(c.state == "failed" for c in table.cells.values()):
+        notes.append("—<sup>f</sup>: a job failed; its traceback is in the job's status.json under "
+                     f"{store.run_dir / 'jobs'}.")
+    return notes
 
 
 def _caption(manifest: dict) -> str:

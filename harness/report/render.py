@@ -66,6 +66,42 @@ def latex_table(table: Table, caption: str, label_id: str, mark_random: bool) ->
     return "\n".join(lines)
 
 
+def markdown_method_rows(table: Table, groups: list[tuple[str, list[str]]], mark_random: bool,
+                         row: str = "Average") -> str:
+    """The averages of `table` with methods as rows, in groups (Cho et al. Table 2's shape): one column per metric,
+    and how many categories went into each average."""
+    header = ["Method"] + [f"{label(k)}{arrow(k)}" for k in table.metrics] + ["#cat"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * (len(header) - 1)) + "|"]
+    for title, methods in groups:
+        lines.append(f"| _{title}_ |" + " |" * (len(header) - 1))
+        for method in methods:
+            cells = [_cell_text(table, row, method, k, mark_random, MARKDOWN) for k in table.metrics]
+            lines.append("| " + " | ".join([method, *cells, str(_categories_in(table, row, method))]) + " |")
+    return "\n".join(lines)
+
+
+def latex_method_rows(table: Table, groups: list[tuple[str, list[str]]], caption: str, label_id: str,
+                      mark_random: bool, row: str = "Average") -> str:
+    metric_header = " & ".join(f"{tex_escape(label(m))}{arrow(m, latex=True)}" for m in table.metrics)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{caption}}}", rf"\label{{{label_id}}}",
+             r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
+             rf"\begin{{tabular}}{{l{'c' * len(table.metrics)}c}}", r"\toprule",
+             f"Method & {metric_header} & \\#cat \\\\", r"\midrule"]
+    for i, (title, methods) in enumerate(groups):
+        if i:
+            lines.append(r"\midrule")
+        lines.append(rf"\multicolumn{{{len(table.metrics) + 2}}}{{l}}{{\textit{{{tex_escape(title)}}}}} \\")
+        for method in methods:
+            cells = [_cell_text(table, row, method, k, mark_random, LATEX) for k in table.metrics]
+            lines.append(" & ".join([tex_escape(method), *cells, str(_categories_in(table, row, method))]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
+    return "\n".join(lines)
+
+
+def _categories_in(table: Table, row: str, method: str) -> int:
+    return max((table.cell(row, method, k).count for k in table.metrics), default=0)
+
+
 def latex_document(body: list[str]) -> str:
     preamble = [r"\documentclass{article}", r"\usepackage[margin=1.5cm,landscape]{geometry}", r"\usepackage{booktabs}",
                 r"\usepackage{graphicx}", r"\begin{document}"]

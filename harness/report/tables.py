@@ -3,7 +3,7 @@
 A cell is the mean over defect types (and folds and seeds) of one category; the Average row is the mean of the
 category rows that exist, with how many went in (a published average was once wrong because a row was
 missing). In each row, per metric, the best method is bold and the second best underlined (direction from
-`harness.metrics.score.DIRECTION`), judged on the values as displayed, so ties share a mark; numbers reported
+`DIRECTION`), judged on the values as displayed, so ties share a mark; numbers reported
 by papers are shown but not ranked. Missing cells are '—'; cells whose job failed are '—' marked as failed.
 """
 from __future__ import annotations
@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from harness.metrics.score import DIRECTION, LABELS
+from harness.metrics import detection
+from harness.metrics.score import DIRECTION as GENERATION_DIRECTION
+from harness.metrics.score import LABELS as GENERATION_LABELS
+
+DIRECTION = {**GENERATION_DIRECTION, **detection.DIRECTION}
+LABELS = {**GENERATION_LABELS, **detection.LABELS}
+PERCENT = frozenset(detection.DIRECTION)  # detection metrics print as percentages, as the papers print them
 
 MISSING, FAILED = "missing", "failed"
 
@@ -48,7 +54,7 @@ def build_table(title: str, records: pd.DataFrame, failed: set[tuple[str, str]],
     with a failed job. `reported`: optional rows (category, method, metric, value) from papers, shown as extra
     methods labelled '<method> (reported)'."""
     cells: dict[tuple[str, str, str], Cell] = {}
-    subset = records[records["metric"].isin(metrics)] if not records.empty else records
+    subset = records[records["metric"].isin(metrics) & records["method"].isin(methods)] if not records.empty else records
     for (category, method, metric), group in (subset.groupby(["category", "method", "metric"]) if not subset.empty else []):
         values = [v for v in group["value"] if v is not None and not math.isnan(v)]
         if values:
@@ -123,6 +129,8 @@ def label(metric: str) -> str:
 
 
 def format_value(value: float, metric: str) -> str:
+    if metric in PERCENT:
+        return f"{100 * value:.1f}"
     if metric in ("bg_psnr", "fid"):
         return f"{value:.2f}"
     if metric == "kid":

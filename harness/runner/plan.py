@@ -65,7 +65,8 @@ def _check_layout(spec: DatasetSpec, category: Category, suite: Suite) -> None:
 
 
 def expand(plan: Plan) -> list[Job]:
-    """Every registered expander's jobs, de-duplicated by key, in dependency order."""
+    """Every registered expander's jobs, de-duplicated by key, in dependency order. An expander sees the jobs of
+    the expanders before it in plan.jobs (downstream jobs depend on generate jobs)."""
     from harness.runner.registry import load_job_kinds
 
     load_job_kinds()
@@ -74,6 +75,7 @@ def expand(plan: Plan) -> list[Job]:
     for make in EXPANDERS:
         for job in make(plan):
             jobs.setdefault(job.key, job)
+        plan.jobs = list(jobs.values())
     missing = {dep for job in jobs.values() for dep in job.deps if dep not in jobs}
     if missing:
         raise ValueError(f"jobs depend on keys no expander made: {sorted(missing)[:3]}")

@@ -6,6 +6,7 @@ import importlib
 
 JOB_MODULES = (
     "harness.runner.generation_jobs",  # fit -> generate -> score
+    "harness.runner.downstream_jobs",  # generate -> segment, classify; detect
 )
 
 

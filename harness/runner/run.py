@@ -113,6 +113,22 @@ def run_suite(suite: Suite, executor: str | None = None, address: str | None = N
     return RunResult(store, plan, dict(scheduler.state))
 
 
+def _downstream_summary(frame) -> list[str]:
+    """Downstream models and detectors over the whole test part, in %."""
+    from harness.downstream.data import ALL
+    from harness.metrics.detection import LABELS
+
+    metrics = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro", "accuracy"]
+    rows = frame[frame["metric"].isin(metrics) & (frame["defect_type"] == ALL)]
+    if rows.empty:
+        return []
+    table = (100 * rows.pivot_table(index=["category", "method"], columns="metric", values="value", aggfunc="mean"))
+    table = table[[m for m in metrics if m in table.columns]].rename(columns=LABELS).reset_index()
+    return ["Downstream (segmentation U-Net / classifier on generated images) and detectors, whole test part, %:\n"
+            + tabulate(table, headers="keys", floatfmt=".1f", tablefmt="simple", showindex=False,
+                     missingval="—")]
+
+
 def summary(result: RunResult) -> str:
     """A table per method and category: the headline metrics (mean over defect types) and job failures."""
     from harness.metrics.score import LABELS, METRICS
@@ -127,6 +143,7 @@ def summary(result: RunResult) -> str:
         table = table[[m for m in metrics if m in table.columns]].rename(columns=LABELS).reset_index()
         lines.append("Mean over defect types:\n" + tabulate(table, headers="keys", floatfmt="#.4g", tablefmt="simple",
                                                            showindex=False))
+        lines += _downstream_summary(frame)
     failed = [k for k, s in result.states.items() if s == FAILED]
     skipped = [k for k, s in result.states.items() if s == "skipped"]
     by_key = result.plan.by_key()

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from harness.data.splits import PROTOCOLS
+from harness.downstream.config import parse_models
 from harness.errors import ConfigError
 from harness.metrics.iclpips import PRESETS
 from harness.metrics.score import METRICS
@@ -70,8 +71,8 @@ class Suite:
     metrics: tuple[str, ...] = METRICS
     ic_lpips: str = "ic_lpips"
     seeds: tuple[int, ...] = (0,)
-    downstream: tuple[dict, ...] = ()
-    detectors: tuple[dict, ...] = ()
+    downstream: tuple[dict, ...] = ()  # {name: segmentation | classification, config: {...}}
+    detectors: tuple[dict, ...] = ()  # {name: patchcore | ..., config: {...}}
     executor: ExecutorSpec = ExecutorSpec()
     weights: dict = field(default_factory=dict)
     description: str = ""
@@ -124,8 +125,8 @@ def parse_suite(raw: dict, path: Path | None, data: str | Path | None = None, ch
         methods=tuple(_methods(raw.get("methods"), where, check_methods, profile)),
         protocol=protocol, profile=profile, n_per_defect=n, metrics=metrics,
         ic_lpips=_choice(raw.get("ic_lpips", "ic_lpips"), tuple(PRESETS), where, "ic_lpips"),
-        seeds=seeds, downstream=tuple(_list(raw.get("downstream", []), where, "downstream")),
-        detectors=tuple(_list(raw.get("detectors", []), where, "detectors")),
+        seeds=seeds, downstream=parse_models(raw.get("downstream"), where, "downstream", profile),
+        detectors=parse_models(raw.get("detectors"), where, "detectors", profile),
         executor=_executor(raw.get("executor") or {}, where), weights=dict(raw.get("weights") or {}),
     )
 

@@ -1,0 +1,72 @@
+"""Settings of downstream models and detectors (harness/downstream/models.yaml), per profile."""
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.errors import ConfigError
+from harness.methods import merge_config
+from harness.profiles import Profile, get_profile
+
+MODELS_FILE = Path(__file__).with_name("models.yaml")
+DOWNSTREAM_MODELS = ("segmentation", "classification")
+# Model selection of the segmentation U-Net: held-out generated + normal images, the test part (the published
+# practice, marked in every table), or the last epoch.
+SELECTIONS = ("validation", "test", "last")
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict:
+    return yaml.safe_load(MODELS_FILE.read_text(encoding="utf-8"))
+
+
+def detector_names() -> tuple[str, ...]:
+    return tuple(_table()["detectors"])
+
+
+def model_config(name: str, profile: str | Profile, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings of a downstream model ('segmentation', 'classification') or a detector ('patchcore', ...)."""
+    table = _table()
+    entry = table.get(name) if name in DOWNSTREAM_MODELS else table["detectors"].get(name)
+    if entry is None:
+        known = ", ".join([*DOWNSTREAM_MODELS, *table["detectors"]])
+        raise ConfigError(f"unknown downstream model or detector {name!r}; known: {known}")
+    profile = get_profile(profile)
+    config = merge_config(copy.deepcopy(entry["all"]), entry.get(profile.name) or {}, f"{MODELS_FILE} ({name})")
+    return merge_config(config, overrides or {}, f"settings of {name!r}")
+
+
+def parse_models(value, where: str, key: str, profile: str) -> tuple[dict, ...]:
+    """A suite's `downstream:` or `detectors:` list: names or {name: ..., config: {...}}; 'all' for detectors."""
+    allowed = DOWNSTREAM_MODELS if key == "downstream" else detector_names()
+    if value in (None, []):
+        return ()
+    if value == "all":
+        value = list(allowed)
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: '{key}' must be a list (or 'all' for detectors), not {type(value).__name__}")
+    out, seen = [], set()
+    for i, item in enumerate(value):
+        item = {"name": item} if isinstance(item, str) else item
+        if not isinstance(item, dict) or set(item) - {"name", "config"}:
+            raise ConfigError(f"{where}: {key}[{i}] must be a name or a mapping with 'name' and 'config'")
+        name = item.get("name")
+        if name not in allowed:
+            raise ConfigError(f"{where}: {key}[{i}]: unknown {key[:-1] if key == 'detectors' else 'downstream model'} "
+                              f"{name!r}; known: {', '.join(allowed)}")
+        if name in seen:
+            raise ConfigError(f"{where}: {key}[{i}]: {name!r} is listed twice")
+        seen.add(name)
+        try:
+            config = model_config(name, profile, item.get("config") or {})
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {key}[{i}].config: {err}") from None
+        if config.get("select_on", "validation") not in SELECTIONS:
+            raise ConfigError(f"{where}: {key}[{i}].config.select_on: {config['select_on']!r}; choose from "
+                              f"{', '.join(SELECTIONS)}")
+        out.append({"name": name, "config": dict(item.get("config") or {})})
+    return tuple(out)

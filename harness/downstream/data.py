@@ -1,0 +1,129 @@
+"""The data every downstream model and detector shares: the real test part of a category, the generated
+samples of every defect type (with a held-out validation part), and the scoring of anomaly maps into records.
+
+The test part is the same for every row of a table: the real test images of every defect type of the split,
+plus the category's normal test images. Nothing here reads a method's training part.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from harness.data.model import GOOD, Sample
+from harness.data.splits import Split
+from harness.errors import DataError
+from harness.data.images import read_image, read_mask
+from harness.generation import read_samples
+from harness.io import atomic_write_bytes
+from harness.metrics import detection
+
+ALL = "all"  # the defect_type of a record computed over the whole test part
+
+
+@dataclass
+class ImageSet:
+    """Images (N, H, W, 3) uint8, masks (N, H, W) bool, and the defect type of each ('good' for normals)."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    defect_types: list[str]
+    names: list[str]  # sample keys or file paths, for traceability
+
+    def __len__(self) -> int:
+        return len(self.defect_types)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([d != GOOD for d in self.defect_types])
+
+    def subset(self, index: np.ndarray | list[int]) -> "ImageSet":
+        index = np.asarray(index, dtype=np.int64)
+        return ImageSet(self.images[index], self.masks[index], [self.defect_types[i] for i in index],
+                        [self.names[i] for i in index])
+
+    @classmethod
+    def concat(cls, parts: list["ImageSet"]) -> "ImageSet":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            raise ValueError("no images to concatenate")
+        return cls(np.concatenate([p.images for p in parts]), np.concatenate([p.masks for p in parts]),
+                   [d for p in parts for d in p.defect_types], [n for p in parts for n in p.names])
+
+
+def from_samples(samples: list[Sample], resolution: int) -> ImageSet:
+    if not samples:
+        return ImageSet(np.zeros((0, resolution, resolution, 3), np.uint8), np.zeros((0, resolution, resolution), bool),
+                        [], [])
+    images = np.stack([s.load_image(resolution) for s in samples])
+    masks = np.stack([s.load_mask(resolution) for s in samples])
+    return ImageSet(images, masks, [s.defect_type for s in samples], [s.key for s in samples])
+
+
+def test_set(split: Split, resolution: int) -> ImageSet:
+    """The real test part: every defect type's test images, then the normal test images."""
+    defects = [s for d in sorted(split.defects) for s in split.defects[d].test]
+    return from_samples([*defects, *split.normal_test], resolution)
+
+
+def normal_set(split: Split, part: str, resolution: int) -> ImageSet:
+    samples = {"train": split.normal_train, "validation": split.normal_validation}[part]
+    return from_samples(samples, resolution)
+
+
+def generated_set(folders: dict[str, Path], resolution: int) -> ImageSet:
+    """Generated samples of each defect type, from generate jobs' sample folders (samples.jsonl)."""
+    parts = []
+    for defect in sorted(folders):
+        rows = read_samples(folders[defect])
+        if not rows:
+            raise DataError(folders[defect], "no generated samples (samples.jsonl missing or empty)")
+        images = np.stack([read_image(folders[defect] / r["image"], resolution) for r in rows])
+        masks = np.stack([read_mask(folders[defect] / r["mask"], resolution) for r in rows])
+        parts.append(ImageSet(images, masks, [defect] * len(rows), [str(folders[defect] / r["image"]) for r in rows]))
+    return ImageSet.concat(parts)
+
+
+def hold_out(samples: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(train, validation): per defect type, a seeded ceil(fraction * n) of the samples (none when n < 2)."""
+    rng = np.random.default_rng(seed)
+    train, validation = [], []
+    types = np.array(samples.defect_types)
+    for defect in sorted(set(samples.defect_types)):
+        index = np.flatnonzero(types == defect)
+        index = index[rng.permutation(index.size)]
+        k = math.ceil(fraction * index.size) if index.size >= 2 and fraction > 0 else 0
+        validation += sorted(index[:k].tolist())
+        train += sorted(index[k:].tolist())
+    return samples.subset(train), samples.subset(validation)
+
+
+def score_maps(test: ImageSet, maps: np.ndarray, image_scores: np.ndarray, compat: bool = True) -> list[dict]:
+    """Records of every detection metric: over the whole test part ('all') and per defect type (that type's
+    images with every normal test image). A subset holding one class only gets no record."""
+    if maps.shape != test.masks.shape:
+        raise ValueError(f"anomaly maps {maps.shape} do not match the test masks {test.masks.shape}")
+    types = np.array(test.defect_types)
+    groups = {ALL: np.ones(len(test), dtype=bool)}
+    for defect in sorted(set(test.defect_types) - {GOOD}):
+        groups[defect] = (types == defect) | (types == GOOD)
+    records = []
+    for name, keep in groups.items():
+        labels = test.labels[keep]
+        if labels.all() or not labels.any():
+            continue
+        values = detection.detection_metrics(labels, image_scores[keep], test.masks[keep], maps[keep], compat)
+        records += [{"metric": metric, "value": value, "n": int(keep.sum()), "defect_type": name}
+                    for metric, value in values.items()]
+    return records
+
+
+def save_maps(path: Path, test: ImageSet, maps: np.ndarray, image_scores: np.ndarray) -> None:
+    """The anomaly maps (float16) and image scores of a test part, with the names of the images."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, maps=maps.astype(np.float16), image_scores=image_scores,
+                        names=np.array(test.names), defect_types=np.array(test.defect_types))
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,168 @@
+"""Downstream and detector jobs: what the generated defects are worth, against anomalib's detectors.
+
+- `segment` and `classify`, per method x category x fold x seed, depend on the generate jobs of every defect
+  type of the category (the models see every defect type at once, as in the papers).
+- `detect`, per detector x category x fold x seed, needs only the data: it runs beside the generators.
+
+Every job scores the same real test part with harness.metrics.detection and writes one record per metric, over
+the whole test part (defect_type 'all') and per defect type (that type's images plus the normal test images).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from harness import weights
+from harness.downstream import data as ddata
+from harness.downstream.config import model_config
+from harness.downstream.detectors import DETECTORS
+from harness.io import atomic_write_json
+from harness.profiles import get_profile
+from harness.runner.generation_jobs import load_split
+from harness.runner.jobs import Job, JobContext, expander, job_kind, make_job
+
+DOWNSTREAM_KINDS = {"segmentation": "segment", "classification": "classify"}
+DOWNSTREAM_RESOURCES = {"num_cpus": 1, "memory": 3 * 2**30}
+DETECTOR_RESOURCES = {"num_cpus": 1, "memory": 4 * 2**30}
+
+
+def _source(dataset, category, split) -> dict:
+    return {"dataset": dataset.spec.name, "root": str(dataset.root),
+            "captions": str(dataset.spec.captions) if dataset.spec.captions else None,
+            "category": category.name, "protocol": split.protocol, "fold": split.fold,
+            "split_hash": split.manifest_hash, "require_captions": False}
+
+
+def _base_tags(dataset, category, split, seed: int) -> dict:
+    return {"dataset": dataset.spec.name, "category": category.name, "fold": split.fold, "seed": seed,
+            "protocol": split.protocol, "split_hash": split.manifest_hash}
+
+
+def _generate_index(jobs: list[Job]) -> dict[tuple, dict[str, str]]:
+    """(dataset, category, fold, seed, method label) -> {defect type: generate job key}."""
+    index: dict[tuple, dict[str, str]] = {}
+    for job in jobs:
+        if job.kind == "generate":
+            t = job.tags
+            index.setdefault((t["dataset"], t["category"], t["fold"], t["seed"], t["method"]), {})[t["defect_type"]] = job.key
+    return index
+
+
+def _weights_used(name: str | None, suite) -> dict | None:
+    if name is None:
+        return None
+    return weights.resolve(name, suite.profile, suite.weights.get(name)).describe()
+
+
+@expander
+def downstream_jobs(plan) -> list[Job]:
+    suite = plan.suite
+    if not suite.downstream and not suite.detectors:
+        return []
+    profile = get_profile(suite.profile)
+    generated = _generate_index(plan.jobs)
+    jobs = []
+    for dataset in plan.datasets:
+        for category in dataset.categories:
+            for split in plan.splits[(dataset.spec.name, category.name)]:
+                for seed in suite.seeds:
+                    tags = _base_tags(dataset, category, split, seed)
+                    common = {**_source(dataset, category, split), "profile": profile.name,
+                              "resolution": profile.resolution, "seed": seed}
+                    where = f"{dataset.spec.name}/{category.name} f{split.fold} s{seed}"
+                    for entry in suite.downstream:
+                        jobs += _downstream(entry, suite, generated, tags, common, where)
+                    for entry in suite.detectors:
+                        config = model_config(entry["name"], profile, entry.get("config"))
+                        spec = DETECTORS[entry["name"]]
+                        backbone = config.get("backbone")
+                        jobs.append(make_job(
+                            "detect", f"detect {spec.label} {where}",
+                            {**common, "detector": entry["name"], "config": config, "weights_used": _weights_used(backbone, suite),
+                             "weights_file": suite.weights.get(backbone) if backbone else None},
+                            (), DETECTOR_RESOURCES,
+                            {**tags, "method": spec.label, "family": "unsupervised", "model": entry["name"]}))
+    return jobs
+
+
+def _downstream(entry: dict, suite, generated: dict, tags: dict, common: dict, where: str) -> list[Job]:
+    out = []
+    profile = get_profile(suite.profile)
+    config = model_config(entry["name"], profile, entry.get("config"))
+    for method in suite.methods:
+        keys = generated.get((tags["dataset"], tags["category"], tags["fold"], tags["seed"], method.label), {})
+        if not keys:
+            continue
+        if entry["name"] == "classification" and len(keys) < 2:
+            continue  # one defect type: nothing to classify
+        used = _weights_used("resnet34", suite) if entry["name"] == "classification" else None
+        params = {**common, "model": entry["name"], "config": config, "method": method.label,
+                  "generated": dict(sorted(keys.items())), "weights_used": used,
+                  "weights_file": suite.weights.get("resnet34") if used else None}
+        selection = config.get("select_on", "validation")
+        out.append(make_job(DOWNSTREAM_KINDS[entry["name"]], f"{entry['name']} {method.label} {where}", params,
+                            tuple(sorted(keys.values())), DOWNSTREAM_RESOURCES,
+                            {**tags, "method": method.label, "family": "synthetic", "model": entry["name"],
+                             "selection": selection}))
+    return out
+
+
+def _generated(job: Job, ctx: JobContext) -> ddata.ImageSet:
+    folders = {defect: ctx.deps[key] / "samples" for defect, key in job.params["generated"].items()}
+    return ddata.generated_set(folders, job.params["resolution"])
+
+
+@job_kind("segment")
+def run_segment(job: Job, ctx: JobContext) -> list[dict]:
+    from harness.downstream import segmentation
+
+    p, config = job.params, job.params["config"]
+    split = load_split(p, ctx.cache)
+    test = ddata.test_set(split, p["resolution"])
+    train, validation = ddata.hold_out(_generated(job, ctx), config["validation_fraction"], p["seed"])
+    maps, scores, selection = segmentation.run(
+        ddata.normal_set(split, "train", p["resolution"]), ddata.normal_set(split, "validation", p["resolution"]),
+        train, validation, test, config, p["seed"])
+    ddata.save_maps(ctx.folder / "maps.npz", test, maps, scores)
+    atomic_write_json(ctx.folder / "selection.json", {"on": selection.on, "metric": selection.metric,
+                                                      "history": selection.history, "best_epoch": selection.best_epoch,
+                                                      "n_train": len(train), "n_validation": len(validation)})
+    return [{**r, "selection": selection.on, "details": {"best_epoch": selection.best_epoch}}
+            for r in ddata.score_maps(test, maps, scores)]
+
+
+@job_kind("classify")
+def run_classify(job: Job, ctx: JobContext) -> list[dict]:
+    from harness.downstream import classification
+
+    p, config = job.params, job.params["config"]
+    split = load_split(p, ctx.cache)
+    classes = sorted(p["generated"])
+    test = ddata.test_set(split, p["resolution"])
+    train, validation = ddata.hold_out(_generated(job, ctx), config["validation_fraction"], p["seed"])
+    result, resolved = classification.run(train, validation, test, classes, config, p["profile"], p["seed"],
+                                          p.get("weights_file"))
+    atomic_write_json(ctx.folder / "classification.json", {**result, "weights": resolved.as_record()})
+    common = {"random_weights": resolved.is_random, "weights": resolved.describe()}
+    records = [{"metric": "accuracy", "value": result["accuracy"], "n": result["n"], "defect_type": ddata.ALL, **common}]
+    records += [{"metric": "class_accuracy", "value": value, "defect_type": defect,
+                 "n": sum(1 for _, truth, _ in result["predictions"] if truth == defect), **common}
+                for defect, value in result["per_class"].items()]
+    return records
+
+
+@job_kind("detect")
+def run_detect(job: Job, ctx: JobContext) -> list[dict]:
+    from harness.downstream import detectors
+
+    p = job.params
+    split = load_split(p, ctx.cache)
+    test = ddata.test_set(split, p["resolution"])
+    maps, scores, resolved = detectors.run(p["detector"], ddata.normal_set(split, "train", p["resolution"]), test,
+                                           p["config"], p["resolution"], p["profile"], p["seed"], ctx.folder / "work",
+                                           p.get("weights_file"))
+    if not np.isfinite(maps).all() or not np.isfinite(scores).all():
+        raise ValueError(f"{p['detector']} produced non-finite anomaly scores")
+    ddata.save_maps(ctx.folder / "maps.npz", test, maps, scores)
+    common = {"random_weights": bool(resolved and resolved.is_random),
+              "weights": resolved.describe() if resolved else "none (trained from scratch)"}
+    return [{**r, **common} for r in ddata.score_maps(test, maps, scores)]
