@@ -87,6 +87,11 @@ def selection_score(net: torch.nn.Module, part: ImageSet, config: dict, device: 
     raise ValueError("the selection part holds one class only: it cannot rank models")
 
 
+def lr_schedule(optimiser: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning rate times 0.2 after 80 % and again after 90 % of the steps (DRAEM's schedule)."""
+    return torch.optim.lr_scheduler.MultiStepLR(optimiser, [int(0.8 * total_steps), int(0.9 * total_steps)], gamma=0.2)
+
+
 def train(normal: ImageSet, generated: ImageSet, config: dict, seed: int,
           selection_part: ImageSet | None = None, progress: bool = False) -> tuple[torch.nn.Module, Selection]:
     """Train the U-Net; returns it with the selected state loaded, and the selection history."""
@@ -102,7 +107,7 @@ def train(normal: ImageSet, generated: ImageSet, config: dict, seed: int,
     batch = config["batch_size"]
     steps_per_epoch = math.ceil((len(normal) + len(generated)) / batch)
     total = config["epochs"] * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, [int(0.8 * total), int(0.9 * total)], gamma=0.2)
+    schedule = lr_schedule(optimiser, total)
     select_on = config["select_on"] if selection_part is not None else "last"
     selection = Selection(select_on, "pixel_ap")
     best_state = None

@@ -132,7 +132,8 @@ def _downstream_tables(frame: pd.DataFrame, states: dict, manifest: dict, store:
         return [], []
     name = dataset["name"]
     frame = _mark_test_selection(frame)
-    synthetic = _synthetic_labels(frame, methods)
+    synthetic = _synthetic_labels(frame, methods)  # segmentation rows
+    plain = list(methods)  # classification rows (no checkpoint selection on test)
     detectors = [DETECTORS[d["name"]].label for d in config.get("detectors", [])]
     failed = _failed(states, name, ("segment", "detect"))
     failed = {(c, m + TEST_SELECTED if (c, m + TEST_SELECTED) in _pairs(frame) else m) for c, m in failed}
@@ -160,7 +161,7 @@ def _downstream_tables(frame: pd.DataFrame, states: dict, manifest: dict, store:
                      ("accuracy",), "in the shape of DualAnoDiff Table 3", _failed(states, name, ("classify",)), ALL)]
     for key, title, metrics, shape, bad, defect_type in per_category:
         subset = frame[frame["defect_type"] == defect_type] if not frame.empty else frame
-        table = build_table(title, subset, bad, list(metrics), synthetic, categories)
+        table = build_table(title, subset, bad, list(metrics), synthetic if key == "pixel" else plain, categories)
         if not any(c.state == "ok" for c in table.cells.values()):
             continue
         notes = _downstream_notes(table, frame, store)
@@ -181,8 +182,11 @@ def _mark_test_selection(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _synthetic_labels(frame: pd.DataFrame, methods: list[str]) -> list[str]:
-    present = set(frame["method"]) if not frame.empty else set()
-    return [m + TEST_SELECTED if m + TEST_SELECTED in present and m not in present else m for m in methods]
+    """Method labels of the segmentation rows: '<method> †' where its U-Net was selected on the test part."""
+    if frame.empty or "selection" not in frame:
+        return list(methods)
+    marked = set(frame.loc[frame["selection"] == "test", "method"])
+    return [m + TEST_SELECTED if m + TEST_SELECTED in marked else m for m in methods]
 
 
 def _pairs(frame: pd.DataFrame) -> set[tuple[str, str]]:
