@@ -164,26 +164,15 @@ def _loader(images: ImageSet, batch_size: int, shuffle: bool, seed: int) -> torc
                                        collate_fn=ImageBatch.collate, num_workers=0)
 
 
-def _data_module_class():
+def _train_data(loader: torch.utils.data.DataLoader):
+    """A data module holding only a training loader: CFA reads its centroids from
+    `trainer.datamodule.train_dataloader()`, and the Engine names its working folder after `name` / `category`."""
     from lightning.pytorch import LightningDataModule
 
-    class TrainData(LightningDataModule):
-        """Only a training loader; CFA reads its centroids from `trainer.datamodule.train_dataloader()`."""
-
-        name, category = "defectbench", "split"  # the Engine names its working folder after these
-
-        def __init__(self, loader):
-            super().__init__()
-            self.loader = loader
-
-        def train_dataloader(self):
-            return self.loader
-
-    return TrainData
-
-
-def _TrainData(loader):
-    return _data_module_class()(loader)
+    module = LightningDataModule.from_datasets()  # an empty module; its train loader is ours
+    module.train_dataloader = lambda: loader
+    module.name, module.category = "defectbench", "split"
+    return module
 
 
 def run(name: str, normal_train: ImageSet, test: ImageSet, config: dict, resolution: int,
@@ -204,7 +193,7 @@ def run(name: str, normal_train: ImageSet, test: ImageSet, config: dict, resolut
         engine = Engine(accelerator=accelerator, devices=1, max_epochs=config["max_epochs"], logger=False,
                         default_root_dir=workdir, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0)
-        engine.fit(model, datamodule=_TrainData(_loader(normal_train, batch, True, seed)))
+        engine.fit(model, datamodule=_train_data(_loader(normal_train, batch, True, seed)))
         batches = engine.predict(model, dataloaders=_loader(test, batch, False, seed), return_predictions=True)
     maps = torch.cat([b.anomaly_map.reshape(len(b.anomaly_map), *b.anomaly_map.shape[-2:]) for b in batches])
     scores = torch.cat([b.pred_score.reshape(-1) for b in batches])

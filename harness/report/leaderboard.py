@@ -101,7 +101,7 @@ def render_leaderboard(suite: str, results: Path | None = None, out_dir: Path | 
             extra, sources = _reported_rows(reported, dataset, categories, wanted)
             table = build_table(title, frame, {(c, m) for d, c, m in failed if d == name}, wanted, methods, categories, extra)
             notes = _notes(table, manifest, sources, store)
-            mark_random = any(c.random for c in table.cells.values()) and not _all_random(table)
+            mark_random = _mark(table)
             md += [f"### {title}", f"_{shape}; mean over defect types per category._", "",
                    markdown_table(table, mark_random), ""] + [f"- {n}" for n in notes] + [""]
             tex.append(latex_table(table, tex_escape(f"{title} ({name}). ") + tex_escape(caption.replace("`", "")) + "." +
@@ -205,19 +205,26 @@ def _mark(table: Table) -> bool:
 
 
 def _downstream_notes(table: Table, frame: pd.DataFrame, store: RunStore) -> list[str]:
-    notes = list(table.notes)
-    if _all_random(table):
-        notes.append("Every backbone here started from random weights (no ImageNet weights on this machine): compare "
-                     "rows with each other, not with published numbers.")
-    elif any(c.random for c in table.cells.values()):
-        notes.append("\\* a backbone started from random weights (no ImageNet weights on this machine).")
+    notes = _random_notes(table, "Every backbone here started from random weights (no ImageNet weights on this "
+                                 "machine): compare rows with each other, not with published numbers.",
+                          "\\* a backbone started from random weights (no ImageNet weights on this machine).")
     if any(m.endswith(TEST_SELECTED) for m in table.methods):
         notes.append("† U-Net checkpoint selected on the test part (`select_on: test`), the published practice: "
                      "optimistic, not comparable with rows selected on the validation part.")
-    if any(c.state == "failed" for c in table.cells.values()):
-        notes.append("—<sup>f</sup>: a job failed; its traceback is in the job's status.json under "
-                     f"{store.run_dir / 'jobs'}.")
-    return notes
+    return notes + _failure_note(table, store)
+
+
+def _random_notes(table: Table, all_random: str, some_random: str) -> list[str]:
+    """The table's own notes, and what random weights mean for it (all of it, or the cells marked *)."""
+    if _all_random(table):
+        return [*table.notes, all_random]
+    return [*table.notes, some_random] if any(c.random for c in table.cells.values()) else list(table.notes)
+
+
+def _failure_note(table: Table, store: RunStore) -> list[str]:
+    if not any(c.state == "failed" for c in table.cells.values()):
+        return []
+    return [f"—<sup>f</sup>: a job failed; its traceback is in the job's status.json under {store.run_dir / 'jobs'}."]
 
 
 def _caption(manifest: dict) -> str:
@@ -255,19 +262,15 @@ def _all_random(table: Table) -> bool:
 
 
 def _notes(table: Table, manifest: dict, sources: list[str], store: RunStore) -> list[str]:
-    notes = list(table.notes)
-    if _all_random(table):
-        notes.append("All measured values were computed with random-weight feature extractors (no pretrained "
-                     "Inception / LPIPS weights where they ran): compare methods with each other, not with published numbers.")
-    elif any(c.random for c in table.cells.values()):
-        notes.append("\\* computed with random-weight feature extractors.")
+    notes = _random_notes(table, "All measured values were computed with random-weight feature extractors (no "
+                                 "pretrained Inception / LPIPS weights where they ran): compare methods with each "
+                                 "other, not with published numbers.",
+                          "\\* computed with random-weight feature extractors.")
     protocol = manifest["config"]["protocol"]
     if protocol in COMPAT_PROTOCOLS:
         notes.append(f"Protocol `{protocol}` reproduces a published split: images in both the generator's training "
                      "part and the test part are possible (AnomalyDiffusion: exactly one per defect type).")
-    if any(c.state == "failed" for c in table.cells.values()):
-        notes.append("—<sup>f</sup>: a job failed; its traceback is in the job's status.json under "
-                     f"{store.run_dir / 'jobs'}.")
+    notes += _failure_note(table, store)
     for source in sources:
         notes.append(f"'(reported)' columns: numbers from {source}, under the paper's own protocol and weights.")
     return notes

@@ -17,19 +17,12 @@ from harness.downstream.config import model_config
 from harness.downstream.detectors import DETECTORS
 from harness.io import atomic_write_json
 from harness.profiles import get_profile
-from harness.runner.generation_jobs import load_split
+from harness.runner.generation_jobs import load_split, source_params
 from harness.runner.jobs import Job, JobContext, expander, job_kind, make_job
 
 DOWNSTREAM_KINDS = {"segmentation": "segment", "classification": "classify"}
 DOWNSTREAM_RESOURCES = {"num_cpus": 1, "memory": 3 * 2**30}
 DETECTOR_RESOURCES = {"num_cpus": 1, "memory": 4 * 2**30}
-
-
-def _source(dataset, category, split) -> dict:
-    return {"dataset": dataset.spec.name, "root": str(dataset.root),
-            "captions": str(dataset.spec.captions) if dataset.spec.captions else None,
-            "category": category.name, "protocol": split.protocol, "fold": split.fold,
-            "split_hash": split.manifest_hash, "require_captions": False}
 
 
 def _base_tags(dataset, category, split, seed: int) -> dict:
@@ -66,7 +59,7 @@ def downstream_jobs(plan) -> list[Job]:
             for split in plan.splits[(dataset.spec.name, category.name)]:
                 for seed in suite.seeds:
                     tags = _base_tags(dataset, category, split, seed)
-                    common = {**_source(dataset, category, split), "profile": profile.name,
+                    common = {**source_params(dataset, category, split, False), "profile": profile.name,
                               "resolution": profile.resolution, "seed": seed}
                     where = f"{dataset.spec.name}/{category.name} f{split.fold} s{seed}"
                     for entry in suite.downstream:

@@ -25,7 +25,8 @@ def method_hash(directory: Path) -> str:
     return sha256_json({str(p.relative_to(directory)): sha256_file(p) for p in files})[:16]
 
 
-def _source(dataset, category, split: Split, require_captions: bool) -> dict:
+def source_params(dataset, category, split: Split, require_captions: bool) -> dict:
+    """Where a job's data comes from: enough to re-read the category and check its split by content hash."""
     return {"dataset": dataset.spec.name, "root": str(dataset.root),
             "captions": str(dataset.spec.captions) if dataset.spec.captions else None,
             "category": category.name, "protocol": split.protocol, "fold": split.fold,
@@ -57,7 +58,7 @@ def generation_jobs(plan) -> list[Job]:
                     for spec in suite.methods:
                         info = infos[spec.method]
                         requires = "caption" in info.cls.needs
-                        source = _source(dataset, category, split, requires)
+                        source = source_params(dataset, category, split, requires)
                         groups = ([category.defect_types] if info.cls.granularity == "category"
                                   else [[d] for d in category.defect_types])
                         for defects in groups:

@@ -124,6 +124,7 @@ def _downstream_summary(frame) -> list[str]:
         return []
     table = (100 * rows.pivot_table(index=["category", "method"], columns="metric", values="value", aggfunc="mean"))
     table = table[[m for m in metrics if m in table.columns]].rename(columns=LABELS).reset_index()
+    table = table.astype(object).where(table.notna(), None)  # tabulate prints None as missingval, NaN as "nan"
     return ["Downstream (segmentation U-Net / classifier on generated images) and detectors, whole test part, %:\n"
             + tabulate(table, headers="keys", floatfmt=".1f", tablefmt="simple", showindex=False,
                      missingval="—")]
