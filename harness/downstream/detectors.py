@@ -203,19 +203,25 @@ def run(name: str, normal_train: ImageSet, test: ImageSet, config: dict, resolut
     return maps.float().numpy(), scores.double().numpy(), resolved
 
 
+def _no_bar(iterable, **_):
+    return iterable
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Lightning and anomalib log a lot at INFO, warn about things that do not apply (no logger, no validation), and
-    PatchCore draws a progress bar per coreset: none of it belongs in a job's output."""
+    PatchCore and CFA draw progress bars of their own: none of it belongs in a job's output."""
     names = ("lightning", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric",
              "lightning_fabric", "lightning_fabric.utilities.rank_zero", "anomalib")
     levels = {n: logging.getLogger(n).level for n in names}
     for n in names:
         logging.getLogger(n).setLevel(logging.ERROR)
     from anomalib.models.components.sampling import k_center_greedy
+    from anomalib.models.image.cfa import torch_model as cfa
 
     try:
-        with warnings.catch_warnings(), mock.patch.object(k_center_greedy, "tqdm", lambda iterable, **_: iterable):
+        with warnings.catch_warnings(), mock.patch.object(k_center_greedy, "tqdm", _no_bar), \
+                mock.patch.object(cfa, "tqdm", _no_bar):
             warnings.simplefilter("ignore")
             yield
     finally:
