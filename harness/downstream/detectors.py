@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from harness import weights
-from harness.errors import WeightsError
 from harness.device import default_device
+from harness.errors import WeightsError
 from harness.downstream.data import ImageSet
 from harness.profiles import Profile
 
@@ -148,10 +148,9 @@ class _Items(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         from anomalib.data import ImageItem
-
-        image = torch.from_numpy(self.images.images[i]).permute(2, 0, 1).float() / 255.0
         from torchvision.tv_tensors import Image, Mask
 
+        image = torch.from_numpy(self.images.images[i]).permute(2, 0, 1).float() / 255.0
         return ImageItem(image=Image(image), gt_label=torch.tensor(bool(self.images.masks[i].any())),
                          gt_mask=Mask(torch.from_numpy(self.images.masks[i])), image_path=self.images.names[i])
 

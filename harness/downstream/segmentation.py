@@ -20,6 +20,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 import torch.nn.functional as F
