@@ -1,0 +1,1 @@
+"""Diffusion machinery shared by the diffusion-based methods: DDIM sampling and inversion (ddim.py)."""

@@ -1,0 +1,65 @@
+"""harness/diffusion: the DDIM step against diffusers, and inversion followed by sampling reconstructing the latent."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+
+from harness.diffusion import ddim
+
+
+def sd_scheduler() -> DDIMScheduler:
+    """Stable Diffusion 1.5's DDIM settings."""
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def test_sampling_step_equals_diffusers_ddim():
+    scheduler = sd_scheduler()
+    torch.manual_seed(0)
+    z, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for t in ddim.timesteps(scheduler, 10):
+        expected = scheduler.step(eps, t, z, eta=0.0).prev_sample
+        ours = ddim.ddim_step(z, eps, ddim.alpha_at(scheduler, t), ddim.alpha_at(scheduler, ddim.previous(scheduler, t, 10)))
+        assert torch.allclose(ours, expected, atol=1e-5), t
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    return unet
+
+
+def test_inversion_then_sampling_reconstructs_the_latent(tiny_unet):
+    scheduler = sd_scheduler()
+    torch.manual_seed(1)
+    z0 = torch.randn(1, 4, 8, 8)
+    condition = torch.randn(1, 3, 16)
+
+    @torch.no_grad()
+    def eps(z, t, c):
+        return 0.5 * tiny_unet(z, t, encoder_hidden_states=c).sample
+
+    errors = {}
+    for steps in (10, 50, 200):
+        z_T = ddim.invert(eps, z0, scheduler, steps, condition)
+        back = ddim.sample(eps, z_T, scheduler, steps, condition)
+        errors[steps] = ((back - z0).norm() / z0.norm()).item()
+    # measured with this random UNet: 0.31, 0.12, 0.041 (a trained, smoother UNet does better)
+    assert errors[200] < errors[50] < errors[10]
+    assert errors[200] < 0.06 and errors[200] < errors[10] / 5
+    # with a noise prediction that does not depend on the latent, inversion is exactly undone
+    constant = torch.randn_like(z0)
+    z_T = ddim.invert(lambda z, t, c: constant, z0, scheduler, 10)
+    assert torch.allclose(ddim.sample(lambda z, t, c: constant, z_T, scheduler, 10), z0, atol=1e-5)
+
+
+def test_classifier_free_guidance_combines_predictions():
+    model = lambda z, t, c: z * c  # noqa: E731
+    z = torch.ones(1)
+    assert ddim.guided(model, 7.5)(z, 0, (2.0, 1.0)).item() == pytest.approx(1.0 + 7.5 * (2.0 - 1.0))
+    assert ddim.guided(model, 1.0)(z, 0, (2.0, 1.0)).item() == pytest.approx(2.0)
