@@ -63,3 +63,26 @@ def test_classifier_free_guidance_combines_predictions():
     z = torch.ones(1)
     assert ddim.guided(model, 7.5)(z, 0, (2.0, 1.0)).item() == pytest.approx(1.0 + 7.5 * (2.0 - 1.0))
     assert ddim.guided(model, 1.0)(z, 0, (2.0, 1.0)).item() == pytest.approx(2.0)
+
+
+def test_tiny_backbone_shapes_tokens_and_the_from_pretrained_path(tmp_path):
+    from harness.diffusion import backbone
+
+    tiny = backbone.build_tiny(["weave", "washer", "tray", "metal_nut"], resolution=64)
+    ids = tiny.tokenizer(["a photo of a sks metal_nut"]).input_ids[0]
+    assert tiny.tokenizer.unk_token_id not in ids and len(ids) == 9  # <bos> a photo of a sks metal nut <eos>
+    assert tiny.tokenizer.convert_ids_to_tokens(ids[5]) == "sks"
+    with torch.no_grad():
+        text = tiny.encode_text(["a photo of a weave", "a photo of a tray"])
+        latents = tiny.encode_images(torch.rand(2, 3, 64, 64) * 2 - 1)
+        eps = tiny.unet(latents, 10, encoder_hidden_states=text).sample
+        images = tiny.decode_latents(latents)
+    assert text.shape == (2, 16, 64) and latents.shape == (2, 4, 8, 8) and eps.shape == latents.shape
+    assert images.shape == (2, 3, 64, 64) and images.abs().max() <= 1
+    # the paper profile's code path (from_pretrained on a folder in diffusers' layout), with the tiny stand-in
+    tiny.save(tmp_path / "backbone")
+    loaded = backbone.load(tmp_path / "backbone")
+    assert loaded.latent_scale == 1.0 and loaded.tokenizer(["a sks weave"]).input_ids == tiny.tokenizer(["a sks weave"]).input_ids
+    with torch.no_grad():
+        again = loaded.unet(latents, 10, encoder_hidden_states=loaded.encode_text(["a photo of a weave", "a photo of a tray"])).sample
+    assert torch.allclose(again, eps, atol=1e-6)

@@ -1,1 +1,2 @@
-"""Diffusion machinery shared by the diffusion-based methods: DDIM sampling and inversion (ddim.py)."""
+"""Diffusion machinery shared by the diffusion-based methods (issue 5, in progress): DDIM sampling and inversion
+(ddim.py) and latent text-to-image backbones behind one interface, SD 1.5 or a tiny CPU stand-in (backbone.py)."""

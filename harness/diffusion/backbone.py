@@ -1,0 +1,128 @@
+"""Latent text-to-image backbones behind one interface: VAE + UNet2DConditionModel + text encoder + tokenizer +
+DDIM scheduler.
+
+- `paper`: Stable Diffusion 1.5 through diffusers / transformers `from_pretrained`, on a local folder or a hub id.
+- `tiny`: the same classes built from small configs (a 4-level AutoencoderKL, a 3-level UNet with cross-attention,
+  a 2-layer CLIP text model) and a word-level tokenizer over a fixed vocabulary (prompt words, category and defect
+  names, and rare placeholder words for DreamBooth-style tokens). It runs on a CPU; the harness pretrains it on
+  normal images before methods fine-tune it few-shot, as the papers fine-tune SD.
+
+Either way a backbone folder holds `vae/`, `unet/`, `text_encoder/`, `tokenizer/`, `scheduler/` in diffusers'
+layout, so `load(folder)` is the one code path for both.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Rare words to bind new concepts to (DreamBooth): they mean nothing in the pretraining prompts.
+RARE_TOKENS = ("sks", "ktn", "pll", "ucd", "olis", "zwx", "qrv", "bxq")
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+BASE_WORDS = ("a", "photo", "of", "an", "with", "defect", "mask", "background", "normal", "good", "the", "on", "in")
+SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class Backbone:
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+
+    @property
+    def latent_scale(self) -> float:
+        """SD's 0.18215 from its VAE config; 1.0 for the tiny VAE, trained here."""
+        return float(self.vae.config.scaling_factor)
+
+    def to(self, device: torch.device) -> "Backbone":
+        for module in (self.vae, self.unet, self.text_encoder):
+            module.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """(B, tokens, dim) hidden states of the text encoder, as the UNet's cross-attention reads them."""
+        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> latents (mean of the posterior, scaled)."""
+        return self.vae.encode(images).latent_dist.mean * self.latent_scale
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B, 3, H, W) in [-1, 1]."""
+        return self.vae.decode(latents / self.latent_scale).sample.clamp(-1, 1)
+
+    def save(self, folder: Path) -> None:
+        for name in SUBFOLDERS:
+            getattr(self, name).save_pretrained(folder / name)
+
+
+def word_level_tokenizer(words: list[str], max_length: int = 16):
+    """A fast tokenizer over a fixed vocabulary: specials, base prompt words, rare tokens, then `words`."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for word in (*SPECIAL_TOKENS, *BASE_WORDS, *RARE_TOKENS, *sorted({w for p in words for w in split_words(p)})):
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace("_", " ")])  # as split_words
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                        special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                   eos_token="<eos>", model_max_length=max_length)
+
+
+def split_words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower().replace("_", " "))
+
+
+def build_tiny(words: list[str], resolution: int = 128, seed: int = 0) -> Backbone:
+    """The tiny backbone, randomly initialised (seeded); `words` are the vocabulary beyond the base prompt words."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = word_level_tokenizer(words)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64, 64),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=1, norm_num_groups=16, sample_size=resolution, scaling_factor=1.0)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id))
+        unet = UNet2DConditionModel(
+            sample_size=resolution // 8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
+            layers_per_block=1, cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return Backbone(vae, unet, text_encoder, tokenizer, scheduler)
+
+
+def load(source: str | Path, local_only: bool = True) -> Backbone:
+    """A backbone from a folder (or hub id) in diffusers' layout: Stable Diffusion 1.5 or a saved tiny backbone."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    common = {"local_files_only": local_only}
+    return Backbone(
+        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **common),
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common),
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common),
+        tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
+        scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler", **common),
+    )
