@@ -1,6 +1,7 @@
 """harness/diffusion: the DDIM step against diffusers, and inversion followed by sampling reconstructing the latent."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
@@ -86,3 +87,38 @@ def test_tiny_backbone_shapes_tokens_and_the_from_pretrained_path(tmp_path):
     with torch.no_grad():
         again = loaded.unet(latents, 10, encoder_hidden_states=loaded.encode_text(["a photo of a weave", "a photo of a tray"])).sample
     assert torch.allclose(again, eps, atol=1e-6)
+
+
+def _stats(images: torch.Tensor) -> torch.Tensor:
+    """Pixel statistics of a set of images in [-1, 1]: channel means and stds, mean gradient magnitudes."""
+    dx = (images[..., 1:] - images[..., :-1]).abs().mean()
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().mean()
+    return torch.cat([images.mean((0, 2, 3)), images.std((0, 2, 3)), dx[None], dy[None]])
+
+
+def test_pretraining_brings_samples_closer_to_the_normal_images(synth_root):
+    from harness.data.layouts import read_category
+    from harness.diffusion import backbone as backbones
+    from harness.diffusion.pretrain import PretrainConfig, pretrain, prompt_for, to_model_input
+
+    categories, images = [], []
+    for name in ("weave", "washer"):
+        samples = read_category(synth_root, name, dataset="synthetic").train_good
+        images += [s.load_image(64) for s in samples]
+        categories += [name] * len(samples)
+    images = np.stack(images)
+    config = PretrainConfig(resolution=64, vae_steps=150, unet_steps=300, seed=0)
+    trained, history = pretrain(images, categories, config)
+    assert history["vae"][-1] < history["vae"][0] and history["unet"][-1] < history["unet"][0]
+    untrained = backbones.build_tiny(sorted(set(categories)), 64, seed=0)
+    real = _stats(to_model_input(images))
+    distances = {}
+    for name, model in (("trained", trained), ("untrained", untrained)):
+        with torch.no_grad():
+            text = model.encode_text([prompt_for(c) for c in ("weave", "washer") for _ in range(4)])
+            noise = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+            z0 = ddim.sample(lambda z, t, c: model.unet(z, t, encoder_hidden_states=c).sample, noise,
+                             model.scheduler, 20, text)
+            distances[name] = (_stats(model.decode_latents(z0)) - real).norm().item()
+    # measured: trained 0.20, untrained 0.74 (VAE loss 0.146 -> 0.012, UNet loss 0.81 -> 0.19)
+    assert distances["trained"] < 0.5 * distances["untrained"]
