@@ -122,3 +122,57 @@ def test_pretraining_brings_samples_closer_to_the_normal_images(synth_root):
             distances[name] = (_stats(model.decode_latents(z0)) - real).norm().item()
     # measured: trained 0.20, untrained 0.74 (VAE loss 0.146 -> 0.012, UNet loss 0.81 -> 0.19)
     assert distances["trained"] < 0.5 * distances["untrained"]
+
+
+def test_masked_cross_attention_matches_equations_10_and_11():
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    from harness.diffusion.attention import MaskedCrossAttnProcessor, MaskState, mask_for
+
+    torch.manual_seed(0)
+    heads, dim_head, tokens = 2, 4, 3
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=heads, dim_head=dim_head).eval()
+    z = torch.randn(2, 16, 8)  # a 4x4 map of queries
+    c_a, c_b = torch.randn(2, tokens, 6), torch.randn(2, tokens, 6)
+    mask = (torch.rand(2, 1, 8, 8) > 0.5).float()  # latent resolution, twice the map's
+    state = MaskState(mask=mask, tokens=tokens, record_token=1)
+    with torch.no_grad():
+        ours = MaskedCrossAttnProcessor(state)(attn, z, torch.cat([c_a, c_b], 1))
+
+        def direct(c):  # softmax(Q K^T / sqrt(d)) V per head, written out
+            q = attn.to_q(z).view(2, 16, heads, dim_head).transpose(1, 2)
+            k = attn.to_k(c).view(2, tokens, heads, dim_head).transpose(1, 2)
+            v = attn.to_v(c).view(2, tokens, heads, dim_head).transpose(1, 2)
+            p = torch.softmax(q @ k.transpose(-1, -2) / dim_head ** 0.5, dim=-1)
+            return (p @ v).transpose(1, 2).reshape(2, 16, heads * dim_head), p
+
+        (o_a, p_a), (o_b, _) = direct(c_a), direct(c_b)
+        m = torch.nn.functional.interpolate(mask, size=(4, 4), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+        expected = attn.to_out[0](m * o_a + (1 - m) * o_b)
+        assert torch.allclose(ours, expected, atol=1e-6)
+        assert torch.allclose(mask_for(mask, 16), m)
+        # the recorded map is the region token's attention, averaged over heads
+        assert torch.allclose(state.recorded[0], p_a[..., 1].mean(1).reshape(2, 1, 4, 4), atol=1e-6)
+        # all-ones / all-zeros masks give diffusers' own cross-attention on one prompt
+        for value, prompt in ((1.0, c_a), (0.0, c_b)):
+            state.mask = torch.full_like(mask, value)
+            assert torch.allclose(MaskedCrossAttnProcessor(state)(attn, z, torch.cat([c_a, c_b], 1)),
+                                  AttnProcessor()(attn, z, prompt), atol=1e-6)
+
+
+def test_processors_swap_on_cross_attention_layers_only(tiny_unet):
+    from harness.diffusion.attention import MaskedCrossAttnProcessor, MaskState, cross_attention_layers, \
+        set_cross_attention_processor
+
+    state = MaskState(mask=torch.ones(1, 1, 8, 8), tokens=3, record_token=0)
+    previous = set_cross_attention_processor(tiny_unet, lambda name: MaskedCrossAttnProcessor(state))
+    try:
+        swapped = [k for k, p in tiny_unet.attn_processors.items() if isinstance(p, MaskedCrossAttnProcessor)]
+        assert swapped and all(k.endswith("attn2.processor") for k in swapped)
+        assert len(swapped) == len(cross_attention_layers(tiny_unet))
+        with torch.no_grad():
+            out = tiny_unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 6, 16)).sample
+        assert out.shape == (1, 4, 8, 8) and len(state.recorded) == len(swapped)
+    finally:
+        tiny_unet.set_attn_processor(previous)
+    assert not any(isinstance(p, MaskedCrossAttnProcessor) for p in tiny_unet.attn_processors.values())
