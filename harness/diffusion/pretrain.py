@@ -8,7 +8,7 @@ The methods then fine-tune this backbone few-shot, as the papers fine-tune SD.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,9 +29,6 @@ class PretrainConfig:
     kl_weight: float = 1e-6
     empty_prompt_rate: float = 0.1
     seed: int = 0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def prompt_for(category: str) -> str:

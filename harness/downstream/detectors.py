@@ -38,7 +38,7 @@ class DetectorSpec:
     name: str  # key in models.yaml and suites
     label: str  # as tables print it
     anomalib_class: str
-    backbone_kwargs: tuple[str, ...]  # which config keys the anomalib constructor takes
+    constructor_keys: tuple[str, ...]  # which config keys the anomalib constructor takes
 
 
 DETECTORS: dict[str, DetectorSpec] = {s.name: s for s in (
@@ -105,8 +105,7 @@ def build(name: str, config: dict, resolution: int, profile: str | Profile,
 
     spec = DETECTORS[name]
     cls = getattr(models, spec.anomalib_class)
-    kwargs = {k: (tuple(config[k]) if k == "layers" and spec.anomalib_class != "Supersimplenet" else config[k])
-              for k in spec.backbone_kwargs}
+    kwargs = {k: config[k] for k in spec.constructor_keys}
     if spec.anomalib_class in HAS_PRE_TRAINED_FLAG:
         kwargs["pre_trained"] = False
     if spec.anomalib_class == "Draem":  # an empty folder: Perlin noise as the anomaly source

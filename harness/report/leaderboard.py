@@ -119,8 +119,14 @@ def render_leaderboard(suite: str, results: Path | None = None, out_dir: Path | 
 
 
 def _failed(states: dict, dataset: str, kinds: tuple[str, ...]) -> set[tuple[str, str]]:
-    return {(s["job"]["tags"].get("category"), s["job"]["tags"].get("method")) for s in states.values()
-            if s["job"]["kind"] in kinds and s["state"] != "done" and s["job"]["tags"].get("dataset") == dataset}
+    """(category, row label) of failed jobs; a U-Net selected on the test part is labelled as its records are."""
+    out = set()
+    for state in states.values():
+        job, tags = state["job"], state["job"]["tags"]
+        if job["kind"] in kinds and state["state"] != "done" and tags.get("dataset") == dataset:
+            marked = job["kind"] == "segment" and tags.get("selection") == "test"
+            out.add((tags.get("category"), tags.get("method") + (TEST_SELECTED if marked else "")))
+    return out
 
 
 def _downstream_tables(frame: pd.DataFrame, states: dict, manifest: dict, store: RunStore, dataset: dict,
@@ -136,7 +142,6 @@ def _downstream_tables(frame: pd.DataFrame, states: dict, manifest: dict, store:
     plain = list(methods)  # classification rows (no checkpoint selection on test)
     detectors = [DETECTORS[d["name"]].label for d in config.get("detectors", [])]
     failed = _failed(states, name, ("segment", "detect"))
-    failed = {(c, m + TEST_SELECTED if (c, m + TEST_SELECTED) in _pairs(frame) else m) for c, m in failed}
     md, tex = [], []
     scopes = [(ALL, "all defect types", categories)]
     loco = [c for c in categories if _is_loco(frame, c)]
@@ -187,10 +192,6 @@ def _synthetic_labels(frame: pd.DataFrame, methods: list[str]) -> list[str]:
         return list(methods)
     marked = set(frame.loc[frame["selection"] == "test", "method"])
     return [m + TEST_SELECTED if m + TEST_SELECTED in marked else m for m in methods]
-
-
-def _pairs(frame: pd.DataFrame) -> set[tuple[str, str]]:
-    return set(zip(frame["category"], frame["method"])) if not frame.empty else set()
 
 
 def _is_loco(frame: pd.DataFrame, category: str) -> bool:

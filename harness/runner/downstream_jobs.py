@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness import weights
 from harness.downstream import data as ddata
 from harness.downstream.config import model_config
 from harness.downstream.detectors import DETECTORS
 from harness.io import atomic_write_json
 from harness.profiles import get_profile
-from harness.runner.generation_jobs import load_split, source_params
+from harness.runner.generation_jobs import load_split, source_params, weights_used
 from harness.runner.jobs import Job, JobContext, expander, job_kind, make_job
 
 DOWNSTREAM_KINDS = {"segmentation": "segment", "classification": "classify"}
@@ -40,12 +39,6 @@ def _generate_index(jobs: list[Job]) -> dict[tuple, dict[str, str]]:
     return index
 
 
-def _weights_used(name: str | None, suite) -> dict | None:
-    if name is None:
-        return None
-    return weights.resolve(name, suite.profile, suite.weights.get(name)).describe()
-
-
 @expander
 def downstream_jobs(plan) -> list[Job]:
     suite = plan.suite
@@ -53,6 +46,8 @@ def downstream_jobs(plan) -> list[Job]:
         return []
     profile = get_profile(suite.profile)
     generated = _generate_index(plan.jobs)
+    models = [_model_params(entry, suite, profile) for entry in suite.downstream]
+    detectors = [_model_params(entry, suite, profile) for entry in suite.detectors]
     jobs = []
     for dataset in plan.datasets:
         for category in dataset.categories:
@@ -62,40 +57,37 @@ def downstream_jobs(plan) -> list[Job]:
                     common = {**source_params(dataset, category, split, False), "profile": profile.name,
                               "resolution": profile.resolution, "seed": seed}
                     where = f"{dataset.spec.name}/{category.name} f{split.fold} s{seed}"
-                    for entry in suite.downstream:
-                        jobs += _downstream(entry, suite, generated, tags, common, where)
-                    for entry in suite.detectors:
-                        config = model_config(entry["name"], profile, entry.get("config"))
-                        spec = DETECTORS[entry["name"]]
-                        backbone = config.get("backbone")
-                        jobs.append(make_job(
-                            "detect", f"detect {spec.label} {where}",
-                            {**common, "detector": entry["name"], "config": config, "weights_used": _weights_used(backbone, suite),
-                             "weights_file": suite.weights.get(backbone) if backbone else None},
-                            (), DETECTOR_RESOURCES,
-                            {**tags, "method": spec.label, "family": "unsupervised", "model": entry["name"]}))
+                    for params in models:
+                        jobs += _downstream(params, suite, generated, tags, common, where)
+                    for params in detectors:
+                        spec = DETECTORS[params["model"]]
+                        jobs.append(make_job("detect", f"detect {spec.label} {where}", {**common, **params}, (),
+                                             DETECTOR_RESOURCES, {**tags, "method": spec.label, "family": "unsupervised",
+                                                                  "model": params["model"]}))
     return jobs
 
 
-def _downstream(entry: dict, suite, generated: dict, tags: dict, common: dict, where: str) -> list[Job]:
-    out = []
-    profile = get_profile(suite.profile)
+def _model_params(entry: dict, suite, profile) -> dict:
+    """A model's or detector's resolved settings and the pretrained weights it will use (once per plan)."""
     config = model_config(entry["name"], profile, entry.get("config"))
+    trunk = "resnet34" if entry["name"] == "classification" else config.get("backbone")
+    return {"model": entry["name"], "config": config,
+            "weights_used": weights_used(suite, (trunk,))[trunk] if trunk else None,
+            "weights_file": suite.weights.get(trunk) if trunk else None}
+
+
+def _downstream(params: dict, suite, generated: dict, tags: dict, common: dict, where: str) -> list[Job]:
+    out = []
+    name = params["model"]
     for method in suite.methods:
         keys = generated.get((tags["dataset"], tags["category"], tags["fold"], tags["seed"], method.label), {})
-        if not keys:
-            continue
-        if entry["name"] == "classification" and len(keys) < 2:
-            continue  # one defect type: nothing to classify
-        used = _weights_used("resnet34", suite) if entry["name"] == "classification" else None
-        params = {**common, "model": entry["name"], "config": config, "method": method.label,
-                  "generated": dict(sorted(keys.items())), "weights_used": used,
-                  "weights_file": suite.weights.get("resnet34") if used else None}
-        selection = config.get("select_on", "validation")
-        out.append(make_job(DOWNSTREAM_KINDS[entry["name"]], f"{entry['name']} {method.label} {where}", params,
+        if not keys or (name == "classification" and len(keys) < 2):
+            continue  # nothing generated; or one defect type: nothing to classify
+        out.append(make_job(DOWNSTREAM_KINDS[name], f"{name} {method.label} {where}",
+                            {**common, **params, "method": method.label, "generated": dict(sorted(keys.items()))},
                             tuple(sorted(keys.values())), DOWNSTREAM_RESOURCES,
-                            {**tags, "method": method.label, "family": "synthetic", "model": entry["name"],
-                             "selection": selection}))
+                            {**tags, "method": method.label, "family": "synthetic", "model": name,
+                             "selection": params["config"].get("select_on", "validation")}))
     return out
 
 
@@ -150,7 +142,7 @@ def run_detect(job: Job, ctx: JobContext) -> list[dict]:
     p = job.params
     split = load_split(p, ctx.cache)
     test = ddata.test_set(split, p["resolution"])
-    maps, scores, resolved = detectors.run(p["detector"], ddata.normal_set(split, "train", p["resolution"]), test,
+    maps, scores, resolved = detectors.run(p["model"], ddata.normal_set(split, "train", p["resolution"]), test,
                                            p["config"], p["resolution"], p["profile"], p["seed"], ctx.folder / "work",
                                            p.get("weights_file"))
     if not np.isfinite(maps).all() or not np.isfinite(scores).all():

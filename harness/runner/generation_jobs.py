@@ -33,8 +33,8 @@ def source_params(dataset, category, split: Split, require_captions: bool) -> di
             "split_hash": split.manifest_hash, "require_captions": require_captions}
 
 
-def _score_weights(suite, needed: tuple[str, ...]) -> dict:
-    """Which weights the score job will use: part of its key, so results follow the weights."""
+def weights_used(suite, needed: tuple[str, ...]) -> dict:
+    """Which weights a job will use: part of its key, so results follow the weights."""
     return {name: weights.resolve(name, suite.profile, suite.weights.get(name)).describe() for name in needed}
 
 
@@ -47,7 +47,7 @@ def generation_jobs(plan) -> list[Job]:
     needed = ("inception-v3-fid", "vgg16" if preset.net == "vgg" else "alexnet")
     score_params = {"metrics": list(suite.metrics), "ic_lpips": suite.ic_lpips, "profile": profile.name,
                     "resolution": profile.resolution, "weights": dict(suite.weights),
-                    "weights_used": _score_weights(suite, needed)}
+                    "weights_used": weights_used(suite, needed)}
     method_hashes = {spec.method: method_hash(infos[spec.method].directory) for spec in suite.methods}
     configs = {spec.label: infos[spec.method].config(profile, spec.config) for spec in suite.methods}
     jobs = []
