@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method setting (YAML value), e.g. --set blend=poisson")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--backbone", type=Path, default=None,
+                   help="diffusion backbone folder (diffusers layout) for methods that fine-tune one; default: the "
+                        "tiny backbone pretrained on this category's normal images (cached), or SD 1.5 in 'paper'")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("score", help="score a folder of generated images")
@@ -208,6 +211,8 @@ def cmd_generate(args) -> int:
     split = make_split(category, args.protocol, args.fold)
     defects = category.defect_types if method.granularity == "category" else [args.defect]
     task = build_task(split, defects, method.profile.resolution, args.seed)
+    if method.uses_backbone:
+        task.backbone = args.backbone or _backbone_for(split, method.profile)
     workdir = args.out.parent / f".{args.out.name}.fit"
     seconds = fit_method(method, task, workdir)
     generate_to(method, task, args.defect, args.n, args.seed, args.out, workdir, overwrite=args.overwrite,
@@ -216,6 +221,17 @@ def cmd_generate(args) -> int:
     print(f"{args.n} samples of {args.category}/{args.defect} by {args.method} in {args.out} "
           f"(images/, masks/, samples.jsonl; fit in {seconds:.1f}s, work folder {workdir})")
     return 0
+
+
+def _backbone_for(split, profile) -> Path:
+    from harness.diffusion import provision
+    from harness.io import cached_file_hash
+
+    paths = tuple(s.image for s in split.normal_train)
+    normals = [provision.NormalImages(split.category.name, paths, tuple(cached_file_hash(p) for p in paths))]
+    folder, info = provision.provision(profile, normals, progress=True)
+    print(f"diffusion backbone: {folder} ({'reused' if info['reused'] else 'pretrained now'})")
+    return folder
 
 
 def cmd_score(args) -> int:

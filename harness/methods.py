@@ -51,6 +51,7 @@ class FewShotTask:
     texture: bool | None  # True for textures, False for objects, None if unknown
     seed: int
     other_normals: dict[str, list[Path]] = field(default_factory=dict)  # train/good of the other categories
+    backbone: Path | None = None  # the diffusion backbone folder (diffusers layout), for methods with uses_backbone
 
     def anomalies_of(self, defect_type: str) -> list[Item]:
         return [a for a in self.anomalies if a.defect_type == defect_type]
@@ -106,6 +107,7 @@ class Method:
     granularity: ClassVar[str] = "defect_type"  # one model per defect type, or one per category
     needs: ClassVar[frozenset[str]] = frozenset()  # subset of NEEDS
     resources: ClassVar[dict[str, float]] = {"num_cpus": 1, "num_gpus": 0}
+    uses_backbone: ClassVar[bool] = False  # fine-tunes the shared diffusion backbone (FewShotTask.backbone)
 
     def __init__(self, config: dict[str, Any], profile: Profile):
         self.config = config

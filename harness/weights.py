@@ -149,6 +149,44 @@ def warn_once(key: str, message: str) -> None:
     warnings.warn(message, RandomWeightsWarning, stacklevel=3)
 
 
+# Diffusion backbones in diffusers' folder layout (vae/, unet/, text_encoder/, tokenizer/, scheduler/), by hub id.
+PIPELINES: dict[str, str] = {
+    "stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+}
+PIPELINE_HOST = "https://huggingface.co"
+PIPELINE_PARTS = ("vae/*", "unet/*", "text_encoder/*", "tokenizer/*", "scheduler/*", "model_index.json")
+
+
+def resolve_pipeline(name: str, explicit: str | Path | None = None) -> ResolvedWeights:
+    """A diffusion backbone folder: the configured folder, the Hugging Face cache ($HF_HOME), or a download.
+
+    There is no random fallback: a randomly initialised Stable Diffusion means nothing (the `tiny` profile
+    pretrains its own backbone instead)."""
+    repo_id = PIPELINES.get(name)
+    if repo_id is None:
+        raise WeightsError(f"unknown diffusion backbone {name!r}; known: {', '.join(PIPELINES)}")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not (path / "unet" / "config.json").is_file():
+            raise WeightsError(f"weights for {name!r}: {path} is not a diffusers folder (no unet/config.json)")
+        return ResolvedWeights(name, "config", path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return ResolvedWeights(name, "cache", Path(snapshot_download(repo_id, allow_patterns=list(PIPELINE_PARTS),
+                                                                     local_files_only=True)))
+    except Exception:  # not in the cache: try the hub
+        pass
+    if is_reachable(PIPELINE_HOST):
+        try:
+            return ResolvedWeights(name, "download", Path(snapshot_download(repo_id, allow_patterns=list(PIPELINE_PARTS))))
+        except Exception as err:
+            log.warning("download of %s failed: %s", repo_id, err)
+    raise WeightsError(f"weights for {name!r} ({repo_id}) are not in the Hugging Face cache and cannot be downloaded. "
+                       f"Download them on a machine with a network (huggingface-cli download {repo_id}) and copy the "
+                       f"cache, or set the folder in the suite (weights: {{{name}: /path/to/folder}})")
+
+
 class RandomWeightsWarning(UserWarning):
     """A network runs with random weights because no pretrained ones could be found."""
 

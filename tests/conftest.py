@@ -38,3 +38,20 @@ def shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found: the real data in ../shared/data is needed for this test")
     return path
+
+
+@pytest.fixture(scope="session")
+def pretrained_backbone(synth_root) -> tuple[Path, dict]:
+    """A tiny backbone pretrained (harness/diffusion/provision.py, cached in the session's cache) on the normal
+    training images of weave and washer at 64 px: (folder, info with the loss history)."""
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.diffusion import provision
+
+    normals = []
+    for name in ("weave", "washer"):
+        split = make_split(read_category(synth_root, name, dataset="synthetic"))
+        paths = tuple(s.image for s in split.normal_train)
+        normals.append(provision.NormalImages(name, paths, tuple(str(p) for p in paths)))
+    config = provision.pretrain_config({"vae_steps": 200, "unet_steps": 300}, 64)
+    return provision.tiny_backbone(normals, config)

@@ -11,8 +11,10 @@ per head, so inside the mask a query attends only to the region's prompt and out
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -85,3 +87,32 @@ def set_cross_attention_processor(unet: torch.nn.Module, make_processor) -> dict
                   for key, proc in previous.items()}
     unet.set_attn_processor(processors)
     return previous
+
+
+@contextlib.contextmanager
+def masked_cross_attention(unet: torch.nn.Module, state: MaskState) -> Iterator[MaskState]:
+    """Every cross-attention layer of `unet` runs Eq. 10-11 reading `state` while the block runs."""
+    previous = set_cross_attention_processor(unet, lambda _: MaskedCrossAttnProcessor(state))
+    try:
+        yield state
+    finally:
+        unet.set_attn_processor(previous)
+
+
+def two_prompt_condition(backbone, region_prompt: str, background_prompt: str) -> tuple[torch.Tensor, int]:
+    """C = [C_a; C_b] for the masked processor: the two encoded prompts side by side on the token axis, and the
+    number of tokens of each."""
+    with torch.no_grad():
+        encoded = backbone.encode_text([region_prompt, background_prompt])
+    return torch.cat([encoded[:1], encoded[1:]], dim=1), encoded.shape[1]
+
+
+def token_index(tokenizer, prompt: str, word: str) -> int:
+    """Where `word` sits in the tokenised `prompt` (special tokens counted); it must be a single token."""
+    pieces = tokenizer(word, add_special_tokens=False).input_ids
+    if len(pieces) != 1:
+        raise ValueError(f"{word!r} is {len(pieces)} tokens for this tokenizer; choose a word that is one token")
+    ids = tokenizer(prompt).input_ids
+    if pieces[0] not in ids:
+        raise ValueError(f"{word!r} does not occur in the prompt {prompt!r}")
+    return ids.index(pieces[0])

@@ -4,6 +4,10 @@ Two stages, as latent diffusion is trained: the VAE first (reconstruction, MSE, 
 perceptual and adversarial terms are left out because their networks would need pretrained weights), then the
 UNet and the text encoder on the frozen VAE's latents with the epsilon-prediction loss of DDPM, conditioned on
 prompts "a photo of a <category>" and, one time in ten, on the empty prompt (so classifier-free guidance works).
+
+The VAE is fully convolutional, so it trains on random `vae_crop` px crops (5x faster than whole 128 px images on
+a CPU, as SD's VAE trained on 256 px crops); the images are encoded once for the UNet stage (posterior mean and
+standard deviation kept, a latent drawn from them at every step).
 The methods then fine-tune this backbone few-shot, as the papers fine-tune SD.
 """
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness.diffusion.backbone import Backbone, build_tiny
+from harness.diffusion.latents import to_tensor as to_model_input
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,7 @@ class PretrainConfig:
     vae_steps: int = 400
     unet_steps: int = 800
     batch_size: int = 8
+    vae_crop: int = 64  # VAE training crops (px); 0: whole images
     vae_lr: float = 1e-3
     unet_lr: float = 3e-4
     kl_weight: float = 1e-6
@@ -33,11 +39,6 @@ class PretrainConfig:
 
 def prompt_for(category: str) -> str:
     return f"a photo of a {category.replace('_', ' ')}"
-
-
-def to_model_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def pretrain(images: np.ndarray, categories: list[str], config: PretrainConfig = PretrainConfig(),
@@ -60,12 +61,21 @@ def _batch(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
     return rng.integers(0, n, size)
 
 
+def _crops(rng: np.random.Generator, images: np.ndarray, size: int) -> np.ndarray:
+    """One random size x size crop of each image (the whole image when size is 0 or not smaller)."""
+    height, width = images.shape[1:3]
+    if not size or size >= min(height, width):
+        return images
+    ys, xs = rng.integers(0, height - size + 1, len(images)), rng.integers(0, width - size + 1, len(images))
+    return np.stack([image[y:y + size, x:x + size] for image, y, x in zip(images, ys, xs)])
+
+
 def _train_vae(backbone: Backbone, images: np.ndarray, config: PretrainConfig, rng, generator, progress) -> list[float]:
     vae = backbone.vae.train()
     optimiser = torch.optim.Adam(vae.parameters(), lr=config.vae_lr)
     losses = []
     for _ in tqdm(range(config.vae_steps), desc="pretrain VAE", disable=not progress, leave=False):
-        x = to_model_input(images[_batch(rng, len(images), config.batch_size)])
+        x = to_model_input(_crops(rng, images[_batch(rng, len(images), config.batch_size)], config.vae_crop))
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         loss = F.mse_loss(vae.decode(z).sample, x) + config.kl_weight * posterior.kl().mean()
@@ -83,11 +93,11 @@ def _train_unet(backbone: Backbone, images: np.ndarray, categories: list[str], c
     optimiser = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=config.unet_lr)
     prompts = np.array([prompt_for(c) for c in categories])
     steps_total = backbone.scheduler.config.num_train_timesteps
+    mean, std = _encode_all(backbone, images, config.batch_size)
     losses = []
     for _ in tqdm(range(config.unet_steps), desc="pretrain UNet", disable=not progress, leave=False):
         chosen = _batch(rng, len(images), config.batch_size)
-        with torch.no_grad():
-            z0 = backbone.encode_images(to_model_input(images[chosen]))
+        z0 = (mean[chosen] + std[chosen] * torch.randn(mean[chosen].shape, generator=generator)) * backbone.latent_scale
         text = [p if rng.random() >= config.empty_prompt_rate else "" for p in prompts[chosen]]
         noise = torch.randn(z0.shape, generator=generator)
         t = torch.randint(0, steps_total, (len(chosen),), generator=generator)
@@ -98,6 +108,17 @@ def _train_unet(backbone: Backbone, images: np.ndarray, categories: list[str], c
         optimiser.step()
         losses.append(loss.item())
     return _tenths(losses)
+
+
+@torch.no_grad()
+def _encode_all(backbone: Backbone, images: np.ndarray, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (mean, std) of every image, unscaled."""
+    means, stds = [], []
+    for start in range(0, len(images), batch_size):
+        posterior = backbone.vae.encode(to_model_input(images[start:start + batch_size])).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
 
 
 def _tenths(losses: list[float]) -> list[float]:

@@ -15,6 +15,7 @@ from harness.profiles import get_profile
 from harness.runner.jobs import Job, JobContext, expander, job_kind, make_job
 from harness.tasks import build_task
 from harness import weights
+from harness.runner.backbone_jobs import backbone_folder, backbone_job_for
 
 SCORE_RESOURCES = {"num_cpus": 1, "memory": 4 * 2**30}
 
@@ -57,6 +58,7 @@ def generation_jobs(plan) -> list[Job]:
                 for seed in suite.seeds:
                     for spec in suite.methods:
                         info = infos[spec.method]
+                        backbone = backbone_job_for(plan, dataset.spec.name) if info.cls.uses_backbone else None
                         requires = "caption" in info.cls.needs
                         source = source_params(dataset, category, split, requires)
                         groups = ([category.defect_types] if info.cls.granularity == "category"
@@ -65,12 +67,14 @@ def generation_jobs(plan) -> list[Job]:
                             tags = {"dataset": dataset.spec.name, "category": category.name, "method": spec.label,
                                     "method_name": spec.method, "fold": split.fold, "seed": seed,
                                     "protocol": split.protocol, "split_hash": split.manifest_hash}
+                            if backbone is not None:
+                                tags["backbone"] = backbone.tags["backbone"]
                             where = f"{dataset.spec.name}/{category.name}"
                             fit = make_job("fit", f"fit {spec.label} {where}/{defects[0] if len(defects) == 1 else '*'} f{split.fold} s{seed}",
                                            {**source, "method": spec.method, "config": configs[spec.label],
                                             "method_hash": method_hashes[spec.method], "profile": profile.name,
                                             "resolution": profile.resolution, "defect_types": defects, "seed": seed},
-                                           resources=dict(info.cls.resources), tags=tags)
+                                           (backbone.key,) if backbone else (), dict(info.cls.resources), tags)
                             jobs.append(fit)
                             for defect in defects:
                                 defect_tags = {**tags, "defect_type": defect}
@@ -107,6 +111,7 @@ def _method(params: dict) -> Method:
 def run_fit(job: Job, ctx: JobContext) -> list[dict]:
     p = job.params
     task = build_task(load_split(p, ctx.cache), p["defect_types"], p["resolution"], p["seed"])
+    task.backbone = backbone_folder(job, ctx)
     seconds = fit_method(_method(p), task, ctx.folder / "work")
     atomic_write_json(ctx.folder / "fit.json", {"seconds": round(seconds, 3)})
     return []

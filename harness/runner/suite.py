@@ -27,7 +27,7 @@ LAYOUTS = ("synthetic", "mvtec_ad", "mvtec_loco", "auto")
 EXECUTORS = ("ray", "serial")
 SYNTH_KEYS = {"seed", "size", "n_train", "n_validation", "n_test_good", "n_defect"}
 TOP_KEYS = {"name", "description", "datasets", "protocol", "profile", "methods", "generate", "metrics", "ic_lpips",
-            "downstream", "detectors", "seeds", "executor", "weights"}
+            "downstream", "detectors", "seeds", "executor", "weights", "backbone"}
 DATASET_KEYS = {"name", "layout", "root", "captions", "categories", "synth"}
 METHOD_KEYS = {"method", "label", "config"}
 GENERATE_KEYS = {"n"}
@@ -75,6 +75,7 @@ class Suite:
     detectors: tuple[dict, ...] = ()  # {name: patchcore | ..., config: {...}}
     executor: ExecutorSpec = ExecutorSpec()
     weights: dict = field(default_factory=dict)
+    backbone: dict = field(default_factory=dict)  # the tiny backbone's pretraining settings (harness/diffusion/pretrain.py)
     description: str = ""
 
     def where(self) -> str:
@@ -128,7 +129,16 @@ def parse_suite(raw: dict, path: Path | None, data: str | Path | None = None, ch
         seeds=seeds, downstream=parse_models(raw.get("downstream"), where, "downstream", profile),
         detectors=parse_models(raw.get("detectors"), where, "detectors", profile),
         executor=_executor(raw.get("executor") or {}, where), weights=dict(raw.get("weights") or {}),
+        backbone=_backbone(raw.get("backbone") or {}, where, profile),
     )
+
+
+def _backbone(value: Any, where: str, profile: str) -> dict:
+    from harness.diffusion.provision import pretrain_config
+
+    _mapping(value, where, "backbone")
+    pretrain_config(value, PROFILES[profile].resolution, f"{where}: backbone")  # unknown keys fail here
+    return dict(value)
 
 
 def _datasets(value: Any, where: str, data: str | Path | None) -> list[DatasetSpec]:

@@ -1,0 +1,89 @@
+"""backbone -> fit: one diffusion backbone per data set, made before any diffusion method fits on it.
+
+In the `tiny` profile the job pretrains the tiny backbone on the normal training images of the suite's categories
+of that data set (or finds it in results/cache/backbones/); in `paper` it resolves Stable Diffusion 1.5. Fit jobs
+of methods with `uses_backbone` depend on it and read the folder from its `backbone.json`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from harness.diffusion import provision
+from harness.io import atomic_write_json
+from harness.methods import discover
+from harness.profiles import get_profile
+from harness.runner.jobs import Job, JobContext, expander, job_kind, make_job
+
+JOB_FILE = "backbone.json"
+RESOURCES = {"num_cpus": 1, "memory": 4 * 2**30}
+
+
+def uses_backbone(suite) -> bool:
+    infos = discover()
+    return any(infos[spec.method].cls.uses_backbone for spec in suite.methods)
+
+
+def normal_images(plan, dataset) -> list[provision.NormalImages]:
+    """The normal training images of every category of `dataset` in the plan (fold 0: every fold has the same)."""
+    out = []
+    for category in dataset.categories:
+        split = plan.splits[(dataset.spec.name, category.name)][0]
+        files = split.manifest["files"]
+        rel = [str(s.image.relative_to(category.root)) for s in split.normal_train]
+        out.append(provision.NormalImages(category.name, tuple(category.root / r for r in rel),
+                                          tuple(files[r] for r in rel)))
+    return out
+
+
+@expander
+def backbone_jobs(plan) -> list[Job]:
+    suite = plan.suite
+    if not uses_backbone(suite):
+        return []
+    profile = get_profile(suite.profile)
+    jobs = []
+    for dataset in plan.datasets:
+        normals = normal_images(plan, dataset)
+        if profile.name == "tiny":
+            config = provision.pretrain_config(suite.backbone, profile.resolution, f"{suite.where()}: backbone")
+            provenance = f"tiny-pretrained:{provision.tiny_key(normals, config)}"
+        else:
+            explicit = suite.weights.get(provision.PAPER_BACKBONE)
+            provenance = provision.describe(provision.paper_backbone(explicit)[1], Path())
+        params = {"profile": profile.name, "dataset": dataset.spec.name, "resolution": profile.resolution,
+                  "normals": [{"category": n.category, "paths": [str(p) for p in n.paths], "hashes": list(n.hashes)}
+                              for n in normals],
+                  "pretrain": dict(suite.backbone), "weights": suite.weights.get(provision.PAPER_BACKBONE),
+                  "code": provision.code_hash(), "provenance": provenance}
+        jobs.append(make_job("backbone", f"backbone {profile.name} {dataset.spec.name}", params,
+                             resources=dict(RESOURCES), tags={"dataset": dataset.spec.name, "backbone": provenance}))
+    return jobs
+
+
+def backbone_job_for(plan, dataset_name: str) -> Job | None:
+    """The backbone job of a data set, if the plan has one (made by the expander above)."""
+    for job in plan.jobs:
+        if job.kind == "backbone" and job.tags.get("dataset") == dataset_name:
+            return job
+    return None
+
+
+def backbone_folder(job: Job, ctx: JobContext) -> Path | None:
+    """The backbone folder a fit job's `backbone` dependency made, or None if it has none."""
+    for key in job.deps:
+        info = ctx.deps[key] / JOB_FILE
+        if info.is_file():
+            return Path(json.loads(info.read_text())["folder"])
+    return None
+
+
+@job_kind("backbone")
+def run_backbone(job: Job, ctx: JobContext) -> list[dict]:
+    p = job.params
+    normals = [provision.NormalImages(n["category"], tuple(Path(x) for x in n["paths"]), tuple(n["hashes"]))
+               for n in p["normals"]]
+    folder, info = provision.provision(p["profile"], normals, p["pretrain"], p["weights"])
+    atomic_write_json(ctx.folder / JOB_FILE, {"folder": str(folder), "provenance": p["provenance"],
+                                              **{k: v for k, v in info.items() if k != "config"}})
+    return []
