@@ -84,7 +84,7 @@ def _train_vae(backbone: Backbone, images: np.ndarray, config: PretrainConfig, r
         optimiser.step()
         losses.append(loss.item())
     vae.eval().requires_grad_(False)
-    return _tenths(losses)
+    return loss_tenths(losses)
 
 
 def _train_unet(backbone: Backbone, images: np.ndarray, categories: list[str], config: PretrainConfig, rng,
@@ -107,7 +107,7 @@ def _train_unet(backbone: Backbone, images: np.ndarray, categories: list[str], c
         loss.backward()
         optimiser.step()
         losses.append(loss.item())
-    return _tenths(losses)
+    return loss_tenths(losses)
 
 
 @torch.no_grad()
@@ -121,6 +121,7 @@ def _encode_all(backbone: Backbone, images: np.ndarray, batch_size: int) -> tupl
     return torch.cat(means), torch.cat(stds)
 
 
-def _tenths(losses: list[float]) -> list[float]:
+def loss_tenths(losses: list[float]) -> list[float]:
+    """The mean loss over each tenth of a run (fewer chunks for short runs): a compact history."""
     chunks = np.array_split(np.asarray(losses), min(10, len(losses))) if losses else []
     return [round(float(c.mean()), 5) for c in chunks]

@@ -24,6 +24,7 @@ from harness.diffusion import backbone as backbones
 from harness.diffusion import ddim
 from harness.diffusion.attention import MaskState, masked_cross_attention, token_index, two_prompt_condition
 from harness.diffusion.latents import decode, encode, latent_mask, resize_images, resize_masks
+from harness.diffusion.pretrain import loss_tenths
 from harness.errors import MethodError
 
 MODEL_FILE = "model.json"
@@ -192,7 +193,7 @@ class BackgroundAware(Method):
                 optimiser.step()
                 losses.append(loss.item())
         unet.eval().requires_grad_(False)
-        return [round(float(c.mean()), 5) for c in np.array_split(np.asarray(losses), min(10, len(losses)))]
+        return loss_tenths(losses)
 
     # -- generate: Algorithm 1 on each target normal image and mask --
 
