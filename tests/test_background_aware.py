@@ -117,7 +117,7 @@ def fitted(washer_task, tmp_path_factory):
 
 def test_background_fidelity_far_better_than_random_init(washer_task, fitted):
     """Lemma 1 / Proposition 1 in practice: outside the mask the sample stays close to its target normal image
-    (measured 28.2 dB against 15.6 dB with `init: random`; the tiny VAE's own reconstruction is 28.3 dB)."""
+    (measured 28.5 dB against 12.7 dB with `init: random`)."""
     workdir, (samples, request, psnr, _), (_, _, psnr_random, _) = fitted
     print(f"bg_psnr {psnr:.2f} vs random {psnr_random:.2f}")
     assert psnr > psnr_random + 8.0
@@ -132,13 +132,12 @@ def test_background_fidelity_far_better_than_random_init(washer_task, fitted):
     assert all(np.array_equal(a.mask, t.mask) for a, t in zip(again, request.targets))
 
 
-@pytest.mark.xfail(strict=True, reason="with the tiny backbone the fitted model does not yet draw the defect: what "
-                                       "changes inside the mask is no more than the VAE's blur elsewhere (issue 5)")
 def test_mask_alignment_better_than_random_init(fitted):
-    """The generated defect lands in the mask: mask_iou above that of `init: random`."""
+    """The generated defect lands in the mask: mask_iou (the sample's refined mask against where it differs from
+    its normal image) far above that of `init: random` (measured 0.103 against 0.014)."""
     _, (_, _, _, iou), (_, _, _, iou_random) = fitted
     print(f"mask_iou {iou:.3f} vs random {iou_random:.3f}")
-    assert iou > 1.5 * iou_random
+    assert iou > 3 * iou_random
 
 
 def _grown(mask: np.ndarray, pixels: int) -> np.ndarray:

@@ -32,11 +32,19 @@ class MaskState:
 
 
 def mask_for(mask: torch.Tensor, n_queries: int) -> torch.Tensor:
-    """The mask (B, 1, h, w) resized (bilinear) to a square attention map of n_queries positions: (B, n_queries, 1)."""
+    """The mask (B, 1, h, w) resized to a square attention map of n_queries positions: (B, n_queries, 1).
+
+    Down to a coarser map by max-pooling, as the latent mask itself (latents.latent_mask): a position is in m' if
+    any of its latent cells is. Bilinear resizing would leave a defect of one latent cell at 1/4 of a cell on the
+    next level and 1/16 on the one after, so the defect prompt would hardly reach the UNet's coarse layers."""
     side = int(round(math.sqrt(n_queries)))
     if side * side != n_queries:
         raise ValueError(f"attention over {n_queries} positions is not a square map")
-    resized = F.interpolate(mask.float(), size=(side, side), mode="bilinear", align_corners=False)
+    mask = mask.float()
+    if side <= mask.shape[-1]:
+        resized = F.adaptive_max_pool2d(mask, side)
+    else:
+        resized = F.interpolate(mask, size=(side, side), mode="nearest")
     return resized.flatten(2).transpose(1, 2)
 
 

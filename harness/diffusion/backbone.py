@@ -3,7 +3,8 @@ DDIM scheduler.
 
 - `paper`: Stable Diffusion 1.5 through diffusers / transformers `from_pretrained`, on a local folder or a hub id.
 - `tiny`: the same classes built from small configs (a 3-level AutoencoderKL, so latents are at 1/4 of the image
-  size where SD's are at 1/8: an 8x VAE this small, trained minutes on a CPU, blurs 128 px textures away; a 4-level
+  size where SD's are at 1/8: an 8x VAE this small, trained minutes on a CPU, blurs 128 px textures away; 8 latent
+  channels where SD has 4: with 4, small dark spots such as a stain are reconstructed as normal surface; a 4-level
   UNet with cross-attention at 1/2 and 1/4 of the latent size; a 2-layer CLIP text model) and a word-level
   tokenizer over a fixed vocabulary (prompt words, category and defect names, and rare placeholder words for
   DreamBooth-style tokens). It runs on a CPU; the harness pretrains it on
@@ -89,6 +90,9 @@ def split_words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower().replace("_", " "))
 
 
+TINY_LATENT_CHANNELS = 8
+
+
 def build_tiny(words: list[str], resolution: int = 128, seed: int = 0) -> Backbone:
     """The tiny backbone, randomly initialised (seeded); `words` are the vocabulary beyond the base prompt words."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -97,7 +101,7 @@ def build_tiny(words: list[str], resolution: int = 128, seed: int = 0) -> Backbo
     tokenizer = word_level_tokenizer(words)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=TINY_LATENT_CHANNELS, block_out_channels=(32, 64, 64),
                             down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                             layers_per_block=1, norm_num_groups=16, sample_size=resolution, scaling_factor=1.0)
         text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -106,7 +110,8 @@ def build_tiny(words: list[str], resolution: int = 128, seed: int = 0) -> Backbo
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id))
         unet = UNet2DConditionModel(  # no attention at the full latent resolution: it would cost 5x on a CPU
-            sample_size=resolution // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64, 64),
+            sample_size=resolution // 4, in_channels=TINY_LATENT_CHANNELS, out_channels=TINY_LATENT_CHANNELS,
+            block_out_channels=(32, 64, 64, 64),
             layers_per_block=1, cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))

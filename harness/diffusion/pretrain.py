@@ -5,6 +5,8 @@ perceptual and adversarial terms are left out because their networks would need 
 UNet and the text encoder on the frozen VAE's latents with the epsilon-prediction loss of DDPM, conditioned on
 prompts "a photo of a <category>" and, one time in ten, on the empty prompt (so classifier-free guidance works).
 
+The VAE sees generic content too (random shapes and colours drawn on its crops, `generic_content`), so that it
+stays a general autoencoder as SD's is, rather than one that can only reconstruct normal images.
 The VAE is fully convolutional, so it trains on random `vae_crop` px crops (5x faster than whole 128 px images on
 a CPU, as SD's VAE trained on 256 px crops); the images are encoded once for the UNet stage (posterior mean and
 standard deviation kept, a latent drawn from them at every step).
@@ -33,6 +35,7 @@ class PretrainConfig:
     vae_lr: float = 1e-3
     unet_lr: float = 3e-4
     kl_weight: float = 1e-6
+    vae_augment: bool = True  # generic content in the VAE's crops (see generic_content)
     empty_prompt_rate: float = 0.1
     seed: int = 0
 
@@ -70,12 +73,55 @@ def _crops(rng: np.random.Generator, images: np.ndarray, size: int) -> np.ndarra
     return np.stack([image[y:y + size, x:x + size] for image, y, x in zip(images, ys, xs)])
 
 
+def generic_content(rng: np.random.Generator, crops: np.ndarray, shapes: int = 3) -> np.ndarray:
+    """The crops (uint8 (B, h, w, 3)) flipped, their colours scaled, and up to `shapes` random ellipses and strokes
+    drawn on each, filled with a random flat colour or the pixels beneath scaled by a random factor.
+
+    SD's VAE is a general image autoencoder; trained on normal images alone ours would be a model of normality
+    that reconstructs any anomaly as normal (the principle of reconstruction-based anomaly detection), and no
+    fine-tuning of the UNet could then draw a defect. Random shapes of random colour and contrast keep it general.
+    No defect image is used."""
+    out = crops.astype(np.float32)
+    height, width = out.shape[1:3]
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    for image in out:
+        if rng.random() < 0.5:
+            image[:] = image[:, ::-1]
+        if rng.random() < 0.5:
+            image[:] = image[::-1]
+        image *= rng.uniform(0.8, 1.2, 3).astype(np.float32)
+        for _ in range(rng.integers(0, shapes + 1)):
+            region = _random_shape(rng, y, x)
+            if rng.random() < 0.5:
+                image[region] = rng.uniform(0, 255, 3)
+            else:
+                image[region] *= rng.uniform(0.3, 1.7)
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def _random_shape(rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A random ellipse or straight stroke (bool map) of 1/40 to 1/4 of the crop's side."""
+    side = min(y.shape)
+    cy, cx = rng.uniform(0, y.shape[0]), rng.uniform(0, y.shape[1])
+    if rng.random() < 0.5:
+        ry, rx = rng.uniform(side / 40, side / 4, 2)
+        angle = rng.uniform(0, np.pi)
+        dy, dx = y - cy, x - cx
+        u, v = dy * np.cos(angle) + dx * np.sin(angle), -dy * np.sin(angle) + dx * np.cos(angle)
+        return (u / ry) ** 2 + (v / rx) ** 2 <= 1
+    angle, length, width = rng.uniform(0, 2 * np.pi), rng.uniform(side / 8, side / 2), rng.uniform(0.5, side / 20)
+    ey, ex = cy + length * np.sin(angle), cx + length * np.cos(angle)
+    along = np.clip(((y - cy) * (ey - cy) + (x - cx) * (ex - cx)) / length ** 2, 0, 1)
+    return np.hypot(y - cy - along * (ey - cy), x - cx - along * (ex - cx)) <= width
+
+
 def _train_vae(backbone: Backbone, images: np.ndarray, config: PretrainConfig, rng, generator, progress) -> list[float]:
     vae = backbone.vae.train()
     optimiser = torch.optim.Adam(vae.parameters(), lr=config.vae_lr)
     losses = []
     for _ in tqdm(range(config.vae_steps), desc="pretrain VAE", disable=not progress, leave=False):
-        x = to_model_input(_crops(rng, images[_batch(rng, len(images), config.batch_size)], config.vae_crop))
+        crops = _crops(rng, images[_batch(rng, len(images), config.batch_size)], config.vae_crop)
+        x = to_model_input(generic_content(rng, crops) if config.vae_augment else crops)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         loss = F.mse_loss(vae.decode(z).sample, x) + config.kl_weight * posterior.kl().mean()
