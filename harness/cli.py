@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DefectBenchError, FileExistsError) as err:
         print(f"defectbench: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a read-only results folder, a full disk: one line naming the file, not a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"defectbench: error: {where}{err.strerror or err} (could not read or write)", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="clean-thirds")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--profile", default="tiny")
-    p.add_argument("--ic-lpips", default="ic_lpips", choices=["ic_lpips", "ic_lpips_dfmgan"],
-                   help="IC-LPIPS variant: DualAnoDiff/AnomalyDiffusion (vgg, 256 px, 50) or DFMGAN (alex, 200)")
+    p.add_argument("--ic-lpips", default="ic_lpips", choices=["ic_lpips", "ic_lpips_dfmgan", "ic_lpips_dfmgan_fixed"],
+                   help="IC-LPIPS variant: DualAnoDiff (vgg, 256 px, 50 per cluster), DFMGAN's code (alex, 200, "
+                        "centres unscaled as in its code), or DFMGAN's rule with the centres scaled")
     p.add_argument("--json", type=Path, help="also write the values (with details) to this JSON file")
     p.set_defaults(func=cmd_score)
 
@@ -162,6 +167,8 @@ def cmd_split(args) -> int:
                          "train": len(parts.train), "test": len(parts.test), "centres": len(parts.centres),
                          "in both": len(split.overlap(defect))})
     print(tabulate(rows, headers="keys", tablefmt="simple"))
+    for warning in dict.fromkeys(w for split in splits for w in split.warnings()):
+        print(f"warning: {warning}")
     out = args.out or RESULTS_DIR / "splits" / category.dataset / category.name / f"{args.protocol}.json"
     write_manifests(splits, out)
     first = splits[0]
@@ -206,6 +213,12 @@ def cmd_generate(args) -> int:
     from harness.methods import load_method
     from harness.tasks import build_task
 
+    if args.n < 1:
+        raise DefectBenchError(f"--n must be a positive number of images, not {args.n}")
+    if args.seed < 0 or args.fold < 0:
+        raise DefectBenchError(f"--seed and --fold must be >= 0 (got {args.seed}, {args.fold})")
+    if args.out.exists() and not args.overwrite:
+        raise DefectBenchError(f"{args.out}: already exists (pass --overwrite to replace it)")
     method = load_method(args.method, args.profile, _overrides(args.overrides))
     category = _read(args, args.data, require_captions="caption" in method.needs)
     split = make_split(category, args.protocol, args.fold)
@@ -257,8 +270,10 @@ def cmd_score(args) -> int:
     scorer = Scorer(args.profile, ScoreConfig.for_profile(args.profile, ic_lpips=PRESETS[args.ic_lpips]))
     inputs = ScoreInputs.from_folder(args.generated, real, centres)
     values = scorer.score(inputs, progress=True)
-    print(tabulate([[LABELS[v.metric], v.value, v.std, v.n] for v in values], headers=["metric", "value", "std", "n"],
-                   floatfmt=".5g", tablefmt="simple"))
+    rows = [[LABELS[v.metric], "—" if v.value is None else v.value, v.std, v.n,
+             v.missing or ("below the documented minimum of reference images" if v.below_minimum else "")]
+            for v in values]
+    print(tabulate(rows, headers=["metric", "value", "std", "n", "note"], floatfmt=".5g", tablefmt="simple"))
     if any(v.details.get("random") for v in values):
         print("note: some feature extractors had random weights (no pretrained weights found); see --json details")
     if args.json:

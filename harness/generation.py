@@ -32,6 +32,8 @@ def fit_method(method: Method, task: FewShotTask, workdir: Path) -> float:
 def generate_to(method: Method, task: FewShotTask, defect_type: str, n: int, seed: int, out: Path,
                 workdir: Path, meta: dict | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Generate n samples of `defect_type` with an already fitted method and write them to `out`."""
+    if not isinstance(n, int) or n < 1:
+        raise MethodError(f"the number of samples to generate must be a positive integer, not {n!r}")
     request = build_request(task, method, defect_type, n, seed)
     normal_paths = {item.id: str(item.path) for item in task.normals}
     start = time.perf_counter()

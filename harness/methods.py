@@ -20,6 +20,7 @@ import yaml
 
 from harness.errors import ConfigError, MethodError
 from harness.profiles import Profile, get_profile
+from harness.seeding import stream
 
 NEEDS = frozenset({"target_normal", "target_mask", "caption"})
 GRANULARITIES = ("defect_type", "category")
@@ -52,9 +53,14 @@ class FewShotTask:
     seed: int
     other_normals: dict[str, list[Path]] = field(default_factory=dict)  # train/good of the other categories
     backbone: Path | None = None  # the diffusion backbone folder (diffusers layout), for methods with uses_backbone
+    fold: int = 0
 
     def anomalies_of(self, defect_type: str) -> list[Item]:
         return [a for a in self.anomalies if a.defect_type == defect_type]
+
+    def rng(self, *keys: int | str) -> np.random.Generator:
+        """A random stream for fitting, its own for every data set, category, defect types, fold and seed."""
+        return stream(self.seed, "fit", self.dataset, self.category, *self.defect_types, self.fold, *keys)
 
 
 @dataclass
@@ -75,9 +81,14 @@ class GenerationRequest:
     n: int
     seed: int
     targets: list[Target]  # exactly n
+    dataset: str = ""
+    category: str = ""
+    fold: int = 0
 
-    def rng(self, *keys: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, *keys])
+    def rng(self, *keys: int | str) -> np.random.Generator:
+        """The random stream of sample `keys[0]` (and any further keys): its own for every data set, category,
+        defect type, fold and seed, and the same in every rerun on any machine."""
+        return stream(self.seed, "generate", self.dataset, self.category, self.defect_type, self.fold, *keys)
 
 
 @dataclass
@@ -106,6 +117,8 @@ class Method:
     paper: ClassVar[str] = ""
     granularity: ClassVar[str] = "defect_type"  # one model per defect type, or one per category
     needs: ClassVar[frozenset[str]] = frozenset()  # subset of NEEDS
+    # CPUs a job of this method uses; num_gpus > 0: it runs networks and gets the profile's share of a GPU where
+    # the cluster has GPUs (harness.runner.jobs.job_resources)
     resources: ClassVar[dict[str, float]] = {"num_cpus": 1, "num_gpus": 0}
     uses_backbone: ClassVar[bool] = False  # fine-tunes the shared diffusion backbone (FewShotTask.backbone)
 

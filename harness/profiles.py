@@ -12,6 +12,7 @@ class Profile:
     resolution: int  # every image is resized to resolution x resolution at load time
     allow_random_weights: bool  # may a missing pretrained network fall back to random weights?
     description: str
+    gpu_share: float = 1.0  # the share of one GPU a job that uses networks asks for, where the cluster has GPUs
 
 
 PROFILES: dict[str, Profile] = {
@@ -20,6 +21,7 @@ PROFILES: dict[str, Profile] = {
         resolution=128,
         allow_random_weights=True,
         description="small networks built from configs and trained here; runs on a CPU with no network",
+        gpu_share=0.125,  # the tiny networks are small: eight jobs share a GPU
     ),
     "paper": Profile(
         name="paper",

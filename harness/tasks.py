@@ -6,7 +6,6 @@ jittered; captions are the training captions of the defect type.
 """
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,7 @@ from harness.data.splits import Split
 from harness.errors import DataError, MethodError
 from harness.imaging import estimate_foreground, jitter_mask
 from harness.methods import FewShotTask, GenerationRequest, Item, Method, Target
-
-
-def stable_key(text: str) -> int:
-    """A process-independent integer for seeding from a name (Python's hash() is salted per process)."""
-    return zlib.crc32(text.encode("utf-8"))
+from harness.seeding import stream
 
 
 def to_item(sample: Sample, resolution: int) -> Item:
@@ -50,7 +45,7 @@ def build_task(split: Split, defect_types: list[str], resolution: int, seed: int
     return FewShotTask(
         dataset=category.dataset, category=category.name, defect_types=list(defect_types), anomalies=anomalies,
         normals=normals, resolution=resolution, texture=category.texture, seed=seed,
-        other_normals=_other_normals(category.root.parent, category.name),
+        other_normals=_other_normals(category.root.parent, category.name), fold=split.fold,
     )
 
 
@@ -70,7 +65,7 @@ def _other_normals(root: Path, own: str) -> dict[str, list[Path]]:
 
 def build_request(task: FewShotTask, method: Method, defect_type: str, n: int, seed: int) -> GenerationRequest:
     needs = method.needs
-    rng = np.random.default_rng([seed, stable_key(task.category), stable_key(defect_type)])
+    rng = stream(seed, "targets", task.dataset, task.category, defect_type, task.fold)
     anomalies = task.anomalies_of(defect_type)
     if not anomalies:
         raise MethodError(f"no training anomalies of defect type '{defect_type}' in the task for '{task.category}'")
@@ -96,4 +91,5 @@ def build_request(task: FewShotTask, method: Method, defect_type: str, n: int, s
             source = captioned[rng.integers(len(captioned))]
             target.caption, target.caption_source = source.caption, source.id
         targets.append(target)
-    return GenerationRequest(defect_type=defect_type, n=n, seed=seed, targets=targets)
+    return GenerationRequest(defect_type=defect_type, n=n, seed=seed, targets=targets, dataset=task.dataset,
+                             category=task.category, fold=task.fold)

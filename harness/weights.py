@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 
 from harness.errors import WeightsError
+from harness.io import cached_file_hash
 from harness.profiles import Profile, get_profile
 
 log = logging.getLogger(__name__)
@@ -35,24 +36,31 @@ class WeightSpec:
     filename: str
     url: str
     description: str
+    sha256: str  # the file's published SHA-256 (its first 8 hex digits are the tag in the file name)
 
 
 # Networks whose weights the metrics and downstream models use. File names are the ones torch hub caches.
 KNOWN: dict[str, WeightSpec] = {s.name: s for s in (
     WeightSpec("inception-v3-fid", "weights-inception-2015-12-05-6726825d.pth",
                "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
-               "Inception-v3 of the TF FID code (torch-fidelity), for IS / FID / KID"),
+               "Inception-v3 of the TF FID code (torch-fidelity), for IS / FID / KID",
+               "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"),
     WeightSpec("vgg16", "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth",
-               "torchvision VGG-16 ImageNet weights, the trunk of LPIPS (vgg)"),
+               "torchvision VGG-16 ImageNet weights, the trunk of LPIPS (vgg)",
+               "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0"),
     WeightSpec("alexnet", "alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
-               "torchvision AlexNet ImageNet weights, the trunk of LPIPS (alex)"),
+               "torchvision AlexNet ImageNet weights, the trunk of LPIPS (alex)",
+               "7be5be791159472b1fbf3c69796f7cb30dca7ad8466c2df70058c37116cdee02"),
     WeightSpec("resnet18", "resnet18-f37072fd.pth", "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-               "torchvision ResNet-18 ImageNet weights"),
+               "torchvision ResNet-18 ImageNet weights",
+               "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"),
     WeightSpec("resnet34", "resnet34-b627a593.pth", "https://download.pytorch.org/models/resnet34-b627a593.pth",
-               "torchvision ResNet-34 ImageNet weights (defect classifier)"),
+               "torchvision ResNet-34 ImageNet weights (defect classifier)",
+               "b627a593bcbe140c234610266fe4f8ae95ea42fc881d091c9b6052e6b1d0590f"),
     WeightSpec("wide_resnet50_2", "wide_resnet50_2-95faca4d.pth",
                "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
-               "torchvision Wide-ResNet-50-2 ImageNet weights (anomalib backbones)"),
+               "torchvision Wide-ResNet-50-2 ImageNet weights (anomalib backbones)",
+               "95faca4d11227dddf8633dbb5ff6c8a9003c1aa5b8945c73834b8007b10950b8"),
 )}
 
 
@@ -113,13 +121,15 @@ def resolve(name: str, profile: str | Profile, explicit: str | Path | None = Non
         path = Path(explicit).expanduser()
         if not path.is_file():
             raise WeightsError(f"weights for {name!r}: the configured file {path} does not exist")
+        if path.name == spec.filename:  # the published file under its own name: it must be that file
+            verify(spec, path)
         return ResolvedWeights(name, "config", path)
     cached = cache_dir() / spec.filename
     if cached.is_file():
-        return ResolvedWeights(name, "cache", cached)
+        return ResolvedWeights(name, "cache", verify(spec, cached))
     downloaded = _download(spec, cached)
     if downloaded is not None:
-        return ResolvedWeights(name, "download", downloaded)
+        return ResolvedWeights(name, "download", verify(spec, downloaded))
     if not profile.allow_random_weights:
         raise WeightsError(
             f"weights for {name!r} ({spec.description}) not found and cannot be downloaded; the {profile.name!r} "
@@ -130,12 +140,22 @@ def resolve(name: str, profile: str | Profile, explicit: str | Path | None = Non
     return ResolvedWeights(name, "random", None, RANDOM_SEED)
 
 
+def verify(spec: WeightSpec, path: Path) -> Path:
+    """The file, if its SHA-256 is the published one; else a WeightsError naming it (a damaged download, another
+    file under the published name, or a crafted checkpoint)."""
+    digest = cached_file_hash(path)
+    if digest != spec.sha256:
+        raise WeightsError(f"{path}: SHA-256 {digest[:16]}... is not the published {spec.sha256[:16]}... of "
+                           f"{spec.filename} ({spec.description}); delete it or replace it with the published file")
+    return path
+
+
 def _download(spec: WeightSpec, target: Path) -> Path | None:
     if not is_reachable(spec.url):
         return None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(spec.url, str(target), progress=False)
+        torch.hub.download_url_to_file(spec.url, str(target), hash_prefix=spec.sha256, progress=False)
         return target
     except Exception as err:  # a failed download falls through to the next option
         log.warning("download of %s failed: %s", spec.url, err)
@@ -192,12 +212,19 @@ class RandomWeightsWarning(UserWarning):
 
 
 def load_state_dict(resolved: ResolvedWeights) -> dict:
+    """The tensors of a resolved checkpoint (see load_file)."""
     if resolved.path is None:
         raise WeightsError(f"{resolved.name}: no file to load (random weights)")
+    return load_file(resolved.path, resolved.name)
+
+
+def load_file(path: Path, name: str | None = None) -> dict:
+    """A checkpoint's tensors, loaded with weights_only=True so that a checkpoint cannot run code when loaded."""
     try:
-        return torch.load(resolved.path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise WeightsError(f"{resolved.path}: cannot load weights for {resolved.name!r} ({err})") from None
+        what = f" for {name!r}" if name else ""
+        raise WeightsError(f"{path}: cannot load weights{what} ({type(err).__name__}: {str(err).splitlines()[0]})") from None
 
 
 @contextlib.contextmanager

@@ -37,24 +37,7 @@ def test_hand_computed_case():
     # thresholds 0.8: P=1 R=.5; 0.4: P=.5 R=.5; 0.35: P=2/3 R=1 -> AP = .5*1 + .5*2/3
     assert det.average_precision(labels, scores) == pytest.approx(0.5 + 1 / 3)
     assert det.f1_max(labels, scores) == pytest.approx(0.8)  # P=2/3, R=1
-    assert det.f1_max_compat(labels, scores) == pytest.approx(0.8)
 
-
-def test_compat_f1_uses_21_thresholds_on_scaled_maps():
-    labels = np.array([0, 1, 1, 0, 1])
-    scores = np.array([0.0, 0.52, 0.53, 0.54, 1.0])  # best exact F1 needs a threshold between 0.53 and 0.54 ...
-    brute = max(_f1(labels, (scores >= t)) for t in np.arange(21) * 0.05)
-    assert det.f1_max_compat(labels, scores) == pytest.approx(brute)
-    assert det.f1_max_compat(labels, 10 * scores + 3) == pytest.approx(brute)  # scaling does not matter
-    assert det.f1_max(labels, scores) >= det.f1_max_compat(labels, scores)
-
-
-def _f1(labels, predicted):
-    tp = np.sum(predicted & (labels > 0))
-    if tp == 0:
-        return 0.0
-    p, r = tp / predicted.sum(), tp / (labels > 0).sum()
-    return 2 * p * r / (p + r)
 
 
 def _masks_maps(seed: int, n: int = 6, size: int = 32):

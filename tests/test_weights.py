@@ -45,24 +45,84 @@ def test_paper_profile_forbids_random_weights(offline):
     assert "vgg16-397923af.pth" in message and "paper" in message and str(weights.cache_dir()) in message
 
 
-def test_explicit_path_and_cache(offline):
+def _publish(monkeypatch, name: str, path) -> None:
+    """Pretend the file at `path` is the published one of `name` (its SHA-256 becomes the published hash)."""
+    import dataclasses
+
+    from harness.io import sha256_file
+
+    monkeypatch.setitem(weights.KNOWN, name, dataclasses.replace(weights.KNOWN[name], sha256=sha256_file(path)))
+
+
+def test_explicit_path_and_cache(offline, monkeypatch):
     with pytest.raises(WeightsError, match="does not exist"):
         weights.resolve("alexnet", "tiny", explicit=offline / "missing.pth")
     explicit = offline / "mine.pth"
     torch.save({}, explicit)
-    assert weights.resolve("alexnet", "paper", explicit=explicit).source == "config"
+    assert weights.resolve("alexnet", "paper", explicit=explicit).source == "config"  # another name: not checked
     cached = weights.cache_dir() / weights.KNOWN["alexnet"].filename
     cached.parent.mkdir(parents=True)
     torch.save({}, cached)
+    _publish(monkeypatch, "alexnet", cached)
     resolved = weights.resolve("alexnet", "paper")
     assert resolved.source == "cache" and resolved.path == cached
 
 
+def test_a_file_under_a_published_name_must_be_the_published_file(offline):
+    """A damaged or crafted alexnet-owt-7be5be79.pth in the torch cache is refused before it is loaded."""
+    cached = weights.cache_dir() / weights.KNOWN["alexnet"].filename
+    cached.parent.mkdir(parents=True)
+    torch.save({"features.0.weight": torch.zeros(1)}, cached)
+    with pytest.raises(WeightsError) as info:
+        weights.resolve("alexnet", "tiny")
+    assert str(cached) in str(info.value) and "SHA-256" in str(info.value)
+    explicit = offline / weights.KNOWN["vgg16"].filename  # the published name given explicitly: checked as well
+    torch.save({}, explicit)
+    with pytest.raises(WeightsError, match="SHA-256"):
+        weights.resolve("vgg16", "tiny", explicit=explicit)
+
+
+class _Payload:
+    """Unpickling this runs code (writes a marker file): what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoints_cannot_run_code_when_loaded(offline, monkeypatch):
+    from harness.metrics.lpips_net import LPIPSNet
+
+    marker = offline / "code-ran"
+    cached = weights.cache_dir() / weights.KNOWN["alexnet"].filename
+    cached.parent.mkdir(parents=True)
+    torch.save({"features.0.weight": _Payload(marker)}, cached)
+    _publish(monkeypatch, "alexnet", cached)  # even with a matching hash (a poisoned cache and list)
+    with pytest.raises(WeightsError, match="cannot load weights"):
+        LPIPSNet("alex", "paper")
+    assert not marker.exists()
+    with pytest.raises(WeightsError):
+        weights.load_file(cached)
+    assert not marker.exists()
+
+
 def test_download_when_online(offline, monkeypatch):
     monkeypatch.setattr(weights, "is_reachable", lambda url: True)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, progress: torch.save({"ok": 1}, dst))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda url, dst, hash_prefix, progress: torch.save({"ok": 1}, dst))
+    with pytest.raises(WeightsError, match="SHA-256"):  # the fake download is not the published file
+        weights.resolve("resnet34", "paper")
+    _publish(monkeypatch, "resnet34", weights.cache_dir() / weights.KNOWN["resnet34"].filename)
     resolved = weights.resolve("resnet34", "paper")
-    assert resolved.source == "download" and resolved.path.is_file()
+    assert resolved.source in ("download", "cache") and resolved.path.is_file()
+
+
+def test_published_hashes_carry_the_file_name_tag():
+    for spec in weights.KNOWN.values():
+        tag = spec.filename.rsplit("-", 1)[1].split(".")[0]
+        assert len(spec.sha256) == 64 and spec.sha256.startswith(tag), spec.name
 
 
 def test_networks_build_offline_and_record_it(offline):

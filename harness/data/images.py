@@ -17,13 +17,21 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "P;gray"})
+
+
+def image_header(path: Path) -> tuple[tuple[int, int], str]:
+    """((width, height), PIL mode) from the file header, without decoding the pixels."""
     try:
         with Image.open(path) as image:
-            return image.size
+            return image.size, image.mode
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(path, f"unreadable image ({err})") from None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding the pixels."""
+    return image_header(path)[0]
 
 
 def _open_decoded(path: Path) -> Image.Image:
@@ -65,6 +73,15 @@ def read_mask(paths: Sequence[Path] | Path, size: int | None = None) -> np.ndarr
     if size is not None and union.shape != (size, size):
         return resize_mask(union, size)
     return union
+
+
+def read_mask_levels(paths: Sequence[Path], size: int) -> np.ndarray:
+    """The published loaders' ground truth: the union of the masks as uint8 0/255, resized to size x size with
+    OpenCV's bilinear interpolation (cv2.resize's default), values 0..255 (see harness.metrics.detection)."""
+    import cv2
+
+    union = read_mask(paths).astype(np.uint8) * 255
+    return cv2.resize(union, (size, size)) if union.shape != (size, size) else union
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

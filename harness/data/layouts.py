@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.data.captions import CaptionSource, JsonCaptions, caption_source
-from harness.data.images import image_size, is_image_file, read_mask, verify_image
+from harness.data.images import GRAYSCALE_MODES, image_header, image_size, is_image_file, read_mask, verify_image
 from harness.data.model import GOOD, Category, Sample, file_id_sort_key
 from harness.errors import DataError
 
@@ -93,6 +93,7 @@ def read_category(
     validation_good = reader.normals("validation", required=False) if layout == MVTEC_LOCO else []
     test_good = reader.normals("test", required=False)
     defects = reader.defects()
+    reader.check_colour_modes()
     return Category(
         dataset=dataset or root.name,
         name=name,
@@ -130,6 +131,8 @@ class _Reader:
         self.require_captions = require_captions
         self.verify = verify
         self.findings = findings
+        self.grayscale: list[Path] = []
+        self.colour: list[Path] = []
 
     def images_in(self, folder: Path) -> list[Path]:
         files = [p for p in folder.iterdir() if is_image_file(p)]
@@ -204,9 +207,19 @@ class _Reader:
             self.findings.error(path, f"defect image has no caption (looked for {where})")
         return text
 
+    def check_colour_modes(self) -> None:
+        """One warning when a category mixes grayscale and colour images: every image is read as RGB (grayscale as
+        three equal channels), so a defect cut from a grayscale image and pasted onto a colour one, or the other
+        way round, looks unlike any real defect, and the leaderboard says so."""
+        if self.grayscale and self.colour:
+            example = self.grayscale[0].relative_to(self.dir)
+            self.findings.warn(self.dir, f"mixes {len(self.grayscale)} grayscale images (e.g. {example}) with "
+                                         f"{len(self.colour)} colour images; all are read as RGB")
+
     def _readable(self, path: Path) -> bool:
         try:
-            image_size(path)
+            _, mode = image_header(path)
+            (self.grayscale if mode in GRAYSCALE_MODES else self.colour).append(path)
             if self.verify:
                 verify_image(path)
             return True

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.data.images import image_size, read_image, read_mask
+from harness.data.images import image_size, read_image, read_mask, read_mask_levels
 
 GOOD = "good"
 
@@ -58,6 +58,10 @@ class Sample:
                 return np.zeros((height, width), dtype=bool)
             return np.zeros((size, size), dtype=bool)
         return read_mask(self.masks, size)
+
+    def load_mask_levels(self, size: int) -> np.ndarray:
+        """The mask as the published evaluation code resizes it (uint8 0..255); all zero for a normal image."""
+        return read_mask_levels(self.masks, size) if self.masks else np.zeros((size, size), dtype=np.uint8)
 
 
 @dataclass

@@ -118,6 +118,21 @@ class Split:
     def is_compat(self) -> bool:
         return self.protocol in COMPAT_PROTOCOLS
 
+    def warnings(self) -> list[str]:
+        """What this split leaves a defect type without: training images, test images (the FID / KID reference),
+        IC-LPIPS centres."""
+        out = []
+        for defect, parts in self.defects.items():
+            n = len(self.category.defects[defect])
+            where = f"{self.category.name}/{defect} ({n} images, protocol {self.protocol!r}, fold {self.fold})"
+            if not parts.train:
+                out.append(f"{where}: no generator-training images, so no method can be fitted on it")
+            if not parts.test:
+                out.append(f"{where}: no test images, so FID, KID and the downstream test have no reference")
+            if not parts.centres:
+                out.append(f"{where}: no IC-LPIPS centres, so IC-LPIPS and LPIPS-real cannot be computed")
+        return out
+
     def overlap(self, defect: str) -> list[str]:
         """Keys of images that are in both the train and the test part of a defect type."""
         parts = self.defects[defect]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness.diffusion.backbone import Backbone, build_tiny
+from harness.device import default_device
 from harness.diffusion.latents import to_tensor as to_model_input
 
 
@@ -50,14 +51,15 @@ def pretrain(images: np.ndarray, categories: list[str], config: PretrainConfig =
     `categories[i]`. Returns the backbone and the loss history (mean over each tenth of each stage)."""
     if len(images) != len(categories) or len(images) == 0:
         raise ValueError(f"need one category per image and at least one image (got {len(images)}, {len(categories)})")
-    backbone = build_tiny(sorted(set(categories)), config.resolution, config.seed)
+    # random numbers are drawn on the CPU (the same stream on every device), the networks train on the GPU if any
+    backbone = build_tiny(sorted(set(categories)), config.resolution, config.seed).to(default_device())
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     history = {"vae": _train_vae(backbone, images, config, rng, generator, progress),
                "unet": _train_unet(backbone, images, categories, config, rng, generator, progress)}
     for module in (backbone.vae, backbone.unet, backbone.text_encoder):
         module.eval().requires_grad_(False)
-    return backbone, history
+    return backbone.to(torch.device("cpu")), history
 
 
 def _batch(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
@@ -121,9 +123,9 @@ def _train_vae(backbone: Backbone, images: np.ndarray, config: PretrainConfig, r
     losses = []
     for _ in tqdm(range(config.vae_steps), desc="pretrain VAE", disable=not progress, leave=False):
         crops = _crops(rng, images[_batch(rng, len(images), config.batch_size)], config.vae_crop)
-        x = to_model_input(generic_content(rng, crops) if config.vae_augment else crops)
+        x = to_model_input(generic_content(rng, crops) if config.vae_augment else crops).to(backbone.device)
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        z = posterior.mean + posterior.std * _randn(posterior.mean.shape, generator, backbone.device)
         loss = F.mse_loss(vae.decode(z).sample, x) + config.kl_weight * posterior.kl().mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,10 +145,11 @@ def _train_unet(backbone: Backbone, images: np.ndarray, categories: list[str], c
     losses = []
     for _ in tqdm(range(config.unet_steps), desc="pretrain UNet", disable=not progress, leave=False):
         chosen = _batch(rng, len(images), config.batch_size)
-        z0 = (mean[chosen] + std[chosen] * torch.randn(mean[chosen].shape, generator=generator)) * backbone.latent_scale
+        index = torch.from_numpy(chosen).to(mean.device)
+        z0 = (mean[index] + std[index] * _randn(mean[index].shape, generator, mean.device)) * backbone.latent_scale
         text = [p if rng.random() >= config.empty_prompt_rate else "" for p in prompts[chosen]]
-        noise = torch.randn(z0.shape, generator=generator)
-        t = torch.randint(0, steps_total, (len(chosen),), generator=generator)
+        noise = _randn(z0.shape, generator, z0.device)
+        t = torch.randint(0, steps_total, (len(chosen),), generator=generator).to(z0.device)
         z_t = backbone.scheduler.add_noise(z0, noise, t)
         loss = F.mse_loss(unet(z_t, t, encoder_hidden_states=backbone.encode_text(text)).sample, noise)
         optimiser.zero_grad(set_to_none=True)
@@ -156,12 +159,16 @@ def _train_unet(backbone: Backbone, images: np.ndarray, categories: list[str], c
     return loss_tenths(losses)
 
 
+def _randn(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.randn(shape, generator=generator).to(device)
+
+
 @torch.no_grad()
 def _encode_all(backbone: Backbone, images: np.ndarray, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior (mean, std) of every image, unscaled."""
     means, stds = [], []
     for start in range(0, len(images), batch_size):
-        posterior = backbone.vae.encode(to_model_input(images[start:start + batch_size])).latent_dist
+        posterior = backbone.vae.encode(to_model_input(images[start:start + batch_size]).to(backbone.device)).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
     return torch.cat(means), torch.cat(stds)

@@ -32,6 +32,7 @@ class ImageSet:
     masks: np.ndarray
     defect_types: list[str]
     names: list[str]  # sample keys or file paths, for traceability
+    mask_levels: np.ndarray | None = None  # (N, H, W) uint8: the masks as the published code resizes them (test part)
 
     def __len__(self) -> int:
         return len(self.defect_types)
@@ -43,7 +44,7 @@ class ImageSet:
     def subset(self, index: np.ndarray | list[int]) -> "ImageSet":
         index = np.asarray(index, dtype=np.int64)
         return ImageSet(self.images[index], self.masks[index], [self.defect_types[i] for i in index],
-                        [self.names[i] for i in index])
+                        [self.names[i] for i in index], None if self.mask_levels is None else self.mask_levels[index])
 
     @classmethod
     def concat(cls, parts: list["ImageSet"]) -> "ImageSet":
@@ -64,9 +65,13 @@ def from_samples(samples: list[Sample], resolution: int) -> ImageSet:
 
 
 def test_set(split: Split, resolution: int) -> ImageSet:
-    """The real test part: every defect type's test images, then the normal test images."""
-    defects = [s for d in sorted(split.defects) for s in split.defects[d].test]
-    return from_samples([*defects, *split.normal_test], resolution)
+    """The real test part: every defect type's test images, then the normal test images (with the masks also as
+    the published evaluation resizes them)."""
+    samples = [*(s for d in sorted(split.defects) for s in split.defects[d].test), *split.normal_test]
+    test = from_samples(samples, resolution)
+    if samples:
+        test.mask_levels = np.stack([s.load_mask_levels(resolution) for s in samples])
+    return test
 
 
 def normal_set(split: Split, part: str, resolution: int) -> ImageSet:
@@ -101,9 +106,12 @@ def hold_out(samples: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, I
     return samples.subset(train), samples.subset(validation)
 
 
-def score_maps(test: ImageSet, maps: np.ndarray, image_scores: np.ndarray, compat: bool = True) -> list[dict]:
+def score_maps(test: ImageSet, maps: np.ndarray, image_scores: np.ndarray,
+               compat_scores: np.ndarray | None = None) -> list[dict]:
     """Records of every detection metric: over the whole test part ('all') and per defect type (that type's
-    images with every normal test image). A subset holding one class only gets no record."""
+    images with every normal test image). A subset holding one class only gets no record. With `compat_scores`
+    (the image scores as the published code makes them) and the test part's mask levels, the published
+    evaluation's metrics (`*_compat`) are recorded too."""
     if maps.shape != test.masks.shape:
         raise ValueError(f"anomaly maps {maps.shape} do not match the test masks {test.masks.shape}")
     types = np.array(test.defect_types)
@@ -115,10 +123,22 @@ def score_maps(test: ImageSet, maps: np.ndarray, image_scores: np.ndarray, compa
         labels = test.labels[keep]
         if labels.all() or not labels.any():
             continue
-        values = detection.detection_metrics(labels, image_scores[keep], test.masks[keep], maps[keep], compat)
-        records += [{"metric": metric, "value": value, "n": int(keep.sum()), "defect_type": name}
-                    for metric, value in values.items()]
+        n = int(keep.sum())
+        values = detection.detection_metrics(labels, image_scores[keep], test.masks[keep], maps[keep])
+        records += [{"metric": metric, "value": value, "n": n, "defect_type": name} for metric, value in values.items()]
+        if compat_scores is not None and test.mask_levels is not None:
+            records += _compat_records(labels, compat_scores[keep], test.mask_levels[keep], maps[keep], n, name)
     return records
+
+
+def _compat_records(labels: np.ndarray, scores: np.ndarray, levels: np.ndarray, maps: np.ndarray, n: int,
+                    name: str) -> list[dict]:
+    if not (levels == 255).any():
+        reason = "no fully covered defect pixel after the published mask resizing (every defect is too small)"
+        return [{"metric": m, "value": None, "n": n, "defect_type": name, "missing": reason}
+                for m in detection.COMPAT_METRICS]
+    values = detection.compat_metrics(labels, scores, levels, maps)
+    return [{"metric": metric, "value": value, "n": n, "defect_type": name} for metric, value in values.items()]
 
 
 def save_maps(path: Path, test: ImageSet, maps: np.ndarray, image_scores: np.ndarray) -> None:

@@ -6,15 +6,27 @@ large (every pixel of every test image), so the curves are computed from one sta
 - AUROC: trapezoidal area under the ROC curve through (0, 0) (as scikit-learn's `roc_auc_score`).
 - AP: step-wise average precision, sum over thresholds of (R_k - R_{k-1}) P_k (as `average_precision_score`).
 - F1-max: the largest F1 over every threshold of the precision-recall curve.
-- F1-max compat: the published pixel F1-max of AnomalyDiffusion / DualAnoDiff, the largest F1 over the 21
-  thresholds 0, 0.05, ..., 1 applied to maps scaled to [0, 1] by the test set's min and max.
 - AUPRO: the per-region overlap (mean over connected ground-truth regions, 8-connectivity, of the fraction of the
   region above the threshold) against the false positive rate on normal pixels, integrated up to FPR 0.3 and
   divided by 0.3 (Bergmann et al., MVTec AD). Exact: every pixel of a region adds 1 / (|region| x #regions) to
   the overlap once the threshold passes it, every normal pixel adds 1 / #normal to the FPR.
+
+The published evaluation (`*_compat` metrics): what AnomalyDiffusion's and DualAnoDiff's test-localization.py
+compute, their quirks included (read from their code; transcribed independently in the tests):
+- image score = max of the 21 x 21 average-pooled map with the zero padding counted (torch's default
+  count_include_pad=True), so a defect at the border scores lower than ours (padding excluded);
+- ground truth: the mask resized to the evaluation size as uint8 with bilinear interpolation (cv2), then
+  truncated to integers after dividing by 255, so only fully covered pixels (255) are defect pixels for AUROC,
+  AP and F1; AUPRO's regions are every non-zero pixel, and its normal pixels those that are exactly zero;
+- pixel F1-max over the 21 thresholds np.arange(0, 1.001, 0.05) applied to the raw map with `>`, precision and
+  recall with an epsilon of 1e-8;
+- AUPRO as MVTec 3D-AD's calculate_au_pro: 100 thresholds at evenly spaced ranks of the sorted normal-pixel
+  scores, overlap = share of a region's scores strictly above the threshold, (1, 1) added, trapezoid to FPR 0.3
+  with interpolation there, divided by 0.3.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,15 +34,17 @@ from scipy import ndimage
 
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
-COMPAT_METRICS = ("pixel_f1max_compat",)
+COMPAT_METRICS = ("image_auroc_compat", "image_ap_compat", "image_f1max_compat", "pixel_auroc_compat",
+                  "pixel_ap_compat", "pixel_f1max_compat", "pixel_aupro_compat")
 CLASSIFICATION_METRICS = ("accuracy", "class_accuracy")
-COMPAT_THRESHOLDS = np.round(np.arange(21) * 0.05, 2)
+COMPAT_THRESHOLDS = np.arange(0.0, 1.0 + 1e-3, 0.05)  # as printed in their code: 0.15000000000000002, ...
+COMPAT_AUPRO_THRESHOLDS = 100
 AUPRO_FPR_LIMIT = 0.3
 
 DIRECTION = {m: "up" for m in (*IMAGE_METRICS, *PIXEL_METRICS, *COMPAT_METRICS, *CLASSIFICATION_METRICS)}
 LABELS = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max", "pixel_auroc": "P-AUROC",
-          "pixel_ap": "P-AP", "pixel_f1max": "P-F1max", "pixel_aupro": "AUPRO", "pixel_f1max_compat": "P-F1max(21)",
-          "accuracy": "Acc", "class_accuracy": "Acc"}
+          "pixel_ap": "P-AP", "pixel_f1max": "P-F1max", "pixel_aupro": "AUPRO", "accuracy": "Acc", "class_accuracy": "Acc"}
+LABELS.update({f"{m}_compat": f"{LABELS[m]}ᵖ" for m in (*IMAGE_METRICS, *PIXEL_METRICS)})  # ᵖ: published rules
 
 
 def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,19 +110,17 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def f1_max_compat(labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarray = COMPAT_THRESHOLDS) -> float:
-    """F1-max over fixed thresholds on min-max scaled scores (the published pixel F1-max)."""
+    """The published pixel F1-max: the largest F1 over fixed thresholds applied with `>` to the raw scores,
+    precision = TP / (P + 1e-8), recall = TP / (T + 1e-8), F1 = 2PR / (P + R + 1e-8)."""
     labels, scores = _check(labels, scores)
-    low, high = scores.min(), scores.max()
-    scaled = (scores - low) / (high - low) if high > low else np.zeros_like(scores)
-    best = 0.0
-    positives = labels.sum()
+    positives = np.count_nonzero(labels)
+    best = -math.inf
     for t in thresholds:
-        predicted = scaled >= t
+        predicted = scores > t
         tp = np.count_nonzero(predicted & labels)
-        n_predicted = np.count_nonzero(predicted)
-        if tp:
-            precision, recall = tp / n_predicted, tp / positives
-            best = max(best, 2 * precision * recall / (precision + recall))
+        precision = tp / (np.count_nonzero(predicted) + 1e-8)
+        recall = tp / (positives + 1e-8)
+        best = max(best, 2 * precision * recall / (precision + recall + 1e-8))
     return float(best)
 
 
@@ -156,26 +168,58 @@ def _partial_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
     return float(np.trapezoid(ys, xs))
 
 
-def image_scores_from_maps(maps: np.ndarray, kernel: int = 21) -> np.ndarray:
-    """Image score = max of the kernel x kernel average-pooled map (DRAEM's rule, used by the published protocol)."""
+def aupro_compat(levels: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT,
+                 num_thresholds: int = COMPAT_AUPRO_THRESHOLDS) -> float:
+    """The published AUPRO (MVTec 3D-AD's calculate_au_pro): levels (N, H, W) ground truth, any non-zero value a
+    defect pixel; maps (N, H, W). Thresholds at evenly spaced ranks of the sorted normal-pixel scores."""
+    levels, maps = np.asarray(levels), np.asarray(maps, dtype=np.float64)
+    regions, n_regions = region_labels(levels != 0)
+    normal = np.sort(maps[regions == 0])
+    if n_regions == 0 or normal.size == 0:
+        raise ValueError("AUPRO needs defect regions and normal pixels")
+    region_scores = [np.sort(maps[regions == r]) for r in range(1, n_regions + 1)]
+    ranks = np.linspace(0, normal.size - 1, num=num_thresholds, dtype=int)
+    fpr, pro = [1.0], [1.0]
+    for rank in ranks:
+        threshold = normal[rank]
+        fpr.append(1.0 - (rank + 1) / normal.size)
+        pro.append(float(np.mean([1.0 - np.searchsorted(s, threshold, side="right") / s.size for s in region_scores])))
+    fpr, pro = np.array(fpr[::-1]), np.array(pro[::-1])
+    finite = np.isfinite(fpr) & np.isfinite(pro)
+    return _partial_area(fpr[finite], pro[finite], fpr_limit) / fpr_limit
+
+
+def image_scores_from_maps(maps: np.ndarray, kernel: int = 21, count_include_pad: bool = False) -> np.ndarray:
+    """Image score = max of the kernel x kernel average-pooled map (DRAEM's rule). Ours leaves the zero padding
+    out of the border windows' means; count_include_pad=True is the published code (torch's default)."""
     import torch
     import torch.nn.functional as F
 
     tensor = torch.as_tensor(np.asarray(maps, dtype=np.float32))[:, None]
-    pooled = F.avg_pool2d(tensor, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    pooled = F.avg_pool2d(tensor, kernel, stride=1, padding=kernel // 2, count_include_pad=count_include_pad)
     return pooled.amax(dim=(1, 2, 3)).numpy().astype(np.float64)
 
 
 def detection_metrics(image_labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray,
-                      maps: np.ndarray, compat: bool = True) -> dict[str, float]:
+                      maps: np.ndarray) -> dict[str, float]:
     """Every image- and pixel-level metric of one test set (masks, maps: (N, H, W))."""
     out = {"image_auroc": auroc(image_labels, image_scores), "image_ap": average_precision(image_labels, image_scores),
            "image_f1max": f1_max(image_labels, image_scores)}
     out.update({"pixel_auroc": auroc(masks, maps), "pixel_ap": average_precision(masks, maps),
                 "pixel_f1max": f1_max(masks, maps), "pixel_aupro": aupro(masks, maps)})
-    if compat:
-        out["pixel_f1max_compat"] = f1_max_compat(masks, maps)
     return out
+
+
+def compat_metrics(image_labels: np.ndarray, image_scores: np.ndarray, levels: np.ndarray,
+                   maps: np.ndarray) -> dict[str, float]:
+    """The published evaluation's metrics (see the module docstring): `image_scores` as the published code makes
+    them, `levels` the uint8 (N, H, W) ground truth resized as the published loader does."""
+    full = levels == 255
+    return {"image_auroc_compat": auroc(image_labels, image_scores),
+            "image_ap_compat": average_precision(image_labels, image_scores),
+            "image_f1max_compat": f1_max(image_labels, image_scores),
+            "pixel_auroc_compat": auroc(full, maps), "pixel_ap_compat": average_precision(full, maps),
+            "pixel_f1max_compat": f1_max_compat(full, maps), "pixel_aupro_compat": aupro_compat(levels, maps)}
 
 
 def accuracy(true: list[str] | np.ndarray, predicted: list[str] | np.ndarray) -> tuple[float, dict[str, float]]:

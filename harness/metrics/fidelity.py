@@ -10,6 +10,7 @@ Inception (He-normal convolutions, so activations neither vanish nor explode); e
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 from unittest import mock
@@ -21,12 +22,11 @@ from tqdm.auto import tqdm
 from harness import weights
 from harness.data.images import read_image
 from harness.device import default_device
-from harness.io import cached_file_hash, sha256_json
+from harness.io import atomic_write_bytes, cached_file_hash, sha256_json
 from harness.paths import cache_dir
 from harness.profiles import Profile
 
 RESIZE_PATH = "PIL bicubic to {resolution}px, then torch-fidelity TF1 bilinear to 299px"
-MIN_IMAGES_PER_IS_SPLIT = 10
 
 
 def random_inception_weights(seed: int) -> Path:
@@ -38,19 +38,31 @@ def random_inception_weights(seed: int) -> Path:
     path = cache_dir("weights") / f"inception-v3-fid-random-seed{seed}.pth"
     if path.is_file():
         return path
-    import torch_fidelity.feature_extractor_inceptionv3 as fx
-
-    cls = fx.FeatureExtractorInceptionV3
-    with weights.seeded(seed), mock.patch.object(fx, "load_state_dict_from_url", return_value={}), \
-            mock.patch.object(cls, "load_state_dict", lambda self, state, strict=True: None):
-        model = cls("inception-v3-compat", ["2048"])
+    with weights.seeded(seed):
+        model = _build_inception({}, strict=False)
         for module in model.modules():
             if isinstance(module, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
+    atomic_write_bytes(path, _tensor_bytes(model.state_dict()))  # concurrent writers: unique temporary names
     return path
+
+
+def _build_inception(state: dict, strict: bool = True):
+    """torch-fidelity's FeatureExtractorInceptionV3 holding `state`, which we loaded ourselves (weights_only):
+    its own loader calls torch.load(..., weights_only=False), which would run code hidden in a crafted file."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fx
+
+    cls = fx.FeatureExtractorInceptionV3
+    load = cls.load_state_dict
+    with mock.patch.object(fx, "load_state_dict_from_url", return_value=state), \
+            mock.patch.object(cls, "load_state_dict", lambda self, sd, strict_=strict: load(self, sd, strict=strict_)):
+        return cls("inception-v3-compat", ["2048", "logits_unbiased"])
+
+
+def _tensor_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 class InceptionFeatures:
@@ -58,13 +70,10 @@ class InceptionFeatures:
 
     def __init__(self, profile: str | Profile = "tiny", weights_path: str | Path | None = None,
                  device: torch.device | None = None, batch_size: int = 32):
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
         self.resolved = weights.resolve("inception-v3-fid", profile, weights_path)
         path = self.resolved.path or random_inception_weights(self.resolved.seed)
         self.device = device or default_device()
-        self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                 feature_extractor_weights_path=str(path)).to(self.device)
+        self.model = _build_inception(weights.load_file(path)).to(self.device)
         self.batch_size = batch_size
 
     def provenance(self) -> dict:
@@ -87,21 +96,21 @@ class InceptionFeatures:
                            "files": [cached_file_hash(Path(p)) for p in paths]})
         path = cache_dir("inception") / f"{key}.pt"
         if path.is_file():
-            return torch.load(path)
+            return torch.load(path, weights_only=True)
         features = self.extract(paths, resolution, progress)
-        tmp = path.with_suffix(".tmp")
-        torch.save(features, tmp)
-        tmp.replace(path)
+        atomic_write_bytes(path, _tensor_bytes(features))
         return features
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 2020) -> dict:
-    """torch-fidelity's IS; the number of splits is reduced so that each holds at least 10 images."""
+    """torch-fidelity's IS with the standard 10 splits whatever the number of images (fewer splits would raise IS
+    for small sets; harness.metrics.score flags sets below 100 images instead)."""
     from torch_fidelity.metric_isc import isc_features_to_metric
 
-    effective = max(1, min(splits, len(logits) // MIN_IMAGES_PER_IS_SPLIT))
-    out = isc_features_to_metric(logits, splits=effective, shuffle=True, rng_seed=seed)
-    return {"value": out["inception_score_mean"], "std": out["inception_score_std"], "splits": effective}
+    if len(logits) < splits:
+        raise ValueError(f"IS over {splits} splits needs at least {splits} images, got {len(logits)}")
+    out = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=seed)
+    return {"value": out["inception_score_mean"], "std": out["inception_score_std"], "splits": splits}
 
 
 def frechet_distance(generated: torch.Tensor, real: torch.Tensor) -> dict:

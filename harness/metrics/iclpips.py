@@ -7,7 +7,8 @@
    (`selection: random`), or in generation order (`selection: first`, DFMGAN's variant).
 4. The mean LPIPS over the pairs i < j of a cluster is its value; clusters with fewer than two images are left
    out (`small_clusters: skip`) or count as 0 (`small_clusters: zero`, DFMGAN's "clpips").
-5. IC-LPIPS is the mean over clusters. Images are resized to 256 x 256 (bilinear) and scaled to [-1, 1].
+5. IC-LPIPS is the mean over clusters. Images are resized to 256 x 256 (bilinear) and scaled to [-1, 1]
+   (`ic_lpips_dfmgan` reproduces DFMGAN's code, which passes the centres unscaled, 0..255; see PRESETS).
 
 `ic_lpips` computes LPIPS features once per image (`LPIPSNet`) and every distance from them; the features of
 cluster members wait for the pairwise pass in memory, or, past a budget, in a temporary folder.
@@ -38,17 +39,30 @@ class ICLPIPSConfig:
     selection: str = "random"  # random (seeded) | first (generation order)
     seed: int = 0
     small_clusters: str = "skip"  # skip | zero
+    centre_range: str = "[-1,1]"  # [-1,1] | 0..255: centres enter LPIPS unscaled (DFMGAN's code; see PRESETS)
 
     def __post_init__(self):
         if self.selection not in ("random", "first"):
             raise ValueError(f"IC-LPIPS selection must be 'random' or 'first', not {self.selection!r}")
         if self.small_clusters not in ("skip", "zero"):
             raise ValueError(f"IC-LPIPS small_clusters must be 'skip' or 'zero', not {self.small_clusters!r}")
+        if self.centre_range not in CENTRE_RANGES:
+            raise ValueError(f"IC-LPIPS centre_range must be one of {CENTRE_RANGES}, not {self.centre_range!r}")
 
 
+CENTRE_RANGES = ("[-1,1]", "0..255")
 PRESETS = {
-    "ic_lpips": ICLPIPSConfig(),  # DualAnoDiff / AnomalyDiffusion: VGG, 256 px, 50 per cluster
-    "ic_lpips_dfmgan": ICLPIPSConfig(net="alex", size=None, cluster_cap=200, selection="first", small_clusters="zero"),
+    # DualAnoDiff's eval/compute-ic-lpipis.py: VGG, 256 px, both sets in [-1, 1], 50 per cluster (shuffled without a
+    # seed there, seeded here)
+    "ic_lpips": ICLPIPSConfig(),
+    # DFMGAN's metrics/lpips.py, bug included: AlexNet, no resize, up to 200 per cluster in generation order, small
+    # clusters count 0, and the real centres enter LPIPS as 0..255 (uint8, never scaled) while the generated images
+    # are in [-1, 1], so the nearest-centre assignment compares images of different ranges
+    "ic_lpips_dfmgan": ICLPIPSConfig(net="alex", size=None, cluster_cap=200, selection="first", small_clusters="zero",
+                                     centre_range="0..255"),
+    # the same with the centres scaled to [-1, 1] like the generated images: what DFMGAN meant to compute
+    "ic_lpips_dfmgan_fixed": ICLPIPSConfig(net="alex", size=None, cluster_cap=200, selection="first",
+                                           small_clusters="zero"),
 }
 
 
@@ -150,7 +164,7 @@ def ic_lpips(net: LPIPSNet, generated: Sequence[Path], centres: Sequence[Path], 
     if not generated or not centres:
         raise ValueError("IC-LPIPS needs at least one generated image and one centre")
     size = _resolved_size(config, generated)
-    centre_features = net.batched_features([load_lpips_image(p, size) for p in centres], batch_size)
+    centre_features = net.batched_features([load_lpips_image(p, size, config.centre_range) for p in centres], batch_size)
     n = len(generated)
     order = member_order(n, config.selection, config.seed)
     assignment, nearest = np.full(n, -1), np.full(n, np.nan)
@@ -187,7 +201,7 @@ def ic_lpips_bruteforce(net: LPIPSNet, generated: Sequence[Path], centres: Seque
     """The reference: the lpips network called on every (generated, centre) and (member, member) pair."""
     size = _resolved_size(config, generated)
     images = torch.stack([load_lpips_image(p, size) for p in generated])
-    centre_images = torch.stack([load_lpips_image(p, size) for p in centres])
+    centre_images = torch.stack([load_lpips_image(p, size, config.centre_range) for p in centres])
     n, c = len(generated), len(centres)
     pairs = [(i, k) for i in range(n) for k in range(c)]
     to_centres = _pairwise(net, images, centre_images, pairs, pair_batch, progress, "brute force: to centres").reshape(n, c)

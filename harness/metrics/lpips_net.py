@@ -28,18 +28,20 @@ TRUNK_WEIGHTS = {"vgg": "vgg16", "alex": "alexnet"}
 GEMM_CHUNK = 1 << 14  # columns per float32 product; partial products are summed in float64 (error ~1e-8)
 
 
-def load_lpips_image(path: Path, size: int | None) -> torch.Tensor:
+def load_lpips_image(path: Path, size: int | None, value_range: str = "[-1,1]") -> torch.Tensor:
     """(3, H, W) in [-1, 1]: RGB, resized with PIL bilinear to size x size (torchvision Resize on a PIL image),
-    as the published IC-LPIPS code does; size None keeps the file's size."""
-    return load_lpips_array(np.asarray(Image.open(path).convert("RGB")), size)
+    as the published IC-LPIPS code does; size None keeps the file's size. value_range "0..255" leaves the
+    values unscaled (DFMGAN's centres)."""
+    return load_lpips_array(np.asarray(Image.open(path).convert("RGB")), size, value_range)
 
 
-def load_lpips_array(image: np.ndarray, size: int | None) -> torch.Tensor:
+def load_lpips_array(image: np.ndarray, size: int | None, value_range: str = "[-1,1]") -> torch.Tensor:
     """The same as load_lpips_image for an in-memory uint8 (H, W, 3) array."""
     pil = Image.fromarray(image)
     if size is not None and pil.size != (size, size):
         pil = pil.resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    values = np.asarray(pil, dtype=np.float32)
+    return torch.from_numpy(values if value_range == "0..255" else values / 127.5 - 1.0).permute(2, 0, 1)
 
 
 class LPIPSNet:

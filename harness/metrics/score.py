@@ -18,7 +18,7 @@ from harness.generation import read_samples
 from harness.metrics.fidelity import RESIZE_PATH, InceptionFeatures, frechet_distance, inception_score, kernel_distance
 from harness.metrics.iclpips import ICLPIPSConfig, ic_lpips
 from harness.metrics.lpips_net import LPIPSNet
-from harness.metrics.paired import DIFF_THRESHOLD, PairedSample, paired_metrics
+from harness.metrics.paired import PairedSample, paired_metrics, psnr_from_error
 from harness.profiles import Profile, get_profile
 
 METRICS = ("is", "fid", "kid", "ic_lpips", "lpips_to_real", "bg_psnr", "bg_lpips", "mask_iou")
@@ -28,18 +28,31 @@ DIRECTION = {"is": "up", "fid": "down", "kid": "down", "ic_lpips": "up", "lpips_
 LABELS = {"is": "IS", "fid": "FID", "kid": "KID", "ic_lpips": "IC-LPIPS", "lpips_to_real": "LPIPS-real",
           "bg_psnr": "BG-PSNR", "bg_lpips": "BG-LPIPS", "mask_iou": "Mask-IoU"}
 METRIC_GROUPS = {"background_fidelity": ("bg_psnr", "bg_lpips"), "mask_alignment": ("mask_iou",)}
+# Below these sizes a value is still computed but flagged in the record and the leaderboard (`below_minimum`):
+# metric -> (what is counted, least number). FID and KID estimate 2048-d statistics of the real defects from the
+# test images of one defect type; IS over its standard 10 splits wants at least 10 images per split.
+MINIMUMS = {"fid": ("real images", 10), "kid": ("real images", 10), "is": ("generated images", 100)}
+IS_SPLITS = 10
 
 
 @dataclass
 class MetricValue:
     metric: str
-    value: float
+    value: float | None  # None: not computed, and `missing` says why
     n: int
     std: float | None = None
     details: dict = field(default_factory=dict)
+    missing: str | None = None
+    n_real: int | None = None  # the FID / KID reference set
+    n_centres: int | None = None  # the IC-LPIPS centres
+    below_minimum: bool = False  # see MINIMUMS
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def not_computed(metric: str, n: int, reason: str, **sizes) -> MetricValue:
+    return MetricValue(metric, None, n, missing=reason, **sizes)
 
 
 @dataclass
@@ -74,11 +87,10 @@ class ScoreConfig:
     resolution: int = 128  # images enter Inception at this size (the profile's resolution)
     metrics: tuple[str, ...] = METRICS
     ic_lpips: ICLPIPSConfig = ICLPIPSConfig()
-    isc_splits: int = 10
+    isc_splits: int = IS_SPLITS
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     fidelity_seed: int = 2020  # torch-fidelity's default seed for IS shuffling and KID subsets
-    diff_threshold: float = DIFF_THRESHOLD
     weights: tuple[tuple[str, str], ...] = ()  # explicit weight files: (("inception-v3-fid", "/path"), ...)
 
     @classmethod
@@ -112,12 +124,13 @@ class Scorer:
         return any(m in self.config.metrics for m in metrics)
 
     def score(self, inputs: ScoreInputs, progress: bool = False) -> list[MetricValue]:
+        """One value per requested metric: computed, or not computed with the reason (never silently left out)."""
         if not inputs.generated:
             raise ValueError("no generated images to score")
         values: list[MetricValue] = []
         if self.wants("is", "fid", "kid"):
             values += self._fidelity(inputs, progress)
-        if self.wants("ic_lpips", "lpips_to_real") and inputs.centres:
+        if self.wants("ic_lpips", "lpips_to_real"):
             values += self._ic_lpips(inputs, progress)
         if self.wants("bg_psnr", "bg_lpips", "mask_iou"):
             values += self._paired(inputs)
@@ -127,44 +140,68 @@ class Scorer:
         cfg, res = self.config, self.config.resolution
         how = {**self.inception.provenance(), "resize": RESIZE_PATH.format(resolution=res), "backend": "torch-fidelity"}
         generated = self.inception.extract(inputs.generated, res, progress)
-        n = len(inputs.generated)
+        n, n_real = len(inputs.generated), len(inputs.real)
         out = []
-        if n >= 2:
+        if n >= cfg.isc_splits:
             isc = inception_score(generated["logits"], cfg.isc_splits, cfg.fidelity_seed)
-            out.append(MetricValue("is", isc["value"], n, isc["std"], {**how, "splits": isc["splits"]}))
-        if len(inputs.real) >= 2 and n >= 2:
-            real = self.inception.extract_cached(inputs.real, res, progress)
-            both = {**how, "n_real": len(inputs.real)}
-            out.append(MetricValue("fid", frechet_distance(generated["pool"], real["pool"])["value"], n, None, both))
-            kid = kernel_distance(generated["pool"], real["pool"], cfg.kid_subsets, cfg.kid_subset_size, cfg.fidelity_seed)
-            out.append(MetricValue("kid", kid["value"], n, kid["std"],
-                                   {**both, "subset_size": kid["subset_size"], "subsets": kid["subsets"]}))
+            out.append(MetricValue("is", isc["value"], n, isc["std"], {**how, "splits": cfg.isc_splits},
+                                   below_minimum=n < MINIMUMS["is"][1]))
+        else:
+            out.append(not_computed("is", n, f"fewer generated images ({n}) than IS splits ({cfg.isc_splits})"))
+        sizes = {"n_real": n_real}
+        if n_real < 2 or n < 2:
+            reason = (f"{n_real} real test image(s) of the defect type: FID and KID need at least 2" if n_real < 2
+                      else f"{n} generated image: FID and KID need at least 2")
+            return out + [not_computed("fid", n, reason, **sizes), not_computed("kid", n, reason, **sizes)]
+        real = self.inception.extract_cached(inputs.real, res, progress)
+        small = n_real < MINIMUMS["fid"][1]
+        out.append(MetricValue("fid", frechet_distance(generated["pool"], real["pool"])["value"], n, None, how,
+                               below_minimum=small, **sizes))
+        kid = kernel_distance(generated["pool"], real["pool"], cfg.kid_subsets, cfg.kid_subset_size, cfg.fidelity_seed)
+        out.append(MetricValue("kid", kid["value"], n, kid["std"],
+                               {**how, "subset_size": kid["subset_size"], "subsets": kid["subsets"]},
+                               below_minimum=n_real < MINIMUMS["kid"][1], **sizes))
         return out
 
     def _ic_lpips(self, inputs: ScoreInputs, progress: bool) -> list[MetricValue]:
         cfg = self.config.ic_lpips
+        n, sizes = len(inputs.generated), {"n_centres": len(inputs.centres)}
+        if not inputs.centres:
+            reason = "no IC-LPIPS centres: the split gives the defect type no generator-training images"
+            return [not_computed("ic_lpips", n, reason, **sizes), not_computed("lpips_to_real", n, reason, **sizes)]
         net = self.lpips(cfg.net)
         result = ic_lpips(net, inputs.generated, inputs.centres, cfg, progress=progress)
         how = {**net.provenance(), "size": cfg.size, "cluster_cap": cfg.cluster_cap, "selection": cfg.selection,
-               "seed": cfg.seed, "small_clusters": cfg.small_clusters, "n_centres": len(inputs.centres)}
-        n = len(inputs.generated)
-        return [
-            MetricValue("ic_lpips", result.value, n, None, {**how, "cluster_sizes": result.cluster_sizes,
-                                                            "clusters_used": result.clusters_used}),
-            MetricValue("lpips_to_real", result.lpips_to_real, n, float(np.std(result.nearest)), how),
-        ]
+               "seed": cfg.seed, "small_clusters": cfg.small_clusters, "centre_range": cfg.centre_range}
+        details = {**how, "cluster_sizes": result.cluster_sizes, "clusters_used": result.clusters_used}
+        if np.isnan(result.value):
+            ic = not_computed("ic_lpips", n, "every IC-LPIPS cluster holds fewer than 2 generated images", **sizes)
+            ic.details = details
+        else:
+            ic = MetricValue("ic_lpips", result.value, n, None, details, **sizes)
+        return [ic, MetricValue("lpips_to_real", result.lpips_to_real, n, float(np.std(result.nearest)), how, **sizes)]
 
     def _paired(self, inputs: ScoreInputs) -> list[MetricValue]:
         paired = [PairedSample(g, m, nrm) for g, m, nrm in zip(inputs.generated, inputs.masks, inputs.normals)
                   if m is not None and nrm is not None]
+        n = len(inputs.generated)
+        wanted = [m for m in ("bg_psnr", "bg_lpips", "mask_iou") if self.wants(m)]
         if not paired:
-            return []
+            reason = "the samples were not made on a known normal image (no normal_id / mask in samples.jsonl)"
+            return [not_computed(m, n, reason) for m in wanted]
         net = self.lpips(self.config.ic_lpips.net) if self.wants("bg_lpips") else None
-        per_sample = paired_metrics(paired, net, self.config.diff_threshold)
-        how = {"threshold": self.config.diff_threshold, **(net.provenance() if net else {})}
+        per_sample = paired_metrics(paired, net)
+        how = {"paired": len(paired), **(net.provenance() if net else {})}
         out = []
-        for metric, values in per_sample.items():
-            finite = [v for v in values if not math.isnan(v)]
-            if finite:
-                out.append(MetricValue(metric, float(np.mean(finite)), len(finite), float(np.std(finite)), how))
+        for metric in wanted:
+            values = [v for v in per_sample[metric] if not math.isnan(v)]
+            if not values:
+                out.append(not_computed(metric, len(paired), "no sample has pixels on both sides of its mask"))
+            elif metric == "bg_psnr":  # pooled: the summed squared error over the summed count
+                value = psnr_from_error(sum(per_sample["bg_error"]), sum(per_sample["bg_count"]))
+                out.append(MetricValue(metric, value, len(values), float(np.std(values)), {**how, "pooled": True}))
+            else:
+                rule = {"changed": "the |mask| most-changed pixels"} if metric == "mask_iou" else {}
+                out.append(MetricValue(metric, float(np.mean(values)), len(values), float(np.std(values)),
+                                       {**how, **rule}))
         return out

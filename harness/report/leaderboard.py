@@ -6,6 +6,8 @@ source table.
 """
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,20 +16,21 @@ import yaml
 
 from harness.data.splits import COMPAT_PROTOCOLS
 from harness.errors import ConfigError
-from harness.io import atomic_write_text
+from harness.io import atomic_write_text, sha256_json
 from harness.downstream.data import ALL
 from harness.downstream.detectors import DETECTORS
 from harness.metrics import detection
-from harness.metrics.score import LABELS
+from harness.metrics.score import LABELS, MINIMUMS
 from harness.paths import RESULTS_DIR
 from harness.report.figures import bar_chart, sample_grid
 from harness.report.render import (latex_document, latex_method_rows, latex_table, markdown_method_rows,
                                    markdown_table, tex_escape)
-from harness.report.tables import Table, build_table
-from harness.results import job_folder, run_records, run_states
+from harness.report.tables import Coverage, Table, build_table
+from harness.results import run_records, run_states
+from harness.runner.store import FAILED as FAILED_STATE
+from harness.runner.store import SKIPPED
 from harness.runner.store import RunStore, latest_run, results_root
 
-GENERATION_KINDS = ("fit", "generate", "score")
 DETECTION_METRICS = (*detection.IMAGE_METRICS, *detection.PIXEL_METRICS)
 LOCO_KINDS = (("logical_anomalies", "logical anomalies"), ("structural_anomalies", "structural anomalies"))
 TEST_SELECTED = " †"  # appended to a method whose U-Net was selected on the test part
@@ -40,7 +43,19 @@ TABLE_GROUPS = (
      "samples made on a known normal image; not reported by the papers"),
 )
 HEADLINE = ("fid", "kid", "is", "ic_lpips", "bg_psnr", "mask_iou")
+PUBLISHED_RULES = ("ᵖ: protocol `{protocol}` reproduces published numbers, so these columns use the published "
+                   "evaluation code's rules (image score pooled with the zero padding counted, only fully covered mask "
+                   "pixels as defects, pixel F1-max over 21 thresholds with `>`, AUPRO at 100 thresholds); the exact "
+                   "metrics are in the records under the names without `_compat`.")
 REPORTED_DIR = RESULTS_DIR / "reported"
+
+
+def file_name(*parts: str, suffix: str = ".png") -> str:
+    """A file name from display names (method labels may hold spaces, ':' or parentheses): unsafe characters
+    become '_', and a short hash keeps two labels that slug alike apart."""
+    text = "-".join(parts)
+    slug = re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("._") or "figure"
+    return slug + ("" if slug == text else "-" + sha256_json(text)[:6]) + suffix
 
 
 def leaderboard_dir(results: Path | None = None) -> Path:
@@ -79,10 +94,8 @@ def render_leaderboard(suite: str, results: Path | None = None, out_dir: Path | 
     out_dir = out_dir or leaderboard_dir(results)
     manifest = store.read_manifest()
     config = manifest["config"]
-    records = run_records(store)
-    states = run_states(store)
-    failed = {(s["job"]["tags"].get("dataset"), s["job"]["tags"].get("category"), s["job"]["tags"].get("method"))
-              for s in states.values() if s["job"]["kind"] in GENERATION_KINDS and s["state"] != "done"}
+    states = run_states(store)  # raises DamagedError naming a damaged file: no table from damaged records
+    records = run_records(store, states)
     methods = [m["label"] for m in config["methods"]]
     reported = load_reported(reported_dir) if show_reported else []
     caption = _caption(manifest)
@@ -99,7 +112,7 @@ def render_leaderboard(suite: str, results: Path | None = None, out_dir: Path | 
             if not wanted:
                 continue
             extra, sources = _reported_rows(reported, dataset, categories, wanted)
-            table = build_table(title, frame, {(c, m) for d, c, m in failed if d == name}, wanted, methods, categories, extra)
+            table = build_table(title, frame, _coverage(states, name, ("score",)), wanted, methods, categories, extra)
             notes = _notes(table, manifest, sources, store)
             mark_random = _mark(table)
             md += [f"### {title}", f"_{shape}; mean over defect types per category._", "",
@@ -118,15 +131,19 @@ def render_leaderboard(suite: str, results: Path | None = None, out_dir: Path | 
     return md_path, tex_path
 
 
-def _failed(states: dict, dataset: str, kinds: tuple[str, ...]) -> set[tuple[str, str]]:
-    """(category, row label) of failed jobs; a U-Net selected on the test part is labelled as its records are."""
-    out = set()
+def _coverage(states: dict, dataset: str, kinds: tuple[str, ...]) -> dict[tuple[str, str], Coverage]:
+    """(category, row label) -> how many jobs of these kinds feed the cell and how many failed (or were skipped
+    because a job they need failed); a U-Net selected on the test part is labelled as its records are."""
+    planned: Counter = Counter()
+    failed: Counter = Counter()
     for state in states.values():
         job, tags = state["job"], state["job"]["tags"]
-        if job["kind"] in kinds and state["state"] != "done" and tags.get("dataset") == dataset:
+        if job["kind"] in kinds and tags.get("dataset") == dataset:
             marked = job["kind"] == "segment" and tags.get("selection") == "test"
-            out.add((tags.get("category"), tags.get("method") + (TEST_SELECTED if marked else "")))
-    return out
+            cell = (tags.get("category"), tags.get("method") + (TEST_SELECTED if marked else ""))
+            planned[cell] += 1
+            failed[cell] += state["state"] in (FAILED_STATE, SKIPPED)
+    return {cell: Coverage(n, failed[cell]) for cell, n in planned.items()}
 
 
 def _downstream_tables(frame: pd.DataFrame, states: dict, manifest: dict, store: RunStore, dataset: dict,
@@ -141,35 +158,40 @@ def _downstream_tables(frame: pd.DataFrame, states: dict, manifest: dict, store:
     synthetic = _synthetic_labels(frame, methods)  # segmentation rows
     plain = list(methods)  # classification rows (no checkpoint selection on test)
     detectors = [DETECTORS[d["name"]].label for d in config.get("detectors", [])]
-    failed = _failed(states, name, ("segment", "detect"))
+    failed = _coverage(states, name, ("segment", "detect"))
+    published = config["protocol"] in COMPAT_PROTOCOLS  # reproduce the published numbers: their evaluation code too
+    suffix = "_compat" if published else ""
+    rules = [PUBLISHED_RULES.format(protocol=config["protocol"])] if published else []
     md, tex = [], []
     scopes = [(ALL, "all defect types", categories)]
     loco = [c for c in categories if _is_loco(frame, c)]
     scopes += [(kind, title, loco) for kind, title in LOCO_KINDS if loco]
     for defect_type, scope, cats in scopes:
         subset = frame[frame["defect_type"] == defect_type] if not frame.empty else frame
-        table = build_table("Detection", subset, failed, list(DETECTION_METRICS), [*detectors, *synthetic], cats)
+        table = build_table("Detection", subset, failed, [m + suffix for m in DETECTION_METRICS],
+                            [*detectors, *synthetic], cats)
         if not any(c.state == "ok" for c in table.cells.values()):
             continue
         groups = [(g, m) for g, m in (("Unsupervised (anomalib, normal images only)", detectors),
                                        ("Synthetic-based (U-Net trained on generated defects)", synthetic)) if m]
-        notes = _downstream_notes(table, frame, store) + [f"Mean over {len(cats)} categor{'y' if len(cats) == 1 else 'ies'} ({scope})."]
+        notes = _downstream_notes(table, frame, store) + rules + [
+            f"Mean over {len(cats)} categor{'y' if len(cats) == 1 else 'ies'} ({scope})."]
         title = f"Detection and localisation ({scope})"
         md += [f"### {title}", "_in the shape of Cho et al. Table 2; image- and pixel-level, in %._", "",
                markdown_method_rows(table, groups, _mark(table)), ""] + [f"- {n}" for n in notes] + [""]
         tex.append(latex_method_rows(table, groups, tex_escape(f"{title} ({name}). {caption.replace('`', '')}. "
                                                                + " ".join(notes)),
                                      f"tab:{suite}-{name}-detection-{defect_type}", _mark(table)))
-    per_category = [("pixel", "Localisation per category: pixel AUROC and AP", ("pixel_auroc", "pixel_ap"),
+    per_category = [("pixel", "Localisation per category: pixel AUROC and AP", ("pixel_auroc" + suffix, "pixel_ap" + suffix),
                      "in the shape of DualAnoDiff Table 4", failed, ALL),
                     ("classification", "Defect classification accuracy (ResNet-34 on generated images)",
-                     ("accuracy",), "in the shape of DualAnoDiff Table 3", _failed(states, name, ("classify",)), ALL)]
+                     ("accuracy",), "in the shape of DualAnoDiff Table 3", _coverage(states, name, ("classify",)), ALL)]
     for key, title, metrics, shape, bad, defect_type in per_category:
         subset = frame[frame["defect_type"] == defect_type] if not frame.empty else frame
         table = build_table(title, subset, bad, list(metrics), synthetic if key == "pixel" else plain, categories)
         if not any(c.state == "ok" for c in table.cells.values()):
             continue
-        notes = _downstream_notes(table, frame, store)
+        notes = _downstream_notes(table, frame, store) + (rules if key == "pixel" else [])
         md += [f"### {title}", f"_{shape}, in %._", "", markdown_table(table, _mark(table)), ""] + \
               [f"- {n}" for n in notes] + [""]
         tex.append(latex_table(table, tex_escape(f"{title} ({name}). {caption.replace('`', '')}. " + " ".join(notes)),
@@ -223,9 +245,24 @@ def _random_notes(table: Table, all_random: str, some_random: str) -> list[str]:
 
 
 def _failure_note(table: Table, store: RunStore) -> list[str]:
-    if not any(c.state == "failed" for c in table.cells.values()):
-        return []
-    return [f"—<sup>f</sup>: a job failed; its traceback is in the job's status.json under {store.run_dir / 'jobs'}."]
+    """What the marks of incomplete, failed, small-reference and uncomputed cells mean in this table."""
+    cells = [c for c in table.cells.values() if not c.reported]
+    notes = []
+    if any(c.state == "failed" or (c.incomplete and c.failed) for c in cells):
+        notes.append("—<sup>f</sup>: every job feeding the cell failed; <sup>f k/n</sup>: the value covers k of the n "
+                     "values planned, the jobs of the others failed (or were skipped because a job they need failed); "
+                     "such cells and the averages they feed are not ranked. Tracebacks are in the jobs' status.json "
+                     f"under {store.run_dir / 'jobs'}.")
+    if any(c.incomplete and not c.failed for c in cells):
+        notes.append("<sup>k/n</sup>: the value covers k of the n values planned (the rest were not computed: the run "
+                     "was stopped, or the metric lacked inputs, see below); not ranked.")
+    if any(c.small for c in cells):
+        notes.append("<sup>s</sup>: computed from fewer images than the metric's documented minimum ("
+                     + "; ".join(f"{LABELS.get(m, m)}: {n} {what}" for m, (what, n) in MINIMUMS.items()) +
+                     "); the record holds the sizes.")
+    for reason, example in table.missing_reasons.items():
+        notes.append(f"Not computed (e.g. {example}): {reason}.")
+    return notes
 
 
 def _caption(manifest: dict) -> str:
@@ -290,7 +327,7 @@ def _figures(records: pd.DataFrame, frame: pd.DataFrame, states: dict, store: Ru
                 continue
             averages = per_category.groupby("method").agg(["mean", "std", "count"]).reindex(
                 [m for m in methods if m in per_category.index.get_level_values(0)])
-            path = bar_chart(averages, metric, figures_dir / f"{dataset}-bar-{metric}.png",
+            path = bar_chart(averages, metric, figures_dir / file_name(dataset, "bar", metric),
                              f"{LABELS[metric]}: mean over categories ({dataset})")
             charts.append(f"![{LABELS[metric]}]({path.relative_to(out_dir).as_posix()})")
         lines += [" ".join(charts), ""]
@@ -315,10 +352,10 @@ def _grids(states: dict, store: RunStore, dataset: str, methods: list[str], figu
         if tags.get("fold", 0) != 0 or tags.get("seed") != first_seed:
             continue
         folders.setdefault((tags["category"], tags["method"]), {}).setdefault(tags["defect_type"],
-                                                                             job_folder(store, key) / "samples")
+                                                                             state["folder"] / "samples")
     grids: dict[str, dict[str, str]] = {}
     for (category, method), by_defect in sorted(folders.items()):
-        path = sample_grid(by_defect, figures_dir / f"{dataset}-{category}-{method}.png", f"{method} on {category}")
+        path = sample_grid(by_defect, figures_dir / file_name(dataset, category, method), f"{method} on {category}")
         if path:
             grids.setdefault(category, {})[method] = f"![{method} {category}]({path.relative_to(out_dir).as_posix()})"
     return grids

@@ -10,22 +10,38 @@ from harness.report.tables import FAILED, Table, arrow, format_value, label
 @dataclass(frozen=True)
 class CellStyle:
     missing: str
-    failed_mark: str
+    sup: str  # format string of a superscript mark
     random_mark: str
     best: str  # format strings around the value
     second: str
+    differs: str  # a printed average that differs from the mean of the printed rows beyond rounding
 
 
-MARKDOWN = CellStyle("—", "<sup>f</sup>", "*", "**{}**", "<u>{}</u>")
-LATEX = CellStyle("---", r"\textsuperscript{f}", r"$^{*}$", r"\textbf{{{}}}", r"\underline{{{}}}")
+MARKDOWN = CellStyle("—", "<sup>{}</sup>", "*", "**{}**", "<u>{}</u>", "<sup>≠</sup>")
+LATEX = CellStyle("---", r"\textsuperscript{{{}}}", r"$^{*}$", r"\textbf{{{}}}", r"\underline{{{}}}", r"$^{\neq}$")
 
 
 def _cell_text(table: Table, row: str, method: str, metric: str, mark_random: bool, style: CellStyle) -> str:
     cell = table.cell(row, method, metric)
+    if cell.printed_average is not None:
+        return _printed_average_text(cell, metric, style)
     if cell.state != "ok":
-        return style.missing + (style.failed_mark if cell.state == FAILED else "")
+        return style.missing + (style.sup.format("f") if cell.state == FAILED else "")
     text = format_value(cell.value, metric) + (style.random_mark if mark_random and cell.random else "")
+    marks = [f"{'f ' if cell.failed else ''}{cell.count}/{cell.planned}"] if cell.incomplete else []
+    marks += ["s"] if cell.small else []
+    text += style.sup.format(" ".join(marks)) if marks else ""
     return {1: style.best, 2: style.second}.get(cell.rank, "{}").format(text)
+
+
+def _printed_average_text(cell, metric: str, style: CellStyle) -> str:
+    """A paper's printed Average: printed, and beside it the mean of the printed rows in this table, flagged when
+    the two differ by more than rounding."""
+    printed = format_value(cell.printed_average, metric)
+    if cell.state != "ok":
+        return f"{printed} (printed)"
+    flag = style.differs if cell.differs_beyond_rounding else ""
+    return f"{printed}{flag} (rows: {format_value(cell.value, metric)})"
 
 
 def markdown_table(table: Table, mark_random: bool) -> str:

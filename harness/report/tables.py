@@ -4,7 +4,12 @@ A cell is the mean over defect types (and folds and seeds) of one category; the 
 category rows that exist, with how many went in (a published average was once wrong because a row was
 missing). In each row, per metric, the best method is bold and the second best underlined (direction from
 `DIRECTION`), judged on the values as displayed, so ties share a mark; numbers reported
-by papers are shown but not ranked. Missing cells are '—'; cells whose job failed are '—' marked as failed.
+by papers are shown but not ranked.
+
+Every cell knows how many values were planned for it (one per job of the run that feeds it) and how many it got.
+A cell, and every average it feeds, that covers fewer values than planned says so (`0.062 f 2/3`: 2 of 3 values,
+the others failed; `2/3` alone: not computed, e.g. a stopped run or a metric that had too few inputs) and is not
+ranked. Missing cells are '—'; cells whose jobs all failed are '—' marked as failed.
 """
 from __future__ import annotations
 
@@ -32,6 +37,28 @@ class Cell:
     count: int = 0  # how many values (defect types x folds x seeds) went into the mean
     rank: int | None = None  # 1 = best, 2 = second best in its row and metric
     reported: bool = False  # a number the paper reports, not one measured here
+    planned: int = 0  # how many values the run planned for it (0: unknown, taken as count)
+    failed: int = 0  # of the planned values, how many come from jobs that failed (or were skipped for a failure)
+    small: bool = False  # computed from fewer reference images than the metric's documented minimum
+    printed_average: float | None = None  # reported Average rows: the paper's printed value, beside our mean
+    printed_tolerance: float = 0.0  # how far the printed average may lie from the mean of the rows by rounding
+
+    @property
+    def incomplete(self) -> bool:
+        return self.state == "ok" and not self.reported and self.count < self.planned
+
+    @property
+    def differs_beyond_rounding(self) -> bool:
+        return (self.printed_average is not None and self.state == "ok"
+                and abs(self.printed_average - self.value) > self.printed_tolerance * (1 + 1e-9))
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How many jobs should feed a (category, method) cell, and how many of them failed."""
+
+    planned: int
+    failed: int = 0
 
 
 @dataclass
@@ -43,39 +70,66 @@ class Table:
     cells: dict[tuple[str, str, str], Cell]  # (row, method, metric)
     notes: list[str] = field(default_factory=list)
     average_counts: dict[str, int] = field(default_factory=dict)  # method -> categories in its average
+    missing_reasons: dict[str, str] = field(default_factory=dict)  # why a value could not be computed -> an example
 
     def cell(self, row: str, method: str, metric: str) -> Cell:
         return self.cells.get((row, method, metric), Cell())
 
 
-def build_table(title: str, records: pd.DataFrame, failed: set[tuple[str, str]], metrics: list[str],
+def build_table(title: str, records: pd.DataFrame, coverage: dict[tuple[str, str], Coverage], metrics: list[str],
                 methods: list[str], categories: list[str], reported: pd.DataFrame | None = None) -> Table:
-    """`records`: rows with category, method, metric, value, random_weights. `failed`: (category, method) pairs
-    with a failed job. `reported`: optional rows (category, method, metric, value) from papers, shown as extra
-    methods labelled '<method> (reported)'."""
+    """`records`: rows with category, method, metric, value, random_weights (and optionally `missing`, why a value
+    is absent, and `below_minimum`). `coverage`: (category, method) -> the jobs planned to feed that cell and how
+    many failed; a cell without an entry is planned as what it got. `reported`: optional rows (category, method,
+    metric, value) from papers, shown as extra methods labelled '<method> (reported)'."""
     cells: dict[tuple[str, str, str], Cell] = {}
     subset = records[records["metric"].isin(metrics) & records["method"].isin(methods)] if not records.empty else records
+    reasons: dict[str, str] = {}
     for (category, method, metric), group in (subset.groupby(["category", "method", "metric"]) if not subset.empty else []):
-        values = [v for v in group["value"] if v is not None and not math.isnan(v)]
-        if values:
-            cells[(category, method, metric)] = Cell(sum(values) / len(values), "ok",
-                                                     bool(group["random_weights"].fillna(False).any()), len(values))
+        finite = group[group["value"].map(lambda v: v is not None and not math.isnan(v))]
+        for reason in group.get("missing", pd.Series(dtype=object)).dropna():
+            reasons.setdefault(str(reason), f"{method}, {category}")
+        if len(finite):
+            small = bool(finite["below_minimum"].fillna(False).astype(bool).any()) if "below_minimum" in finite else False
+            cells[(category, method, metric)] = Cell(float(finite["value"].mean()), "ok",
+                                                     bool(finite["random_weights"].fillna(False).any()), len(finite),
+                                                     small=small)
     all_methods = list(methods)
+    for category in categories:
+        for method in methods:
+            plan = coverage.get((category, method))
+            for metric in metrics:
+                cell = cells.setdefault((category, method, metric), Cell())
+                cell.planned = max(plan.planned, cell.count) if plan else cell.count
+                cell.failed = plan.failed if plan else 0
+                if cell.state != "ok" and cell.failed:
+                    cell.state = FAILED
     if reported is not None and not reported.empty:
-        for (category, method, metric), value in reported.set_index(["category", "method", "metric"])["value"].items():
-            if metric in metrics:
-                label = f"{method} (reported)"
-                cells[(category, label, metric)] = Cell(float(value), "ok", False, 1, reported=True)
-                if label not in all_methods:
-                    all_methods.append(label)
-    for category, method in failed:
-        for metric in metrics:
-            if (category, method, metric) not in cells:
-                cells[(category, method, metric)] = Cell(state=FAILED)
-    table = Table(title, metrics, all_methods, list(categories) + ["Average"], cells)
+        all_methods += _reported_cells(cells, reported, metrics, methods)
+    table = Table(title, metrics, all_methods, list(categories) + ["Average"], cells, missing_reasons=reasons)
     _averages(table, categories)
     _rank(table)
     return table
+
+
+def _reported_cells(cells: dict, reported: pd.DataFrame, metrics: list[str], methods: list[str]) -> list[str]:
+    """Cells of the numbers a paper reports (a printed Average goes beside the mean of the printed rows)."""
+    labels = []
+    if "tolerance" not in reported:
+        reported = reported.assign(tolerance=0.0)
+    for row in reported.itertuples(index=False):
+        category, method, metric, value = row.category, row.method, row.metric, row.value
+        if metric not in metrics:
+            continue
+        label = f"{method} (reported)"
+        if category == "average":
+            average = cells.setdefault(("Average", label, metric), Cell(reported=True))
+            average.printed_average, average.printed_tolerance = float(value), float(row.tolerance)
+        else:
+            cells[(category, label, metric)] = Cell(float(value), "ok", False, 1, reported=True, planned=1)
+        if label not in labels and label not in methods:
+            labels.append(label)
+    return labels
 
 
 def _averages(table: Table, categories: list[str]) -> None:
@@ -83,13 +137,16 @@ def _averages(table: Table, categories: list[str]) -> None:
         for metric in table.metrics:
             present = [table.cell(c, method, metric) for c in categories]
             ok = [c for c in present if c.state == "ok"]
+            average = table.cells.setdefault(("Average", method, metric), Cell(reported=method.endswith("(reported)")))
             if not ok:
                 if any(c.state == FAILED for c in present):
-                    table.cells[("Average", method, metric)] = Cell(state=FAILED)
+                    average.state = FAILED
                 continue
-            table.cells[("Average", method, metric)] = Cell(sum(c.value for c in ok) / len(ok), "ok",
-                                                            any(c.random for c in ok), len(ok), None,
-                                                            all(c.reported for c in ok))
+            average.value = sum(c.value for c in ok) / len(ok)
+            average.state, average.random, average.small = "ok", any(c.random for c in ok), any(c.small for c in ok)
+            average.count = sum(c.count for c in present)
+            average.planned = sum(max(c.planned, c.count) for c in present)
+            average.failed = sum(c.failed for c in present)
             table.average_counts[method] = max(table.average_counts.get(method, 0), len(ok))
     incomplete = {m: n for m, n in table.average_counts.items() if n < len(categories)}
     if incomplete:
@@ -105,8 +162,8 @@ def _rank(table: Table) -> None:
             direction = DIRECTION.get(metric)
             if direction is None:
                 continue
-            cells = [table.cells[(row, m, metric)] for m in table.methods
-                     if table.cell(row, m, metric).state == "ok" and not table.cell(row, m, metric).reported]
+            cells = [table.cells[(row, m, metric)] for m in table.methods if table.cell(row, m, metric).state == "ok"
+                     and not table.cell(row, m, metric).reported and not table.cell(row, m, metric).incomplete]
             shown = sorted({float(format_value(c.value, metric)) for c in cells}, reverse=direction == "up")
             if len(shown) < 2:
                 continue

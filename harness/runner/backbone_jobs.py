@@ -13,10 +13,10 @@ from harness.diffusion import provision
 from harness.io import atomic_write_json
 from harness.methods import discover
 from harness.profiles import get_profile
-from harness.runner.jobs import Job, JobContext, expander, job_kind, make_job
+from harness.runner.jobs import Job, JobContext, expander, job_kind, job_resources, make_job
 
 JOB_FILE = "backbone.json"
-RESOURCES = {"num_cpus": 1, "memory": 4 * 2**30}
+MEMORY = 4 * 2**30
 
 
 def uses_backbone(suite) -> bool:
@@ -57,7 +57,7 @@ def backbone_jobs(plan) -> list[Job]:
                   "pretrain": dict(suite.backbone), "weights": suite.weights.get(provision.PAPER_BACKBONE),
                   "code": provision.code_hash(), "provenance": provenance}
         jobs.append(make_job("backbone", f"backbone {profile.name} {dataset.spec.name}", params,
-                             resources=dict(RESOURCES), tags={"dataset": dataset.spec.name, "backbone": provenance}))
+                             resources=job_resources(profile, memory=MEMORY), tags={"dataset": dataset.spec.name, "backbone": provenance}))
     return jobs
 
 

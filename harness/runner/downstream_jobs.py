@@ -15,13 +15,14 @@ from harness.downstream import data as ddata
 from harness.downstream.config import model_config
 from harness.downstream.detectors import DETECTORS
 from harness.io import atomic_write_json
+from harness.metrics import detection
 from harness.profiles import get_profile
 from harness.runner.generation_jobs import load_split, source_params, weights_used
-from harness.runner.jobs import Job, JobContext, expander, job_kind, make_job
+from harness.runner.jobs import Job, JobContext, expander, job_kind, job_resources, make_job
 
 DOWNSTREAM_KINDS = {"segmentation": "segment", "classification": "classify"}
-DOWNSTREAM_RESOURCES = {"num_cpus": 1, "memory": 3 * 2**30}
-DETECTOR_RESOURCES = {"num_cpus": 1, "memory": 4 * 2**30}
+DOWNSTREAM_MEMORY = 3 * 2**30
+DETECTOR_MEMORY = 4 * 2**30
 
 
 def _base_tags(dataset, category, split, seed: int) -> dict:
@@ -58,11 +59,11 @@ def downstream_jobs(plan) -> list[Job]:
                               "resolution": profile.resolution, "seed": seed}
                     where = f"{dataset.spec.name}/{category.name} f{split.fold} s{seed}"
                     for params in models:
-                        jobs += _downstream(params, suite, generated, tags, common, where)
+                        jobs += _downstream(params, suite, generated, tags, common, where, profile)
                     for params in detectors:
                         spec = DETECTORS[params["model"]]
                         jobs.append(make_job("detect", f"detect {spec.label} {where}", {**common, **params}, (),
-                                             DETECTOR_RESOURCES, {**tags, "method": spec.label, "family": "unsupervised",
+                                             job_resources(profile, memory=DETECTOR_MEMORY), {**tags, "method": spec.label, "family": "unsupervised",
                                                                   "model": params["model"]}))
     return jobs
 
@@ -76,7 +77,7 @@ def _model_params(entry: dict, suite, profile) -> dict:
             "weights_file": suite.weights.get(trunk) if trunk else None}
 
 
-def _downstream(params: dict, suite, generated: dict, tags: dict, common: dict, where: str) -> list[Job]:
+def _downstream(params: dict, suite, generated: dict, tags: dict, common: dict, where: str, profile) -> list[Job]:
     out = []
     name = params["model"]
     for method in suite.methods:
@@ -85,7 +86,7 @@ def _downstream(params: dict, suite, generated: dict, tags: dict, common: dict, 
             continue  # nothing generated; or one defect type: nothing to classify
         out.append(make_job(DOWNSTREAM_KINDS[name], f"{name} {method.label} {where}",
                             {**common, **params, "method": method.label, "generated": dict(sorted(keys.items()))},
-                            tuple(sorted(keys.values())), DOWNSTREAM_RESOURCES,
+                            tuple(sorted(keys.values())), job_resources(profile, memory=DOWNSTREAM_MEMORY),
                             {**tags, "method": method.label, "family": "synthetic", "model": name,
                              "selection": params["config"].get("select_on", "validation")}))
     return out
@@ -111,8 +112,9 @@ def run_segment(job: Job, ctx: JobContext) -> list[dict]:
     atomic_write_json(ctx.folder / "selection.json", {"on": selection.on, "metric": selection.metric,
                                                       "history": selection.history, "best_epoch": selection.best_epoch,
                                                       "n_train": len(train), "n_validation": len(validation)})
+    published = detection.image_scores_from_maps(maps, config["pool_kernel"], count_include_pad=True)
     return [{**r, "selection": selection.on, "details": {"best_epoch": selection.best_epoch}}
-            for r in ddata.score_maps(test, maps, scores)]
+            for r in ddata.score_maps(test, maps, scores, published)]
 
 
 @job_kind("classify")
@@ -146,8 +148,9 @@ def run_detect(job: Job, ctx: JobContext) -> list[dict]:
                                            p["config"], p["resolution"], p["profile"], p["seed"], ctx.folder / "work",
                                            p.get("weights_file"))
     if not np.isfinite(maps).all() or not np.isfinite(scores).all():
-        raise ValueError(f"{p['detector']} produced non-finite anomaly scores")
+        raise ValueError(f"{p['model']} produced non-finite anomaly scores")
     ddata.save_maps(ctx.folder / "maps.npz", test, maps, scores)
     common = {"random_weights": bool(resolved and resolved.is_random),
               "weights": resolved.describe() if resolved else "none (trained from scratch)"}
-    return [{**r, **common} for r in ddata.score_maps(test, maps, scores)]
+    # the published image-score rule is the U-Net's; a detector keeps its own image score under both evaluations
+    return [{**r, **common} for r in ddata.score_maps(test, maps, scores, scores)]

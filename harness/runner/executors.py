@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from harness.io import write_jsonl
 from harness.runner.jobs import JOB_KINDS, Job, JobContext
-from harness.runner.store import DONE, FAILED, RECORDS_FILE, read_status, write_status
+from harness.runner.store import DONE, FAILED, RECORDS_FILE, SKIPPED, pin_outputs, read_status, write_status
 
 _PROCESS_CACHE: dict[str, Any] = {}  # per worker process: networks and splits built once
 # Settings of the driver that workers on every node must share.
@@ -48,7 +48,7 @@ def execute_job(job_dict: dict, folder: str, deps: dict[str, str], common: dict)
     torch.set_num_threads(job_threads)
     started, clock = now(), time.perf_counter()
     status = {"key": job.key, "kind": job.kind, "label": job.label, "host": platform.node(), "pid": os.getpid(),
-              "node": _ray_node(), "started": started}
+              "node": _ray_node(), "device": describe_device(), "started": started}
     try:
         # BLAS threads too: numpy/scipy linear algebra (FID) rounds differently with another thread count, and the
         # serial and Ray executors must give identical numbers
@@ -56,10 +56,13 @@ def execute_job(job_dict: dict, folder: str, deps: dict[str, str], common: dict)
             records = JOB_KINDS[job.kind](job, JobContext(path, {k: Path(v) for k, v in deps.items()},
                                                           _PROCESS_CACHE)) or []
         finished = now()
-        write_jsonl(path / RECORDS_FILE, [{**common, **job.tags, "job_key": job.key, "kind": job.kind, **r,
-                                           "started": started, "finished": finished} for r in records])
-        status.update(state=DONE, finished=finished, seconds=round(time.perf_counter() - clock, 3), records=len(records))
-    except Exception as err:  # one failing job is recorded and does not stop the others
+        write_jsonl(path / RECORDS_FILE, [{**common, **job.tags, "job_key": job.key, "kind": job.kind,
+                                           "device": status["device"], **r, "started": started, "finished": finished}
+                                          for r in records])
+        status.update(state=DONE, finished=finished, seconds=round(time.perf_counter() - clock, 3), records=len(records),
+                      outputs=pin_outputs(path))
+    except (Exception, SystemExit) as err:  # one failing job is recorded and does not stop the others (a method
+        # calling sys.exit included: the serial executor runs it in this very process)
         status.update(state=FAILED, finished=now(), seconds=round(time.perf_counter() - clock, 3),
                       error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
     finally:
@@ -68,19 +71,47 @@ def execute_job(job_dict: dict, folder: str, deps: dict[str, str], common: dict)
     return status
 
 
-def _cluster_cpus(ray: Any) -> float:
+def describe_device() -> str:
+    """The device this job's networks run on (harness.device), with the GPU's name."""
+    from harness.device import default_device
+
+    device = default_device()
+    if device.type == "cuda":
+        import torch
+
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def _cluster(ray: Any) -> dict[str, float]:
     try:
-        return float(ray.cluster_resources().get("CPU", 1))
+        resources = ray.cluster_resources()
+        return {"CPU": float(resources.get("CPU", 1)), "GPU": float(resources.get("GPU", 0))}
     except Exception:
-        return 1.0
+        return {"CPU": 1.0, "GPU": 0.0}
 
 
-def _fits(job: Job, running: Any, capacity: float) -> bool:
+def ray_options(job: Job, cluster: dict[str, float], max_retries: int) -> dict:
+    """What a job asks Ray for: its CPUs, and its share of a GPU where the cluster has GPUs. Ray hides the GPUs
+    from a task that asks for none, so a job that may use a GPU must ask for its share to see one."""
+    options = {"num_cpus": job.resources.get("num_cpus", 1), "max_retries": max_retries,
+               "num_gpus": job.resources.get("num_gpus", 0) if cluster["GPU"] > 0 else 0}
+    if job.resources.get("memory"):
+        options["memory"] = job.resources["memory"]
+    return options
+
+
+def _fits(job: Job, running: Any, cluster: dict[str, float]) -> bool:
     """Hand Ray only what the cluster can run now, so that 'running' on the bar means running, not queued.
 
-    The cluster's CPU count is read every round, so nodes that join (or an autoscaler) are used."""
-    busy = sum(float(j.resources.get("num_cpus", 1)) for j in running)
-    return busy == 0 or busy + float(job.resources.get("num_cpus", 1)) <= capacity
+    The cluster's resources are read every round, so nodes that join (or an autoscaler) are used."""
+    if not running:
+        return True
+    cpus = sum(float(j.resources.get("num_cpus", 1)) for j in running) + float(job.resources.get("num_cpus", 1))
+    if cluster["GPU"] <= 0:
+        return cpus <= cluster["CPU"]
+    gpus = sum(float(j.resources.get("num_gpus", 0)) for j in running) + float(job.resources.get("num_gpus", 0))
+    return cpus <= cluster["CPU"] and gpus <= cluster["GPU"] + 1e-9
 
 
 def _ray_node() -> str | None:
@@ -139,7 +170,7 @@ class Scheduler:
         return all(self.state.get(d) == DONE for d in job.deps)
 
     def blocked(self, job: Job) -> bool:
-        return any(self.state.get(d) in (FAILED, "skipped") for d in job.deps)
+        return any(self.state.get(d) in (FAILED, SKIPPED) for d in job.deps)
 
     def deps_of(self, job: Job) -> dict[str, str]:
         return {d: str(self.location[d]) for d in job.deps}
@@ -153,7 +184,7 @@ class Scheduler:
 def run_serial(scheduler: Scheduler, common: dict, progress: Progress) -> None:
     for job in scheduler.pending():
         if scheduler.blocked(job):
-            scheduler.state[job.key] = "skipped"
+            scheduler.state[job.key] = SKIPPED
             progress.skipped()
             continue
         progress.started()
@@ -180,19 +211,15 @@ def run_ray(scheduler: Scheduler, common: dict, progress: Progress, num_cpus: in
     waiting = scheduler.pending()
     try:
         while waiting or running:
-            capacity = _cluster_cpus(ray)
+            cluster = _cluster(ray)
             for job in list(waiting):
                 if scheduler.blocked(job):
                     waiting.remove(job)
-                    scheduler.state[job.key] = "skipped"
+                    scheduler.state[job.key] = SKIPPED
                     progress.skipped()
-                elif scheduler.ready(job) and _fits(job, running.values(), capacity):
+                elif scheduler.ready(job) and _fits(job, list(running.values()), cluster):
                     waiting.remove(job)
-                    options = {"num_cpus": job.resources.get("num_cpus", 1), "num_gpus": job.resources.get("num_gpus", 0),
-                               "max_retries": max_retries}
-                    if job.resources.get("memory"):
-                        options["memory"] = job.resources["memory"]
-                    ref = remote.options(**options).remote(job.as_dict(), str(scheduler.job_dir(job.key)),
+                    ref = remote.options(**ray_options(job, cluster, max_retries)).remote(job.as_dict(), str(scheduler.job_dir(job.key)),
                                                            scheduler.deps_of(job), common)
                     running[ref] = job
                     progress.started()

@@ -12,12 +12,12 @@ from harness.methods import Method, discover
 from harness.metrics.iclpips import PRESETS
 from harness.metrics.score import ScoreConfig, Scorer, ScoreInputs
 from harness.profiles import get_profile
-from harness.runner.jobs import Job, JobContext, expander, job_kind, make_job
+from harness.runner.jobs import Job, JobContext, expander, job_kind, job_resources, make_job
 from harness.tasks import build_task
 from harness import weights
 from harness.runner.backbone_jobs import backbone_folder, backbone_job_for
 
-SCORE_RESOURCES = {"num_cpus": 1, "memory": 4 * 2**30}
+SCORE_MEMORY = 4 * 2**30
 
 
 def method_hash(directory: Path) -> str:
@@ -61,6 +61,8 @@ def generation_jobs(plan) -> list[Job]:
                         backbone = backbone_job_for(plan, dataset.spec.name) if info.cls.uses_backbone else None
                         requires = "caption" in info.cls.needs
                         source = source_params(dataset, category, split, requires)
+                        resources = job_resources(profile, int(info.cls.resources.get("num_cpus", 1)),
+                                                  gpu=bool(info.cls.resources.get("num_gpus", 0)))
                         groups = ([category.defect_types] if info.cls.granularity == "category"
                                   else [[d] for d in category.defect_types])
                         for defects in groups:
@@ -74,16 +76,17 @@ def generation_jobs(plan) -> list[Job]:
                                            {**source, "method": spec.method, "config": configs[spec.label],
                                             "method_hash": method_hashes[spec.method], "profile": profile.name,
                                             "resolution": profile.resolution, "defect_types": defects, "seed": seed},
-                                           (backbone.key,) if backbone else (), dict(info.cls.resources), tags)
+                                           (backbone.key,) if backbone else (), resources, tags)
                             jobs.append(fit)
                             for defect in defects:
                                 defect_tags = {**tags, "defect_type": defect}
                                 generate = make_job("generate", f"generate {spec.label} {where}/{defect} f{split.fold} s{seed}",
                                                     {**fit.params, "defect_type": defect, "n": suite.n_per_defect},
-                                                    (fit.key,), dict(info.cls.resources), defect_tags)
+                                                    (fit.key,), resources, defect_tags)
                                 score = make_job("score", f"score {spec.label} {where}/{defect} f{split.fold} s{seed}",
                                                  {**source, **score_params, "defect_type": defect},
-                                                 (generate.key,), SCORE_RESOURCES, defect_tags)
+                                                 (generate.key,), job_resources(profile, memory=SCORE_MEMORY),
+                                                 defect_tags)
                                 jobs += [generate, score]
     return jobs
 
@@ -141,4 +144,6 @@ def run_score(job: Job, ctx: JobContext) -> list[dict]:
     inputs = ScoreInputs.from_folder(ctx.only_dep(job) / "samples", [s.image for s in parts.test],
                                      [s.image for s in parts.centres])
     return [{"metric": v.metric, "value": v.value, "n": v.n, "std": v.std, "details": v.details,
-             "random_weights": bool(v.details.get("random", False))} for v in ctx.cache[scorer_key].score(inputs)]
+             "random_weights": bool(v.details.get("random", False)), "missing": v.missing, "n_real": v.n_real,
+             "n_centres": v.n_centres, "below_minimum": v.below_minimum}
+            for v in ctx.cache[scorer_key].score(inputs)]

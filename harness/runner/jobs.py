@@ -54,6 +54,15 @@ def make_job(kind: str, label: str, params: dict, deps: tuple[str, ...] = (), re
     return Job(kind, key, label, params, tuple(deps), resources or {"num_cpus": 1}, tags or {})
 
 
+def job_resources(profile, num_cpus: int = 1, memory: int | None = None, gpu: bool = True) -> dict:
+    """What a job declares: CPUs (its torch threads), memory, and, for a job that runs networks, the profile's
+    share of a GPU (used only where the cluster has GPUs; see executors.ray_options)."""
+    out: dict = {"num_cpus": num_cpus, "num_gpus": profile.gpu_share if gpu else 0}
+    if memory:
+        out["memory"] = memory
+    return out
+
+
 @dataclass
 class JobContext:
     """What a running job sees: its own folder, its dependencies' folders, and per-process objects."""

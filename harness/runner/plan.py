@@ -28,6 +28,7 @@ class Plan:
     datasets: list[PreparedDataset]
     splits: dict[tuple[str, str], list[Split]] = field(default_factory=dict)  # (dataset, category) -> folds
     jobs: list[Job] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the data or the splits lack, said once per run
 
     def by_key(self) -> dict[str, Job]:
         return {job.key: job for job in self.jobs}
@@ -54,7 +55,10 @@ def prepare(suite: Suite) -> Plan:
     plan = Plan(suite, datasets)
     for dataset in datasets:
         for category in dataset.categories:
-            plan.splits[(dataset.spec.name, category.name)] = make_splits(category, suite.protocol)
+            splits = make_splits(category, suite.protocol)
+            plan.splits[(dataset.spec.name, category.name)] = splits
+            found = [f"{dataset.spec.name}: {w}" for w in (*category.warnings, *(w for s in splits for w in s.warnings()))]
+            plan.warnings += [w for w in dict.fromkeys(found) if w not in plan.warnings]
     return plan
 
 

@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from harness.io import sha256_json
 from harness.paths import REPO_ROOT
 from harness.runner.executors import Progress, Scheduler, now, run_ray, run_serial
 from harness.runner.plan import Plan, expand, prepare
-from harness.runner.store import DONE, FAILED, RunStore, read_status, runs_root
+from harness.runner.jobs import Job
+from harness.runner.store import DONE, FAILED, DamagedError, RunLock, RunStore, read_status, runs_root
 from harness.runner.suite import Suite
 
 
@@ -79,19 +81,35 @@ def dry_run(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def intact_closure(jobs: list[Job], found: dict[str, Path]) -> dict[str, Path]:
+    """The finished jobs that can be reused: intact ones all of whose dependencies are reused too (a job redone
+    because its files were damaged takes every job that depends on it along). `jobs` in dependency order."""
+    reused: dict[str, Path] = {}
+    for job in jobs:
+        if job.key in found and all(dep in reused for dep in job.deps):
+            reused[job.key] = found[job.key]
+    return reused
+
+
 def run_suite(suite: Suite, executor: str | None = None, address: str | None = None, num_cpus: int | None = None,
               results: Path | None = None, fresh: bool = False, progress: bool = True) -> RunResult:
     plan = prepare(suite)
     expand(plan)
     store = RunStore(runs_root(results), suite.name, run_id_for(suite))
+    with RunLock(store):
+        return _run_locked(plan, store, executor, address, num_cpus, fresh, progress)
+
+
+def _run_locked(plan: Plan, store: RunStore, executor: str | None, address: str | None, num_cpus: int | None,
+                fresh: bool, progress: bool) -> RunResult:
+    suite = plan.suite
     if fresh and store.run_dir.exists():
         shutil.rmtree(store.run_dir)
-    planned = plan.by_key()
-    finished = {} if fresh else {k: v for k, v in store.finished().items() if k in planned}
+    finished = {} if fresh else intact_closure(plan.jobs, store.finished(set(plan.by_key())))
     manifest = {
         "suite": suite.name, "run_id": store.run_id, "config": resolved_config(suite),
         "code": code_version(), "host": platform.node(), "python": sys.version.split()[0],
-        "created": (store.read_manifest() or {}).get("created", now()), "started": now(),
+        "created": _previous(store).get("created", now()), "started": now(), "warnings": plan.warnings,
         "executor": executor or suite.executor.kind, "jobs": [j.as_dict() for j in plan.jobs],
     }
     store.write_manifest(manifest)
@@ -107,10 +125,19 @@ def run_suite(suite: Suite, executor: str | None = None, address: str | None = N
                     suite.executor.max_retries)
     finally:
         bar.close()
-    manifest.update(finished=now(), states=dict(Counter(scheduler.state.values())),
+    manifest.update(finished=now(), states=dict(Counter(scheduler.state.values())), job_states=dict(scheduler.state),
                     locations={k: str(v) for k, v in scheduler.location.items() if Path(v).parent.parent != store.run_dir})
     store.write_manifest(manifest)
     return RunResult(store, plan, dict(scheduler.state))
+
+
+def _previous(store: RunStore) -> dict:
+    """The run's earlier manifest; a damaged one is replaced (everything in it is recomputed from the suite)."""
+    try:
+        return store.read_manifest() or {}
+    except DamagedError as err:
+        warnings.warn(f"{err.args[0].split(';')[0]}; writing a new one")
+        return {}
 
 
 def _downstream_summary(frame) -> list[str]:

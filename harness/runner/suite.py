@@ -109,7 +109,7 @@ def parse_suite(raw: dict, path: Path | None, data: str | Path | None = None, ch
     where = str(path) if path else "suite"
     _mapping(raw, where, "the top level")
     _keys(raw, TOP_KEYS, where, "")
-    name = str(raw.get("name") or (path.stem if path else "suite"))
+    name = path_component(raw.get("name") or (path.stem if path else "suite"), where, "name")
     protocol = _choice(raw.get("protocol", "clean-thirds"), PROTOCOLS, where, "protocol")
     profile = _choice(raw.get("profile", "tiny"), tuple(PROFILES), where, "profile")
     generate = raw.get("generate") or {}
@@ -119,7 +119,9 @@ def parse_suite(raw: dict, path: Path | None, data: str | Path | None = None, ch
     metrics = tuple(_list(raw.get("metrics", list(METRICS)), where, "metrics"))
     for metric in metrics:
         _choice(metric, METRICS, where, "metrics")
-    seeds = tuple(int(s) for s in _list(raw.get("seeds", [0]), where, "seeds"))
+    if not metrics:
+        raise ConfigError(f"{where}: 'metrics' is empty; name at least one of {', '.join(METRICS)}")
+    seeds = _seeds(raw.get("seeds", [0]), where)
     return Suite(
         name=name, path=path, description=str(raw.get("description", "")),
         datasets=tuple(_datasets(raw.get("datasets"), where, data)),
@@ -128,7 +130,7 @@ def parse_suite(raw: dict, path: Path | None, data: str | Path | None = None, ch
         ic_lpips=_choice(raw.get("ic_lpips", "ic_lpips"), tuple(PRESETS), where, "ic_lpips"),
         seeds=seeds, downstream=parse_models(raw.get("downstream"), where, "downstream", profile),
         detectors=parse_models(raw.get("detectors"), where, "detectors", profile),
-        executor=_executor(raw.get("executor") or {}, where), weights=dict(raw.get("weights") or {}),
+        executor=_executor(raw.get("executor") or {}, where), weights=_weights(raw.get("weights") or {}, where),
         backbone=_backbone(raw.get("backbone") or {}, where, profile),
     )
 
@@ -151,16 +153,15 @@ def _datasets(value: Any, where: str, data: str | Path | None) -> list[DatasetSp
         _mapping(item, where, key)
         _keys(item, DATASET_KEYS, where, key + ".")
         layout = _choice(item.get("layout", "auto"), LAYOUTS, where, key + ".layout")
-        synth = dict(item.get("synth") or {})
-        _keys(synth, SYNTH_KEYS, where, key + ".synth.")
+        synth = _synth(item.get("synth") or {}, where, key + ".synth")
         root = None
         if layout != "synthetic":
             root = _root(item.get("root"), where, key + ".root", data)
         captions = _root(item["captions"], where, key + ".captions", data) if item.get("captions") else None
         categories = item.get("categories", "all")
         categories = None if categories in ("all", None) else tuple(str(c) for c in _list(categories, where, key + ".categories"))
-        out.append(DatasetSpec(str(item.get("name") or (root.name if root else "synthetic")), layout, root, captions,
-                               categories, synth))
+        name = path_component(item.get("name") or (root.name if root else "synthetic"), where, key + ".name")
+        out.append(DatasetSpec(name, layout, root, captions, categories, synth))
     return out
 
 
@@ -203,7 +204,7 @@ def _methods(value: Any, where: str, check: bool, profile: str) -> list[MethodSp
         _mapping(item, where, key)
         _keys(item, METHOD_KEYS, where, key + ".")
         name = str(item.get("method", ""))
-        label = str(item.get("label") or name)
+        label = _label(item.get("label") or name, where, key + ".label")
         if check:
             if name not in known:
                 close = difflib.get_close_matches(name, list(known), n=1)
@@ -229,7 +230,74 @@ def _executor(value: Any, where: str) -> ExecutorSpec:
     num_cpus = value.get("num_cpus")
     if num_cpus is not None:
         num_cpus = _positive_int(num_cpus, where, "executor.num_cpus")
-    return ExecutorSpec(kind, num_cpus, value.get("address"), int(value.get("max_retries", 2)))
+    retries = value.get("max_retries", 2)
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise ConfigError(f"{where}: executor.max_retries must be an integer >= 0, not {retries!r}")
+    address = value.get("address")
+    if address is not None and not isinstance(address, str):
+        raise ConfigError(f"{where}: executor.address must be HOST:PORT, not {address!r}")
+    return ExecutorSpec(kind, num_cpus, address, retries)
+
+
+def _seeds(value: Any, where: str) -> tuple[int, ...]:
+    seeds = _list(value, where, "seeds")
+    if not seeds:
+        raise ConfigError(f"{where}: 'seeds' is empty; give at least one, e.g. seeds: [0]")
+    for seed in seeds:
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ConfigError(f"{where}: seeds: {seed!r} is not an integer >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: seeds: {seeds} lists a seed twice")
+    return tuple(seeds)
+
+
+def _weights(value: Any, where: str) -> dict:
+    """`weights: {network name: file or folder}`, every name known and every value a path."""
+    from harness import weights
+
+    _mapping(value, where, "weights")
+    known = [*weights.KNOWN, *weights.PIPELINES]
+    for name, path in value.items():
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: weights: unknown network {name!r}{hint}; known: {', '.join(known)}")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{where}: weights.{name} must be a file or folder path, not {path!r}")
+    return dict(value)
+
+
+def _synth(value: Any, where: str, key: str) -> dict:
+    from harness.data.synth import SynthConfig
+
+    _mapping(value, where, key)
+    _keys(value, SYNTH_KEYS, where, key + ".")
+    try:
+        SynthConfig(**value)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {key}: {str(err).split(': ', 1)[-1]}") from None
+    return dict(value)
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def path_component(value: Any, where: str, key: str) -> str:
+    """A name that becomes a folder or file name (suite, data set): letters, digits, '_', '.', '+', '-', not
+    starting with '.' (so never '..'), and no path separators."""
+    text = str(value)
+    if not SAFE_NAME.fullmatch(text):
+        raise ConfigError(f"{where}: {key} {text!r} cannot name a folder: use letters, digits, '_', '.', '+' and '-', "
+                          "not starting with '.'")
+    return text
+
+
+def _label(value: Any, where: str, key: str) -> str:
+    """A method label is shown in tables as written; in file names it is slugged (harness.report.figures)."""
+    text = str(value)
+    if not text.strip() or any(c in text for c in "/\\\0") or text.startswith(".") or not text.isprintable():
+        raise ConfigError(f"{where}: {key} {text!r} must be printable, not start with '.', and hold no '/' or '\\'")
+    return text
 
 
 def _keys(mapping: dict, allowed: set[str], where: str, prefix: str) -> None:

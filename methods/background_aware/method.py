@@ -138,6 +138,7 @@ class BackgroundAware(Method):
     granularity = "defect_type"
     needs = frozenset({"target_normal", "target_mask"})
     uses_backbone = True
+    resources = {"num_cpus": 1, "num_gpus": 1}  # fine-tunes and samples a diffusion model: a GPU where there is one
 
     def __init__(self, config, profile):
         super().__init__(config, profile)
@@ -159,7 +160,7 @@ class BackgroundAware(Method):
         z0 = encode(backbone, images)
         m = latent_mask(resize_masks(np.stack([a.mask for a in task.anomalies]), size), z0.shape[-1], z0.device)
         prompts = Prompts.for_category(self.config["tokens"], task.category)
-        history = self._finetune(backbone, Conditions(backbone, prompts), z0, m, task.seed)
+        history = self._finetune(backbone, Conditions(backbone, prompts), z0, m, int(task.rng().integers(2**63 - 1)))
         backbone.unet.save_pretrained(workdir / "unet")
         (workdir / MODEL_FILE).write_text(json.dumps({
             "backbone": str(task.backbone), "prompts": prompts.__dict__, "resolution": size,

@@ -24,7 +24,7 @@ class Draem(Method):
 
     def fit(self, task: FewShotTask, workdir: Path) -> None:
         """Choose the anomaly source images (DRAEM uses no training anomalies) and record them."""
-        rng = np.random.default_rng([task.seed, 7])
+        rng = task.rng()
         kind = self.config["source"]
         if kind == "auto":
             kind = "other_categories" if task.other_normals else "procedural"

@@ -25,6 +25,10 @@ CATEGORIES: dict[str, SynthCategory] = {c.name: c for c in (Weave(), Grain(), Wa
 SYNTH_VERSION = 1  # bump when the drawings change, so cached copies are regenerated
 
 
+# The smallest value of each setting the synthetic data set can be drawn with.
+SYNTH_MINIMUMS = {"seed": 0, "size": 32, "n_train": 1, "n_validation": 0, "n_test_good": 1, "n_defect": 1}
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     seed: int = 0
@@ -34,6 +38,12 @@ class SynthConfig:
     n_test_good: int = 12
     n_defect: int = 15
     categories: tuple[str, ...] = tuple(CATEGORIES)
+
+    def __post_init__(self) -> None:
+        for name, least in SYNTH_MINIMUMS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"synthetic data set: {name} must be an integer >= {least}, not {value!r}")
 
     def as_dict(self) -> dict:
         return {"version": SYNTH_VERSION, "seed": self.seed, "size": self.size, "n_train": self.n_train,
