@@ -4,6 +4,7 @@ The output folder appears only when generation finished: a killed or failing run
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Iterable
@@ -35,7 +36,7 @@ def generate_to(method: Method, task: FewShotTask, defect_type: str, n: int, see
     if not isinstance(n, int) or n < 1:
         raise MethodError(f"the number of samples to generate must be a positive integer, not {n!r}")
     request = build_request(task, method, defect_type, n, seed)
-    normal_paths = {item.id: str(item.path) for item in task.normals}
+    normal_paths = {item.id: _relative(item.path, task.root) for item in task.normals}
     start = time.perf_counter()
     with atomic_directory(out, overwrite=overwrite) as tmp:
         samples = method.generate(request, workdir)
@@ -44,8 +45,32 @@ def generate_to(method: Method, task: FewShotTask, defect_type: str, n: int, see
             **(meta or {}), "method": method.name, "config": method.config, "profile": method.profile.name,
             "defect_type": defect_type, "n": n, "seed": seed, "category": task.category, "dataset": task.dataset,
             "resolution": task.resolution, "seconds": round(time.perf_counter() - start, 3), "count": len(rows),
+            "category_root": str(task.root) if task.root else None,  # where normal_path is relative to (this machine)
         })
     return out
+
+
+def _relative(path: Path | None, root: Path | None) -> str | None:
+    if path is None:
+        return None
+    return Path(path).relative_to(root).as_posix() if root and Path(path).is_relative_to(root) else str(path)
+
+
+def normal_file(folder: Path, row: dict, root: Path | None = None) -> Path | None:
+    """The normal image a sample was made on: its samples.jsonl `normal_path`, relative to the category folder
+    (`root`, else the one generation.json recorded); absolute paths (other tools' folders) as they are."""
+    if not row.get("normal_path"):
+        return None
+    path = Path(row["normal_path"])
+    if path.is_absolute():
+        return path
+    if root is None:
+        meta = Path(folder) / META_FILE
+        recorded = json.loads(meta.read_text()).get("category_root") if meta.is_file() else None
+        if not recorded:
+            return None
+        root = Path(recorded)
+    return Path(root) / path
 
 
 def write_samples(samples: Iterable[GeneratedSample], request: GenerationRequest, out: Path,

@@ -54,6 +54,7 @@ class FewShotTask:
     other_normals: dict[str, list[Path]] = field(default_factory=dict)  # train/good of the other categories
     backbone: Path | None = None  # the diffusion backbone folder (diffusers layout), for methods with uses_backbone
     fold: int = 0
+    root: Path | None = None  # the category's folder; item paths are recorded relative to it
 
     def anomalies_of(self, defect_type: str) -> list[Item]:
         return [a for a in self.anomalies if a.defect_type == defect_type]

@@ -39,7 +39,8 @@ def load(suite: str | None = None, run: str | None = None, results: Path | None 
 def job_folder(store: RunStore, key: str, manifest: dict | None = None) -> Path:
     """Where a job of the run lives: its own run folder, or the earlier run it was reused from."""
     manifest = manifest if manifest is not None else (store.read_manifest() or {})
-    return Path(manifest.get("locations", {}).get(key, store.job_dir(key)))
+    location = manifest.get("locations", {}).get(key)
+    return store.suite_dir / location if location else store.job_dir(key)  # locations: relative to the suite folder
 
 
 def run_states(store: RunStore) -> dict[str, dict]:

@@ -45,7 +45,7 @@ def build_task(split: Split, defect_types: list[str], resolution: int, seed: int
     return FewShotTask(
         dataset=category.dataset, category=category.name, defect_types=list(defect_types), anomalies=anomalies,
         normals=normals, resolution=resolution, texture=category.texture, seed=seed,
-        other_normals=_other_normals(category.root.parent, category.name), fold=split.fold,
+        other_normals=_other_normals(category.root.parent, category.name), fold=split.fold, root=category.root,
     )
 
 

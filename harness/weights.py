@@ -82,6 +82,18 @@ class ResolvedWeights:
             return f"random(seed={self.seed})"
         return f"{self.source}:{self.path.name if self.path else '?'}"
 
+    def identity(self) -> str:
+        """What the weights are, whatever their location: the published file's hash (checked when resolved), a
+        configured file's content hash, or the random seed. Part of job keys."""
+        if self.is_random:
+            return f"random(seed={self.seed})"
+        spec = KNOWN.get(self.name)
+        if spec is not None and self.path is not None and self.path.name == spec.filename:
+            return f"sha256:{spec.sha256[:16]}"
+        if self.path is not None and self.path.is_file():
+            return f"sha256:{cached_file_hash(self.path)[:16]}"
+        return self.describe()  # a folder (a diffusion backbone): by name and source
+
     def as_record(self) -> dict:
         return {"name": self.name, "source": self.source, "path": str(self.path) if self.path else None,
                 "seed": self.seed, "random": self.is_random}

@@ -193,7 +193,7 @@ def _suite(tmp_path, **changes):
     return parse_suite(raw, tmp_path / "bg.yaml")
 
 
-def test_the_backbone_job_runs_once_and_is_reused(tmp_path):
+def test_the_backbone_job_runs_once_and_is_reused(tmp_path, isolated_cache):
     from harness.results import run_records
     from harness.runner.plan import expand, prepare
     from harness.runner.run import run_suite
@@ -208,7 +208,7 @@ def test_the_backbone_job_runs_once_and_is_reused(tmp_path):
     first = run_suite(suite, executor="serial", results=tmp_path / "a", progress=False)
     assert set(first.states.values()) == {"done"}, first.states
     info = json.loads((first.store.job_dir(backbone[0].key) / "backbone.json").read_text())
-    assert info["reused"] is False and Path(info["folder"]).parent.name == "backbones"
+    assert info["reused"] is False and (isolated_cache / "backbones" / info["key"]).is_dir()
     records = run_records(first.store)
     assert set(records["metric"]) == {"bg_psnr", "mask_iou"}
     assert set(records["method"]) == {"background_aware", "bg-aware init: random"}
@@ -216,7 +216,7 @@ def test_the_backbone_job_runs_once_and_is_reused(tmp_path):
     # another results folder: the backbone comes from results/cache/backbones, not trained again
     second = run_suite(suite, executor="serial", results=tmp_path / "b", progress=False)
     again = json.loads((second.store.job_dir(backbone[0].key) / "backbone.json").read_text())
-    assert again["reused"] is True and again["folder"] == info["folder"]
+    assert again["reused"] is True and again["key"] == info["key"]
     # other pretraining settings are another backbone, and another key for every fit
     other = expand(prepare(_suite(tmp_path, backbone={"vae_steps": 4, "unet_steps": 3})))
     assert not {j.key for j in other if j.kind in ("backbone", "fit")} & {j.key for j in jobs}
@@ -237,4 +237,4 @@ def test_backbone_settings_and_weights_errors_are_named(tmp_path, pretrained_bac
                    weights={"stable-diffusion-v1-5": str(pretrained_backbone[0])})
     jobs = backbone_jobs(prepare(suite))  # (the paper profile's Inception and VGG are not on this machine)
     assert [j.tags["backbone"] for j in jobs] == ["stable-diffusion-v1-5:config"]
-    assert jobs[0].params["weights"] == str(pretrained_backbone[0])
+    assert jobs[0].where["weights"] == str(pretrained_backbone[0])  # where it lies: not part of the key

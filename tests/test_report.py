@@ -1,9 +1,13 @@
 """Leaderboard tables: ranking on displayed values, ties, averages, failed and reported cells."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
+import pytest
 
 from harness.report.render import tex_escape
+from harness.report.reported import check_averages, load_reported
 from harness.report.tables import FAILED, Coverage, build_table
 
 
@@ -47,3 +51,56 @@ def test_reported_numbers_are_shown_but_not_ranked():
 
 def test_tex_escape_does_not_escape_its_own_replacements():
     assert tex_escape(r"ic_lpips \ {x} 5% ~") == r"ic\_lpips \textbackslash{} \{x\} 5\% \textasciitilde{}"
+
+
+# ---- the papers' own tables ---------------------------------------------------------------------------------
+
+REPORTED = Path(__file__).resolve().parents[1] / "results" / "reported"
+
+
+def test_shipped_tables_are_the_transcriptions():
+    shared = Path(__file__).resolve().parents[2] / "shared" / "reported"
+    if not shared.is_dir():
+        pytest.skip("../shared/reported not found")
+    for path in sorted(shared.glob("*.yaml")):
+        assert (REPORTED / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_printed_averages_are_checked_against_their_rows():
+    checks = check_averages(load_reported(REPORTED))
+    checkable = [c for c in checks if c.checkable]
+    # the transcription's own count (shared/reported/README.md): 43 of 138 differ, 30 beyond rounding
+    assert (len(checkable), sum(c.differs for c in checks), sum(c.beyond_rounding for c in checks)) == (138, 43, 30)
+    table3 = next(c for c in checks if c.source.endswith("Table 3") and c.method == "dualanodiff"
+                  and c.metric == "accuracy")
+    assert table3.printed == 72.26 and round(table3.mean, 2) == 77.43 and table3.beyond_rounding
+    rounding = next(c for c in checks if "AnomalyXFusion" in c.source and c.source.endswith("Table 1")
+                    and c.method == "anomalyxfusion" and c.metric == "ic_lpips")
+    assert rounding.differs and not rounding.beyond_rounding  # 0.33 printed, rows 0.3247
+    assert not next(c for c in checks if c.source.endswith("Table 5") and c.method == "dualanodiff_without_bcm").checkable
+
+
+def test_a_wrong_printed_average_is_caught_and_precision_is_kept(tmp_path):
+    """Negative control: change one printed average by two units of its last digit; the check must see it."""
+    text = (REPORTED / "dualanodiff-table1.yaml").read_text()
+    assert "average: {is: 1.90," in text
+    (tmp_path / "t.yaml").write_text(text.replace("average: {is: 1.90,", "average: {is: 1.92,"))
+    checks = {(c.method, c.metric): c for c in check_averages(load_reported(tmp_path))}
+    assert checks[("dualanodiff", "is")].beyond_rounding and checks[("dualanodiff", "is")].decimals == 2
+    assert not {(m, k) for (m, k), c in checks.items() if c.beyond_rounding} - {("dualanodiff", "is")}
+
+
+def test_reported_average_is_shown_beside_the_mean_of_its_rows():
+    from harness.report.render import markdown_table
+    from harness.report.reported import CATEGORIES, table_rows
+
+    categories = list(CATEGORIES["mvtec_ad"])
+    measured = records([(c, "croppaste", "accuracy", 0.5) for c in categories if c != "toothbrush"])
+    extra, sources = table_rows(load_reported(REPORTED), "mvtec_ad", categories, ["accuracy"])
+    table = build_table("t", measured, {}, ["accuracy"], ["croppaste"], categories, extra)
+    text = markdown_table(table, False)
+    average = next(line for line in text.splitlines() if line.startswith("| **Average**"))
+    assert "72.3<sup>≠</sup> (rows: 77.4)" in average  # DualAnoDiff Table 3's own average and its rows
+    assert any("DualAnoDiff" in s for s in sources)
+    subset, _ = table_rows(load_reported(REPORTED), "mvtec_ad", ["bottle", "cable"], ["accuracy"])
+    assert "average" not in set(subset["category"])  # a printed 14-category average is not shown for 2 categories

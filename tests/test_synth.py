@@ -77,7 +77,7 @@ def test_existing_output_is_not_touched(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError):
-        synthesize(out, SynthConfig(size=32, n_train=1, n_test_good=1, n_defect=1))
+        synthesize(out, SynthConfig(size=48, n_train=1, n_test_good=1, n_defect=1))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 

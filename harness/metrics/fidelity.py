@@ -92,7 +92,7 @@ class InceptionFeatures:
 
     def extract_cached(self, paths: Sequence[Path], resolution: int, progress: bool = False) -> dict[str, torch.Tensor]:
         """Features of a reference set, cached on disk by the files' contents, the weights and the resolution."""
-        key = sha256_json({"weights": self.resolved.describe(), "resolution": resolution,
+        key = sha256_json({"weights": self.resolved.identity(), "resolution": resolution,
                            "files": [cached_file_hash(Path(p)) for p in paths]})
         path = cache_dir("inception") / f"{key}.pt"
         if path.is_file():

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from harness.data.images import is_image_file
-from harness.generation import read_samples
+from harness.generation import normal_file, read_samples
 from harness.metrics.fidelity import RESIZE_PATH, InceptionFeatures, frechet_distance, inception_score, kernel_distance
 from harness.metrics.iclpips import ICLPIPSConfig, ic_lpips
 from harness.metrics.lpips_net import LPIPSNet
@@ -64,14 +64,15 @@ class ScoreInputs:
     normals: list[Path | None] = field(default_factory=list)  # the normal image each sample was made on
 
     @classmethod
-    def from_folder(cls, folder: Path, real: Sequence[Path] = (), centres: Sequence[Path] = ()) -> "ScoreInputs":
-        """A DefectBench output folder (samples.jsonl), or any folder of images (images/ and masks/ if present)."""
+    def from_folder(cls, folder: Path, real: Sequence[Path] = (), centres: Sequence[Path] = (),
+                    normals_root: Path | None = None) -> "ScoreInputs":
+        """A DefectBench output folder (samples.jsonl), or any folder of images (images/ and masks/ if present).
+        `normals_root`: the category folder the samples' normal images are relative to (default: as recorded)."""
         folder = Path(folder)
         rows = read_samples(folder)
         if rows:
             return cls([folder / r["image"] for r in rows], list(real), list(centres),
-                       [folder / r["mask"] for r in rows],
-                       [Path(r["normal_path"]) if r.get("normal_path") else None for r in rows])
+                       [folder / r["mask"] for r in rows], [normal_file(folder, r, normals_root) for r in rows])
         image_dir = folder / "images" if (folder / "images").is_dir() else folder
         images = sorted(p for p in image_dir.iterdir() if is_image_file(p))
         masks = [(folder / "masks" / p.name) if (folder / "masks" / p.name).is_file() else None for p in images]

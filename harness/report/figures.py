@@ -8,7 +8,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from harness.data.images import read_image, read_mask
-from harness.generation import read_samples
+from harness.generation import normal_file, read_samples
 from harness.metrics.score import DIRECTION, LABELS
 
 TILE = 128
@@ -22,14 +22,15 @@ def _outline(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def sample_grid(sample_folders: dict[str, Path], out: Path, title: str) -> Path | None:
+def sample_grid(sample_folders: dict[str, Path], out: Path, title: str, normals_root: Path | None = None) -> Path | None:
     """Rows: up to two samples per defect type; columns: normal image | generated | generated with mask outline."""
     rows = []
     for defect, folder in sorted(sample_folders.items()):
         for row in read_samples(folder)[:PER_DEFECT]:
             generated = read_image(folder / row["image"], TILE)
             mask = read_mask(folder / row["mask"], TILE)
-            normal = read_image(Path(row["normal_path"]), TILE) if row.get("normal_path") else np.full_like(generated, 255)
+            normal_path = normal_file(folder, row, normals_root)
+            normal = read_image(normal_path, TILE) if normal_path and normal_path.is_file() else np.full_like(generated, 255)
             rows.append((defect, np.concatenate([normal, generated, _outline(generated, mask)], axis=1)))
     if not rows:
         return None

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from harness.data.splits import COMPAT_PROTOCOLS
 from harness.errors import ConfigError
@@ -23,6 +21,7 @@ from harness.metrics import detection
 from harness.metrics.score import LABELS, MINIMUMS
 from harness.paths import RESULTS_DIR
 from harness.report.figures import bar_chart, sample_grid
+from harness.report.reported import load_reported, table_rows
 from harness.report.render import (latex_document, latex_method_rows, latex_table, markdown_method_rows,
                                    markdown_table, tex_escape)
 from harness.report.tables import Coverage, Table, build_table
@@ -62,30 +61,6 @@ def leaderboard_dir(results: Path | None = None) -> Path:
     return results_root(results) / "leaderboard"
 
 
-@dataclass
-class Reported:
-    source: str  # paper and table
-    dataset: str  # mvtec_ad | mvtec_loco
-    protocol: str
-    rows: pd.DataFrame  # category, method, metric, value (in DefectBench's units)
-
-
-def load_reported(folder: Path = REPORTED_DIR) -> list[Reported]:
-    out = []
-    for path in sorted(folder.glob("*.yaml")):
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        try:
-            scale = data.get("scale", {})
-            rows = [{"category": category, "method": method, "metric": metric, "value": float(value) / scale.get(metric, 1)}
-                    for method, categories in data["values"].items() for category, metrics in categories.items()
-                    for metric, value in metrics.items() if value is not None]
-            source = f"{data['source']['paper']}, {data['source']['table']}"
-            out.append(Reported(source, data["dataset"], data.get("protocol", "?"), pd.DataFrame(rows)))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ConfigError(f"{path}: malformed reported numbers ({err}); expected source, dataset, values") from None
-    return out
-
-
 def render_leaderboard(suite: str, results: Path | None = None, out_dir: Path | None = None,
                        show_reported: bool = True, reported_dir: Path = REPORTED_DIR) -> tuple[Path, Path]:
     store = latest_run(suite, results)
@@ -107,11 +82,13 @@ def render_leaderboard(suite: str, results: Path | None = None, out_dir: Path | 
         categories = _categories(states, name)
         frame = records[records["dataset"] == name] if not records.empty else records
         md += [f"## Data set `{name}` ({len(categories)} categories)", ""]
+        warned = [w.split(": ", 1)[1] for w in manifest.get("warnings", []) if w.startswith(f"{name}: ")]
+        md += [f"- Data warning: {w}" for w in warned] + ([""] if warned else [])
         for key, title, metrics, shape in TABLE_GROUPS:
             wanted = [m for m in metrics if m in config["metrics"]]
             if not wanted:
                 continue
-            extra, sources = _reported_rows(reported, dataset, categories, wanted)
+            extra, sources = table_rows(reported, dataset.get("layout"), categories, wanted)
             table = build_table(title, frame, _coverage(states, name, ("score",)), wanted, methods, categories, extra)
             notes = _notes(table, manifest, sources, store)
             mark_random = _mark(table)
@@ -121,10 +98,10 @@ def render_leaderboard(suite: str, results: Path | None = None, out_dir: Path | 
                                    ("" if not notes else " " + tex_escape(" ".join(notes))),
                                    f"tab:{suite}-{name}-{key}", mark_random))
         down_md, down_tex = _downstream_tables(frame, states, manifest, store, dataset, categories, methods, caption,
-                                               suite)
+                                               suite, reported)
         md += down_md
         tex += down_tex
-        md += _figures(records, frame, states, store, name, methods, config, figures_dir, out_dir)
+        md += _figures(frame, states, manifest, name, methods, figures_dir, out_dir)
     md_path, tex_path = out_dir / f"{suite}.md", out_dir / f"{suite}.tex"
     atomic_write_text(md_path, "\n".join(md).rstrip() + "\n")
     atomic_write_text(tex_path, latex_document(tex))
@@ -147,7 +124,8 @@ def _coverage(states: dict, dataset: str, kinds: tuple[str, ...]) -> dict[tuple[
 
 
 def _downstream_tables(frame: pd.DataFrame, states: dict, manifest: dict, store: RunStore, dataset: dict,
-                       categories: list[str], methods: list[str], caption: str, suite: str) -> tuple[list[str], list[str]]:
+                       categories: list[str], methods: list[str], caption: str, suite: str,
+                       reported: list) -> tuple[list[str], list[str]]:
     """Detection (Cho et al. Table 2), per-category pixel AUROC / AP (DualAnoDiff Table 4) and classification
     accuracy (DualAnoDiff Table 3); MVTec LOCO-style categories also get logical and structural tables."""
     config = manifest["config"]
@@ -168,13 +146,17 @@ def _downstream_tables(frame: pd.DataFrame, states: dict, manifest: dict, store:
     scopes += [(kind, title, loco) for kind, title in LOCO_KINDS if loco]
     for defect_type, scope, cats in scopes:
         subset = frame[frame["defect_type"] == defect_type] if not frame.empty else frame
-        table = build_table("Detection", subset, failed, [m + suffix for m in DETECTION_METRICS],
-                            [*detectors, *synthetic], cats)
-        if not any(c.state == "ok" for c in table.cells.values()):
+        metrics = [m + suffix for m in DETECTION_METRICS]
+        extra, sources = table_rows(reported, dataset.get("layout"), cats, metrics,
+                                    "all" if defect_type == ALL else defect_type, suffix)
+        table = build_table("Detection", subset, failed, metrics, [*detectors, *synthetic], cats, extra)
+        if not any(c.state == "ok" and not c.reported for c in table.cells.values()):
             continue
+        papers = [m for m in table.methods if m not in detectors and m not in synthetic]
         groups = [(g, m) for g, m in (("Unsupervised (anomalib, normal images only)", detectors),
-                                       ("Synthetic-based (U-Net trained on generated defects)", synthetic)) if m]
-        notes = _downstream_notes(table, frame, store) + rules + [
+                                       ("Synthetic-based (U-Net trained on generated defects)", synthetic),
+                                       ("Reported by the papers (their protocols and weights)", papers)) if m]
+        notes = _downstream_notes(table, frame, store) + rules + _reported_notes(sources) + [
             f"Mean over {len(cats)} categor{'y' if len(cats) == 1 else 'ies'} ({scope})."]
         title = f"Detection and localisation ({scope})"
         md += [f"### {title}", "_in the shape of Cho et al. Table 2; image- and pixel-level, in %._", "",
@@ -188,10 +170,13 @@ def _downstream_tables(frame: pd.DataFrame, states: dict, manifest: dict, store:
                      ("accuracy",), "in the shape of DualAnoDiff Table 3", _coverage(states, name, ("classify",)), ALL)]
     for key, title, metrics, shape, bad, defect_type in per_category:
         subset = frame[frame["defect_type"] == defect_type] if not frame.empty else frame
-        table = build_table(title, subset, bad, list(metrics), synthetic if key == "pixel" else plain, categories)
-        if not any(c.state == "ok" for c in table.cells.values()):
+        extra, sources = table_rows(reported, dataset.get("layout"), categories, list(metrics),
+                                    suffix=suffix if key == "pixel" else "")
+        table = build_table(title, subset, bad, list(metrics), synthetic if key == "pixel" else plain, categories,
+                            extra)
+        if not any(c.state == "ok" and not c.reported for c in table.cells.values()):
             continue
-        notes = _downstream_notes(table, frame, store) + (rules if key == "pixel" else [])
+        notes = _downstream_notes(table, frame, store) + (rules if key == "pixel" else []) + _reported_notes(sources)
         md += [f"### {title}", f"_{shape}, in %._", "", markdown_table(table, _mark(table)), ""] + \
               [f"- {n}" for n in notes] + [""]
         tex.append(latex_table(table, tex_escape(f"{title} ({name}). {caption.replace('`', '')}. " + " ".join(notes)),
@@ -282,18 +267,6 @@ def _categories(states: dict, dataset: str) -> list[str]:
     return list(seen)
 
 
-def _reported_rows(reported: list[Reported], dataset: dict, categories: list[str], metrics: list[str]):
-    rows, sources = [], []
-    for entry in reported:
-        if entry.dataset != dataset.get("layout") or entry.rows.empty:
-            continue
-        subset = entry.rows[entry.rows["category"].isin(categories) & entry.rows["metric"].isin(metrics)]
-        if not subset.empty:
-            rows.append(subset)
-            sources.append(f"{entry.source} (protocol `{entry.protocol}`)")
-    return (pd.concat(rows) if rows else None), sources
-
-
 def _all_random(table: Table) -> bool:
     measured = [c for c in table.cells.values() if c.state == "ok" and not c.reported]
     return bool(measured) and all(c.random for c in measured)
@@ -308,14 +281,21 @@ def _notes(table: Table, manifest: dict, sources: list[str], store: RunStore) ->
     if protocol in COMPAT_PROTOCOLS:
         notes.append(f"Protocol `{protocol}` reproduces a published split: images in both the generator's training "
                      "part and the test part are possible (AnomalyDiffusion: exactly one per defect type).")
-    notes += _failure_note(table, store)
-    for source in sources:
-        notes.append(f"'(reported)' columns: numbers from {source}, under the paper's own protocol and weights.")
+    return notes + _failure_note(table, store) + _reported_notes(sources)
+
+
+def _reported_notes(sources: list[str]) -> list[str]:
+    notes = [f"'(reported)': numbers from {source}, under the paper's own protocol and weights." for source in sources]
+    if sources:
+        notes.append("A reported Average shows the paper's printed value and, in brackets, the mean of the printed rows "
+                     "of this table's categories; ≠ marks a printed average more than one unit of its last digit away "
+                     "from that mean (the papers' averages often disagree with their own rows).")
     return notes
 
 
-def _figures(records: pd.DataFrame, frame: pd.DataFrame, states: dict, store: RunStore, dataset: str,
-             methods: list[str], config: dict, figures_dir: Path, out_dir: Path) -> list[str]:
+def _figures(frame: pd.DataFrame, states: dict, manifest: dict, dataset: str, methods: list[str], figures_dir: Path,
+             out_dir: Path) -> list[str]:
+    config = manifest["config"]
     lines = ["### Figures", ""]
     if not frame.empty:
         charts = []
@@ -331,7 +311,8 @@ def _figures(records: pd.DataFrame, frame: pd.DataFrame, states: dict, store: Ru
                              f"{LABELS[metric]}: mean over categories ({dataset})")
             charts.append(f"![{LABELS[metric]}]({path.relative_to(out_dir).as_posix()})")
         lines += [" ".join(charts), ""]
-    grids = _grids(states, store, dataset, methods, figures_dir, out_dir, config["seeds"][0])
+    root = (manifest.get("data") or {}).get(dataset)
+    grids = _grids(states, dataset, methods, figures_dir, out_dir, config["seeds"][0], Path(root) if root else None)
     if grids:
         lines += ["Samples (normal image | generated | mask outline):", "", "| category | " + " | ".join(methods) + " |",
                   "|---|" + "---|" * len(methods)]
@@ -341,8 +322,8 @@ def _figures(records: pd.DataFrame, frame: pd.DataFrame, states: dict, store: Ru
     return lines
 
 
-def _grids(states: dict, store: RunStore, dataset: str, methods: list[str], figures_dir: Path,
-           out_dir: Path, first_seed: int) -> dict[str, dict[str, str]]:
+def _grids(states: dict, dataset: str, methods: list[str], figures_dir: Path, out_dir: Path, first_seed: int,
+           root: Path | None) -> dict[str, dict[str, str]]:
     """One grid per category and method, from the first fold and the first seed."""
     folders: dict[tuple[str, str], dict[str, Path]] = {}
     for key, state in states.items():
@@ -355,7 +336,8 @@ def _grids(states: dict, store: RunStore, dataset: str, methods: list[str], figu
                                                                              state["folder"] / "samples")
     grids: dict[str, dict[str, str]] = {}
     for (category, method), by_defect in sorted(folders.items()):
-        path = sample_grid(by_defect, figures_dir / file_name(dataset, category, method), f"{method} on {category}")
+        path = sample_grid(by_defect, figures_dir / file_name(dataset, category, method), f"{method} on {category}",
+                           root / category if root else None)
         if path:
             grids.setdefault(category, {})[method] = f"![{method} {category}]({path.relative_to(out_dir).as_posix()})"
     return grids

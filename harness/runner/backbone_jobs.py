@@ -11,6 +11,7 @@ from pathlib import Path
 
 from harness.diffusion import provision
 from harness.io import atomic_write_json
+from harness.paths import cache_dir
 from harness.methods import discover
 from harness.profiles import get_profile
 from harness.runner.jobs import Job, JobContext, expander, job_kind, job_resources, make_job
@@ -52,12 +53,13 @@ def backbone_jobs(plan) -> list[Job]:
             explicit = suite.weights.get(provision.PAPER_BACKBONE)
             provenance = provision.describe(provision.paper_backbone(explicit)[1], Path())
         params = {"profile": profile.name, "dataset": dataset.spec.name, "resolution": profile.resolution,
-                  "normals": [{"category": n.category, "paths": [str(p) for p in n.paths], "hashes": list(n.hashes)}
-                              for n in normals],
-                  "pretrain": dict(suite.backbone), "weights": suite.weights.get(provision.PAPER_BACKBONE),
-                  "code": provision.code_hash(), "provenance": provenance}
+                  "normals": [{"category": n.category, "hashes": list(n.hashes)} for n in normals],
+                  "pretrain": dict(suite.backbone), "code": provision.code_hash(), "provenance": provenance}
+        where = {"paths": {n.category: [str(p) for p in n.paths] for n in normals},
+                 "weights": suite.weights.get(provision.PAPER_BACKBONE)}
         jobs.append(make_job("backbone", f"backbone {profile.name} {dataset.spec.name}", params,
-                             resources=job_resources(profile, memory=MEMORY), tags={"dataset": dataset.spec.name, "backbone": provenance}))
+                             resources=job_resources(profile, memory=MEMORY),
+                             tags={"dataset": dataset.spec.name, "backbone": provenance}, where=where))
     return jobs
 
 
@@ -70,20 +72,25 @@ def backbone_job_for(plan, dataset_name: str) -> Job | None:
 
 
 def backbone_folder(job: Job, ctx: JobContext) -> Path | None:
-    """The backbone folder a fit job's `backbone` dependency made, or None if it has none."""
+    """The backbone folder a fit job's `backbone` dependency made, or None if it has none. The tiny backbone is
+    found by its key in this machine's cache; Stable Diffusion is resolved again here (weights.py), so a results
+    folder moved to another machine finds its backbone there."""
     for key in job.deps:
         info = ctx.deps[key] / JOB_FILE
         if info.is_file():
-            return Path(json.loads(info.read_text())["folder"])
+            made = json.loads(info.read_text())
+            if made.get("kind") == "tiny-pretrained":
+                return cache_dir("backbones") / made["key"]
+            return provision.paper_backbone(job.where.get("backbone_weights"))[0]
     return None
 
 
 @job_kind("backbone")
 def run_backbone(job: Job, ctx: JobContext) -> list[dict]:
-    p = job.params
-    normals = [provision.NormalImages(n["category"], tuple(Path(x) for x in n["paths"]), tuple(n["hashes"]))
-               for n in p["normals"]]
+    p = job.inputs
+    normals = [provision.NormalImages(n["category"], tuple(Path(x) for x in p["paths"][n["category"]]),
+                                      tuple(n["hashes"])) for n in p["normals"]]
     folder, info = provision.provision(p["profile"], normals, p["pretrain"], p["weights"])
-    atomic_write_json(ctx.folder / JOB_FILE, {"folder": str(folder), "provenance": p["provenance"],
-                                              **{k: v for k, v in info.items() if k != "config"}})
+    atomic_write_json(ctx.folder / JOB_FILE, {"key": folder.name, "provenance": p["provenance"],
+                                              **{k: v for k, v in info.items() if k not in ("config", "weights")}})
     return []

@@ -17,7 +17,7 @@ from harness.downstream.detectors import DETECTORS
 from harness.io import atomic_write_json
 from harness.metrics import detection
 from harness.profiles import get_profile
-from harness.runner.generation_jobs import load_split, source_params, weights_used
+from harness.runner.generation_jobs import load_split, source_params, source_where, weights_used
 from harness.runner.jobs import Job, JobContext, expander, job_kind, job_resources, make_job
 
 DOWNSTREAM_KINDS = {"segmentation": "segment", "classification": "classify"}
@@ -57,38 +57,42 @@ def downstream_jobs(plan) -> list[Job]:
                     tags = _base_tags(dataset, category, split, seed)
                     common = {**source_params(dataset, category, split, False), "profile": profile.name,
                               "resolution": profile.resolution, "seed": seed}
-                    where = f"{dataset.spec.name}/{category.name} f{split.fold} s{seed}"
-                    for params in models:
-                        jobs += _downstream(params, suite, generated, tags, common, where, profile)
-                    for params in detectors:
+                    where = source_where(dataset)
+                    at = f"{dataset.spec.name}/{category.name} f{split.fold} s{seed}"
+                    for model in models:
+                        jobs += _downstream(model, suite, generated, tags, common, at, profile, where)
+                    for params, files in detectors:
                         spec = DETECTORS[params["model"]]
-                        jobs.append(make_job("detect", f"detect {spec.label} {where}", {**common, **params}, (),
-                                             job_resources(profile, memory=DETECTOR_MEMORY), {**tags, "method": spec.label, "family": "unsupervised",
-                                                                  "model": params["model"]}))
+                        jobs.append(make_job("detect", f"detect {spec.label} {at}", {**common, **params}, (),
+                                             job_resources(profile, memory=DETECTOR_MEMORY),
+                                             {**tags, "method": spec.label, "family": "unsupervised",
+                                              "model": params["model"]}, {**where, **files}))
     return jobs
 
 
-def _model_params(entry: dict, suite, profile) -> dict:
-    """A model's or detector's resolved settings and the pretrained weights it will use (once per plan)."""
+def _model_params(entry: dict, suite, profile) -> tuple[dict, dict]:
+    """A model's or detector's resolved settings and the pretrained weights it will use (once per plan), and where
+    a configured weights file lies (a job's `where`)."""
     config = model_config(entry["name"], profile, entry.get("config"))
     trunk = "resnet34" if entry["name"] == "classification" else config.get("backbone")
-    return {"model": entry["name"], "config": config,
-            "weights_used": weights_used(suite, (trunk,))[trunk] if trunk else None,
-            "weights_file": suite.weights.get(trunk) if trunk else None}
+    return ({"model": entry["name"], "config": config, "weights_used": weights_used(suite, (trunk,))[trunk] if trunk else None},
+            {"weights_file": suite.weights.get(trunk) if trunk else None})
 
 
-def _downstream(params: dict, suite, generated: dict, tags: dict, common: dict, where: str, profile) -> list[Job]:
+def _downstream(model: tuple[dict, dict], suite, generated: dict, tags: dict, common: dict, at: str, profile,
+                where: dict) -> list[Job]:
     out = []
+    params, files = model
     name = params["model"]
     for method in suite.methods:
         keys = generated.get((tags["dataset"], tags["category"], tags["fold"], tags["seed"], method.label), {})
         if not keys or (name == "classification" and len(keys) < 2):
             continue  # nothing generated; or one defect type: nothing to classify
-        out.append(make_job(DOWNSTREAM_KINDS[name], f"{name} {method.label} {where}",
+        out.append(make_job(DOWNSTREAM_KINDS[name], f"{name} {method.label} {at}",
                             {**common, **params, "method": method.label, "generated": dict(sorted(keys.items()))},
                             tuple(sorted(keys.values())), job_resources(profile, memory=DOWNSTREAM_MEMORY),
                             {**tags, "method": method.label, "family": "synthetic", "model": name,
-                             "selection": params["config"].get("select_on", "validation")}))
+                             "selection": params["config"].get("select_on", "validation")}, {**where, **files}))
     return out
 
 
@@ -101,7 +105,7 @@ def _generated(job: Job, ctx: JobContext) -> ddata.ImageSet:
 def run_segment(job: Job, ctx: JobContext) -> list[dict]:
     from harness.downstream import segmentation
 
-    p, config = job.params, job.params["config"]
+    p, config = job.inputs, job.params["config"]
     split = load_split(p, ctx.cache)
     test = ddata.test_set(split, p["resolution"])
     train, validation = ddata.hold_out(_generated(job, ctx), config["validation_fraction"], p["seed"])
@@ -121,7 +125,7 @@ def run_segment(job: Job, ctx: JobContext) -> list[dict]:
 def run_classify(job: Job, ctx: JobContext) -> list[dict]:
     from harness.downstream import classification
 
-    p, config = job.params, job.params["config"]
+    p, config = job.inputs, job.params["config"]
     split = load_split(p, ctx.cache)
     classes = sorted(p["generated"])
     test = ddata.test_set(split, p["resolution"])
@@ -141,7 +145,7 @@ def run_classify(job: Job, ctx: JobContext) -> list[dict]:
 def run_detect(job: Job, ctx: JobContext) -> list[dict]:
     from harness.downstream import detectors
 
-    p = job.params
+    p = job.inputs
     split = load_split(p, ctx.cache)
     test = ddata.test_set(split, p["resolution"])
     maps, scores, resolved = detectors.run(p["model"], ddata.normal_set(split, "train", p["resolution"]), test,

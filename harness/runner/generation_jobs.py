@@ -15,6 +15,7 @@ from harness.profiles import get_profile
 from harness.runner.jobs import Job, JobContext, expander, job_kind, job_resources, make_job
 from harness.tasks import build_task
 from harness import weights
+from harness.diffusion.provision import PAPER_BACKBONE
 from harness.runner.backbone_jobs import backbone_folder, backbone_job_for
 
 SCORE_MEMORY = 4 * 2**30
@@ -27,16 +28,21 @@ def method_hash(directory: Path) -> str:
 
 
 def source_params(dataset, category, split: Split, require_captions: bool) -> dict:
-    """Where a job's data comes from: enough to re-read the category and check its split by content hash."""
-    return {"dataset": dataset.spec.name, "root": str(dataset.root),
-            "captions": str(dataset.spec.captions) if dataset.spec.captions else None,
-            "category": category.name, "protocol": split.protocol, "fold": split.fold,
+    """Which data a job reads, by content: the category and its split, identified by the split manifest's hash
+    (every listed file's bytes and the captions), never by the folder it lies in (see source_where)."""
+    return {"dataset": dataset.spec.name, "category": category.name, "protocol": split.protocol, "fold": split.fold,
             "split_hash": split.manifest_hash, "require_captions": require_captions}
 
 
+def source_where(dataset) -> dict:
+    """Where that data lies on this machine (a job's `where`, not part of its key)."""
+    return {"root": str(dataset.root), "captions": str(dataset.spec.captions) if dataset.spec.captions else None}
+
+
 def weights_used(suite, needed: tuple[str, ...]) -> dict:
-    """Which weights a job will use: part of its key, so results follow the weights."""
-    return {name: weights.resolve(name, suite.profile, suite.weights.get(name)).describe() for name in needed}
+    """Which weights a job will use, by content (ResolvedWeights.identity): part of its key, so results follow the
+    weights and not the folder they were found in."""
+    return {name: weights.resolve(name, suite.profile, suite.weights.get(name)).identity() for name in needed}
 
 
 @expander
@@ -47,8 +53,7 @@ def generation_jobs(plan) -> list[Job]:
     preset = PRESETS[suite.ic_lpips]
     needed = ("inception-v3-fid", "vgg16" if preset.net == "vgg" else "alexnet")
     score_params = {"metrics": list(suite.metrics), "ic_lpips": suite.ic_lpips, "profile": profile.name,
-                    "resolution": profile.resolution, "weights": dict(suite.weights),
-                    "weights_used": weights_used(suite, needed)}
+                    "resolution": profile.resolution, "weights_used": weights_used(suite, needed)}
     method_hashes = {spec.method: method_hash(infos[spec.method].directory) for spec in suite.methods}
     configs = {spec.label: infos[spec.method].config(profile, spec.config) for spec in suite.methods}
     jobs = []
@@ -61,6 +66,9 @@ def generation_jobs(plan) -> list[Job]:
                         backbone = backbone_job_for(plan, dataset.spec.name) if info.cls.uses_backbone else None
                         requires = "caption" in info.cls.needs
                         source = source_params(dataset, category, split, requires)
+                        where = source_where(dataset)
+                        if backbone is not None:
+                            where["backbone_weights"] = suite.weights.get(PAPER_BACKBONE)
                         resources = job_resources(profile, int(info.cls.resources.get("num_cpus", 1)),
                                                   gpu=bool(info.cls.resources.get("num_gpus", 0)))
                         groups = ([category.defect_types] if info.cls.granularity == "category"
@@ -71,27 +79,27 @@ def generation_jobs(plan) -> list[Job]:
                                     "protocol": split.protocol, "split_hash": split.manifest_hash}
                             if backbone is not None:
                                 tags["backbone"] = backbone.tags["backbone"]
-                            where = f"{dataset.spec.name}/{category.name}"
-                            fit = make_job("fit", f"fit {spec.label} {where}/{defects[0] if len(defects) == 1 else '*'} f{split.fold} s{seed}",
+                            at = f"{dataset.spec.name}/{category.name}"
+                            fit = make_job("fit", f"fit {spec.label} {at}/{defects[0] if len(defects) == 1 else '*'} f{split.fold} s{seed}",
                                            {**source, "method": spec.method, "config": configs[spec.label],
                                             "method_hash": method_hashes[spec.method], "profile": profile.name,
                                             "resolution": profile.resolution, "defect_types": defects, "seed": seed},
-                                           (backbone.key,) if backbone else (), resources, tags)
+                                           (backbone.key,) if backbone else (), resources, tags, where)
                             jobs.append(fit)
                             for defect in defects:
                                 defect_tags = {**tags, "defect_type": defect}
-                                generate = make_job("generate", f"generate {spec.label} {where}/{defect} f{split.fold} s{seed}",
+                                generate = make_job("generate", f"generate {spec.label} {at}/{defect} f{split.fold} s{seed}",
                                                     {**fit.params, "defect_type": defect, "n": suite.n_per_defect},
-                                                    (fit.key,), resources, defect_tags)
-                                score = make_job("score", f"score {spec.label} {where}/{defect} f{split.fold} s{seed}",
+                                                    (fit.key,), resources, defect_tags, where)
+                                score = make_job("score", f"score {spec.label} {at}/{defect} f{split.fold} s{seed}",
                                                  {**source, **score_params, "defect_type": defect},
                                                  (generate.key,), job_resources(profile, memory=SCORE_MEMORY),
-                                                 defect_tags)
+                                                 defect_tags, {**where, "weights": dict(suite.weights)})
                                 jobs += [generate, score]
     return jobs
 
 
-def load_split(params: dict, cache: dict) -> Split:
+def load_split(params: dict, cache: dict) -> Split:  # params: a job's inputs (parameters and where)
     """Re-read the category and re-split it; the content hash must match the plan's, or the data changed."""
     key = ("split", params["root"], params["category"], params["protocol"], params["fold"], params["captions"])
     if key not in cache:
@@ -112,7 +120,7 @@ def _method(params: dict) -> Method:
 
 @job_kind("fit")
 def run_fit(job: Job, ctx: JobContext) -> list[dict]:
-    p = job.params
+    p = job.inputs
     task = build_task(load_split(p, ctx.cache), p["defect_types"], p["resolution"], p["seed"])
     task.backbone = backbone_folder(job, ctx)
     seconds = fit_method(_method(p), task, ctx.folder / "work")
@@ -122,7 +130,7 @@ def run_fit(job: Job, ctx: JobContext) -> list[dict]:
 
 @job_kind("generate")
 def run_generate(job: Job, ctx: JobContext) -> list[dict]:
-    p = job.params
+    p = job.inputs
     split = load_split(p, ctx.cache)
     task = build_task(split, p["defect_types"], p["resolution"], p["seed"])
     generate_to(_method(p), task, p["defect_type"], p["n"], p["seed"], ctx.folder / "samples",
@@ -133,8 +141,9 @@ def run_generate(job: Job, ctx: JobContext) -> list[dict]:
 
 @job_kind("score")
 def run_score(job: Job, ctx: JobContext) -> list[dict]:
-    p = job.params
-    parts = load_split(p, ctx.cache).defects[p["defect_type"]]
+    p = job.inputs
+    split = load_split(p, ctx.cache)
+    parts = split.defects[p["defect_type"]]
     scorer_key = ("scorer", p["profile"], p["resolution"], p["ic_lpips"], tuple(sorted(p["weights"].items())),
                   tuple(p["metrics"]))
     if scorer_key not in ctx.cache:
@@ -142,7 +151,7 @@ def run_score(job: Job, ctx: JobContext) -> list[dict]:
                              weights=tuple(sorted(p["weights"].items())))
         ctx.cache[scorer_key] = Scorer(p["profile"], config)
     inputs = ScoreInputs.from_folder(ctx.only_dep(job) / "samples", [s.image for s in parts.test],
-                                     [s.image for s in parts.centres])
+                                     [s.image for s in parts.centres], normals_root=split.category.root)
     return [{"metric": v.metric, "value": v.value, "n": v.n, "std": v.std, "details": v.details,
              "random_weights": bool(v.details.get("random", False)), "missing": v.missing, "n_real": v.n_real,
              "n_centres": v.n_centres, "below_minimum": v.below_minimum}

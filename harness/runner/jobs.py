@@ -2,7 +2,10 @@
 
 A job is a node of the graph: a kind (fit, generate, score, ...), the JSON parameters it runs from, the keys of
 the jobs it needs, and the resources it declares. Its key hashes everything it depends on (its parameters and
-its dependencies' keys), so a finished job is found again by key and never recomputed.
+its dependencies' keys), so a finished job is found again by key and never recomputed. Parameters identify
+inputs by content (split manifest hashes, image hashes, weight file hashes), never by where they lie: the
+locations (data root, caption file, weight files) are the job's `where`, which the key leaves out, so a results
+folder moved or copied with its data resumes with nothing recomputed.
 
 Kinds and expanders are registered, so new kinds of job (downstream models, detectors, backbone pretraining)
 join the graph without touching the runner's core:
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
     from harness.runner.plan import Plan
 
 # Bump when what a job computes changes in a way its parameters do not show (e.g. a metric's definition).
-JOB_SCHEMA_VERSION = 1
+JOB_SCHEMA_VERSION = 2  # 2: per-sample streams, pinned outputs, portable keys
 
 
 @dataclass(frozen=True)
@@ -37,21 +40,28 @@ class Job:
     deps: tuple[str, ...] = ()
     resources: dict = field(default_factory=lambda: {"num_cpus": 1})
     tags: dict = field(default_factory=dict)  # dataset, category, defect_type, method, fold, seed: copied into records
+    where: dict = field(default_factory=dict)  # locations on this machine (data root, weight files): not in the key
 
-    def as_dict(self) -> dict:
-        return {"kind": self.kind, "key": self.key, "label": self.label, "params": self.params, "deps": list(self.deps),
-                "resources": self.resources, "tags": self.tags}
+    @property
+    def inputs(self) -> dict:
+        """What the job runs from: its parameters and where its inputs lie."""
+        return {**self.params, **self.where}
+
+    def as_dict(self, where: bool = True) -> dict:
+        out = {"kind": self.kind, "key": self.key, "label": self.label, "params": self.params, "deps": list(self.deps),
+               "resources": self.resources, "tags": self.tags}
+        return {**out, "where": self.where} if where else out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Job":
         return cls(data["kind"], data["key"], data["label"], data["params"], tuple(data["deps"]), data["resources"],
-                   data["tags"])
+                   data["tags"], data.get("where", {}))
 
 
 def make_job(kind: str, label: str, params: dict, deps: tuple[str, ...] = (), resources: dict | None = None,
-             tags: dict | None = None) -> Job:
+             tags: dict | None = None, where: dict | None = None) -> Job:
     key = sha256_json({"kind": kind, "params": params, "deps": sorted(deps), "schema": JOB_SCHEMA_VERSION})[:20]
-    return Job(kind, key, label, params, tuple(deps), resources or {"num_cpus": 1}, tags or {})
+    return Job(kind, key, label, params, tuple(deps), resources or {"num_cpus": 1}, tags or {}, where or {})
 
 
 def job_resources(profile, num_cpus: int = 1, memory: int | None = None, gpu: bool = True) -> dict:

@@ -49,11 +49,20 @@ def code_version() -> dict:
 
 
 def resolved_config(suite: Suite) -> dict:
+    """The suite as run, with no machine path in it: data sets, caption files, weight files and the suite file
+    by their names (their content is in the job keys: split manifest hashes, weight hashes)."""
     data = dataclasses.asdict(suite)
     data.pop("executor")
     data.pop("description")
-    data["path"] = str(suite.path) if suite.path else None
+    data["path"] = suite.path.name if suite.path else None
+    for dataset in data["datasets"]:
+        for key in ("root", "captions"):
+            dataset[key] = Path(dataset[key]).name if dataset[key] else None
+    data["weights"] = {name: Path(path).name for name, path in suite.weights.items()}
     return json.loads(json.dumps(data, default=str))
+
+
+
 
 
 def run_id_for(suite: Suite) -> str:
@@ -110,7 +119,8 @@ def _run_locked(plan: Plan, store: RunStore, executor: str | None, address: str 
         "suite": suite.name, "run_id": store.run_id, "config": resolved_config(suite),
         "code": code_version(), "host": platform.node(), "python": sys.version.split()[0],
         "created": _previous(store).get("created", now()), "started": now(), "warnings": plan.warnings,
-        "executor": executor or suite.executor.kind, "jobs": [j.as_dict() for j in plan.jobs],
+        "executor": executor or suite.executor.kind, "data": _data_roots(plan),
+        "jobs": [j.as_dict(where=False) for j in plan.jobs],
     }
     store.write_manifest(manifest)
     common = {"suite": suite.name, "run_id": store.run_id, "profile": suite.profile, "code_version": manifest["code"]["git"],
@@ -126,9 +136,16 @@ def _run_locked(plan: Plan, store: RunStore, executor: str | None, address: str 
     finally:
         bar.close()
     manifest.update(finished=now(), states=dict(Counter(scheduler.state.values())), job_states=dict(scheduler.state),
-                    locations={k: str(v) for k, v in scheduler.location.items() if Path(v).parent.parent != store.run_dir})
+                    locations={k: Path(v).relative_to(store.suite_dir).as_posix() for k, v in scheduler.location.items()
+                               if Path(v).parent.parent != store.run_dir})
     store.write_manifest(manifest)
     return RunResult(store, plan, dict(scheduler.state))
+
+
+def _data_roots(plan: Plan) -> dict:
+    """Where this run found each data set (the synthetic one in the cache): the one machine-specific entry of a
+    manifest, read by the leaderboard's sample grids; keys, records and the config hold no machine path."""
+    return {d.spec.name: str(d.root) for d in plan.datasets}
 
 
 def _previous(store: RunStore) -> dict:

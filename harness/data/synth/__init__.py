@@ -26,7 +26,7 @@ SYNTH_VERSION = 1  # bump when the drawings change, so cached copies are regener
 
 
 # The smallest value of each setting the synthetic data set can be drawn with.
-SYNTH_MINIMUMS = {"seed": 0, "size": 32, "n_train": 1, "n_validation": 0, "n_test_good": 1, "n_defect": 1}
+SYNTH_MINIMUMS = {"seed": 0, "size": 48, "n_train": 1, "n_validation": 0, "n_test_good": 1, "n_defect": 1}
 
 
 @dataclass(frozen=True)

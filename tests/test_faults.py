@@ -1,0 +1,269 @@
+"""Fault injection: damage a finished run in every way a disk, a user or a method can, then check that the next
+`run` gives a leaderboard byte-identical to an undisturbed run's, or that the command stops with a one-line error
+naming what is wrong; never a silently different number.
+
+Each fault is injected into a copy of one undisturbed run (results folder copied with its timestamps)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.errors import DefectBenchError
+from harness.report.leaderboard import render_leaderboard
+from harness.runner.run import run_suite
+from harness.runner.suite import load_suite
+
+REPO = Path(__file__).resolve().parents[1]
+FAULTS = REPO / "tests" / "suites" / "faults.yaml"
+CLI = [sys.executable, "-m", "harness.cli"]
+N_JOBS = 18  # 2 methods x 3 defect types x (fit, generate, score)
+
+
+def board(results: Path) -> tuple[str, str]:
+    md, tex = render_leaderboard("faults", results)
+    return md.read_text(), tex.read_text()
+
+
+def run(results: Path, suite: Path = FAULTS, **kwargs):
+    return run_suite(load_suite(suite), executor="serial", results=results, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, isolated_cache):
+    results = tmp_path_factory.mktemp("reference")
+    result = run(results)
+    assert not result.failed and len(result.states) == N_JOBS
+    return results, board(results), result
+
+
+@pytest.fixture
+def copy(reference, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(reference[0], results)
+    return results
+
+
+def _job(results: Path, kind: str, defect: str = "crack", method: str = "cutpaste") -> Path:
+    for status in results.glob("runs/faults/*/jobs/*/status.json"):
+        data = json.loads(status.read_text())
+        if data["kind"] == kind and f" {method} " in data["label"] and f"/{defect} " in data["label"]:
+            return status.parent
+    raise AssertionError(f"no {kind} job for {method}/{defect}")
+
+
+def _statuses(results: Path) -> dict[str, str]:
+    return {p.parent.name: p.read_text() for p in results.glob("runs/faults/*/jobs/*/status.json")}
+
+
+def _assert_redone_and_identical(results: Path, reference, redone: set[str]) -> None:
+    before = _statuses(results)
+    again = run(results)
+    assert not again.failed
+    after = _statuses(results)
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert changed == redone, (changed, redone)
+    assert board(results) == reference[1]
+
+
+# ---- damaged records, statuses, manifests, samples --------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["line boundary", "mid-line", "deleted"])
+def test_damaged_records_are_named_then_redone(reference, copy, damage):
+    folder = _job(copy, "score")
+    records = folder / "records.jsonl"
+    lines = records.read_text().splitlines(keepends=True)
+    if damage == "line boundary":
+        records.write_text("".join(lines[:-1]))
+    elif damage == "mid-line":
+        records.write_text("".join(lines)[: len("".join(lines)) - 25])
+    else:
+        records.unlink()
+    with pytest.raises(DefectBenchError) as info:
+        board(copy)
+    assert str(records) in str(info.value) and "\n" not in str(info.value)
+    _assert_redone_and_identical(copy, reference, {folder.name})
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_damaged_status_is_named_then_redone(reference, copy, damage):
+    folder = _job(copy, "score", "chip")
+    status = folder / "status.json"
+    if damage == "truncated":
+        status.write_text(status.read_text()[:40])
+    else:
+        status.unlink()
+    with pytest.raises(DefectBenchError) as info:
+        board(copy)
+    assert str(status) in str(info.value)
+    _assert_redone_and_identical(copy, reference, {folder.name})
+
+
+def test_a_deleted_sample_redoes_its_generate_job_and_what_needs_it(reference, copy):
+    generate = _job(copy, "generate", "stain", "draem")
+    (generate / "samples" / "images" / "0001.png").unlink()
+    with pytest.raises(DefectBenchError, match="0001.png"):
+        board(copy)
+    score = _job(copy, "score", "stain", "draem")
+    _assert_redone_and_identical(copy, reference, {generate.name, score.name})
+
+
+def test_a_truncated_manifest_is_named_then_rewritten(reference, copy):
+    manifest = next(copy.glob("runs/faults/*/manifest.json"))
+    manifest.write_text(manifest.read_text()[:100])
+    with pytest.raises(DefectBenchError) as info:
+        board(copy)
+    assert str(manifest) in str(info.value)
+    with pytest.warns(UserWarning, match="manifest.json"):
+        _assert_redone_and_identical(copy, reference, set())
+
+
+def test_the_cli_prints_one_line(reference, copy):
+    (_job(copy, "score") / "records.jsonl").write_text("")
+    done = subprocess.run(CLI + ["leaderboard", "faults", "--results", str(copy)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith("defectbench: error:") and done.stderr.count("\n") == 1 and "records.jsonl" in done.stderr
+
+
+# ---- failing methods ----------------------------------------------------------------------------------------
+
+FLAKY = '''
+import sys
+from harness import Method, GeneratedSample
+
+class Flaky(Method):
+    name = "{name}"
+    needs = frozenset({{"target_normal"}})
+
+    def generate(self, request, workdir):
+        if request.defect_type == "crack":
+            {failure}
+        for target in request.targets:
+            yield GeneratedSample.on_target(target, target.normal.image, target.mask if target.mask is not None
+                                            else target.normal_foreground, request.defect_type)
+'''
+
+
+def _plugin(tmp_path, monkeypatch, name: str, failure: str) -> Path:
+    folder = tmp_path / "plugins" / name
+    folder.mkdir(parents=True)
+    (folder / "method.py").write_text(FLAKY.format(name=name, failure=failure))
+    (folder / "method.yaml").write_text("defaults: {}\n")
+    monkeypatch.setenv("DEFECTBENCH_METHODS_PATH", str(tmp_path / "plugins"))
+    suite = tmp_path / f"{name}.yaml"
+    import yaml
+
+    raw = yaml.safe_load(FAULTS.read_text())
+    suite.write_text(json.dumps({**raw, "name": "faults", "methods": ["cutpaste", name]}))
+    return suite
+
+
+@pytest.mark.parametrize("failure", ['raise RuntimeError("no cracks here")', "sys.exit(3)"])
+def test_a_method_failing_on_one_defect_type_marks_its_cells(tmp_path, monkeypatch, isolated_cache, failure):
+    suite = _plugin(tmp_path, monkeypatch, "flaky", failure)
+    result = run(tmp_path / "results", suite)  # sys.exit in the serial executor must not end the run
+    states = list(result.states.values())
+    assert states.count("failed") == 1 and states.count("skipped") == 1 and states.count("done") == N_JOBS - 2
+    md, _ = board(tmp_path / "results")
+    flaky_cells = []
+    for table in md.split("\n\n"):
+        lines = [line for line in table.splitlines() if line.startswith("| ")]
+        if not lines or not lines[0].startswith("| Category |"):
+            continue
+        header = [c.strip() for c in lines[0].split("|")[1:-1]]
+        columns = [i for i, name in enumerate(header) if name.startswith("flaky ")]
+        for line in lines[1:]:
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            flaky_cells += [cells[i] for i in columns]
+    assert len(flaky_cells) == 8  # 4 metrics x (washer, Average)
+    assert all("<sup>f 2/3" in c and "**" not in c and "<u>" not in c for c in flaky_cells), flaky_cells
+    assert "the jobs of the others failed" in md
+    done = subprocess.run(CLI + ["run", str(suite), "--results", str(tmp_path / "results2"), "--executor", "serial"],
+                          capture_output=True, text=True, env={**os.environ})
+    assert done.returncode == 1 and "FAILED" in done.stdout
+
+
+# ---- concurrency, kill -9 -----------------------------------------------------------------------------------
+
+
+def _done_count(results: Path) -> int:
+    return sum('"state": "done"' in p.read_text() for p in results.glob("runs/faults/*/jobs/*/status.json"))
+
+
+def test_a_second_run_of_the_same_suite_is_refused_while_the_first_runs(reference, tmp_path, isolated_cache):
+    results = tmp_path / "results"
+    env = {**os.environ, "DEFECTBENCH_CACHE": str(isolated_cache)}
+    first = subprocess.Popen(CLI + ["run", str(FAULTS), "--results", str(results)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not list(results.glob("runs/faults/*/jobs/*")) and time.time() < deadline:
+            time.sleep(0.1)
+        second = subprocess.run(CLI + ["run", str(FAULTS), "--results", str(results)], env=env, capture_output=True,
+                                text=True)
+        errors = [line for line in second.stderr.splitlines() if line.startswith("defectbench: error:")]
+        assert second.returncode == 2 and len(errors) == 1 and "Traceback" not in second.stderr
+        assert f"pid {first.pid}" in errors[0] and "in use" in errors[0]
+        assert first.wait(timeout=300) == 0
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert board(results) == reference[1]
+
+
+def test_kill_9_mid_run_then_resume(reference, tmp_path, isolated_cache):
+    results = tmp_path / "results"
+    env = {**os.environ, "DEFECTBENCH_CACHE": str(isolated_cache)}
+    process = subprocess.Popen(CLI + ["run", str(FAULTS), "--results", str(results)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while _done_count(results) < N_JOBS // 2 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 0 < _done_count(results) < N_JOBS
+    # the lock died with the process: the next run resumes at once
+    assert subprocess.run(CLI + ["run", str(FAULTS), "--results", str(results)], env=env).returncode == 0
+    assert board(results) == reference[1]
+
+
+# ---- moved results and data ---------------------------------------------------------------------------------
+
+
+def test_results_moved_with_their_data_resume_with_nothing_recomputed(tmp_path, isolated_cache):
+    from harness.data.synth import SynthConfig, synthesize
+    import yaml
+
+    data = synthesize(tmp_path / "a" / "data", SynthConfig(seed=0, size=48, n_train=6, n_validation=2,
+                                                             n_test_good=2, n_defect=4, categories=("washer",)))
+    raw = yaml.safe_load(FAULTS.read_text())
+    raw["datasets"] = [{"name": "disk", "layout": "mvtec_ad", "root": "${DATA}", "categories": ["washer"]}]
+    suite = tmp_path / "faults.yaml"
+    suite.write_text(json.dumps(raw))
+    first = run_suite(load_suite(suite, data=data), executor="serial", results=tmp_path / "a" / "results",
+                      progress=False)
+    assert not first.failed
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")  # nothing may still point there
+    moved = tmp_path / "b" / "results"
+    before = _statuses_of(moved)
+    again = run_suite(load_suite(suite, data=tmp_path / "b" / "data"), executor="serial", results=moved,
+                      progress=False)
+    assert not again.failed and again.store.run_id == first.store.run_id
+    assert _statuses_of(moved) == before  # nothing was recomputed
+    manifest = (again.store.manifest_path).read_text()
+    assert str(tmp_path / "a") not in manifest
+    for records in moved.glob("runs/*/*/jobs/*/records.jsonl"):
+        assert str(tmp_path / "a") not in records.read_text()
+
+
+def _statuses_of(results: Path) -> dict[str, str]:
+    return {p.parent.name: p.read_text() for p in results.glob("runs/*/*/jobs/*/status.json")}
