@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DefectBenchError, FileExistsError) as err:
         print(f"defectbench: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the output was piped into `head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as err:  # a read-only results folder, a full disk: one line naming the file, not a traceback
         where = f"{err.filename}: " if err.filename else ""
         print(f"defectbench: error: {where}{err.strerror or err} (could not read or write)", file=sys.stderr)
@@ -110,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="recompute every job instead of resuming")
     p.add_argument("--no-leaderboard", action="store_true", help="do not render the leaderboard at the end")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("reported", help="the papers' tables in results/reported: printed averages against their rows")
+    p.add_argument("--all", action="store_true", help="list every printed average, not only those that disagree")
+    p.set_defaults(func=cmd_reported)
 
     p = sub.add_parser("leaderboard", help="render results/leaderboard/<suite>.md and .tex from the records")
     p.add_argument("suite", nargs="?", help="default: every suite with a run")
@@ -311,6 +318,24 @@ def cmd_run(args) -> int:
         md, tex = render_leaderboard(suite.name, args.results)
         print(f"leaderboard: {md} and {tex}")
     return 1 if result.failed else 0
+
+
+def cmd_reported(args) -> int:
+    from harness.report.leaderboard import REPORTED_DIR
+    from harness.report.reported import check_averages, load_reported
+
+    entries = load_reported(REPORTED_DIR)
+    checks = check_averages(entries)
+    shown = [c for c in checks if args.all or c.differs]
+    rows = [[c.file, c.method, c.key, c.metric, c.printed, "—" if c.mean is None else round(c.mean, c.decimals + 2),
+             c.n_rows, "beyond rounding" if c.beyond_rounding else "rounding" if c.differs else ""] for c in shown]
+    print(tabulate(rows, headers=["table", "method", "row", "metric", "printed", "mean of rows", "rows", "differs"],
+                   tablefmt="simple"))
+    checkable = [c for c in checks if c.checkable]
+    print(f"{len(entries)} tables, {len(checks)} printed averages, {len(checkable)} with every averaged row printed: "
+          f"{sum(c.differs for c in checks)} differ from the mean of their rows, "
+          f"{sum(c.beyond_rounding for c in checks)} by more than rounding")
+    return 0
 
 
 def cmd_leaderboard(args) -> int:

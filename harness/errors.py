@@ -27,3 +27,7 @@ class MethodError(DefectBenchError):
 
 class WeightsError(DefectBenchError):
     """Pretrained weights are needed, cannot be found, and the profile forbids random ones."""
+
+
+class DataWarning(UserWarning):
+    """The data or a split lacks something a metric needs (said once per run, recorded in the manifest)."""

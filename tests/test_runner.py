@@ -1,14 +1,13 @@
-"""The runner: suite validation, job graph, serial and Ray execution, resume, failure isolation, leaderboards."""
+"""The runner: suite validation, job graph, serial and Ray execution, resume, failure isolation, leaderboards.
+(Killed runs, damaged results and concurrent runs: tests/test_faults.py.)"""
 from __future__ import annotations
 
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -172,34 +171,6 @@ def test_a_failing_method_is_isolated(tmp_path, monkeypatch, isolated_cache):
     code = subprocess.run(CLI + ["run", str(suite_path), "--results", str(tmp_path / "results"), "--executor", "serial"],
                           capture_output=True, text=True, env={**os.environ}).returncode
     assert code == 1
-
-
-# ---- resume after SIGKILL ---------------------------------------------------------------------------------
-
-
-def _done(results: Path) -> list[Path]:
-    return [p for p in results.glob("runs/mini/*/jobs/*/status.json") if '"state": "done"' in p.read_text()]
-
-
-def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, isolated_cache):
-    env = {**os.environ, "DEFECTBENCH_CACHE": str(isolated_cache)}
-    killed, clean = tmp_path / "killed", tmp_path / "clean"
-    args = CLI + ["run", str(MINI), "--executor", "serial", "--results"]
-    process = subprocess.Popen(args + [str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.time() + 300
-    while len(_done(killed)) < 25 and time.time() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    finished = {p: p.read_text() for p in _done(killed)}
-    assert 0 < len(finished) < 54, "the run should be killed halfway"
-    assert subprocess.run(args + [str(killed)], env=env, capture_output=True).returncode == 0
-    assert all(p.read_text() == text for p, text in finished.items())  # no finished job was recomputed
-    assert len(_done(killed)) == 54
-    assert subprocess.run(args + [str(clean)], env=env, capture_output=True).returncode == 0
-    for suffix in ("md", "tex"):
-        assert (killed / "leaderboard" / f"mini.{suffix}").read_text() == (clean / "leaderboard" / f"mini.{suffix}").read_text()
 
 
 # ---- leaderboards -----------------------------------------------------------------------------------------

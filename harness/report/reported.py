@@ -132,6 +132,7 @@ def _comparable_averages(rows: pd.DataFrame, categories: list[str], layout: str)
 @dataclass
 class AverageCheck:
     source: str
+    file: str  # results/reported/<file>.yaml
     method: str
     key: str  # average | average_<categories>
     metric: str  # as printed in the file
@@ -170,8 +171,8 @@ def check_averages(entries: list[Reported]) -> list[AverageCheck]:
                         continue
                     cells = _averaged_cells(categories, key, name, entry.dataset)
                     mean = sum(cells) / len(cells) if cells else None
-                    checks.append(AverageCheck(entry.source, method, key, name, float(printed), mean, len(cells),
-                                               getattr(printed, "decimals", 0)))
+                    checks.append(AverageCheck(entry.source, entry.path.stem, method, key, name, float(printed), mean,
+                                               len(cells), getattr(printed, "decimals", 0)))
     return checks
 
 

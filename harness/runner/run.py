@@ -15,6 +15,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 import harness
+from harness.errors import DataWarning
 from harness.io import sha256_json
 from harness.paths import REPO_ROOT
 from harness.runner.executors import Progress, Scheduler, now, run_ray, run_serial
@@ -104,6 +105,8 @@ def run_suite(suite: Suite, executor: str | None = None, address: str | None = N
               results: Path | None = None, fresh: bool = False, progress: bool = True) -> RunResult:
     plan = prepare(suite)
     expand(plan)
+    for warning in plan.warnings:
+        warnings.warn(warning, DataWarning, stacklevel=2)
     store = RunStore(runs_root(results), suite.name, run_id_for(suite))
     with RunLock(store):
         return _run_locked(plan, store, executor, address, num_cpus, fresh, progress)
