@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as err:  # a read-only results folder, a full disk: one line naming the file, not a traceback
-        where = f"{err.filename}: " if err.filename else ""
-        print(f"defectbench: error: {where}{err.strerror or err} (could not read or write)", file=sys.stderr)
+        if not err.filename:
+            raise  # not about a file: a bug or a library's own failure, with its traceback
+        print(f"defectbench: error: {err.filename}: {err.strerror or err} (could not read or write)", file=sys.stderr)
         return 2
 
 

@@ -12,6 +12,15 @@ from typing import Any, Iterable, Iterator
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (os.umask can only set it: setting and
+    restoring it would let another thread create a file with no umask in between)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -85,6 +85,8 @@ class GenerationRequest:
     dataset: str = ""
     category: str = ""
     fold: int = 0
+    root: Path | None = None  # the category's folder on this machine
+    backbone: Path | None = None  # the diffusion backbone folder on this machine, for methods with uses_backbone
 
     def rng(self, *keys: int | str) -> np.random.Generator:
         """The random stream of sample `keys[0]` (and any further keys): its own for every data set, category,

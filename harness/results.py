@@ -5,35 +5,52 @@ DamagedError naming the file, so no table is ever built from a truncated or half
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 
-from harness.runner.store import (DONE, RECORDS_FILE, DamagedError, RunStore, finished_problem, latest_run,
-                                  read_records, read_status, runs_root, status_problem)
+from harness.runner.store import (DONE, DamagedError, RunStore, finished_problem, latest_run, read_records, read_status,
+                                  runs_root, status_problem)
 
 MISSING = "missing"  # a job of the run that has no status: not run yet, or the run was stopped
 
 
 def load(suite: str | None = None, run: str | None = None, results: Path | None = None) -> pd.DataFrame:
-    """Every record under results/runs (or one suite, or one run of it), each finished job counted once."""
+    """Every record under results/runs (or one suite, or one run of it), each finished job counted once. A job
+    folder whose every copy is damaged (unreadable status, records or files not as written) is an error."""
     root = runs_root(results)
     rows, seen, damaged = [], set(), {}
-    for path in sorted(root.glob(f"{suite or '*'}/{run or '*'}/jobs/*/{RECORDS_FILE}")):
-        key = path.parent.name
-        if key in seen or (read_status(path.parent) or {}).get("state") != DONE:
-            continue
-        problem = finished_problem(path.parent)
+    finished_by_run: dict[Path, dict] = {}
+    for folder in sorted(p for p in root.glob(f"{suite or '*'}/{run or '*'}/jobs/*") if p.is_dir()):
+        key = folder.name
+        status = read_status(folder)
+        if key in seen or (status is not None and status.get("state") != DONE):
+            continue  # counted already, or a failed attempt
+        run_dir = folder.parent.parent
+        if run_dir not in finished_by_run:
+            finished_by_run[run_dir] = _recorded_states(run_dir)
+        if status is None and not status_problem(folder) and finished_by_run[run_dir].get(key) != DONE:
+            continue  # a job in flight or killed before it finished: no records were published
+        problem = finished_problem(folder)
         if problem:
             damaged.setdefault(key, problem)
             continue
         seen.add(key)
-        rows += read_records(path.parent)
+        rows += read_records(folder)
     unrecovered = [problem for key, problem in damaged.items() if key not in seen]
     if unrecovered:
-        raise DamagedError(f"{unrecovered[0]} (and {len(unrecovered) - 1} more); run the suite again to redo them"
-                           if len(unrecovered) > 1 else f"{unrecovered[0]}; run the suite again to redo the job")
+        more = f" (and {len(unrecovered) - 1} more)" if len(unrecovered) > 1 else ""
+        raise DamagedError(f"{unrecovered[0]}{more}; run the suite again to redo the damaged jobs")
     return pd.DataFrame(rows)
+
+
+def _recorded_states(run_dir: Path) -> dict:
+    """The job states a run's manifest recorded when it finished (empty for a stopped run or no manifest)."""
+    try:
+        return json.loads((run_dir / "manifest.json").read_text()).get("job_states", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def job_folder(store: RunStore, key: str, manifest: dict | None = None) -> Path:

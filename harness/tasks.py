@@ -92,4 +92,4 @@ def build_request(task: FewShotTask, method: Method, defect_type: str, n: int, s
             target.caption, target.caption_source = source.caption, source.id
         targets.append(target)
     return GenerationRequest(defect_type=defect_type, n=n, seed=seed, targets=targets, dataset=task.dataset,
-                             category=task.category, fold=task.fold)
+                             category=task.category, fold=task.fold, root=task.root, backbone=task.backbone)

@@ -14,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from harness.errors import DefectBenchError
 from harness.report.leaderboard import render_leaderboard
@@ -126,6 +128,42 @@ def test_a_truncated_manifest_is_named_then_rewritten(reference, copy):
         _assert_redone_and_identical(copy, reference, set())
 
 
+def test_a_deleted_manifest_is_named_not_replaced_by_an_older_run(reference, copy):
+    import yaml
+
+    raw = yaml.safe_load(FAULTS.read_text())
+    other = copy.parent / "other.yaml"
+    other.write_text(json.dumps({**raw, "name": "faults", "metrics": ["fid", "kid"]}))  # an older run of the suite
+    older = run(copy, other)
+    os.utime(older.store.manifest_path, (0, 0))
+    latest = next(p for p in copy.glob("runs/faults/*/manifest.json") if p.parent != older.store.run_dir)
+    latest.unlink()
+    with pytest.raises(DefectBenchError) as info:
+        board(copy)
+    assert str(latest) in str(info.value)
+    run(copy)  # rewrites it; nothing else to do
+    assert board(copy) == reference[1]
+
+
+def test_a_job_is_redone_when_a_job_it_needs_was_redone_with_other_outputs(reference, copy):
+    """A generate job redone in an earlier, stopped invocation (new samples, pinned anew): its score job, intact on
+    disk, was computed from the old samples and must be redone."""
+    from harness.runner.store import pin_outputs, read_status, write_status
+
+    generate = _job(copy, "generate", "chip", "draem")
+    image = generate / "samples" / "images" / "0000.png"
+    pixels = np.asarray(Image.open(image)).copy()
+    pixels[:4, :4] = 255 - pixels[:4, :4]
+    Image.fromarray(pixels).save(image)
+    write_status(generate, {**read_status(generate), "outputs": pin_outputs(generate)})
+    score = _job(copy, "score", "chip", "draem")
+    before = _statuses(copy)
+    again = run(copy)
+    assert not again.failed
+    changed = {k for k, v in _statuses(copy).items() if v != before.get(k)}
+    assert changed == {score.name}
+
+
 def test_the_cli_prints_one_line(reference, copy):
     (_job(copy, "score") / "records.jsonl").write_text("")
     done = subprocess.run(CLI + ["leaderboard", "faults", "--results", str(copy)], capture_output=True, text=True)
@@ -152,7 +190,7 @@ class Flaky(Method):
 '''
 
 
-def _plugin(tmp_path, monkeypatch, name: str, failure: str) -> Path:
+def _plugin(tmp_path, monkeypatch, name: str, failure: str, **suite_changes) -> Path:
     folder = tmp_path / "plugins" / name
     folder.mkdir(parents=True)
     (folder / "method.py").write_text(FLAKY.format(name=name, failure=failure))
@@ -162,7 +200,7 @@ def _plugin(tmp_path, monkeypatch, name: str, failure: str) -> Path:
     import yaml
 
     raw = yaml.safe_load(FAULTS.read_text())
-    suite.write_text(json.dumps({**raw, "name": "faults", "methods": ["cutpaste", name]}))
+    suite.write_text(json.dumps({**raw, "name": "faults", "methods": ["cutpaste", name], **suite_changes}))
     return suite
 
 
@@ -191,6 +229,20 @@ def test_a_method_failing_on_one_defect_type_marks_its_cells(tmp_path, monkeypat
     assert done.returncode == 1 and "FAILED" in done.stdout
 
 
+def test_a_worker_crash_under_ray_is_recorded_and_marked(tmp_path, monkeypatch, isolated_cache):
+    """A method that kills its worker process (os._exit) on one defect type: Ray reports the task lost, the job is
+    recorded as failed, and its cells say so."""
+    suite = _plugin(tmp_path, monkeypatch, "crashing", "import os; os._exit(1)",
+                    executor={"kind": "ray", "num_cpus": 2, "max_retries": 0})
+    result = run_suite(load_suite(suite), results=tmp_path / "results", progress=False)
+    failed = [k for k, state in result.states.items() if state == "failed"]
+    assert len(failed) == 1 and list(result.states.values()).count("skipped") == 1
+    status = json.loads((result.store.job_dir(failed[0]) / "status.json").read_text())
+    assert "generate crashing" in status["label"] and status["state"] == "failed"
+    md, _ = board(tmp_path / "results")
+    assert md.count("<sup>f 2/3") == 8  # the crashing method's 4 metrics, per category and Average
+
+
 # ---- concurrency, kill -9 -----------------------------------------------------------------------------------
 
 
@@ -198,24 +250,36 @@ def _done_count(results: Path) -> int:
     return sum('"state": "done"' in p.read_text() for p in results.glob("runs/faults/*/jobs/*/status.json"))
 
 
-def test_a_second_run_of_the_same_suite_is_refused_while_the_first_runs(reference, tmp_path, isolated_cache):
+def test_a_second_run_of_the_same_suite_is_refused_while_the_first_runs(reference, copy, isolated_cache):
+    """The lock held (here by this process, as a running `run` holds it): a second run stops at once, one line
+    naming the holder; released, the run goes on and changes nothing."""
+    from harness.runner.run import run_id_for
+    from harness.runner.store import RunLock, RunStore
+
+    store = RunStore(copy / "runs", "faults", run_id_for(load_suite(FAULTS)))
+    env = {**os.environ, "DEFECTBENCH_CACHE": str(isolated_cache)}
+    with RunLock(store):
+        second = subprocess.run(CLI + ["run", str(FAULTS), "--results", str(copy)], env=env, capture_output=True,
+                                text=True)
+    errors = [line for line in second.stderr.splitlines() if line.startswith("defectbench: error:")]
+    assert second.returncode == 2 and len(errors) == 1 and "Traceback" not in second.stderr
+    assert f"pid {os.getpid()}" in errors[0] and "in use" in errors[0]
+    _assert_redone_and_identical(copy, reference, set())
+
+
+def test_two_runs_at_once_leave_one_complete_run(reference, tmp_path, isolated_cache):
+    """Racing for real: whichever run gets the lock finishes, the other stops with one line or finds the work
+    done; the result is the undisturbed leaderboard."""
     results = tmp_path / "results"
     env = {**os.environ, "DEFECTBENCH_CACHE": str(isolated_cache)}
-    first = subprocess.Popen(CLI + ["run", str(FAULTS), "--results", str(results)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not list(results.glob("runs/faults/*/jobs/*")) and time.time() < deadline:
-            time.sleep(0.1)
-        second = subprocess.run(CLI + ["run", str(FAULTS), "--results", str(results)], env=env, capture_output=True,
-                                text=True)
-        errors = [line for line in second.stderr.splitlines() if line.startswith("defectbench: error:")]
-        assert second.returncode == 2 and len(errors) == 1 and "Traceback" not in second.stderr
-        assert f"pid {first.pid}" in errors[0] and "in use" in errors[0]
-        assert first.wait(timeout=300) == 0
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+    args = CLI + ["run", str(FAULTS), "--results", str(results)]
+    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    codes, errs = zip(*((p.wait(timeout=300), p.stderr.read()) for p in (first, second)))
+    assert 0 in codes and set(codes) <= {0, 2}
+    for code, err in zip(codes, errs):
+        if code == 2:
+            assert "in use by pid" in err and "Traceback" not in err
     assert board(results) == reference[1]
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from harness.cli import main
 from harness.data import read_category
 from harness.data.splits import make_split
-from harness.errors import ConfigError, DefectBenchError
+from harness.errors import ConfigError
 from harness.generation import fit_method, generate_to, read_samples
 from harness.methods import load_method
 from harness.runner.suite import parse_suite
@@ -263,7 +263,7 @@ def test_status_records_the_device(tmp_path):
         status = execute_job(make_job("noop", "noop", {}).as_dict(), str(tmp_path / "job"), {}, {})
     finally:
         JOB_KINDS.pop("noop")
-    assert status["state"] == "done" and status["device"] in ("cpu",) or status["device"].startswith("cuda:")
+    assert status["state"] == "done" and (status["device"] == "cpu" or status["device"].startswith("cuda:"))
     assert set(status["outputs"]) == {"records.jsonl"}
 
 
@@ -276,9 +276,44 @@ def test_pretraining_runs_on_the_harness_device(monkeypatch):
 
     moved = []
     original = Backbone.to
+    marked = torch.device("cpu", 0)  # a device object only harness.device returns here
     monkeypatch.setattr(Backbone, "to", lambda self, device: moved.append(torch.device(device)) or original(self, device))
-    monkeypatch.setattr(pretrain, "default_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(pretrain, "default_device", lambda: marked)
     images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3)).astype(np.uint8)
     pretrain.pretrain(images, ["weave", "weave"], pretrain.PretrainConfig(resolution=32, vae_steps=1, unet_steps=1,
                                                                           batch_size=2, vae_crop=0))
-    assert moved[0] == torch.device("cpu")  # first to the device, then back to the CPU to be saved
+    assert moved == [marked, torch.device("cpu")]  # to harness.device, then back to the CPU to be saved
+
+
+def test_a_detector_with_non_finite_scores_fails_with_its_name(monkeypatch, tmp_path, isolated_cache):
+    import harness.downstream.detectors as detectors
+    from harness.runner.jobs import JOB_KINDS, JobContext
+    from harness.runner.plan import expand, prepare
+
+    suite = parse_suite(_mini(detectors=["padim"], methods=["cutpaste"]), MINI)
+    job = next(j for j in expand(prepare(suite)) if j.kind == "detect")
+    monkeypatch.setattr(detectors, "run", lambda model, normal, test, *a, **k: (
+        np.full(test.masks.shape, np.nan), np.zeros(len(test)), None))
+    with pytest.raises(ValueError, match="padim produced non-finite anomaly scores"):
+        JOB_KINDS["detect"](job, JobContext(tmp_path, {}, {}))
+
+
+def test_the_leaderboard_says_once_that_a_category_mixes_grayscale_and_colour(synth_root, tmp_path, isolated_cache):
+    import shutil
+
+    import yaml
+
+    from harness.report.leaderboard import render_leaderboard
+    from harness.runner.run import run_suite
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root / "washer", root / "washer")
+    for path in sorted((root / "washer" / "test").glob("*/*.png")):
+        Image.open(path).convert("L").save(path)
+    raw = yaml.safe_load(MINI.read_text())
+    raw.update(name="gray", methods=["cutpaste"], metrics=["bg_psnr"],
+               datasets=[{"name": "disk", "layout": "mvtec_ad", "root": str(root)}])
+    with pytest.warns(UserWarning, match="grayscale"):
+        run_suite(parse_suite(raw, tmp_path / "gray.yaml"), executor="serial", results=tmp_path / "r", progress=False)
+    md, _ = render_leaderboard("gray", tmp_path / "r")
+    assert md.read_text().count("grayscale") == 1

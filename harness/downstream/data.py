@@ -133,12 +133,15 @@ def score_maps(test: ImageSet, maps: np.ndarray, image_scores: np.ndarray,
 
 def _compat_records(labels: np.ndarray, scores: np.ndarray, levels: np.ndarray, maps: np.ndarray, n: int,
                     name: str) -> list[dict]:
-    if not (levels == 255).any():
-        reason = "no fully covered defect pixel after the published mask resizing (every defect is too small)"
-        return [{"metric": m, "value": None, "n": n, "defect_type": name, "missing": reason}
-                for m in detection.COMPAT_METRICS]
-    values = detection.compat_metrics(labels, scores, levels, maps)
-    return [{"metric": metric, "value": value, "n": n, "defect_type": name} for metric, value in values.items()]
+    if (levels == 255).any():
+        values = detection.compat_metrics(labels, scores, levels, maps)
+        return [{"metric": metric, "value": value, "n": n, "defect_type": name} for metric, value in values.items()]
+    # no pixel-level ground truth left under the published resizing; the image-level metrics do not need it
+    images = detection.compat_metrics(labels, scores, None, maps)
+    reason = "no fully covered defect pixel after the published mask resizing (every defect is too small)"
+    return ([{"metric": m, "value": v, "n": n, "defect_type": name} for m, v in images.items()] +
+            [{"metric": m, "value": None, "n": n, "defect_type": name, "missing": reason}
+             for m in detection.COMPAT_METRICS if m not in images])
 
 
 def save_maps(path: Path, test: ImageSet, maps: np.ndarray, image_scores: np.ndarray) -> None:

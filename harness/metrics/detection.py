@@ -174,10 +174,13 @@ def aupro_compat(levels: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_
     defect pixel; maps (N, H, W). Thresholds at evenly spaced ranks of the sorted normal-pixel scores."""
     levels, maps = np.asarray(levels), np.asarray(maps, dtype=np.float64)
     regions, n_regions = region_labels(levels != 0)
-    normal = np.sort(maps[regions == 0])
+    flat, scores = regions.ravel(), maps.ravel()
+    normal = np.sort(scores[flat == 0])
     if n_regions == 0 or normal.size == 0:
         raise ValueError("AUPRO needs defect regions and normal pixels")
-    region_scores = [np.sort(maps[regions == r]) for r in range(1, n_regions + 1)]
+    order = np.lexsort((scores, flat))  # by region, then by score: each region's scores sorted, in one pass
+    bounds = np.cumsum(np.bincount(flat, minlength=n_regions + 1))
+    region_scores = [scores[order[bounds[r - 1]:bounds[r]]] for r in range(1, n_regions + 1)]
     ranks = np.linspace(0, normal.size - 1, num=num_thresholds, dtype=int)
     fpr, pro = [1.0], [1.0]
     for rank in ranks:
@@ -210,16 +213,18 @@ def detection_metrics(image_labels: np.ndarray, image_scores: np.ndarray, masks:
     return out
 
 
-def compat_metrics(image_labels: np.ndarray, image_scores: np.ndarray, levels: np.ndarray,
+def compat_metrics(image_labels: np.ndarray, image_scores: np.ndarray, levels: np.ndarray | None,
                    maps: np.ndarray) -> dict[str, float]:
     """The published evaluation's metrics (see the module docstring): `image_scores` as the published code makes
-    them, `levels` the uint8 (N, H, W) ground truth resized as the published loader does."""
-    full = levels == 255
-    return {"image_auroc_compat": auroc(image_labels, image_scores),
-            "image_ap_compat": average_precision(image_labels, image_scores),
-            "image_f1max_compat": f1_max(image_labels, image_scores),
-            "pixel_auroc_compat": auroc(full, maps), "pixel_ap_compat": average_precision(full, maps),
-            "pixel_f1max_compat": f1_max_compat(full, maps), "pixel_aupro_compat": aupro_compat(levels, maps)}
+    them, `levels` the uint8 (N, H, W) ground truth resized as the published loader does (None: image level only)."""
+    out = {"image_auroc_compat": auroc(image_labels, image_scores),
+           "image_ap_compat": average_precision(image_labels, image_scores),
+           "image_f1max_compat": f1_max(image_labels, image_scores)}
+    if levels is not None:
+        full = levels == 255
+        out.update({"pixel_auroc_compat": auroc(full, maps), "pixel_ap_compat": average_precision(full, maps),
+                    "pixel_f1max_compat": f1_max_compat(full, maps), "pixel_aupro_compat": aupro_compat(levels, maps)})
+    return out
 
 
 def accuracy(true: list[str] | np.ndarray, predicted: list[str] | np.ndarray) -> tuple[float, dict[str, float]]:

@@ -237,7 +237,7 @@ def _failure_note(table: Table, store: RunStore) -> list[str]:
         notes.append("—<sup>f</sup>: every job feeding the cell failed; <sup>f k/n</sup>: the value covers k of the n "
                      "values planned, the jobs of the others failed (or were skipped because a job they need failed); "
                      "such cells and the averages they feed are not ranked. Tracebacks are in the jobs' status.json "
-                     f"under {store.run_dir / 'jobs'}.")
+                     f"under `runs/{store.suite}/{store.run_id}/jobs` of the results folder.")
     if any(c.incomplete and not c.failed for c in cells):
         notes.append("<sup>k/n</sup>: the value covers k of the n values planned (the rest were not computed: the run "
                      "was stopped, or the metric lacked inputs, see below); not ranked.")

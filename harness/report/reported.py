@@ -25,6 +25,7 @@ CATEGORIES = {
                  "tile", "toothbrush", "transistor", "wood", "zipper"),
     "mvtec_loco": ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors"),
 }
+ONE_DEFECT_TYPE = "toothbrush"  # MVTec AD's category with a single defect type: no classification
 SCOPES = {"_logical": "logical_anomalies", "_structural": "structural_anomalies"}
 RENAMED = {"aupro": "pixel_aupro"}
 AVERAGE = "average"
@@ -116,12 +117,12 @@ def _comparable_averages(rows: pd.DataFrame, categories: list[str], layout: str)
     """The printed averages that stand for the same categories as a table of `categories`, as category 'average':
     one whose rows are all among them, a printed-only one when the table covers the whole data set, an
     `average_<list>` when the table has exactly those categories."""
-    whole = set(CATEGORIES.get(layout, ())) <= set(categories) | {"toothbrush"}
+    whole = set(CATEGORIES.get(layout, ())) <= set(categories) | {ONE_DEFECT_TYPE}
     out = []
     for (method, metric), group in rows.groupby(["method", "metric"]):
         printed = set(group["category"]) - {AVERAGE}
         for key in {c for c in printed if c.startswith(AVERAGE + "_")}:
-            if sorted(c for c in CATEGORIES.get(layout, ()) if c in key) == sorted(categories):
+            if sorted(listed_categories(key, layout)) == sorted(categories):
                 out.append(group[group["category"] == key].assign(category=AVERAGE))
         rows_printed = {c for c in printed if not c.startswith(AVERAGE)}
         if (rows_printed and rows_printed <= set(categories) and whole) or (not rows_printed and whole):
@@ -178,17 +179,24 @@ def check_averages(entries: list[Reported]) -> list[AverageCheck]:
 
 def _averaged_cells(categories: dict, key: str, name: str, dataset: str) -> list[float]:
     """The printed cells an average stands for, or [] when not all of them are printed."""
-    if key == AVERAGE:
-        expected = list(CATEGORIES.get(dataset, ()))
-    else:  # average_capsule_hazelnut_transistor_wood
-        expected = [c for c in CATEGORIES.get(dataset, ()) if c in key[len(AVERAGE) + 1:]]
+    expected = listed_categories(key, dataset)
     plain = any(categories.get(c, {}).get(name) is not None for c in expected)
     names = [name] if plain else [name + s for s in SCOPES]  # LOCO: a plain average over logical and structural
     cells = [(category, categories[category][n]) for category in expected for n in names
              if category in categories and categories[category].get(n) is not None]
-    present = {category for category, _ in cells}
-    # an average over the data set may leave out one category that cannot have the metric (DualAnoDiff's
-    # classification tables: toothbrush has one defect type); anything more is an average of unprinted rows
-    if len(present) < len(expected) - (1 if key == AVERAGE and dataset == "mvtec_ad" else 0) or len(cells) < 2:
+    missing = set(expected) - {category for category, _ in cells}
+    # an average over MVTec AD may leave out toothbrush, which has one defect type (DualAnoDiff's classification
+    # tables); any other missing row means the average stands for rows that are not printed
+    if missing - ({ONE_DEFECT_TYPE} if key == AVERAGE else set()) or len(cells) < 2:
         return []
     return [float(v) for _, v in cells]
+
+
+def listed_categories(key: str, dataset: str) -> list[str]:
+    """The categories an average row stands for: the data set's for `average`, the listed ones for
+    `average_<a>_<b>...` (category names hold '_' themselves, so they are matched whole)."""
+    known = CATEGORIES.get(dataset, ())
+    if key == AVERAGE:
+        return list(known)
+    listed = f"_{key[len(AVERAGE) + 1:]}_"
+    return [c for c in known if f"_{c}_" in listed]

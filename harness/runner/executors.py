@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from harness.io import write_jsonl
 from harness.runner.jobs import JOB_KINDS, Job, JobContext
-from harness.runner.store import DONE, FAILED, RECORDS_FILE, SKIPPED, pin_outputs, read_status, write_status
+from harness.runner.store import (DONE, FAILED, RECORDS_FILE, SKIPPED, outputs_digest, pin_outputs, read_status,
+                                  write_status)
 
 _PROCESS_CACHE: dict[str, Any] = {}  # per worker process: networks and splits built once
 # Settings of the driver that workers on every node must share.
@@ -48,7 +49,8 @@ def execute_job(job_dict: dict, folder: str, deps: dict[str, str], common: dict)
     torch.set_num_threads(job_threads)
     started, clock = now(), time.perf_counter()
     status = {"key": job.key, "kind": job.kind, "label": job.label, "host": platform.node(), "pid": os.getpid(),
-              "node": _ray_node(), "device": describe_device(), "started": started}
+              "node": _ray_node(), "device": describe_device(), "started": started,
+              "inputs": {key: outputs_digest(Path(dep)) for key, dep in deps.items()}}
     try:
         # BLAS threads too: numpy/scipy linear algebra (FID) rounds differently with another thread count, and the
         # serial and Ray executors must give identical numbers

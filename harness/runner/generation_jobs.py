@@ -89,8 +89,9 @@ def generation_jobs(plan) -> list[Job]:
                             for defect in defects:
                                 defect_tags = {**tags, "defect_type": defect}
                                 generate = make_job("generate", f"generate {spec.label} {at}/{defect} f{split.fold} s{seed}",
-                                                    {**fit.params, "defect_type": defect, "n": suite.n_per_defect},
-                                                    (fit.key,), resources, defect_tags, where)
+                                                    {**fit.params, "defect_type": defect, "n": suite.n_per_defect,
+                                                     "fit": fit.key}, fit.deps + (fit.key,), resources, defect_tags,
+                                                    where)
                                 score = make_job("score", f"score {spec.label} {at}/{defect} f{split.fold} s{seed}",
                                                  {**source, **score_params, "defect_type": defect},
                                                  (generate.key,), job_resources(profile, memory=SCORE_MEMORY),
@@ -133,8 +134,9 @@ def run_generate(job: Job, ctx: JobContext) -> list[dict]:
     p = job.inputs
     split = load_split(p, ctx.cache)
     task = build_task(split, p["defect_types"], p["resolution"], p["seed"])
+    task.backbone = backbone_folder(job, ctx)  # generate depends on the backbone job too: this machine's folder
     generate_to(_method(p), task, p["defect_type"], p["n"], p["seed"], ctx.folder / "samples",
-                ctx.only_dep(job) / "work", meta={"split": split.manifest_hash, "protocol": split.protocol},
+                ctx.deps[p["fit"]] / "work", meta={"split": split.manifest_hash, "protocol": split.protocol},
                 progress=False)
     return []
 

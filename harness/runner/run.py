@@ -21,7 +21,8 @@ from harness.paths import REPO_ROOT
 from harness.runner.executors import Progress, Scheduler, now, run_ray, run_serial
 from harness.runner.plan import Plan, expand, prepare
 from harness.runner.jobs import Job
-from harness.runner.store import DONE, FAILED, DamagedError, RunLock, RunStore, read_status, runs_root
+from harness.runner.store import (DONE, FAILED, SKIPPED, DamagedError, RunLock, RunStore, outputs_digest, read_status,
+                                  runs_root)
 from harness.runner.suite import Suite
 
 
@@ -33,7 +34,7 @@ class RunResult:
 
     @property
     def failed(self) -> list[str]:
-        return [k for k, s in self.states.items() if s in (FAILED, "skipped")]
+        return [k for k, s in self.states.items() if s in (FAILED, SKIPPED)]
 
 
 def code_version() -> dict:
@@ -64,8 +65,6 @@ def resolved_config(suite: Suite) -> dict:
 
 
 
-
-
 def run_id_for(suite: Suite) -> str:
     """Runs are named by their resolved config: running the same suite again continues the same run."""
     config = resolved_config(suite)
@@ -92,23 +91,29 @@ def dry_run(plan: Plan) -> str:
 
 
 def intact_closure(jobs: list[Job], found: dict[str, Path]) -> dict[str, Path]:
-    """The finished jobs that can be reused: intact ones all of whose dependencies are reused too (a job redone
-    because its files were damaged takes every job that depends on it along). `jobs` in dependency order."""
+    """The finished jobs that can be reused: intact ones all of whose dependencies are reused too, with the very
+    outputs they were computed from (a job redone because its files were damaged takes every job that depends on
+    it along, in this run or a later one). `jobs` in dependency order."""
     reused: dict[str, Path] = {}
+    digests: dict[str, str | None] = {}
     for job in jobs:
-        if job.key in found and all(dep in reused for dep in job.deps):
+        if job.key not in found or not all(dep in reused for dep in job.deps):
+            continue
+        inputs = (read_status(found[job.key]) or {}).get("inputs", {})
+        if all(inputs.get(dep) == digests[dep] for dep in job.deps):
             reused[job.key] = found[job.key]
+            digests[job.key] = outputs_digest(found[job.key])
     return reused
 
 
 def run_suite(suite: Suite, executor: str | None = None, address: str | None = None, num_cpus: int | None = None,
               results: Path | None = None, fresh: bool = False, progress: bool = True) -> RunResult:
-    plan = prepare(suite)
-    expand(plan)
-    for warning in plan.warnings:
-        warnings.warn(warning, DataWarning, stacklevel=2)
     store = RunStore(runs_root(results), suite.name, run_id_for(suite))
-    with RunLock(store):
+    with RunLock(store):  # before planning, so that a second run of the suite stops at once
+        plan = prepare(suite)
+        expand(plan)
+        for warning in plan.warnings:
+            warnings.warn(warning, DataWarning, stacklevel=2)
         return _run_locked(plan, store, executor, address, num_cpus, fresh, progress)
 
 
@@ -193,7 +198,7 @@ def summary(result: RunResult) -> str:
                                                            showindex=False))
         lines += _downstream_summary(frame)
     failed = [k for k, s in result.states.items() if s == FAILED]
-    skipped = [k for k, s in result.states.items() if s == "skipped"]
+    skipped = [k for k, s in result.states.items() if s == SKIPPED]
     by_key = result.plan.by_key()
     for key in failed:
         status = read_status(result.store.job_dir(key)) or {}

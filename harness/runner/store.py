@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import DefectBenchError
-from harness.io import atomic_write_json, read_jsonl, sha256_file
+from harness.io import atomic_write_json, read_jsonl, sha256_file, sha256_json
 from harness.paths import RESULTS_DIR
 
 STATUS_FILE = "status.json"
@@ -85,6 +85,13 @@ def output_problem(folder: Path, status: dict) -> str | None:
         if (relative == RECORDS_FILE or stat.st_mtime_ns != pin["mtime_ns"]) and sha256_file(path) != pin["sha256"]:
             return f"{path}: content differs from what the job wrote"
     return None
+
+
+def outputs_digest(folder: Path) -> str | None:
+    """One hash of everything a finished job produced (the pins of its status); a job that depends on it records
+    this, so that it is not reused once that dependency has been redone with other outputs."""
+    status = read_status(folder)
+    return sha256_json(status["outputs"]) if status and isinstance(status.get("outputs"), dict) else None
 
 
 def finished_problem(folder: Path) -> str | None:
@@ -202,9 +209,15 @@ class RunLock:
 
 
 def latest_run(suite: str, results: Path | None = None) -> RunStore | None:
-    """The run of `suite` whose manifest was updated last."""
+    """The run of `suite` whose manifest was updated last. A run folder whose manifest is gone is damaged (a run
+    writes its manifest before its first job): an error, rather than quietly showing an older run."""
     suite_dir = runs_root(results) / suite
-    manifests = sorted(suite_dir.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime) if suite_dir.is_dir() else []
+    runs = [p for p in suite_dir.iterdir() if p.is_dir()] if suite_dir.is_dir() else []
+    for run in runs:
+        if (run / "jobs").is_dir() and not (run / "manifest.json").is_file():
+            raise DamagedError(f"{run / 'manifest.json'}: missing; `defectbench run {suite}` rewrites it")
+    manifests = sorted((p / "manifest.json" for p in runs if (p / "manifest.json").is_file()),
+                       key=lambda p: p.stat().st_mtime)
     if not manifests:
         return None
     return RunStore(runs_root(results), suite, manifests[-1].parent.name)

@@ -159,8 +159,13 @@ def _datasets(value: Any, where: str, data: str | Path | None) -> list[DatasetSp
             root = _root(item.get("root"), where, key + ".root", data)
         captions = _root(item["captions"], where, key + ".captions", data) if item.get("captions") else None
         categories = item.get("categories", "all")
-        categories = None if categories in ("all", None) else tuple(str(c) for c in _list(categories, where, key + ".categories"))
-        name = path_component(item.get("name") or (root.name if root else "synthetic"), where, key + ".name")
+        if categories not in ("all", None):
+            categories = tuple(path_component(c, where, key + ".categories")
+                               for c in _list(categories, where, key + ".categories"))
+        else:
+            categories = None
+        default = re.sub(r"[^A-Za-z0-9_.+-]+", "_", root.name).strip("._") if root else "synthetic"
+        name = path_component(item.get("name") or default or "data", where, key + ".name")
         out.append(DatasetSpec(name, layout, root, captions, categories, synth))
     return out
 

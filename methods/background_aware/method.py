@@ -200,7 +200,8 @@ class BackgroundAware(Method):
 
     def generate(self, request: GenerationRequest, workdir: Path) -> Iterator[GeneratedSample]:
         model = json.loads((workdir / MODEL_FILE).read_text())
-        backbone = self._open(Path(model["backbone"]), unet=workdir / "unet")
+        # the backbone as this machine has it (the folder recorded at fit time may have moved with the results)
+        backbone = self._open(request.backbone or Path(model["backbone"]), unet=workdir / "unet")
         conditions = Conditions(backbone, Prompts(**model["prompts"]))
         size = model["resolution"]
         batch = self.config["generation_batch"]

@@ -34,7 +34,10 @@ class Draem(Method):
                 save_image(workdir / "textures" / f"{k:03d}.png", procedural_texture(rng, task.resolution))
                 paths.append(f"textures/{k:03d}.png")
         elif kind == "other_categories":
-            paths = [str(p) for files in task.other_normals.values() for p in files]
+            # relative to the data set's folder (`data:` prefix): the data may move once fit has finished
+            data = task.root.parent if task.root else None
+            paths = [f"data:{Path(p).relative_to(data).as_posix()}" if data and Path(p).is_relative_to(data) else str(p)
+                     for files in task.other_normals.values() for p in files]
         elif kind == "folder":
             folder = Path(self.config["source_path"] or "")
             paths = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -46,6 +49,16 @@ class Draem(Method):
             paths = [paths[i] for i in sorted(rng.choice(len(paths), self.config["max_sources"], replace=False))]
         (workdir / "sources.json").write_text(json.dumps({"kind": kind, "paths": paths}, indent=2))
 
+    @staticmethod
+    def _source(entry: str, workdir: Path, request: GenerationRequest) -> Path:
+        """A recorded anomaly source: `data:` paths lie in the data set's folder, others in the work folder (absolute
+        paths stay absolute)."""
+        if entry.startswith("data:"):
+            if request.root is None:
+                raise ValueError("draem: the anomaly sources lie in the data set, but the request names no data folder")
+            return request.root.parent / entry[len("data:"):]
+        return workdir / entry
+
     def generate(self, request: GenerationRequest, workdir: Path) -> Iterator[GeneratedSample]:
         sources = json.loads((workdir / "sources.json").read_text())["paths"]
         for i, target in enumerate(request.targets):
@@ -53,7 +66,7 @@ class Draem(Method):
             image = target.normal.image
             region = target.normal_foreground if self.config["foreground_only"] else np.ones(image.shape[:2], bool)
             mask = self.anomaly_mask(rng, image.shape[:2], region)
-            source_path = workdir / sources[rng.integers(len(sources))]  # absolute paths stay absolute
+            source_path = self._source(sources[rng.integers(len(sources))], workdir, request)
             texture = self.augment(rng, read_image(source_path, None))
             texture = cv2.resize(texture, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
             beta = rng.uniform(*self.config["beta"])
