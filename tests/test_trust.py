@@ -22,8 +22,8 @@ from harness.generation import fit_method, generate_to, read_samples
 from harness.methods import load_method
 from harness.runner.suite import parse_suite
 from harness.tasks import build_task
+from tests.test_runner import MINI, mini
 
-MINI = Path(__file__).resolve().parent / "suites" / "mini.yaml"
 
 
 def _generate(root: Path, name: str, category: str, defect: str, out: Path, seed: int = 0, n: int = 4) -> Path:
@@ -131,14 +131,6 @@ def test_mask_iou_sees_a_faint_stain_and_not_a_changed_background():
 # ---- bad input ------------------------------------------------------------------------------------------------
 
 
-def _mini(**changes) -> dict:
-    import yaml
-
-    raw = yaml.safe_load(MINI.read_text())
-    raw.update(changes)
-    return raw
-
-
 @pytest.mark.parametrize("change,message", [
     ({"seeds": ["a"]}, "seeds: 'a' is not an integer"),
     ({"seeds": []}, "'seeds' is empty"),
@@ -157,7 +149,7 @@ def _mini(**changes) -> dict:
 ])
 def test_bad_suite_values_name_the_key(change, message):
     with pytest.raises(ConfigError) as info:
-        parse_suite(_mini(**change), Path("suites/x.yaml"))
+        parse_suite(mini(**change), Path("suites/x.yaml"))
     assert message in str(info.value) and "suites/x.yaml" in str(info.value)
 
 
@@ -290,7 +282,7 @@ def test_a_detector_with_non_finite_scores_fails_with_its_name(monkeypatch, tmp_
     from harness.runner.jobs import JOB_KINDS, JobContext
     from harness.runner.plan import expand, prepare
 
-    suite = parse_suite(_mini(detectors=["padim"], methods=["cutpaste"]), MINI)
+    suite = parse_suite(mini(detectors=["padim"], methods=["cutpaste"]), MINI)
     job = next(j for j in expand(prepare(suite)) if j.kind == "detect")
     monkeypatch.setattr(detectors, "run", lambda model, normal, test, *a, **k: (
         np.full(test.masks.shape, np.nan), np.zeros(len(test)), None))

@@ -182,6 +182,13 @@ def _downstream_summary(frame) -> list[str]:
                      missingval="—")]
 
 
+def _scored(result: RunResult, category: str, method: str) -> str:
+    jobs = [j for j in result.plan.jobs if j.kind == "score" and j.tags.get("category") == category
+            and j.tags.get("method") == method]
+    done = sum(result.states.get(j.key) == DONE for j in jobs)
+    return f"{done}/{len(jobs)}" + ("" if done == len(jobs) else " !")
+
+
 def summary(result: RunResult) -> str:
     """A table per method and category: the headline metrics (mean over defect types) and job failures."""
     from harness.metrics.score import LABELS, METRICS
@@ -194,8 +201,10 @@ def summary(result: RunResult) -> str:
         table = frame[frame["metric"].isin(metrics)].pivot_table(index=["category", "method"], columns="metric",
                                                                  values="value", aggfunc="mean")
         table = table[[m for m in metrics if m in table.columns]].rename(columns=LABELS).reset_index()
-        lines.append("Mean over defect types:\n" + tabulate(table, headers="keys", floatfmt="#.4g", tablefmt="simple",
-                                                           showindex=False))
+        table["scored"] = [_scored(result, category, method) for category, method in zip(table["category"],
+                                                                                          table["method"])]
+        lines.append("Mean over defect types (scored: score jobs done of those planned; fewer means a partial mean):\n"
+                     + tabulate(table, headers="keys", floatfmt="#.4g", tablefmt="simple", showindex=False))
         lines += _downstream_summary(frame)
     failed = [k for k, s in result.states.items() if s == FAILED]
     skipped = [k for k, s in result.states.items() if s == SKIPPED]
