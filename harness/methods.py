@@ -1,7 +1,8 @@
 """The Method interface, the types it exchanges with the harness, and discovery of `methods/<name>/`.
 
 A method is a directory holding `method.py` (one subclass of `Method`), `method.yaml` (`defaults:` and
-per-profile overrides under `profiles:`) and `README.md`. Dropping a directory in adds a method.
+per-profile overrides under `profiles:`) and `README.md`, and any helper modules it imports relatively (the
+directory is imported as a package). Dropping a directory in adds a method.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import inspect
 import os
 import sys
 import traceback
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
@@ -234,12 +236,20 @@ def _read_yaml(path: Path) -> tuple[dict, dict]:
     return dict(data.get("defaults") or {}), dict(data.get("profiles") or {})
 
 
+PACKAGE = "defectbench_methods"  # methods/<name>/ is imported as the package defectbench_methods.<name>
+
+
 def _load_class(directory: Path) -> type[Method]:
+    """Import methods/<name>/ as a package whose top module is method.py, so a method may keep helper modules
+    beside it (`from .noise import perlin`) and code that serves one method lives in its directory."""
     source = directory / "method.py"
     if not source.is_file():
         raise MethodError(f"{source}: missing method.py")
-    module_name = f"defectbench_methods.{directory.name}"
-    spec = importlib.util.spec_from_file_location(module_name, source)
+    sys.modules.setdefault(PACKAGE, types.ModuleType(PACKAGE))
+    module_name = f"{PACKAGE}.{directory.name}"
+    for loaded in [m for m in sys.modules if m == module_name or m.startswith(module_name + ".")]:
+        del sys.modules[loaded]  # a reload (discover(refresh=True)) imports the helpers afresh too
+    spec = importlib.util.spec_from_file_location(module_name, source, submodule_search_locations=[str(directory)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import textwrap
 
 import numpy as np
@@ -63,6 +64,35 @@ def test_a_new_method_is_a_directory(tmp_path):
     methods = discover([tmp_path, REPO_METHODS_DIR])
     assert methods["identity"].ok and set(BASELINES) <= set(methods)
     assert load_method("identity", "paper", dirs=[tmp_path]).config == {"gain": 2.0}
+
+
+def test_a_method_directory_is_a_package_with_its_own_helper_modules(tmp_path):
+    """methods/<name>/ may keep helper modules beside method.py and import them relatively (DRAEM's noise.py); a
+    refreshed discovery reads an edited helper afresh."""
+    folder = tmp_path / "darken"
+    folder.mkdir()
+    (folder / "method.yaml").write_text("defaults: {}\n")
+    (folder / "shade.py").write_text("FACTOR = 0.5\n")
+    (folder / "method.py").write_text(textwrap.dedent("""
+        from harness import GeneratedSample, Method
+        from .shade import FACTOR
+        class Darken(Method):
+            name = "darken"
+            needs = frozenset({"target_normal", "target_mask"})
+            def generate(self, request, workdir):
+                for target in request.targets:
+                    image = target.normal.image.copy()
+                    image[target.mask] = (image[target.mask] * FACTOR).astype(image.dtype)
+                    yield GeneratedSample.on_target(target, image, target.mask, request.defect_type)
+    """))
+    info = discover([tmp_path], refresh=True)["darken"]
+    assert info.ok, info.error
+    assert info.cls.__module__ == "defectbench_methods.darken"
+    assert discover(refresh=True)["draem"].ok  # the repository's DRAEM imports its own noise.py so
+    (folder / "shade.py").write_text("FACTOR = 0.25\n")
+    assert sys.modules["defectbench_methods.darken.shade"].FACTOR == 0.5
+    discover([tmp_path], refresh=True)
+    assert sys.modules["defectbench_methods.darken.shade"].FACTOR == 0.25
 
 
 def test_unknown_method_and_unknown_setting():

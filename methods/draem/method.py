@@ -11,7 +11,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from harness import FewShotTask, GeneratedSample, GenerationRequest, Method
 from harness.data.images import IMAGE_SUFFIXES, read_image, save_image
-from harness.noise import perlin, procedural_texture, rotate
+from .noise import perlin, procedural_texture, rotate
 
 Augmenter = Callable[[np.random.Generator, np.ndarray], np.ndarray]
 
