@@ -25,6 +25,61 @@ def test_sampling_step_equals_diffusers_ddim():
         assert torch.allclose(ours, expected, atol=1e-5), t
 
 
+def test_stochastic_step_equals_diffusers_ddim_with_eta():
+    scheduler = sd_scheduler()
+    torch.manual_seed(0)
+    z, eps, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for t in ddim.timesteps(scheduler, 10)[:-1]:
+        expected = scheduler.step(eps, t, z, eta=0.7, variance_noise=noise).prev_sample
+        ours = ddim.ddim_step(z, eps, ddim.alpha_at(scheduler, t), ddim.alpha_at(scheduler, ddim.previous(scheduler, t, 10)),
+                              eta=0.7, noise=noise)
+        assert torch.allclose(ours, expected, atol=1e-5), t
+    with pytest.raises(ValueError, match="needs noise"):
+        ddim.ddim_step(z, eps, 0.5, 0.6, eta=0.5)
+
+
+def test_any_scheduler_by_name_and_ddim_through_it_equals_ours():
+    torch.manual_seed(2)
+    z_T, base = torch.randn(1, 4, 8, 8), sd_scheduler()
+    model = lambda z, t, c: 0.1 * z + 0.01 * t / 1000  # noqa: E731  (a smooth stand-in for a UNet)
+    ours = ddim.sample(model, z_T, base, 10)
+    theirs = ddim.sample_with(ddim.make_scheduler("DDIMScheduler", base), model, z_T, 10)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    for name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
+        scheduler = ddim.make_scheduler(name, base)
+        assert type(scheduler).__name__ == name and scheduler.config.beta_end == base.config.beta_end
+        assert torch.isfinite(ddim.sample_with(scheduler, model, z_T, 10)).all()
+    with pytest.raises(ValueError, match="unknown scheduler 'Nope'"):
+        ddim.make_scheduler("Nope", base)
+
+
+def test_blended_sampling_keeps_the_known_latent_outside_the_mask():
+    torch.manual_seed(3)
+    scheduler, known, z_T = sd_scheduler(), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:5, 3:6] = 1
+    model = lambda z, t, c: 0.5 * z  # noqa: E731
+    generator = torch.Generator().manual_seed(0)
+    out = ddim.blended_sample(model, z_T, known, mask, scheduler, 10, eta=0.5, generator=generator)
+    outside = (1 - mask).bool().expand_as(out)
+    assert torch.equal(out[outside], known[outside])
+    assert not torch.allclose(out[~outside], known[~outside], atol=0.1)
+    plain = ddim.sample(model, z_T, scheduler, 10)
+    assert not torch.allclose(out[~outside], plain[~outside], atol=1e-3)  # the context reaches the masked region
+
+
+def test_guidance_in_one_stacked_call_equals_two_calls():
+    calls = []
+
+    def model(z, t, c):
+        calls.append(len(z))
+        return z * c
+
+    z, c, u = torch.ones(3, 1), torch.full((3, 1), 2.0), torch.ones(3, 1)
+    stacked = ddim.guided_stacked(model, 7.5)(z, 0, (c, u))
+    assert calls == [6] and torch.allclose(stacked, ddim.guided(model, 7.5)(z, 0, (c, u)))
+
+
 @pytest.fixture(scope="module")
 def tiny_unet():
     torch.manual_seed(0)

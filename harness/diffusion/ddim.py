@@ -1,15 +1,17 @@
-"""Deterministic DDIM (eta = 0): the step, inversion and sampling with classifier-free guidance.
+"""DDIM: the step (deterministic, or stochastic with eta > 0), inversion, sampling, blended sampling that keeps a
+known image outside a mask, classifier-free guidance, and sampling with any diffusers scheduler by name.
 
 Notation as in Cho et al. (Eq. 3-4): alpha_t is the cumulative product of (1 - beta) (diffusers'
 `alphas_cumprod`), eps the noise prediction. One step from timestep t to timestep s, in either direction:
 
     z0_hat = (z_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t)
-    z_s    = sqrt(alpha_s) z0_hat + sqrt(1 - alpha_s) eps
+    z_s    = sqrt(alpha_s) z0_hat + sqrt(1 - alpha_s - sigma^2) eps + sigma noise,
+    sigma  = eta sqrt((1 - alpha_s) / (1 - alpha_t)) sqrt(1 - alpha_t / alpha_s)   (Song et al., Eq. 16)
 
-Sampling runs it with s < t (Eq. 3), inversion with s > t (Eq. 4), where inversion uses the noise predicted at
-the current, less noisy latent. The schedule and timesteps come from diffusers' DDIMScheduler, so they are the
-ones Stable Diffusion uses; the step itself is written out because the methods (Algorithm 1 of Cho et al.)
-apply it to masked latents and mixed noise predictions.
+Sampling runs it with s < t (Eq. 3), inversion with s > t and eta = 0 (Eq. 4), where inversion uses the noise
+predicted at the current, less noisy latent. The schedule and timesteps come from diffusers' DDIMScheduler, so
+they are the ones Stable Diffusion uses; the step itself is written out because the methods (Algorithm 1 of Cho
+et al.) apply it to masked latents and mixed noise predictions.
 """
 from __future__ import annotations
 
@@ -26,12 +28,19 @@ def alpha_at(scheduler, t: int) -> torch.Tensor:
     return scheduler.alphas_cumprod[t] if t >= 0 else scheduler.final_alpha_cumprod
 
 
-def ddim_step(z_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, alpha_s: torch.Tensor) -> torch.Tensor:
-    """Move z_t to the timestep whose cumulative alpha is alpha_s (towards noise if alpha_s < alpha_t)."""
+def ddim_step(z_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, alpha_s: torch.Tensor, eta: float = 0.0,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Move z_t to the timestep whose cumulative alpha is alpha_s (towards noise if alpha_s < alpha_t); with
+    eta > 0 (sampling only) a share sigma of fresh `noise` replaces part of the predicted noise."""
     alpha_t = torch.as_tensor(alpha_t, dtype=z_t.dtype, device=z_t.device)
     alpha_s = torch.as_tensor(alpha_s, dtype=z_t.dtype, device=z_t.device)
     z0_hat = (z_t - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
-    return alpha_s.sqrt() * z0_hat + (1 - alpha_s).sqrt() * eps
+    if eta == 0:
+        return alpha_s.sqrt() * z0_hat + (1 - alpha_s).sqrt() * eps
+    if noise is None:
+        raise ValueError("a DDIM step with eta > 0 needs noise")
+    sigma = eta * ((1 - alpha_s) / (1 - alpha_t)).sqrt() * (1 - alpha_t / alpha_s).sqrt()
+    return alpha_s.sqrt() * z0_hat + (1 - alpha_s - sigma ** 2).sqrt() * eps + sigma * noise
 
 
 def timesteps(scheduler, steps: int) -> list[int]:
@@ -46,15 +55,39 @@ def previous(scheduler, t: int, steps: int) -> int:
 
 
 def sample(eps_model: EpsModel, z_T: torch.Tensor, scheduler, steps: int, condition: object = None,
-           on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """DDIM sampling from z_T to z_0."""
+           on_step: Callable[[int, torch.Tensor], None] | None = None, eta: float = 0.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """DDIM sampling from z_T to z_0 (eta > 0: stochastic, with noise drawn from `generator`)."""
     z = z_T
     for t in timesteps(scheduler, steps):
         eps = eps_model(z, t, condition)
-        z = ddim_step(z, eps, alpha_at(scheduler, t), alpha_at(scheduler, previous(scheduler, t, steps)))
+        noise = _randn_like(z, generator) if eta > 0 else None
+        z = ddim_step(z, eps, alpha_at(scheduler, t), alpha_at(scheduler, previous(scheduler, t, steps)), eta, noise)
         if on_step is not None:
             on_step(t, z)
     return z
+
+
+def blended_sample(eps_model: EpsModel, z_T: torch.Tensor, known: torch.Tensor, mask: torch.Tensor, scheduler,
+                   steps: int, condition: object = None, eta: float = 0.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Inpainting-style sampling (blended latent diffusion): after every step the latent outside `mask` (1 inside,
+    0 outside, broadcastable) is replaced by the known latent re-noised to that step's level, so only the masked
+    region is generated, in context; the result holds the known latent itself outside the mask."""
+    z = z_T
+    for t in timesteps(scheduler, steps):
+        s = previous(scheduler, t, steps)
+        noise = _randn_like(z, generator) if eta > 0 else None
+        z = ddim_step(z, eps_model(z, t, condition), alpha_at(scheduler, t), alpha_at(scheduler, s), eta, noise)
+        alpha_s = torch.as_tensor(alpha_at(scheduler, s), dtype=z.dtype, device=z.device)
+        renoised = known if s < 0 else alpha_s.sqrt() * known + (1 - alpha_s).sqrt() * _randn_like(z, generator)
+        z = mask * z + (1 - mask) * renoised
+    return z
+
+
+def _randn_like(z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Noise drawn on the CPU (the same numbers on every device) and moved to z's device."""
+    return torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
 
 
 def invert(eps_model: EpsModel, z_0: torch.Tensor, scheduler, steps: int, condition: object = None) -> torch.Tensor:
@@ -78,3 +111,41 @@ def guided(eps_model: EpsModel, scale: float) -> EpsModel:
         return e_u + scale * (e_c - e_u)
 
     return eps
+
+
+def guided_stacked(eps_model: EpsModel, scale: float) -> EpsModel:
+    """Classifier-free guidance in one model call: the batch is stacked [z; z] with conditions [c; u] (tensors
+    concatenated on the batch axis, so several branches of one batch are guided together), then split."""
+
+    def eps(z: torch.Tensor, t: int, condition: tuple) -> torch.Tensor:
+        conditional, unconditional = condition
+        if scale == 1.0:
+            return eps_model(z, t, conditional)
+        both = eps_model(torch.cat([z, z]), t, torch.cat([conditional, unconditional]))
+        e_c, e_u = both.chunk(2)
+        return e_u + scale * (e_c - e_u)
+
+    return eps
+
+
+def make_scheduler(name: str, like) -> object:
+    """A diffusers scheduler chosen by class name (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+    ...) with the noise schedule of `like` (a backbone's scheduler), so any sampler works on any backbone."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("_"))
+        raise ValueError(f"unknown scheduler {name!r}; diffusers has: {', '.join(known)}")
+    return cls.from_config(like.config)
+
+
+def sample_with(scheduler, eps_model: EpsModel, z_T: torch.Tensor, steps: int, condition: object = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sampling with any diffusers scheduler's own step (its input scaling and initial noise sigma included)."""
+    scheduler.set_timesteps(steps)
+    z = z_T * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = eps_model(scheduler.scale_model_input(z, t), int(t), condition)
+        z = scheduler.step(eps, t, z, generator=generator).prev_sample
+    return z
