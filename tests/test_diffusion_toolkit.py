@@ -77,3 +77,104 @@ def test_lora_targets_that_match_nothing_are_an_error():
 
     with pytest.raises(ValueError):
         lora.add_lora(small_text_encoder(), lora.LoraSettings(targets=("to_nowhere",)))
+
+
+# ---- attention processors with per-call inputs -------------------------------------------------------------------
+
+from harness.diffusion import processors as proc  # noqa: E402
+
+
+def _inputs(seed: int = 1):
+    torch.manual_seed(seed)
+    return torch.randn(2, 4, 8, 8), torch.randn(2, 3, 16)
+
+
+def test_toolkit_processor_equals_diffusers_attention_with_an_empty_context():
+    unet = small_unet()
+    z, c = _inputs()
+    with torch.no_grad():
+        expected = unet(z, 10, encoder_hidden_states=c).sample
+        with proc.installed(unet):
+            plain = unet(z, 10, encoder_hidden_states=c).sample
+            with_context = unet(z, 10, encoder_hidden_states=c,
+                                cross_attention_kwargs={"context": proc.AttentionContext()}).sample
+    assert torch.allclose(plain, expected, atol=1e-5) and torch.allclose(with_context, expected, atol=1e-5)
+
+
+def _cross_layer(unet):
+    name, module = next((n, m) for n, m in unet.named_modules() if n.endswith("attn2"))
+    return name, module
+
+
+def test_recording_returns_the_softmax_of_a_token_averaged_over_heads():
+    unet = small_unet()
+    name, attn = _cross_layer(unet)
+    hidden = torch.randn(2, 16, attn.to_q.in_features)  # a 4 x 4 map
+    c = torch.randn(2, 3, 16)
+    recorder = proc.Recorder(tokens=(1,))
+    processor = proc.ToolkitAttnProcessor(name, attn)
+    with torch.no_grad():
+        processor(attn, hidden, c, context=proc.AttentionContext(record=recorder))
+        q, k = attn.head_to_batch_dim(attn.to_q(hidden)), attn.head_to_batch_dim(attn.to_k(c))
+        direct = (q @ k.transpose(1, 2) * attn.scale).softmax(-1)[..., 1].reshape(2, attn.heads, 16).mean(1)
+    assert torch.allclose(recorder.maps[name][0], direct.reshape(2, 1, 4, 4), atol=1e-6)
+    assert recorder.mean(8).shape == (2, 1, 8, 8)
+
+
+def test_reweighting_adds_a_spatial_map_to_the_logits_of_a_token_range():
+    unet = small_unet()
+    name, attn = _cross_layer(unet)
+    hidden, c = torch.randn(1, 16, attn.to_q.in_features), torch.randn(1, 3, 16)
+    weights = torch.zeros(1, 1, 4, 4)
+    weights[..., :2, :] = 1.0
+    reweight = proc.TokenReweight(start=1, stop=3, weights=weights, scale=2.0)
+    processor = proc.ToolkitAttnProcessor(name, attn)
+    with torch.no_grad():
+        out = processor(attn, hidden, c, context=proc.AttentionContext(reweight=reweight))
+        q, k, v = (attn.head_to_batch_dim(f(x)) for f, x in ((attn.to_q, hidden), (attn.to_k, c), (attn.to_v, c)))
+        logits = q @ k.transpose(1, 2) * attn.scale
+        logits[:, :, 1:3] += 2.0 * weights.flatten(1)[:, :, None]
+        direct = attn.to_out[0](attn.batch_to_head_dim(logits.softmax(-1) @ v))
+    assert torch.allclose(out, direct, atol=1e-5)
+
+
+def test_key_value_store_written_then_read_beside_the_layers_own():
+    unet = small_unet()
+    name, attn = next((n, m) for n, m in unet.named_modules() if n.endswith("attn1"))
+    reference, hidden = torch.randn(1, 16, attn.to_q.in_features), torch.randn(1, 16, attn.to_q.in_features)
+    processor, store = proc.ToolkitAttnProcessor(name, attn), proc.KVStore()
+    with torch.no_grad():
+        processor(attn, reference, context=proc.AttentionContext(kv=store))
+        store.mode = "read"
+        out = processor(attn, hidden, context=proc.AttentionContext(kv=store))
+        both = torch.cat([hidden, reference], dim=1)
+        q = attn.head_to_batch_dim(attn.to_q(hidden))
+        k, v = attn.head_to_batch_dim(attn.to_k(both)), attn.head_to_batch_dim(attn.to_v(both))
+        direct = attn.to_out[0](attn.batch_to_head_dim((q @ k.transpose(1, 2) * attn.scale).softmax(-1) @ v))
+    assert torch.allclose(out, direct, atol=1e-5)
+
+
+def test_per_branch_lora_trains_two_adapters_in_one_batch(tmp_path):
+    unet = small_unet()
+    z, c = _inputs()
+    proc.install(unet, branches=2, rank=2)
+    unet.requires_grad_(False)
+    params = proc.branch_lora_parameters(unet)
+    for p in params:
+        p.requires_grad_(True)
+    branch = torch.tensor([0, 1])
+    run = lambda b, zz=z, cc=c: unet(zz, 10, encoder_hidden_states=cc,  # noqa: E731
+                                     cross_attention_kwargs={"context": proc.AttentionContext(branch=b)}).sample
+    loss = (run(branch) - torch.stack([torch.ones_like(z[0]), -torch.ones_like(z[0])])).pow(2).mean()
+    loss.backward()
+    ups = [p for n, p in unet.named_parameters() if n.endswith(".lora.q.up")]
+    assert all(p.grad is not None and p.grad[0].abs().sum() > 0 and p.grad[1].abs().sum() > 0 for p in ups)
+    torch.optim.SGD(params, lr=0.5).step()
+    with torch.no_grad():
+        mixed = run(branch)
+        only_0 = run(torch.tensor([0, 0]))
+        only_1 = run(torch.tensor([1, 1]))
+    assert torch.allclose(mixed[0], only_0[0], atol=1e-5) and torch.allclose(mixed[1], only_1[1], atol=1e-5)
+    assert not torch.allclose(only_0[0], only_1[0], atol=1e-4)  # the two adapters differ
+    state = proc.branch_lora_state(unet)
+    assert state and all(".processor.lora." in k for k in state)
