@@ -178,3 +178,41 @@ def test_per_branch_lora_trains_two_adapters_in_one_batch(tmp_path):
     assert not torch.allclose(only_0[0], only_1[0], atol=1e-4)  # the two adapters differ
     state = proc.branch_lora_state(unet)
     assert state and all(".processor.lora." in k for k in state)
+
+
+# ---- placeholders (textual inversion) ------------------------------------------------------------------------------
+
+
+def test_placeholders_inject_vectors_per_call_and_train_them():
+    from harness.diffusion.backbone import build_tiny
+    from harness.diffusion.placeholders import Placeholders, TrainedVectors
+
+    tiny = build_tiny(["weave"], resolution=32)
+    encoder, tokenizer = tiny.text_encoder.eval(), tiny.tokenizer
+    holders = Placeholders(tokenizer, ["sks", "ktn"])
+    prompts = ["a photo of sks weave", "a photo of ktn weave"]
+    table = encoder.get_input_embeddings().weight.detach()
+    with torch.no_grad():
+        plain = tiny.encode_text(prompts)
+        same = holders.encode(encoder, prompts, {"sks": table[holders.ids["sks"]]})
+        other = holders.encode(encoder, prompts, {"sks": torch.stack([table[5], table[6]])})  # one per prompt
+        after = tiny.encode_text(prompts)
+    assert torch.allclose(same, plain, atol=1e-6) and torch.equal(after, plain)  # the hook is gone afterwards
+    assert not torch.allclose(other[0], plain[0], atol=1e-4)
+    assert torch.allclose(other[1], plain[1], atol=1e-6)  # no sks in the second prompt
+    # textual inversion: a trained vector makes "sks" mean what a target says
+    vectors = TrainedVectors(encoder, tokenizer, {"sks": "weave"})
+    target = tiny.encode_text(["a photo of a washer"])[:, :6].detach()
+    optimiser = torch.optim.Adam(vectors.parameters(), lr=0.05)
+    losses = []
+    for _ in range(30):
+        loss = (holders.encode(encoder, ["a photo of sks"], vectors.as_dict())[:, :6] - target).pow(2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    import pytest
+
+    with pytest.raises(ValueError, match="one known token"):
+        Placeholders(tokenizer, ["notaword"])

@@ -1,0 +1,76 @@
+"""Text-embedding placeholders (textual inversion): reserved tokens whose input embeddings are replaced, per
+call, by given vectors, trained ones (Gal et al.) or an encoder's outputs (a method's learned embedding of a
+mask or an image), so that a prompt such as "a photo of sks" carries what the vector says.
+
+The text encoder is not changed: a forward hook on its token-embedding layer swaps the rows of the placeholder
+tokens for the call it is installed for, so gradients reach the vectors and nothing stays behind afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+
+def single_token_id(tokenizer, word: str) -> int:
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+        raise ValueError(f"placeholder {word!r} must be one known token of the tokenizer (it is {ids})")
+    return ids[0]
+
+
+class Placeholders:
+    """Placeholder words of one tokenizer; `encode` injects their vectors into one text-encoder call."""
+
+    def __init__(self, tokenizer, words: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.ids = {word: single_token_id(tokenizer, word) for word in words}
+
+    def token_ids(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
+                              max_length=self.tokenizer.model_max_length).input_ids
+
+    def encode(self, text_encoder, prompts: list[str], vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hidden states of `prompts` with each placeholder's embedding replaced by vectors[word]: (dim,) for every
+        prompt, or (len(prompts), dim) one per prompt."""
+        device = next(text_encoder.parameters()).device
+        ids = self.token_ids(prompts).to(device)
+        with self.injected(text_encoder, ids, vectors):
+            return text_encoder(ids)[0]
+
+    @contextlib.contextmanager
+    def injected(self, text_encoder, ids: torch.Tensor, vectors: dict[str, torch.Tensor]) -> Iterator[None]:
+        unknown = set(vectors) - set(self.ids)
+        if unknown:
+            raise ValueError(f"no placeholder {sorted(unknown)}; placeholders: {sorted(self.ids)}")
+        positions = {word: ids == self.ids[word] for word in vectors}
+
+        def replace(module, inputs, embeddings: torch.Tensor) -> torch.Tensor:
+            out = embeddings
+            for word, where in positions.items():
+                if where.any():
+                    vector = vectors[word].to(embeddings.dtype).to(embeddings.device)
+                    per_prompt = vector.expand(ids.shape[0], -1) if vector.ndim == 1 else vector
+                    out = torch.where(where[..., None], per_prompt[:, None, :].expand_as(out), out)
+            return out
+
+        handle = text_encoder.get_input_embeddings().register_forward_hook(replace)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+class TrainedVectors(torch.nn.Module):
+    """Trainable placeholder vectors, each initialised from the embedding of a word (textual inversion's start)."""
+
+    def __init__(self, text_encoder, tokenizer, inits: dict[str, str]):
+        super().__init__()
+        table = text_encoder.get_input_embeddings().weight.detach()
+        self.vectors = torch.nn.ParameterDict({
+            placeholder: torch.nn.Parameter(table[single_token_id(tokenizer, word)].clone())
+            for placeholder, word in inits.items()})
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.vectors.items())
