@@ -1,0 +1,124 @@
+"""The one fine-tuning loop diffusion methods call: latents cached once, paired image/mask augmentation, AdamW,
+gradient clipping, seeded sampling, checkpoints that a killed fit resumes from, and a compact loss history.
+
+A method supplies the trainable parameters and a loss of one batch (`loss_fn(batch, generator)`); the loop owns
+everything else, so two methods never differ in how they iterate, clip or resume.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from harness.io import atomic_write_bytes
+
+CHECKPOINT = "finetune-checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = 300
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0  # max gradient norm (0: no clipping)
+    seed: int = 0
+    checkpoint_every: int = 100  # steps between checkpoints (0: none)
+
+
+@dataclass
+class LatentBatch:
+    latents: torch.Tensor  # (B, C, h, w)
+    masks: torch.Tensor  # (B, 1, h, w) at latent resolution
+    index: torch.Tensor  # (B,) which training image (before augmentation) each row came from
+
+
+class LatentData:
+    """Training latents and latent masks, encoded once, with flipped variants (the paired augmentation: image and
+    mask are flipped together before encoding, so no latent is an approximation of a flipped one)."""
+
+    def __init__(self, latents: torch.Tensor, masks: torch.Tensor, index: torch.Tensor):
+        self.latents, self.masks, self.index = latents, masks, index
+
+    @classmethod
+    def encode(cls, backbone, images: np.ndarray, masks: np.ndarray, flips: bool = True) -> "LatentData":
+        """images uint8 (N, H, W, 3), masks bool (N, H, W) -> every variant's latent and latent mask."""
+        from harness.diffusion.latents import encode, latent_mask
+
+        variants = [(images, masks)]
+        if flips:
+            variants += [(images[:, :, ::-1], masks[:, :, ::-1]), (images[:, ::-1], masks[:, ::-1])]
+        latents, latent_masks = [], []
+        for variant_images, variant_masks in variants:
+            z = encode(backbone, np.ascontiguousarray(variant_images))
+            latents.append(z)
+            latent_masks.append(latent_mask(np.ascontiguousarray(variant_masks), z.shape[-1], z.device))
+        index = torch.arange(len(images)).repeat(len(variants))
+        return cls(torch.cat(latents), torch.cat(latent_masks), index)
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def batch(self, generator: torch.Generator, size: int) -> LatentBatch:
+        chosen = torch.randint(0, len(self), (size,), generator=generator)
+        return LatentBatch(self.latents[chosen.to(self.latents.device)], self.masks[chosen.to(self.masks.device)],
+                           self.index[chosen])
+
+
+def finetune(params: list[torch.nn.Parameter], data: LatentData,
+             loss_fn: Callable[[LatentBatch, torch.Generator], torch.Tensor], config: FinetuneConfig,
+             workdir: Path | None = None, desc: str = "fine-tune") -> list[float]:
+    """Train `params` for config.steps steps of loss_fn on batches of `data`; resumes from workdir's checkpoint.
+    Random numbers (batches, noise, timesteps) come from one CPU generator seeded with config.seed, saved in the
+    checkpoint, so a resumed fit draws exactly what an uninterrupted one would. Returns the loss history (means
+    over tenths of the run)."""
+    optimiser = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    start = _resume(workdir, params, optimiser, generator, losses)
+    for step in tqdm(range(start, config.steps), desc=desc, initial=start, total=config.steps, leave=False,
+                     disable=None):
+        loss = loss_fn(data.batch(generator, config.batch_size), generator)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimiser.step()
+        losses.append(float(loss.detach()))
+        if workdir is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            _checkpoint(workdir, step + 1, params, optimiser, generator, losses)
+    return tenths(losses)
+
+
+def _checkpoint(workdir: Path, step: int, params, optimiser, generator: torch.Generator, losses: list[float]) -> None:
+    buffer = io.BytesIO()
+    torch.save({"step": step, "params": [p.detach().cpu() for p in params], "optimiser": optimiser.state_dict(),
+                "generator": generator.get_state(), "losses": losses}, buffer)
+    atomic_write_bytes(Path(workdir) / CHECKPOINT, buffer.getvalue())
+
+
+def _resume(workdir: Path | None, params, optimiser, generator: torch.Generator, losses: list[float]) -> int:
+    path = Path(workdir) / CHECKPOINT if workdir is not None else None
+    if path is None or not path.is_file():
+        return 0
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if len(saved["params"]) != len(params) or any(s.shape != p.shape for s, p in zip(saved["params"], params)):
+        raise ValueError(f"{path}: the checkpoint holds other parameters than this fit trains; delete it")
+    with torch.no_grad():
+        for param, value in zip(params, saved["params"]):
+            param.copy_(value.to(param.device))
+    optimiser.load_state_dict(saved["optimiser"])
+    generator.set_state(saved["generator"])
+    losses += saved["losses"]
+    return int(saved["step"])
+
+
+def tenths(losses: list[float]) -> list[float]:
+    """The mean loss over each tenth of a run (fewer chunks for short runs): a compact history."""
+    chunks = np.array_split(np.asarray(losses), min(10, len(losses))) if losses else []
+    return [round(float(c.mean()), 5) for c in chunks]
