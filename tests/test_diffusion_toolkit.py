@@ -285,3 +285,35 @@ def test_finetune_clips_gradients_and_encodes_flipped_pairs():
     encoded = LatentData.encode(tiny, images, masks)
     assert len(encoded) == 6 and encoded.index.tolist() == [0, 1, 0, 1, 0, 1]
     assert torch.equal(encoded.masks[2], encoded.masks[0].flip(-1)) and torch.equal(encoded.masks[4], encoded.masks[0].flip(-2))
+
+
+# ---- a diffusion method is a directory ------------------------------------------------------------------------------
+
+
+def test_the_example_diffusion_method_runs_in_a_suite(tmp_path, monkeypatch, isolated_cache):
+    """tests/methods/lora_inpaint: LoRA + DreamBooth prompt + blended sampling, from harness/diffusion alone, through
+    the whole job graph (backbone, fit, generate, score); its fit keeps the adapter, not a UNet."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from harness.results import run_records
+    from harness.runner.run import run_suite
+    from harness.runner.suite import parse_suite
+
+    monkeypatch.setenv("DEFECTBENCH_METHODS_PATH", str(Path(__file__).parent / "methods"))
+    raw = yaml.safe_load((Path(__file__).parent / "suites" / "faults.yaml").read_text())
+    raw.update(name="example", metrics=["bg_psnr", "mask_iou"], backbone={"vae_steps": 3, "unet_steps": 3},
+               methods=[{"method": "lora_inpaint", "config": {"steps": 3, "inference_steps": 2}}],
+               generate={"n": 2})
+    result = run_suite(parse_suite(raw, tmp_path / "example.yaml"), executor="serial", results=tmp_path,
+                       progress=False)
+    assert set(result.states.values()) == {"done"}, result.states
+    fits = [p.parent for p in result.store.run_dir.glob("jobs/*/work/fit.json")]
+    assert len(fits) == 3
+    for work in fits:
+        assert (work / "lora" / "adapter_model.safetensors").is_file() and not list(work.rglob("*unet*"))
+        assert json.loads((work / "fit.json").read_text())["prompt"].startswith("a photo of sks defect")
+    records = run_records(result.store)
+    assert set(records["metric"]) == {"bg_psnr", "mask_iou"} and records["value"].notna().all()
