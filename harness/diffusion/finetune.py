@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from harness.diffusion.pretrain import loss_tenths
 from harness.io import atomic_write_bytes
 
 CHECKPOINT = "finetune-checkpoint.pt"
@@ -92,7 +93,7 @@ def finetune(params: list[torch.nn.Parameter], data: LatentData,
         losses.append(float(loss.detach()))
         if workdir is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             _checkpoint(workdir, step + 1, params, optimiser, generator, losses)
-    return tenths(losses)
+    return loss_tenths(losses)
 
 
 def _checkpoint(workdir: Path, step: int, params, optimiser, generator: torch.Generator, losses: list[float]) -> None:
@@ -117,8 +118,3 @@ def _resume(workdir: Path | None, params, optimiser, generator: torch.Generator,
     losses += saved["losses"]
     return int(saved["step"])
 
-
-def tenths(losses: list[float]) -> list[float]:
-    """The mean loss over each tenth of a run (fewer chunks for short runs): a compact history."""
-    chunks = np.array_split(np.asarray(losses), min(10, len(losses))) if losses else []
-    return [round(float(c.mean()), 5) for c in chunks]
