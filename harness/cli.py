@@ -233,7 +233,7 @@ def cmd_generate(args) -> int:
     defects = category.defect_types if method.granularity == "category" else [args.defect]
     task = build_task(split, defects, method.profile.resolution, args.seed)
     if method.uses_backbone:
-        task.backbone = args.backbone or _backbone_for(split, method.profile)
+        task.backbone = args.backbone or _backbone_for(split, method.profile, method.backbone)
     workdir = args.out.parent / f".{args.out.name}.fit"
     seconds = fit_method(method, task, workdir)
     generate_to(method, task, args.defect, args.n, args.seed, args.out, workdir, overwrite=args.overwrite,
@@ -244,13 +244,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _backbone_for(split, profile) -> Path:
+def _backbone_for(split, profile, name: str | None) -> Path:
     from harness.diffusion import provision
     from harness.io import cached_file_hash
 
     paths = tuple(s.image for s in split.normal_train)
     normals = [provision.NormalImages(split.category.name, paths, tuple(cached_file_hash(p) for p in paths))]
-    folder, info = provision.provision(profile, normals, progress=True)
+    folder, info = provision.provision(profile, normals, progress=True, name=name)
     print(f"diffusion backbone: {folder} ({'reused' if info['reused'] else 'pretrained now'})")
     return folder
 

@@ -123,9 +123,25 @@ class Method:
     granularity: ClassVar[str] = "defect_type"  # one model per defect type, or one per category
     needs: ClassVar[frozenset[str]] = frozenset()  # subset of NEEDS
     # CPUs a job of this method uses; num_gpus > 0: it runs networks and gets the profile's share of a GPU where
-    # the cluster has GPUs (harness.runner.jobs.job_resources)
-    resources: ClassVar[dict[str, float]] = {"num_cpus": 1, "num_gpus": 0}
-    uses_backbone: ClassVar[bool] = False  # fine-tunes the shared diffusion backbone (FewShotTask.backbone)
+    # the cluster has GPUs (harness.runner.jobs.job_resources). Either one dict for every profile or one per
+    # profile name ({"tiny": {...}, "paper": {...}}); see resources_for.
+    resources: ClassVar[dict] = {"num_cpus": 1, "num_gpus": 0}
+    # the diffusion backbone it fine-tunes, by its name in harness/weights.py (PIPELINES), e.g.
+    # "stable-diffusion-v1-5"; the `paper` profile loads it, the `tiny` profile hands the tiny pretrained stand-in
+    # (FewShotTask.backbone). None: the method uses no backbone.
+    backbone: ClassVar[str | None] = None
+    uses_backbone: ClassVar[bool] = False  # set from `backbone`
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.uses_backbone = cls.backbone is not None
+
+    @classmethod
+    def resources_for(cls, profile: str) -> dict[str, float]:
+        """The resources of one job of this method in `profile` (defaults: 1 CPU, no GPU)."""
+        per_profile = isinstance(next(iter(cls.resources.values()), None), dict)
+        chosen = cls.resources.get(profile, {}) if per_profile else cls.resources
+        return {"num_cpus": 1, "num_gpus": 0, **chosen}
 
     def __init__(self, config: dict[str, Any], profile: Profile):
         self.config = config

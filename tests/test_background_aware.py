@@ -25,6 +25,80 @@ def equations():
     return sys.modules[get_method_info("background_aware").cls.__module__]
 
 
+@pytest.fixture(scope="module")
+def attention(equations):
+    import importlib
+
+    return importlib.import_module(equations.__package__ + ".attention")
+
+
+def test_masked_cross_attention_matches_equations_10_and_11(attention):
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    from harness.diffusion.processors import Recorder
+
+    torch.manual_seed(0)
+    heads, dim_head, tokens = 2, 4, 3
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=heads, dim_head=dim_head).eval()
+    z = torch.randn(2, 16, 8)  # a 4x4 map of queries
+    c_a, c_b = torch.randn(2, tokens, 6), torch.randn(2, tokens, 6)
+    mask = (torch.rand(2, 1, 8, 8) > 0.5).float()  # latent resolution, twice the map's
+    processor = attention.MaskedTwoPromptProcessor("layer", attn)
+    recorder = Recorder(tokens=(1,))
+    with torch.no_grad():
+        ours = processor(attn, z, torch.cat([c_a, c_b], 1), context=attention.context_for(mask, tokens, record=recorder))
+
+        def direct(c):  # softmax(Q K^T / sqrt(d)) V per head, written out
+            q = attn.to_q(z).view(2, 16, heads, dim_head).transpose(1, 2)
+            k = attn.to_k(c).view(2, tokens, heads, dim_head).transpose(1, 2)
+            v = attn.to_v(c).view(2, tokens, heads, dim_head).transpose(1, 2)
+            p = torch.softmax(q @ k.transpose(-1, -2) / dim_head ** 0.5, dim=-1)
+            return (p @ v).transpose(1, 2).reshape(2, 16, heads * dim_head), p
+
+        (o_a, p_a), (o_b, _) = direct(c_a), direct(c_b)
+        # m': a 4x4 position is in the mask if any of its 2x2 latent cells is
+        m = mask.reshape(2, 1, 4, 2, 4, 2).amax((3, 5)).flatten(2).transpose(1, 2)
+        expected = attn.to_out[0](m * o_a + (1 - m) * o_b)
+        assert torch.allclose(ours, expected, atol=1e-6)
+        assert torch.allclose(attention.mask_for(mask, 16), m)
+        # the recorded map is the region token's attention (C_a only), averaged over heads
+        assert torch.allclose(recorder.maps["layer"][0], p_a[..., 1].mean(1).reshape(2, 1, 4, 4), atol=1e-6)
+        # all-ones / all-zeros masks give diffusers' own cross-attention on one prompt; no two prompts: plain
+        for value, prompt in ((1.0, c_a), (0.0, c_b)):
+            context = attention.context_for(torch.full_like(mask, value), tokens)
+            assert torch.allclose(processor(attn, z, torch.cat([c_a, c_b], 1), context=context),
+                                  AttnProcessor()(attn, z, prompt), atol=1e-6)
+        assert torch.allclose(processor(attn, z, c_a), AttnProcessor()(attn, z, c_a), atol=1e-6)
+        with pytest.raises(ValueError, match="not two prompts"):
+            processor(attn, z, c_a, context=attention.context_for(mask, tokens))
+
+
+def test_the_masked_rule_reaches_every_cross_attention_layer_of_a_unet(attention):
+    """Installed through the toolkit, the processor changes every cross-attention call (a mask of ones and of zeros
+    give the UNet on prompt a and on prompt b) and records one map per cross-attention layer."""
+    from diffusers import UNet2DConditionModel
+
+    from harness.diffusion import processors
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    z, c_a, c_b = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 16), torch.randn(1, 3, 16)
+    with torch.no_grad():
+        plain = {name: unet(z, 10, encoder_hidden_states=c).sample for name, c in (("a", c_a), ("b", c_b))}
+        with processors.installed(unet, processor=attention.MaskedTwoPromptProcessor):
+            recorder = processors.Recorder(tokens=(0,))
+            for value, name in ((1.0, "a"), (0.0, "b")):
+                context = attention.context_for(torch.full((1, 1, 8, 8), value), 3, record=recorder)
+                out = unet(z, 10, encoder_hidden_states=torch.cat([c_a, c_b], 1),
+                           cross_attention_kwargs={"context": context}).sample
+                assert torch.allclose(out, plain[name], atol=1e-5)
+    cross_layers = [n for n, mod in unet.named_modules() if n.endswith("attn2")]
+    assert sorted(recorder.maps) == sorted(cross_layers) and all(len(v) == 2 for v in recorder.maps.values())
+
+
 def sd_scheduler():
     from diffusers import DDIMScheduler
 
@@ -88,6 +162,13 @@ def test_mask_refinement_equation_13(equations):
     assert refined.shape == (1, 32, 32) and refined.dtype == bool
     assert refined[0, 8:16, 12:20].mean() > 0.5  # where the attention is, upsampled x4
     assert not refined[0, 24:, :8].any() and not refined[0, 16:20, 24:28].any()
+    # attention spread over the whole mask with a bump on part of it: the mask follows the bump, not the mask
+    # (scaled by its peak alone, 0.5 / 0.8 >= 1/2 everywhere would give back the whole target mask)
+    spread = attention + 0.5
+    refined = equations.refine_mask(spread, _mask(1), 32)
+    inside = np.kron(_mask(1)[0, 0].numpy(), np.ones((4, 4))).astype(bool)
+    assert refined[0, 8:16, 12:20].mean() > 0.5 and 0 < refined.sum() < 0.7 * inside.sum()
+    assert not (refined[0] & ~inside).any()  # never outside the target mask
 
 
 @pytest.fixture(scope="module")
@@ -98,46 +179,150 @@ def washer_task(synth_root, pretrained_backbone):
     return task
 
 
-def _generate(task, workdir, **overrides):
-    method = load_method("background_aware", "tiny", {"steps": 150, **overrides})
-    request = build_request(task, method, "stain", 6, seed=3)
-    samples = list(method.generate(request, workdir))
-    psnr = np.mean([psnr_outside(s.image, t.normal.image, t.mask) for s, t in zip(samples, request.targets)])
-    iou = np.nanmean([mask_iou(s.image, t.normal.image, s.mask) for s, t in zip(samples, request.targets)])
-    return samples, request, psnr, iou
+@pytest.fixture(scope="module")
+def weave_task(synth_root, pretrained_backbone):
+    split = make_split(read_category(synth_root, "weave", dataset="synthetic"))
+    task = build_task(split, ["hole"], 64, seed=0)
+    task.backbone = pretrained_backbone[0]
+    return task
+
+
+# ---- the paper's claims after fitting, each with broken variants that must fail it ------------------------------
+
+FIT_STEPS = 150
+
+
+def _generate(task, workdir, n=6, **overrides):
+    method = load_method("background_aware", "tiny", {"steps": FIT_STEPS, **overrides})
+    request = build_request(task, method, task.defect_types[0], n, seed=3)
+    return list(method.generate(request, workdir)), request
+
+
+def _measure(task, samples, request) -> dict[str, float]:
+    """What the claims read, over the samples of one variant:
+    - background: PSNR outside the target mask between the sample and the autoencoder's reconstruction of its
+      target normal image (Proposition 1: the background path reproduces the inverted background, so the sample
+      outside the mask is that reconstruction, up to the decoder's reach across the mask's edge);
+    - contrast: mean |sample - normal| inside the target mask over the mean outside it;
+    - defect: how far the mean colour inside the masks moved from the normal images' towards the training
+      defects' (1: all the way, 0: not at all; means over all samples, projected on the normal-to-defect line)."""
+    from harness.diffusion import backbone as backbones
+    from harness.diffusion.latents import decode, encode
+    from harness.metrics.paired import psnr_from_error, squared_error_outside
+
+    backbone = backbones.load_frozen(task.backbone)
+    normals = np.stack([t.normal.image for t in request.targets])
+    reconstructions = decode(backbone, encode(backbone, normals))
+    error = count = 0.0
+    contrast, samples_in, normals_in = [], [], []
+    for sample, target, reconstruction in zip(samples, request.targets, reconstructions):
+        e, c = squared_error_outside(sample.image, reconstruction, target.mask)
+        error, count = error + e, count + c
+        diff = np.abs(sample.image.astype(float) - target.normal.image).mean(2)
+        contrast.append(diff[target.mask].mean() / max(diff[~target.mask].mean(), 1e-6))
+        samples_in.append(sample.image[target.mask].mean(0))
+        normals_in.append(target.normal.image[target.mask].mean(0))
+    defect_colour = np.mean([a.image[a.mask].mean(0) for a in task.anomalies], axis=0)
+    span = defect_colour - np.mean(normals_in, axis=0)
+    moved = float(np.dot(np.mean(samples_in, axis=0) - np.mean(normals_in, axis=0), span) / np.dot(span, span))
+    return {"background": psnr_from_error(error, count), "contrast": float(np.mean(contrast)), "defect": moved}
+
+
+# The claims on the test backbone (64 px, minutes of pretraining), with the values measured for the working method
+# and the broken variants (weave/hole, 150 steps): background 29.5 dB (no fine-tuning 25.5: the un-tuned UNet
+# inverts the blanked latent less exactly; no background path 21.0; no inversion 10.6), contrast 4.4 (no inversion
+# 1.1). Whether the drawn defect looks like the training defects needs the 128 px backbone:
+# tests/benchmarks/test_bench_background_aware.py measures it on the smoke suite.
+CLAIMS = {
+    "background kept (Prop. 1)": lambda m: m["background"] >= 28.0,
+    "defect drawn in the mask": lambda m: m["contrast"] >= 3.0,
+}
+
+
+def _no_background_path(eps_both, z_T, z_T_masked, m, scheduler, steps):
+    """Broken Algorithm 1: z_t* is denoised with the C1 prediction everywhere (no Eq. 9 mix, no background path)."""
+    from harness.diffusion import ddim
+
+    z = z_T
+    for t in ddim.timesteps(scheduler, steps):
+        _, eps_defect = eps_both(z_T_masked, z, t)
+        z = ddim.ddim_step(z, eps_defect, ddim.alpha_at(scheduler, t),
+                           ddim.alpha_at(scheduler, ddim.previous(scheduler, t, steps)))
+    return z, z_T_masked
 
 
 @pytest.fixture(scope="module")
-def fitted(washer_task, tmp_path_factory):
-    """background_aware fitted on washer/stain (64 px, 150 steps), and samples with and without inversion."""
-    workdir = tmp_path_factory.mktemp("bg_aware")
-    fit_method(load_method("background_aware", "tiny", {"steps": 150}), washer_task, workdir)
-    return workdir, _generate(washer_task, workdir), _generate(washer_task, workdir, init="random")
+def variants(weave_task, tmp_path_factory, equations):
+    """background_aware fitted on weave/hole (64 px), then the measurements of the working method and of four
+    broken variants: no fine-tuning, C1 and C2 swapped at sampling, no background path, no inversion."""
+    fitted, untuned = tmp_path_factory.mktemp("fitted"), tmp_path_factory.mktemp("untuned")
+    fit_method(load_method("background_aware", "tiny", {"steps": FIT_STEPS}), weave_task, fitted)
+    fit_method(load_method("background_aware", "tiny", {"steps": 0}), weave_task, untuned)
+    out = {}
+
+    def run(name, workdir, **overrides):
+        samples, request = _generate(weave_task, workdir, **overrides)
+        out[name] = {**_measure(weave_task, samples, request), "samples": samples, "request": request,
+                     "workdir": workdir}
+
+    run("working", fitted)
+    run("no fine-tuning", untuned)
+    run("no inversion", fitted, init="random")
+    mp = pytest.MonkeyPatch()
+    try:
+        original_init = equations.Conditions.__init__
+
+        def swapped(self, backbone, prompts):
+            original_init(self, backbone, prompts)
+            self.c1, self.c2 = self.c2, self.c1
+
+        mp.setattr(equations.Conditions, "__init__", swapped)
+        run("C1/C2 swapped", fitted)
+        mp.undo()
+        mp.setattr(equations, "background_aware_sampling", _no_background_path)
+        run("no background path", fitted)
+    finally:
+        mp.undo()
+    for name, m in out.items():  # (-s shows them)
+        print(f"{name:20s} background {m['background']:.2f} dB  contrast {m['contrast']:.2f}  defect {m['defect']:.2f}")
+    return out
 
 
-def test_background_fidelity_far_better_than_random_init(washer_task, fitted):
-    """Lemma 1 / Proposition 1 in practice: outside the mask the sample stays close to its target normal image
-    (measured 28.5 dB against 12.7 dB with `init: random`)."""
-    workdir, (samples, request, psnr, _), (_, _, psnr_random, _) = fitted
-    print(f"bg_psnr {psnr:.2f} vs random {psnr_random:.2f}")
-    assert psnr > psnr_random + 8.0
+def test_the_working_method_holds_every_claim(variants):
+    working = variants["working"]
+    assert all(claim(working) for claim in CLAIMS.values()), {k: c(working) for k, c in CLAIMS.items()}
+
+
+SWAP_BLIND = pytest.mark.xfail(strict=True, reason=(
+    "known limitation, not hidden: the tiny UNet tells the two training tasks apart by its input (the latent of "
+    "the background term is blanked inside the mask) and not by the prompts, so swapping C1 and C2 at sampling "
+    "changes no measured value (29.52 against 29.53 dB, contrast 4.44 against 4.44); strict, so a backbone that "
+    "does bind the prompts makes this test fail and the mark is removed"))
+
+
+@pytest.mark.parametrize("broken", ["no fine-tuning", pytest.param("C1/C2 swapped", marks=SWAP_BLIND),
+                                    "no background path", "no inversion"])
+def test_each_broken_variant_fails_a_claim(variants, broken):
+    """Negative controls: a claim test that a broken method also passes tests nothing."""
+    failed = [name for name, claim in CLAIMS.items() if not claim(variants[broken])]
+    assert failed, f"{broken} passes every claim: {variants[broken]}"
+
+
+def test_samples_are_seeded_and_masks_refined_inside_the_target(weave_task, variants):
+    samples, request = variants["working"]["samples"], variants["working"]["request"]
+    refined_differs = False
     for sample, target in zip(samples, request.targets):
         assert sample.image.shape == (64, 64, 3) and sample.mask.shape == (64, 64)
         assert sample.mask.any() and sample.normal_id == target.normal.id
         # the refined mask stays in the latent mask's cells (4 px) plus the bilinear upsampling's reach (one cell)
         assert not (sample.mask & ~_grown(_dilated(target.mask, 4), 4)).any()
+        refined_differs |= not np.array_equal(sample.mask, _dilated(target.mask, 4)) and \
+            not np.array_equal(sample.mask, target.mask)
+    assert refined_differs  # Eq. 13 follows the defect token's attention, not the target mask
     # the same seed gives the same images; refine_mask: false gives the target masks
-    again, _, _, _ = _generate(washer_task, workdir, refine_mask=False)
+    again, _ = _generate(weave_task, variants["working"]["workdir"], refine_mask=False)
     assert all(np.array_equal(a.image, b.image) for a, b in zip(samples, again))
     assert all(np.array_equal(a.mask, t.mask) for a, t in zip(again, request.targets))
-
-
-def test_mask_alignment_better_than_random_init(fitted):
-    """The generated defect lands in the mask: mask_iou (the sample's refined mask against where it differs from
-    its normal image) far above that of `init: random` (measured 0.103 against 0.014)."""
-    _, (_, _, _, iou), (_, _, _, iou_random) = fitted
-    print(f"mask_iou {iou:.3f} vs random {iou_random:.3f}")
-    assert iou > 3 * iou_random
 
 
 def _grown(mask: np.ndarray, pixels: int) -> np.ndarray:
@@ -153,13 +338,25 @@ def _dilated(mask: np.ndarray, cell: int) -> np.ndarray:
     return np.kron(cells, np.ones((cell, cell), dtype=bool)).astype(bool)
 
 
-def test_naive_loss_fits_and_bad_settings_are_named(washer_task, tmp_path):
+def test_the_ablations_sample_plain_ddim_and_bad_settings_are_named(washer_task, tmp_path, equations, monkeypatch):
+    """Tables 4-5: `loss: naive` (the Eq. 2 model) and `init: random` sample plain DDIM from N(0, I), never the
+    two-path sampler of Algorithm 1; classifier-free guidance on the defect branch runs when asked for."""
     from harness.errors import MethodError
 
     method = load_method("background_aware", "tiny", {"steps": 3, "loss": "naive", "inference_steps": 3})
     fit_method(method, washer_task, tmp_path)
-    samples = list(method.generate(build_request(washer_task, method, "stain", 2, seed=0), tmp_path))
-    assert len(samples) == 2
+
+    def two_paths(*_, **__):
+        raise AssertionError("the two-path sampler ran for an ablation")
+
+    monkeypatch.setattr(equations, "background_aware_sampling", two_paths)
+    for overrides in ({"loss": "naive"}, {"init": "random"}, {"init": "random", "guidance_scale": 3.0}):
+        method = load_method("background_aware", "tiny", {"steps": 3, "inference_steps": 3, **overrides})
+        samples = list(method.generate(build_request(washer_task, method, "stain", 2, seed=0), tmp_path))
+        assert len(samples) == 2
+    with pytest.raises(AssertionError, match="two-path"):
+        list(load_method("background_aware", "tiny", {"inference_steps": 3}).generate(
+            build_request(washer_task, method, "stain", 1, seed=0), tmp_path))
     with pytest.raises(MethodError, match="init must be one of"):
         load_method("background_aware", "tiny", {"init": "noise"})
     with pytest.raises(MethodError, match="needs a diffusion backbone"):
@@ -170,7 +367,7 @@ def test_paper_profile_path_with_a_tiny_stand_in(washer_task, tmp_path):
     """The paper profile loads its backbone with from_pretrained and works at its own resolution (512 there; 96
     here with the tiny stand-in), returning samples at the task's resolution."""
     method = load_method("background_aware", "paper", {"steps": 2, "inference_steps": 3, "resolution": 96})
-    assert method.config["learning_rate"] == 5e-6 and method.config["steps"] == 2
+    assert method.config["learning_rate"] == 1e-4 and method.config["steps"] == 2 and method.config["lora"]["rank"] == 16
     fit_method(method, washer_task, tmp_path)
     samples = list(method.generate(build_request(washer_task, method, "stain", 2, seed=0), tmp_path))
     assert [s.image.shape for s in samples] == [(64, 64, 3)] * 2 and all(s.mask.shape == (64, 64) for s in samples)

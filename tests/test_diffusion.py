@@ -133,7 +133,15 @@ def test_tiny_backbone_shapes_tokens_and_the_from_pretrained_path(tmp_path):
         latents = tiny.encode_images(torch.rand(2, 3, 64, 64) * 2 - 1)
         eps = tiny.unet(latents, 10, encoder_hidden_states=text).sample
         images = tiny.decode_latents(latents)
-    assert text.shape == (2, 16, 64) and latents.shape == (2, 8, 16, 16) and eps.shape == latents.shape
+    assert text.shape == (2, 16, 64) and latents.shape == (2, 16, 16, 16) and eps.shape == latents.shape
+    # cross-attention at the latent resolution (16 x 16 here), as in SD
+    attention_sizes = set()
+    hooks = [m.register_forward_hook(lambda mod, i, o: attention_sizes.add(i[0].shape[1]))
+             for n, m in tiny.unet.named_modules() if n.endswith('attn2')]
+    with torch.no_grad():
+        tiny.unet(latents, 10, encoder_hidden_states=text)
+    [h.remove() for h in hooks]
+    assert max(attention_sizes) == 16 * 16
     assert images.shape == (2, 3, 64, 64) and images.abs().max() <= 1
     # the paper profile's code path (from_pretrained on a folder in diffusers' layout), with the tiny stand-in
     tiny.save(tmp_path / "backbone")
@@ -178,59 +186,45 @@ def test_pretraining_brings_samples_closer_to_the_normal_images(synth_root, pret
     assert distances["trained"] < 0.5 * distances["untrained"]
 
 
-def test_masked_cross_attention_matches_equations_10_and_11():
-    from diffusers.models.attention_processor import Attention, AttnProcessor
+def test_a_killed_pretraining_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Checkpoints every 2 steps; a run killed in the VAE stage and one killed in the UNet stage each resume to
+    exactly the weights and loss history of a run that was never stopped, and an estimate is announced first."""
+    from harness.diffusion import pretrain as pre
 
-    from harness.diffusion.attention import MaskedCrossAttnProcessor, MaskState, mask_for
+    rng = np.random.default_rng(0)
+    images, categories = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), ["a", "b"] * 3
+    config = pre.PretrainConfig(resolution=32, vae_steps=5, unet_steps=5, vae_batch=2, vae_crop=16, batch_size=2,
+                                checkpoint_every=2)
+    said = []
+    whole, history = pre.pretrain(images, categories, config, announce=said.append)
+    assert len(said) == 1 and "about" in said[0] and "5 VAE + 5 UNet steps" in said[0]
+    for stage, kill_at in (("VAE", 3), ("UNet", 4)):
+        folder = tmp_path / stage
+        folder.mkdir()
+        real_run, calls = pre._Stage.run, {"n": 0}
 
-    torch.manual_seed(0)
-    heads, dim_head, tokens = 2, 4, 3
-    attn = Attention(query_dim=8, cross_attention_dim=6, heads=heads, dim_head=dim_head).eval()
-    z = torch.randn(2, 16, 8)  # a 4x4 map of queries
-    c_a, c_b = torch.randn(2, tokens, 6), torch.randn(2, tokens, 6)
-    mask = (torch.rand(2, 1, 8, 8) > 0.5).float()  # latent resolution, twice the map's
-    state = MaskState(mask=mask, tokens=tokens, record_token=1)
-    with torch.no_grad():
-        ours = MaskedCrossAttnProcessor(state)(attn, z, torch.cat([c_a, c_b], 1))
+        def dying(self, step_loss, saved, progress, stage=stage, kill_at=kill_at):
+            if self.name != stage:
+                return real_run(self, step_loss, saved, progress)
 
-        def direct(c):  # softmax(Q K^T / sqrt(d)) V per head, written out
-            q = attn.to_q(z).view(2, 16, heads, dim_head).transpose(1, 2)
-            k = attn.to_k(c).view(2, tokens, heads, dim_head).transpose(1, 2)
-            v = attn.to_v(c).view(2, tokens, heads, dim_head).transpose(1, 2)
-            p = torch.softmax(q @ k.transpose(-1, -2) / dim_head ** 0.5, dim=-1)
-            return (p @ v).transpose(1, 2).reshape(2, 16, heads * dim_head), p
+            def counted():
+                calls["n"] += 1
+                if calls["n"] > kill_at:
+                    raise KeyboardInterrupt
+                return step_loss()
+            return real_run(self, counted, saved, progress)
 
-        (o_a, p_a), (o_b, _) = direct(c_a), direct(c_b)
-        # m': a 4x4 position is in the mask if any of its 2x2 latent cells is
-        m = mask.reshape(2, 1, 4, 2, 4, 2).amax((3, 5)).flatten(2).transpose(1, 2)
-        expected = attn.to_out[0](m * o_a + (1 - m) * o_b)
-        assert torch.allclose(ours, expected, atol=1e-6)
-        assert torch.allclose(mask_for(mask, 16), m)
-        # the recorded map is the region token's attention, averaged over heads
-        assert torch.allclose(state.recorded[0], p_a[..., 1].mean(1).reshape(2, 1, 4, 4), atol=1e-6)
-        # all-ones / all-zeros masks give diffusers' own cross-attention on one prompt
-        for value, prompt in ((1.0, c_a), (0.0, c_b)):
-            state.mask = torch.full_like(mask, value)
-            assert torch.allclose(MaskedCrossAttnProcessor(state)(attn, z, torch.cat([c_a, c_b], 1)),
-                                  AttnProcessor()(attn, z, prompt), atol=1e-6)
-
-
-def test_processors_swap_on_cross_attention_layers_only(tiny_unet):
-    from harness.diffusion.attention import MaskedCrossAttnProcessor, MaskState, cross_attention_layers, \
-        set_cross_attention_processor
-
-    state = MaskState(mask=torch.ones(1, 1, 8, 8), tokens=3, record_token=0)
-    previous = set_cross_attention_processor(tiny_unet, lambda name: MaskedCrossAttnProcessor(state))
-    try:
-        swapped = [k for k, p in tiny_unet.attn_processors.items() if isinstance(p, MaskedCrossAttnProcessor)]
-        assert swapped and all(k.endswith("attn2.processor") for k in swapped)
-        assert len(swapped) == len(cross_attention_layers(tiny_unet))
-        with torch.no_grad():
-            out = tiny_unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 6, 16)).sample
-        assert out.shape == (1, 4, 8, 8) and len(state.recorded) == len(swapped)
-    finally:
-        tiny_unet.set_attn_processor(previous)
-    assert not any(isinstance(p, MaskedCrossAttnProcessor) for p in tiny_unet.attn_processors.values())
+        monkeypatch.setattr(pre._Stage, "run", dying)
+        with pytest.raises(KeyboardInterrupt):
+            pre.pretrain(images, categories, config, checkpoints=folder)
+        monkeypatch.setattr(pre._Stage, "run", real_run)
+        assert (folder / pre.CHECKPOINT).is_file()
+        resumed, resumed_history = pre.pretrain(images, categories, config, checkpoints=folder)
+        assert resumed_history == history
+        for name in ("vae", "unet", "text_encoder"):
+            for (key, a), b in zip(getattr(whole, name).state_dict().items(),
+                                   getattr(resumed, name).state_dict().values()):
+                assert torch.equal(a, b), (stage, name, key)
 
 
 def test_vae_crops_get_generic_content():

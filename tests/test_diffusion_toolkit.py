@@ -267,6 +267,7 @@ def test_finetune_lowers_the_loss_is_seeded_and_resumes_where_it_stopped(tmp_pat
     resumed = torch.nn.Parameter(torch.zeros(1))
     finetune([resumed], data, _toy_loss(resumed), config, tmp_path / "c")  # from step 20, not 0
     assert torch.allclose(resumed, a, atol=1e-7)
+    assert not (tmp_path / "c" / CHECKPOINT).exists()  # a finished fit leaves no checkpoint behind
 
 
 def test_finetune_clips_gradients_and_encodes_flipped_pairs():

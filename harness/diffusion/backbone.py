@@ -2,13 +2,10 @@
 DDIM scheduler.
 
 - `paper`: Stable Diffusion 1.5 through diffusers / transformers `from_pretrained`, on a local folder or a hub id.
-- `tiny`: the same classes built from small configs (a 3-level AutoencoderKL, so latents are at 1/4 of the image
-  size where SD's are at 1/8: an 8x VAE this small, trained minutes on a CPU, blurs 128 px textures away; 8 latent
-  channels where SD has 4: with 4, small dark spots such as a stain are reconstructed as normal surface; a 4-level
-  UNet with cross-attention at 1/2 and 1/4 of the latent size; a 2-layer CLIP text model) and a word-level
-  tokenizer over a fixed vocabulary (prompt words, category and defect names, and rare placeholder words for
-  DreamBooth-style tokens). It runs on a CPU; the harness pretrains it on
-  normal images before methods fine-tune it few-shot, as the papers fine-tune SD.
+- `tiny`: the same classes built from small configs (`build_tiny`; sizes and measurements in README.md) and a
+  word-level tokenizer over a fixed vocabulary (prompt words, category and defect names, and rare placeholder
+  words for DreamBooth-style tokens). It runs on a CPU; the harness pretrains it on normal images
+  (pretrain.py) before methods fine-tune it few-shot, as the papers fine-tune SD.
 
 Either way a backbone folder holds `vae/`, `unet/`, `text_encoder/`, `tokenizer/`, `scheduler/` in diffusers'
 layout, so `load(folder)` is the one code path for both.
@@ -38,7 +35,8 @@ class Backbone:
 
     @property
     def latent_scale(self) -> float:
-        """SD's 0.18215 from its VAE config; 1.0 for the tiny VAE, trained here."""
+        """SD's 0.18215 from its VAE config; the tiny VAE's is set after its training (pretrain.py), likewise one
+        over the standard deviation of its latents."""
         return float(self.vae.config.scaling_factor)
 
     def to(self, device: torch.device) -> "Backbone":
@@ -56,9 +54,19 @@ class Backbone:
                              return_tensors="pt").input_ids.to(self.device)
         return self.text_encoder(ids)[0]
 
+    @property
+    def latent_factor(self) -> int:
+        """How many pixels one latent cell spans per side (8 for SD's VAE, 4 for the tiny one)."""
+        config = self.vae.config
+        levels = config.get("block_out_channels") or config.get("encoder_block_out_channels")
+        return 2 ** (len(levels) - 1)
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> latents (mean of the posterior, scaled)."""
-        return self.vae.encode(images).latent_dist.mean * self.latent_scale
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (the posterior mean of a KL autoencoder such as SD's;
+        the tiny backbone's autoencoder is deterministic)."""
+        encoded = self.vae.encode(images)
+        latents = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
+        return latents * self.latent_scale
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [-1, 1]."""
@@ -90,44 +98,68 @@ def split_words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower().replace("_", " "))
 
 
-TINY_LATENT_CHANNELS = 8
+TINY_LATENT_CHANNELS = 16
 
 
 def build_tiny(words: list[str], resolution: int = 128, seed: int = 0) -> Backbone:
-    """The tiny backbone, randomly initialised (seeded); `words` are the vocabulary beyond the base prompt words."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    """The tiny backbone, randomly initialised (seeded); `words` are the vocabulary beyond the base prompt words.
+
+    Sizes and the reasons for them: harness/diffusion/README.md ("The tiny backbone")."""
+    from diffusers import AutoencoderTiny, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = word_level_tokenizer(words)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=TINY_LATENT_CHANNELS, block_out_channels=(32, 64, 64),
-                            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                            layers_per_block=1, norm_num_groups=16, sample_size=resolution, scaling_factor=1.0)
+        # TAESD's architecture (diffusers' AutoencoderTiny, a drop-in autoencoder for SD): plain convolutions
+        # without normalisation train to a given PSNR in half the steps of a tiny AutoencoderKL on a CPU
+        vae = AutoencoderTiny(in_channels=3, out_channels=3, latent_channels=TINY_LATENT_CHANNELS,
+                              encoder_block_out_channels=(32, 32, 32), decoder_block_out_channels=(32, 32, 32),
+                              num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1), scaling_factor=1.0)
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id))
-        unet = UNet2DConditionModel(  # no attention at the full latent resolution: it would cost 5x on a CPU
+        # cross-attention at every level but the coarsest, as SD; at the latent resolution without self-attention
+        # (only_cross_attention: both attention layers of the block read the prompt), which would cost 4x on a CPU
+        unet = UNet2DConditionModel(
             sample_size=resolution // 4, in_channels=TINY_LATENT_CHANNELS, out_channels=TINY_LATENT_CHANNELS,
-            block_out_channels=(32, 64, 64, 64),
-            layers_per_block=1, cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+            block_out_channels=(32, 64, 64, 64), layers_per_block=1, cross_attention_dim=64, attention_head_dim=8,
+            norm_num_groups=16, only_cross_attention=[True, False, False, False],
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return Backbone(vae, unet, text_encoder, tokenizer, scheduler)
 
 
+def load_frozen(source: str | Path, device: torch.device | None = None) -> Backbone:
+    """`load` in eval mode with every network frozen, on `device` (default: the GPU where there is one): what a
+    method fine-tunes adapters on, or samples from."""
+    from harness.device import default_device
+
+    backbone = load(source)
+    for module in (backbone.vae, backbone.unet, backbone.text_encoder):
+        module.eval().requires_grad_(False)
+    return backbone.to(device or default_device())
+
+
 def load(source: str | Path, local_only: bool = True) -> Backbone:
     """A backbone from a folder (or hub id) in diffusers' layout: Stable Diffusion 1.5 or a saved tiny backbone."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoModel, DDIMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
     from transformers import AutoTokenizer, CLIPTextModel
 
     common = {"local_files_only": local_only}
+    quiet = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # AutoencoderTiny saves a config key it warns about when it reads it
+    try:
+        vae = AutoModel.from_pretrained(str(source), subfolder="vae", **common)  # SD's AutoencoderKL, or the tiny one
+    finally:
+        diffusers_logging.set_verbosity(quiet)
     return Backbone(
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **common),
+        vae=vae,
         unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common),
         text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common),
         tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **common),

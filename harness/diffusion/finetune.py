@@ -93,6 +93,8 @@ def finetune(params: list[torch.nn.Parameter], data: LatentData,
         losses.append(float(loss.detach()))
         if workdir is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             _checkpoint(workdir, step + 1, params, optimiser, generator, losses)
+    if workdir is not None:  # finished: the caller saves what it trained; a checkpoint would only take space
+        (Path(workdir) / CHECKPOINT).unlink(missing_ok=True)
     return loss_tenths(losses)
 
 

@@ -112,24 +112,29 @@ class ToolkitAttnProcessor(torch.nn.Module):
         attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = self._project("q", attn.to_q, hidden_states, context)
+        query = attn.head_to_batch_dim(self._project("q", attn.to_q, hidden_states, context))
         source = hidden_states if not is_cross else (attn.norm_encoder_hidden_states(encoder_hidden_states)
                                                      if attn.norm_cross else encoder_hidden_states)
-        key = attn.head_to_batch_dim(self._project("k", attn.to_k, source, context))
-        value = attn.head_to_batch_dim(self._project("v", attn.to_v, source, context))
-        query = attn.head_to_batch_dim(query)
-        if not is_cross and context is not None and context.kv is not None:
-            key, value = self._store(context.kv, key, value)
-        probabilities = self._probabilities(attn, query, key, attention_mask, context if is_cross else None, batch)
-        if is_cross and context is not None and context.record is not None:
-            self._record(context.record, probabilities, batch)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probabilities, value))
+        hidden_states = self._attend(attn, query, source, attention_mask, context, batch, is_cross)
         hidden_states = attn.to_out[1](self._project("out", attn.to_out[0], hidden_states, context))
         if four_d:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _attend(self, attn, query: torch.Tensor, source: torch.Tensor, attention_mask: torch.Tensor | None,
+                context: AttentionContext | None, batch: int, is_cross: bool, record: bool = True) -> torch.Tensor:
+        """softmax(Q K^T / sqrt(d)) V over `source` (the layer's own states, or the text condition), heads merged:
+        (B, queries, inner dim). Methods with their own attention rule override this (methods/<name>/)."""
+        key = attn.head_to_batch_dim(self._project("k", attn.to_k, source, context))
+        value = attn.head_to_batch_dim(self._project("v", attn.to_v, source, context))
+        if not is_cross and context is not None and context.kv is not None:
+            key, value = self._store(context.kv, key, value)
+        probabilities = self._probabilities(attn, query, key, attention_mask, context if is_cross else None, batch)
+        if is_cross and record and context is not None and context.record is not None:
+            self._record(context.record, probabilities, batch)
+        return attn.batch_to_head_dim(torch.bmm(probabilities, value))
 
     def _store(self, kv: KVStore, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if kv.mode == "write":
@@ -176,20 +181,24 @@ def _reweighted(logits: torch.Tensor, reweight: TokenReweight, batch: int) -> to
     return logits + add
 
 
-def install(unet: torch.nn.Module, branches: int = 0, rank: int = 4, alpha: float | None = None) -> dict:
-    """A ToolkitAttnProcessor on every attention layer of `unet` (with `branches` per-branch LoRA adapters, trainable
-    parameters of the UNet from then on); returns the previous processors (`unet.set_attn_processor(previous)`)."""
+def install(unet: torch.nn.Module, branches: int = 0, rank: int = 4, alpha: float | None = None,
+            processor: type[ToolkitAttnProcessor] | None = None) -> dict:
+    """A ToolkitAttnProcessor (or the subclass `processor`, a method's own) on every attention layer of `unet`
+    (with `branches` per-branch LoRA adapters, trainable parameters of the UNet from then on); returns the previous
+    processors (`unet.set_attn_processor(previous)`)."""
+    make = processor or ToolkitAttnProcessor
     previous = dict(unet.attn_processors)
     modules = dict(unet.named_modules())
-    unet.set_attn_processor({key: ToolkitAttnProcessor(key.removesuffix(".processor"),
-                                                       modules[key.removesuffix(".processor")], branches, rank, alpha)
+    unet.set_attn_processor({key: make(key.removesuffix(".processor"), modules[key.removesuffix(".processor")],
+                                       branches, rank, alpha)
                              for key in previous})
     return previous
 
 
 @contextlib.contextmanager
-def installed(unet: torch.nn.Module, branches: int = 0, rank: int = 4) -> Iterator[None]:
-    previous = install(unet, branches, rank)
+def installed(unet: torch.nn.Module, branches: int = 0, rank: int = 4,
+              processor: type[ToolkitAttnProcessor] | None = None) -> Iterator[None]:
+    previous = install(unet, branches, rank, processor=processor)
     try:
         yield
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,29 +78,40 @@ def tiny_backbone(normals: list[NormalImages], config, progress: bool = False) -
     if not images:
         raise ConfigError("the tiny backbone needs normal training images, and the data set has none")
     start = time.perf_counter()
-    backbone, history = pretrain(np.stack(images), categories, config, progress=progress)
+    partial = folder.with_name(folder.name + ".partial")  # checkpoints: a killed pretraining resumes from them
+    partial.mkdir(parents=True, exist_ok=True)
+    estimate: list[str] = []
+
+    def announce(line: str) -> None:
+        estimate.append(line)
+        print(line, flush=True)
+
+    backbone, history = pretrain(np.stack(images), categories, config, progress=progress, checkpoints=partial,
+                                 announce=announce)
     info = {"kind": "tiny-pretrained", "config": dataclasses.asdict(config), "code": code_hash(),
             "images": {n.category: len(n.paths) for n in normals}, "history": history,
-            "seconds": round(time.perf_counter() - start, 1)}
+            "seconds": round(time.perf_counter() - start, 1), "estimate": estimate[0] if estimate else None}
     with atomic_directory(folder, overwrite=True) as tmp:  # a concurrent twin may have finished first: same content
         backbone.save(tmp)
         atomic_write_json(tmp / INFO_FILE, info)
+    shutil.rmtree(partial, ignore_errors=True)
     return folder, {**info, "reused": False}
 
 
-def paper_backbone(explicit: str | Path | None = None) -> tuple[Path, dict]:
-    """Stable Diffusion 1.5's folder, resolved by harness/weights.py."""
-    resolved = weights.resolve_pipeline(PAPER_BACKBONE, explicit)
+def paper_backbone(explicit: str | Path | None = None, name: str | None = None) -> tuple[Path, dict]:
+    """A pretrained backbone's folder (default: Stable Diffusion 1.5), resolved by harness/weights.py."""
+    resolved = weights.resolve_pipeline(name or PAPER_BACKBONE, explicit)
     return resolved.path, {"kind": "pretrained", "weights": resolved.as_record(), "reused": True}
 
 
 def provision(profile: str | Profile, normals: list[NormalImages], overrides: dict | None = None,
-              explicit: str | Path | None = None, progress: bool = False) -> tuple[Path, dict]:
-    """The backbone folder for a profile: pretrained here (tiny) or Stable Diffusion (paper)."""
+              explicit: str | Path | None = None, progress: bool = False, name: str | None = None
+              ) -> tuple[Path, dict]:
+    """The backbone folder for a profile: the tiny one pretrained here, or the pretrained backbone `name`."""
     profile = get_profile(profile)
     if profile.name == "tiny":
         return tiny_backbone(normals, pretrain_config(overrides or {}, profile.resolution), progress)
-    return paper_backbone(explicit)
+    return paper_backbone(explicit, name)
 
 
 def describe(info: dict, folder: Path) -> str:

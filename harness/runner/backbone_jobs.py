@@ -1,8 +1,9 @@
 """backbone -> fit: one diffusion backbone per data set, made before any diffusion method fits on it.
 
 In the `tiny` profile the job pretrains the tiny backbone on the normal training images of the suite's categories
-of that data set (or finds it in results/cache/backbones/); in `paper` it resolves Stable Diffusion 1.5. Fit jobs
-of methods with `uses_backbone` depend on it and read the folder from its `backbone.json`.
+of that data set (or finds it in results/cache/backbones/): one stand-in for every backbone name. In `paper` there
+is one job per backbone the methods name (Method.backbone), resolving its weights (harness/weights.py). Fit jobs
+of methods with a backbone depend on it and read the folder from its `backbone.json`.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ JOB_FILE = "backbone.json"
 MEMORY = 4 * 2**30
 
 
-def uses_backbone(suite) -> bool:
+def backbone_names(suite) -> list[str]:
+    """The backbones the suite's methods fine-tune, by name (Method.backbone)."""
     infos = discover()
-    return any(infos[spec.method].cls.uses_backbone for spec in suite.methods)
+    return sorted({infos[spec.method].cls.backbone for spec in suite.methods if infos[spec.method].cls.uses_backbone})
 
 
 def normal_images(plan, dataset) -> list[provision.NormalImages]:
@@ -40,33 +42,40 @@ def normal_images(plan, dataset) -> list[provision.NormalImages]:
 @expander
 def backbone_jobs(plan) -> list[Job]:
     suite = plan.suite
-    if not uses_backbone(suite):
+    names = backbone_names(suite)
+    if not names:
         return []
     profile = get_profile(suite.profile)
+    # tiny: one pretrained stand-in serves every backbone name; paper: each name is its own pretrained model
+    groups = [None] if profile.name == "tiny" else names
     jobs = []
     for dataset in plan.datasets:
         normals = normal_images(plan, dataset)
-        if profile.name == "tiny":
-            config = provision.pretrain_config(suite.backbone, profile.resolution, f"{suite.where()}: backbone")
-            provenance = f"tiny-pretrained:{provision.tiny_key(normals, config)}"
-        else:
-            explicit = suite.weights.get(provision.PAPER_BACKBONE)
-            provenance = provision.describe(provision.paper_backbone(explicit)[1], Path())
-        params = {"profile": profile.name, "dataset": dataset.spec.name, "resolution": profile.resolution,
-                  "normals": [{"category": n.category, "hashes": list(n.hashes)} for n in normals],
-                  "pretrain": dict(suite.backbone), "code": provision.code_hash(), "provenance": provenance}
-        where = {"paths": {n.category: [str(p) for p in n.paths] for n in normals},
-                 "weights": suite.weights.get(provision.PAPER_BACKBONE)}
-        jobs.append(make_job("backbone", f"backbone {profile.name} {dataset.spec.name}", params,
-                             resources=job_resources(profile, memory=MEMORY),
-                             tags={"dataset": dataset.spec.name, "backbone": provenance}, where=where))
+        for name in groups:
+            if name is None:
+                config = provision.pretrain_config(suite.backbone, profile.resolution, f"{suite.where()}: backbone")
+                provenance = f"tiny-pretrained:{provision.tiny_key(normals, config)}"
+            else:
+                provenance = provision.describe(provision.paper_backbone(suite.weights.get(name), name)[1], Path())
+            params = {"profile": profile.name, "dataset": dataset.spec.name, "resolution": profile.resolution,
+                      "normals": [{"category": n.category, "hashes": list(n.hashes)} for n in normals],
+                      "pretrain": dict(suite.backbone), "code": provision.code_hash(), "provenance": provenance,
+                      "name": name}
+            where = {"paths": {n.category: [str(p) for p in n.paths] for n in normals},
+                     "weights": suite.weights.get(name) if name else None}
+            tags = {"dataset": dataset.spec.name, "backbone": provenance}
+            if name:
+                tags["backbone_name"] = name
+            jobs.append(make_job("backbone", f"backbone {name or profile.name} {dataset.spec.name}", params,
+                                 resources=job_resources(profile, memory=MEMORY), tags=tags, where=where))
     return jobs
 
 
-def backbone_job_for(plan, dataset_name: str) -> Job | None:
-    """The backbone job of a data set, if the plan has one (made by the expander above)."""
+def backbone_job_for(plan, dataset_name: str, name: str | None = None) -> Job | None:
+    """The backbone job of a data set (and, in `paper`, of the backbone `name`), if the plan has one."""
     for job in plan.jobs:
-        if job.kind == "backbone" and job.tags.get("dataset") == dataset_name:
+        if (job.kind == "backbone" and job.tags.get("dataset") == dataset_name
+                and job.tags.get("backbone_name", name) == name):
             return job
     return None
 
@@ -81,7 +90,7 @@ def backbone_folder(job: Job, ctx: JobContext) -> Path | None:
             made = json.loads(info.read_text())
             if made.get("kind") == "tiny-pretrained":
                 return cache_dir("backbones") / made["key"]
-            return provision.paper_backbone(job.where.get("backbone_weights"))[0]
+            return provision.paper_backbone(job.where.get("backbone_weights"), made.get("name"))[0]
     return None
 
 
@@ -90,7 +99,7 @@ def run_backbone(job: Job, ctx: JobContext) -> list[dict]:
     p = job.inputs
     normals = [provision.NormalImages(n["category"], tuple(Path(x) for x in p["paths"][n["category"]]),
                                       tuple(n["hashes"])) for n in p["normals"]]
-    folder, info = provision.provision(p["profile"], normals, p["pretrain"], p["weights"])
-    atomic_write_json(ctx.folder / JOB_FILE, {"key": folder.name, "provenance": p["provenance"],
+    folder, info = provision.provision(p["profile"], normals, p["pretrain"], p["weights"], name=p.get("name"))
+    atomic_write_json(ctx.folder / JOB_FILE, {"key": folder.name, "provenance": p["provenance"], "name": p.get("name"),
                                               **{k: v for k, v in info.items() if k not in ("config", "weights")}})
     return []

@@ -156,6 +156,31 @@ class Progress:
         self.bar.close()
 
 
+# rough relative costs of one job of a kind, for ordering only (never shown, never a result)
+KIND_WEIGHTS = {"backbone": 10.0, "fit": 2.0, "generate": 1.0, "score": 1.0, "segment": 2.0, "classify": 2.0,
+                "detect": 3.0}
+
+
+def chain_heights(jobs: list[Job]) -> dict[str, float]:
+    """Each job's weight plus the heaviest chain of jobs that depend on it (KIND_WEIGHTS)."""
+    children: dict[str, list[str]] = {j.key: [] for j in jobs}
+    for job in jobs:
+        for dep in job.deps:
+            if dep in children:
+                children[dep].append(job.key)
+    weight = {j.key: KIND_WEIGHTS.get(j.kind, 1.0) for j in jobs}
+    heights: dict[str, float] = {}
+
+    def height(key: str) -> float:
+        if key not in heights:
+            heights[key] = weight[key] + max((height(c) for c in children[key]), default=0.0)
+        return heights[key]
+
+    for job in jobs:
+        height(job.key)
+    return heights
+
+
 class Scheduler:
     """Dependency bookkeeping shared by the executors: which jobs are ready, which must be skipped."""
 
@@ -166,7 +191,11 @@ class Scheduler:
         self.job_dir = job_dir
 
     def pending(self) -> list[Job]:
-        return [j for j in self.jobs if j.key not in self.state]
+        """The jobs not finished yet, those that head the longest chains of work first (critical-path order), so
+        that the long diffusion chain (backbone -> fit -> generate -> score -> downstream) starts before the short
+        independent jobs that can fill the other workers meanwhile."""
+        heights = chain_heights(self.jobs)
+        return sorted((j for j in self.jobs if j.key not in self.state), key=lambda j: -heights[j.key])
 
     def ready(self, job: Job) -> bool:
         return all(self.state.get(d) == DONE for d in job.deps)

@@ -15,7 +15,6 @@ from harness.profiles import get_profile
 from harness.runner.jobs import Job, JobContext, expander, job_kind, job_resources, make_job
 from harness.tasks import build_task
 from harness import weights
-from harness.diffusion.provision import PAPER_BACKBONE
 from harness.runner.backbone_jobs import backbone_folder, backbone_job_for
 
 SCORE_MEMORY = 4 * 2**30
@@ -63,14 +62,15 @@ def generation_jobs(plan) -> list[Job]:
                 for seed in suite.seeds:
                     for spec in suite.methods:
                         info = infos[spec.method]
-                        backbone = backbone_job_for(plan, dataset.spec.name) if info.cls.uses_backbone else None
+                        backbone = (backbone_job_for(plan, dataset.spec.name, info.cls.backbone)
+                                    if info.cls.uses_backbone else None)
                         requires = "caption" in info.cls.needs
                         source = source_params(dataset, category, split, requires)
                         where = source_where(dataset)
                         if backbone is not None:
-                            where["backbone_weights"] = suite.weights.get(PAPER_BACKBONE)
-                        resources = job_resources(profile, int(info.cls.resources.get("num_cpus", 1)),
-                                                  gpu=bool(info.cls.resources.get("num_gpus", 0)))
+                            where["backbone_weights"] = suite.weights.get(info.cls.backbone)
+                        declared = info.cls.resources_for(profile.name)
+                        resources = job_resources(profile, int(declared["num_cpus"]), gpu=bool(declared["num_gpus"]))
                         groups = ([category.defect_types] if info.cls.granularity == "category"
                                   else [[d] for d in category.defect_types])
                         for defects in groups:

@@ -3,7 +3,8 @@ whose background denoising is disentangled from the defect. Equation numbers are
 
 Notation: z0 the latent of an image, m the defect mask at latent resolution, alpha_t the cumulative schedule,
 C1 = [defect prompt; background prompt], C2 = [mask prompt; background prompt], each read through the masked
-cross-attention of Eq. 10-11 (harness/diffusion/attention.py).
+cross-attention of Eq. 10-11 (attention.py). Everything else (LoRA, the fine-tuning loop, DDIM, attention
+recording) is the shared toolkit in harness/diffusion/.
 """
 from __future__ import annotations
 
@@ -16,18 +17,18 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from harness import FewShotTask, GeneratedSample, GenerationRequest, Method
-from harness.device import default_device
 from harness.diffusion import backbone as backbones
-from harness.diffusion import ddim
-from harness.diffusion.attention import MaskState, masked_cross_attention, token_index, two_prompt_condition
+from harness.diffusion import ddim, processors
+from harness.diffusion.finetune import FinetuneConfig, LatentBatch, LatentData, finetune
 from harness.diffusion.latents import decode, encode, latent_mask, resize_images, resize_masks
-from harness.diffusion.pretrain import loss_tenths
+from harness.diffusion.lora import LoraSettings, add_lora, load_lora, save_lora
 from harness.errors import MethodError
 
-MODEL_FILE = "model.json"
+from .attention import MaskedTwoPromptProcessor, context_for, token_index, two_prompt_condition
+
+MODEL_FILE, ADAPTER = "model.json", "lora"
 LOSSES, INITS = ("disentangled", "naive"), ("inversion", "random")
 
 
@@ -83,16 +84,22 @@ def background_aware_sampling(eps_both: Callable[[torch.Tensor, torch.Tensor, in
 
 
 def refine_mask(attention: torch.Tensor, m: torch.Tensor, size: int, threshold: float = 0.5) -> np.ndarray:
-    """Eq. 13: the defect token's cross-attention map (B, 1, h, w) times m', upsampled bilinearly to the image
-    size and thresholded. The map is first scaled to a maximum of 1 per sample: attention probabilities spread
-    over every token of the prompt and rarely reach 1/2 themselves."""
-    weighted = attention * F.interpolate(m, size=attention.shape[-2:], mode="bilinear", align_corners=False)
+    """Eq. 13: the defect token's cross-attention map A (B, 1, h, w) times m, upsampled bilinearly to the image
+    size and thresholded. Before the threshold the map is rescaled per sample to [0, 1] over the mask's pixels
+    (its minimum there to 0, its maximum to 1): attention probabilities spread over every token of the prompt, so
+    a fixed threshold on them keeps all or nothing of the mask; rescaled, the mask follows where the token
+    attends most."""
+    weighted = attention * F.interpolate(m, size=attention.shape[-2:], mode="nearest")
     upsampled = F.interpolate(weighted, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-    peak = upsampled.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    return (upsampled / peak >= threshold).cpu().numpy()
+    inside = F.interpolate(m, size=(size, size), mode="nearest")[:, 0] > 0.5
+    big = torch.finfo(upsampled.dtype).max
+    low = torch.where(inside, upsampled, big).flatten(1).amin(1)[:, None, None]
+    high = torch.where(inside, upsampled, -big).flatten(1).amax(1)[:, None, None]
+    scaled = (upsampled - low) / (high - low).clamp_min(1e-12)
+    return ((scaled >= threshold) & inside).cpu().numpy()
 
 
-# ---- prompts -----------------------------------------------------------------------------------------------------
+# ---- prompts and the UNet under the masked attention ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -110,21 +117,23 @@ class Prompts:
 
 
 class Conditions:
-    """C1 and C2 encoded once (the text encoder stays frozen), and the masked-attention state they are read with."""
+    """C1, C2 and the unconditional C1 (empty region prompt, for the optional guidance), encoded once (the text
+    encoder is not fine-tuned), and the UNet's noise prediction under the masked attention."""
 
     def __init__(self, backbone: backbones.Backbone, prompts: Prompts):
-        self.c1, tokens = two_prompt_condition(backbone, prompts.defect, prompts.background)
+        self.c1, self.tokens = two_prompt_condition(backbone, prompts.defect, prompts.background)
         self.c2, _ = two_prompt_condition(backbone, prompts.mask, prompts.background)
-        self.state = MaskState(tokens=tokens)
-        self.defect_token_index = token_index(backbone.tokenizer, prompts.defect, prompts.defect_token)
+        self.c1_unconditional, _ = two_prompt_condition(backbone, "", prompts.background)
+        self.defect_token = token_index(backbone.tokenizer, prompts.defect, prompts.defect_token)
+        self.unet = backbone.unet
 
-    def predict(self, unet, z: torch.Tensor, t: torch.Tensor | int, condition: torch.Tensor,
-                m: torch.Tensor) -> torch.Tensor:
-        """eps_theta(z, t, condition) with masked cross-attention over m (one condition row per latent)."""
-        self.state.mask = m
-        if condition.shape[0] != z.shape[0]:
-            condition = condition.expand(z.shape[0], -1, -1)
-        return unet(z, t, encoder_hidden_states=condition).sample
+    def eps(self, z: torch.Tensor, t: torch.Tensor | int, conditions: list[torch.Tensor], m: torch.Tensor,
+            record: processors.Recorder | None = None) -> torch.Tensor:
+        """eps_theta(z, t, C) with C = conditions[i] for the i-th equal share of the batch, m its masks."""
+        share = len(z) // len(conditions)
+        condition = torch.cat([c.expand(share, -1, -1) for c in conditions])
+        context = context_for(m, self.tokens, record=record)
+        return self.unet(z, t, encoder_hidden_states=condition, cross_attention_kwargs={"context": context}).sample
 
 
 # ---- the method --------------------------------------------------------------------------------------------------
@@ -137,8 +146,9 @@ class BackgroundAware(Method):
              "the Background). arXiv 2411.16767")
     granularity = "defect_type"
     needs = frozenset({"target_normal", "target_mask"})
-    uses_backbone = True
-    resources = {"num_cpus": 1, "num_gpus": 1}  # fine-tunes and samples a diffusion model: a GPU where there is one
+    backbone = "stable-diffusion-v1-5"
+    # fine-tunes and samples a diffusion model: a GPU where there is one (a share of it for the tiny networks)
+    resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
 
     def __init__(self, config, profile):
         super().__init__(config, profile)
@@ -147,6 +157,11 @@ class BackgroundAware(Method):
         if config["init"] not in INITS:
             raise MethodError(f"background_aware: init must be one of {INITS}, not {config['init']!r}")
 
+    @property
+    def two_paths(self) -> bool:
+        """Algorithm 1 (inversion, two paths) for the full method; the ablations sample plain DDIM from noise."""
+        return self.config["loss"] == "disentangled" and self.config["init"] == "inversion"
+
     # -- fit: Eq. 5 (or Eq. 2) on the few training anomalies of one defect type --
 
     def fit(self, task: FewShotTask, workdir: Path) -> None:
@@ -154,58 +169,56 @@ class BackgroundAware(Method):
             raise MethodError("background_aware needs a diffusion backbone (FewShotTask.backbone); the runner "
                               "provides it through the backbone job")
         start = time.perf_counter()
-        backbone = self._open(task.backbone)
+        backbone = backbones.load_frozen(task.backbone)
+        settings = self._lora_settings()
+        params = add_lora(backbone.unet, settings)
+        processors.install(backbone.unet, processor=MaskedTwoPromptProcessor)
         size = self._resolution(task.resolution)
-        images = resize_images(np.stack([a.image for a in task.anomalies]), size)
-        z0 = encode(backbone, images)
-        m = latent_mask(resize_masks(np.stack([a.mask for a in task.anomalies]), size), z0.shape[-1], z0.device)
+        data = LatentData.encode(backbone, resize_images(np.stack([a.image for a in task.anomalies]), size),
+                                 resize_masks(np.stack([a.mask for a in task.anomalies]), size),
+                                 flips=self.config["flips"])
         prompts = Prompts.for_category(self.config["tokens"], task.category)
-        history = self._finetune(backbone, Conditions(backbone, prompts), z0, m, int(task.rng().integers(2**63 - 1)))
-        backbone.unet.save_pretrained(workdir / "unet")
+        loss = self._loss(Conditions(backbone, prompts), backbone.scheduler)
+        cfg = self.config
+        history = finetune(params, data, loss, FinetuneConfig(
+            steps=cfg["steps"], batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
+            seed=int(task.rng().integers(2**63 - 1))), workdir, desc="background_aware: fine-tune")
+        save_lora(backbone.unet, workdir / ADAPTER, settings)
         (workdir / MODEL_FILE).write_text(json.dumps({
             "backbone": str(task.backbone), "prompts": prompts.__dict__, "resolution": size,
-            "training_images": [a.id for a in task.anomalies], "loss": self.config["loss"], "history": history,
+            "training_images": [a.id for a in task.anomalies], "loss": cfg["loss"], "history": history,
             "seconds": round(time.perf_counter() - start, 1)}, indent=2))
 
-    def _finetune(self, backbone, conditions: Conditions, z0: torch.Tensor, m: torch.Tensor, seed: int) -> list[float]:
-        unet, cfg = backbone.unet, self.config
-        unet.train().requires_grad_(True)
-        optimiser = torch.optim.AdamW(unet.parameters(), lr=cfg["learning_rate"], weight_decay=1e-2)
-        generator = torch.Generator(device=z0.device).manual_seed(seed)
-        alphas = backbone.scheduler.alphas_cumprod.to(z0.device)
-        n, batch = len(z0), cfg["batch_size"]
-        losses = []
-        with masked_cross_attention(unet, conditions.state):
-            for _ in tqdm(range(cfg["steps"]), desc="background_aware: fine-tune", leave=False, disable=None):
-                chosen = torch.randint(0, n, (batch,), generator=generator, device=z0.device)
-                eps = torch.randn(z0[chosen].shape, generator=generator, device=z0.device)
-                t = torch.randint(0, len(alphas), (batch,), generator=generator, device=z0.device)
-                z_t, z_t_masked = masked_noising(z0[chosen], m[chosen], eps, alphas[t])
-                if cfg["loss"] == "naive":
-                    loss = naive_loss(eps, conditions.predict(unet, z_t, t, conditions.c1, m[chosen]))
-                else:  # one UNet call for both terms: [z_t; z_t^m] with [C1; C2]
-                    both = conditions.predict(unet, torch.cat([z_t, z_t_masked]), torch.cat([t, t]),
-                                              torch.cat([conditions.c1.expand(batch, -1, -1),
-                                                         conditions.c2.expand(batch, -1, -1)]),
-                                              torch.cat([m[chosen], m[chosen]]))
-                    loss = disentangled_loss(eps, both[:batch], both[batch:], m[chosen])
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                losses.append(loss.item())
-        unet.eval().requires_grad_(False)
-        return loss_tenths(losses)
+    def _loss(self, conditions: Conditions, scheduler) -> Callable[[LatentBatch, torch.Generator], torch.Tensor]:
+        alphas = scheduler.alphas_cumprod
+        naive = self.config["loss"] == "naive"
+
+        def loss(batch: LatentBatch, generator: torch.Generator) -> torch.Tensor:
+            z0, m = batch.latents, batch.masks
+            eps = torch.randn(z0.shape, generator=generator).to(z0.device)
+            t = torch.randint(0, len(alphas), (len(z0),), generator=generator)
+            z_t, z_t_masked = masked_noising(z0, m, eps, alphas[t].to(z0.device))
+            t = t.to(z0.device)
+            if naive:
+                return naive_loss(eps, conditions.eps(z_t, t, [conditions.c1], m))
+            # one UNet call for both terms: [z_t; z_t^m] with [C1; C2]
+            both = conditions.eps(torch.cat([z_t, z_t_masked]), torch.cat([t, t]), [conditions.c1, conditions.c2],
+                                  torch.cat([m, m]))
+            return disentangled_loss(eps, *both.chunk(2), m)
+
+        return loss
 
     # -- generate: Algorithm 1 on each target normal image and mask --
 
     def generate(self, request: GenerationRequest, workdir: Path) -> Iterator[GeneratedSample]:
         model = json.loads((workdir / MODEL_FILE).read_text())
         # the backbone as this machine has it (the folder recorded at fit time may have moved with the results)
-        backbone = self._open(request.backbone or Path(model["backbone"]), unet=workdir / "unet")
+        backbone = backbones.load_frozen(request.backbone or Path(model["backbone"]))
+        load_lora(backbone.unet, workdir / ADAPTER)
+        processors.install(backbone.unet, processor=MaskedTwoPromptProcessor)
         conditions = Conditions(backbone, Prompts(**model["prompts"]))
-        size = model["resolution"]
-        batch = self.config["generation_batch"]
-        with torch.no_grad(), masked_cross_attention(backbone.unet, conditions.state):
+        size, batch = model["resolution"], self.config["generation_batch"]
+        with torch.no_grad():
             for first in range(0, request.n, batch):
                 targets = request.targets[first:first + batch]
                 noise = torch.stack([self._noise(request.rng(first + i), backbone, size) for i in range(len(targets))])
@@ -220,56 +233,52 @@ class BackgroundAware(Method):
         target_masks = np.stack([t.mask for t in targets])
         z0 = encode(backbone, resize_images(np.stack([t.normal.image for t in targets]), size))
         m = latent_mask(resize_masks(target_masks, size), z0.shape[-1], z0.device)
-        unet, steps, b = backbone.unet, self.config["inference_steps"], len(targets)
-        if self.config["init"] == "inversion":
-            z_T_masked = masked_inversion(lambda z, t: conditions.predict(unet, z, t, conditions.c2, m),
+        recorder = processors.Recorder(tokens=(conditions.defect_token,))
+        defect_eps = self._defect_eps(conditions, m, recorder)
+        steps = self.config["inference_steps"]
+        if self.two_paths:
+            z_T_masked = masked_inversion(lambda z, t: conditions.eps(z, t, [conditions.c2], m),
                                           z0, m, backbone.scheduler, steps)
             z_T = z_T_masked + m * noise  # z_T* = z~_T^m + m * eps
-        else:  # the ablation: no inversion, the background comes from noise too
-            z_T, z_T_masked = noise, (1 - m) * noise
-        state = conditions.state
-        state.record_token, state.recorded = conditions.defect_token_index, []
-        attention = torch.zeros(b, 1, *z0.shape[-2:], device=z0.device)
-        calls = 0
 
-        def eps_both(z_m, z_star, t):
-            nonlocal attention, calls
-            both = conditions.predict(unet, torch.cat([z_m, z_star]), t,
-                                      torch.cat([conditions.c2.expand(b, -1, -1), conditions.c1.expand(b, -1, -1)]),
-                                      torch.cat([m, m]))
-            for recorded in state.recorded:  # the defect token's maps of the C1 half, at latent resolution
-                attention = attention + F.interpolate(recorded[b:], size=z0.shape[-2:], mode="bilinear",
-                                                      align_corners=False)
-                calls += 1
-            state.recorded = []
-            return both[:b], both[b:]
+            def eps_both(z_m, z_star, t):
+                return conditions.eps(z_m, t, [conditions.c2], m), defect_eps(z_star, t)
 
-        z0_star, _ = background_aware_sampling(eps_both, z_T, z_T_masked, m, backbone.scheduler, steps)
-        state.record_token = None
+            z0_star, _ = background_aware_sampling(eps_both, z_T, z_T_masked, m, backbone.scheduler, steps)
+        else:  # the ablations (Tables 4-5): plain DDIM from N(0, I) with the C1 model, the background made anew
+            z0_star = ddim.sample(lambda z, t, _: defect_eps(z, t), noise, backbone.scheduler, steps)
         images = resize_images(decode(backbone, z0_star), out_size)
         if not self.config["refine_mask"]:
             return images, target_masks
-        return images, refine_mask(attention / max(calls, 1), m, out_size, self.config["refine_threshold"])
+        attention = recorder.mean(z0.shape[-1])[-len(targets):]  # the conditional C1 rows
+        return images, refine_mask(attention, m, out_size, self.config["refine_threshold"])
+
+    def _defect_eps(self, conditions: Conditions, m: torch.Tensor, recorder: processors.Recorder) -> EpsFn:
+        """eps_theta(z*, t, C1), with classifier-free guidance on this branch alone when guidance_scale != 1
+        (the unconditional C1 keeps the background prompt: only the defect prompt is guided)."""
+        scale = float(self.config["guidance_scale"])
+
+        def eps(z: torch.Tensor, t: int) -> torch.Tensor:
+            if scale == 1.0:
+                return conditions.eps(z, t, [conditions.c1], m, recorder)
+            both = conditions.eps(torch.cat([z, z]), t, [conditions.c1_unconditional, conditions.c1],
+                                  torch.cat([m, m]), recorder)
+            unconditional, conditional = both.chunk(2)
+            return unconditional + scale * (conditional - unconditional)
+
+        return eps
 
     # -- helpers --
+
+    def _lora_settings(self) -> LoraSettings:
+        lora = self.config["lora"]
+        return LoraSettings(rank=int(lora["rank"]), alpha=lora.get("alpha"), targets=tuple(lora["targets"]))
 
     def _resolution(self, task_resolution: int) -> int:
         return int(self.config["resolution"] or task_resolution)
 
     @staticmethod
     def _noise(rng: np.random.Generator, backbone, size: int) -> torch.Tensor:
-        channels = backbone.unet.config.in_channels
-        side = size // (2 ** (len(backbone.vae.config.block_out_channels) - 1))
+        channels, side = backbone.unet.config.in_channels, size // backbone.latent_factor
         generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
         return torch.randn(channels, side, side, generator=generator)
-
-    @staticmethod
-    def _open(source: Path, unet: Path | None = None) -> backbones.Backbone:
-        backbone = backbones.load(source)
-        if unet is not None:
-            from diffusers import UNet2DConditionModel
-
-            backbone.unet = UNet2DConditionModel.from_pretrained(unet)
-        for module in (backbone.vae, backbone.unet, backbone.text_encoder):
-            module.eval().requires_grad_(False)
-        return backbone.to(default_device())

@@ -24,7 +24,7 @@ class LoraInpaint(Method):
     name = "lora_inpaint"
     paper = "DefectBench's example diffusion method (LoRA + DreamBooth prompt + blended sampling)"
     needs = frozenset({"target_normal", "target_mask"})
-    uses_backbone = True
+    backbone = "stable-diffusion-v1-5"
     resources = {"num_cpus": 1, "num_gpus": 1}
 
     def prompt(self, category: str) -> str:
