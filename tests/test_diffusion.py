@@ -197,7 +197,7 @@ def test_a_killed_pretraining_resumes_to_the_uninterrupted_result(tmp_path, monk
                                 checkpoint_every=2)
     said = []
     whole, history = pre.pretrain(images, categories, config, announce=said.append)
-    assert len(said) == 1 and "about" in said[0] and "5 VAE + 5 UNet steps" in said[0]
+    assert len(said) == 1 and "about" in said[0] and "5 autoencoder + 5 UNet steps" in said[0]
     for stage, kill_at in (("VAE", 3), ("UNet", 4)):
         folder = tmp_path / stage
         folder.mkdir()

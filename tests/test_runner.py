@@ -246,3 +246,44 @@ def test_reported_numbers_beside_measured(serial_run, tmp_path):
     assert "cutpaste (reported) FID↓" in text and "A paper, Table 9" in text
     assert "1.50" in text
     assert "0.0020" in text  # 2.0 / 1000
+
+
+def test_announcements_of_running_jobs_reach_the_driver_once(tmp_path):
+    """A job's JobContext.announce line (the pretraining's time estimate) is kept in its folder, and the Ray driver
+    prints each line once while the job runs (workers' own output does not reach its console)."""
+    from harness.runner import executors
+    from harness.runner.jobs import JobContext, make_job
+
+    job = make_job("backbone", "backbone tiny synthetic", {"x": 1})
+    context = JobContext(tmp_path, {}, {})
+    context.announce("pretraining the tiny backbone: about 4.0 min")
+
+    class Notes:
+        lines: list[str] = []
+
+        def note(self, line):
+            self.lines.append(line)
+
+    notes = Notes()
+    executors._relay_announcements(job, tmp_path, notes)
+    executors._relay_announcements(job, tmp_path, notes)  # nothing new: nothing printed again
+    context.announce("resumed")
+    executors._relay_announcements(job, tmp_path, notes)
+    assert notes.lines == ["backbone tiny synthetic: pretraining the tiny backbone: about 4.0 min",
+                           "backbone tiny synthetic: resumed"]
+
+
+def test_jobs_start_in_critical_path_order(tmp_path):
+    """The scheduler hands out the heads of the longest chains first: the backbone before a detector."""
+    from harness.runner.executors import Scheduler, chain_heights
+    from harness.runner.jobs import make_job
+
+    detect = make_job("detect", "detect", {"d": 1})
+    backbone = make_job("backbone", "backbone", {"b": 1})
+    fit = make_job("fit", "fit", {"f": 1}, (backbone.key,))
+    generate = make_job("generate", "generate", {"g": 1}, (fit.key,))
+    jobs = [detect, generate, fit, backbone]
+    heights = chain_heights(jobs)
+    assert heights[backbone.key] == 10 + 2 + 1 and heights[detect.key] == 3
+    order = [j.label for j in Scheduler(jobs, {}, lambda key: tmp_path / key).pending()]
+    assert order == ["backbone", "detect", "fit", "generate"]  # equal heights keep the plan order

@@ -41,7 +41,7 @@ from harness.io import atomic_write_bytes
 class PretrainConfig:
     resolution: int = 128
     vae_steps: int = 600
-    unet_steps: int = 1000
+    unet_steps: int = 600
     vae_batch: int = 32  # VAE training crops per step
     vae_crop: int = 32  # VAE training crops (px); 0: whole images
     batch_size: int = 8  # UNet training latents per step
@@ -215,7 +215,7 @@ def _train_vae(backbone: Backbone, images: np.ndarray, config: PretrainConfig, r
         backbone.vae.load_state_dict(saved["extra"]["vae"])
         backbone.vae.eval().requires_grad_(False)
         return saved["extra"]["vae_history"]
-    backbone.vae.train()
+    backbone.vae.train().requires_grad_(True)
     stage = _Stage("VAE", {"vae": backbone.vae}, config.vae_steps, config.vae_lr, rng, generator, checkpoints,
                    config.checkpoint_every)
     history = stage.run(lambda: _vae_loss(backbone, images, config, rng), saved, progress)
@@ -226,7 +226,7 @@ def _train_vae(backbone: Backbone, images: np.ndarray, config: PretrainConfig, r
 def _train_unet(backbone: Backbone, images: np.ndarray, categories: list[str], config: PretrainConfig, rng,
                 generator, progress, checkpoints: Path | None, saved: dict | None, vae_history: list[float]
                 ) -> list[float]:
-    unet, text_encoder = backbone.unet.train(), backbone.text_encoder.train()
+    unet, text_encoder = backbone.unet.train().requires_grad_(True), backbone.text_encoder.train().requires_grad_(True)
     prompts = np.array([prompt_for(c) for c in categories])
     steps_total = backbone.scheduler.config.num_train_timesteps
     latents = _encode_all(backbone, images, config.batch_size)
@@ -250,22 +250,29 @@ def _train_unet(backbone: Backbone, images: np.ndarray, categories: list[str], c
 
 
 def _estimate(backbone: Backbone, images: np.ndarray, categories: list[str], config: PretrainConfig) -> str:
-    """A one-line estimate of the pretraining's time from two timed steps of each stage on copies of the networks
-    (random numbers of their own: the real run's stream is not touched)."""
+    """A one-line estimate of the pretraining's time from timed steps of each stage on copies of the networks
+    (random numbers of their own: the real run's stream is not touched). Each stage runs one untimed step first,
+    so a GPU's start-up (kernel selection, lazy loading) does not count as training time."""
     import copy
 
     probe = copy.deepcopy(backbone)
     rng, generator = np.random.default_rng(config.seed + 1), torch.Generator().manual_seed(config.seed + 1)
-    timed = PretrainConfig(**{**dataclasses.asdict(config), "vae_steps": 2, "unet_steps": 2, "checkpoint_every": 0})
-    clock = time.perf_counter()
-    _train_vae(probe, images[:max(timed.batch_size, 1)], timed, rng, generator, False, None, None)
-    vae_seconds = (time.perf_counter() - clock) / 2
-    clock = time.perf_counter()
-    _train_unet(probe, images[:timed.batch_size], categories[:timed.batch_size], timed, rng, generator, False, None,
-                None, [])
-    unet_seconds = (time.perf_counter() - clock) / 2
-    total = vae_seconds * config.vae_steps + unet_seconds * config.unet_steps
-    return (f"pretraining the tiny backbone on {len(images)} normal images ({config.vae_steps} VAE + "
+    seconds = {}
+    for stage in ("vae", "unet"):
+        durations = []
+        for steps in (1, 3):  # the warm-up, then three timed steps
+            timed = PretrainConfig(**{**dataclasses.asdict(config), "vae_steps": steps if stage == "vae" else 0,
+                                      "unet_steps": steps if stage == "unet" else 0, "checkpoint_every": 0})
+            clock = time.perf_counter()
+            if stage == "vae":
+                _train_vae(probe, images[:timed.batch_size], timed, rng, generator, False, None, None)
+            else:
+                _train_unet(probe, images[:timed.batch_size], categories[:timed.batch_size], timed, rng, generator,
+                            False, None, None, [])
+            durations.append(time.perf_counter() - clock)
+        seconds[stage] = durations[-1] / 3
+    total = seconds["vae"] * config.vae_steps + seconds["unet"] * config.unet_steps
+    return (f"pretraining the tiny backbone on {len(images)} normal images ({config.vae_steps} autoencoder + "
             f"{config.unet_steps} UNet steps on {backbone.device.type}, {torch.get_num_threads()} threads): "
             f"about {total / 60:.1f} min")
 

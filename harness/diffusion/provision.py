@@ -17,6 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -61,7 +62,8 @@ def tiny_key(normals: list[NormalImages], config) -> str:
                         "code": code_hash()})[:20]
 
 
-def tiny_backbone(normals: list[NormalImages], config, progress: bool = False) -> tuple[Path, dict]:
+def tiny_backbone(normals: list[NormalImages], config, progress: bool = False,
+                  announce: Callable[[str], None] = print) -> tuple[Path, dict]:
     """The cached tiny backbone for these images and settings, pretrained now if it is not cached yet.
 
     Returns its folder and its info (settings, image counts, loss history, seconds, and whether it was reused)."""
@@ -69,7 +71,7 @@ def tiny_backbone(normals: list[NormalImages], config, progress: bool = False) -
     if (folder / INFO_FILE).is_file():
         return folder, {**json.loads((folder / INFO_FILE).read_text()), "reused": True}
     from harness.data.images import read_image
-    from harness.diffusion.pretrain import pretrain
+    from harness.diffusion.pretrain import CHECKPOINT, pretrain
 
     images, categories = [], []
     for entry in normals:
@@ -82,12 +84,14 @@ def tiny_backbone(normals: list[NormalImages], config, progress: bool = False) -
     partial.mkdir(parents=True, exist_ok=True)
     estimate: list[str] = []
 
-    def announce(line: str) -> None:
+    def say(line: str) -> None:
         estimate.append(line)
-        print(line, flush=True)
+        announce(line)
 
+    if (partial / CHECKPOINT).is_file():
+        announce(f"resuming the pretraining from its checkpoint in {partial}")
     backbone, history = pretrain(np.stack(images), categories, config, progress=progress, checkpoints=partial,
-                                 announce=announce)
+                                 announce=say)
     info = {"kind": "tiny-pretrained", "config": dataclasses.asdict(config), "code": code_hash(),
             "images": {n.category: len(n.paths) for n in normals}, "history": history,
             "seconds": round(time.perf_counter() - start, 1), "estimate": estimate[0] if estimate else None}
@@ -105,12 +109,12 @@ def paper_backbone(explicit: str | Path | None = None, name: str | None = None) 
 
 
 def provision(profile: str | Profile, normals: list[NormalImages], overrides: dict | None = None,
-              explicit: str | Path | None = None, progress: bool = False, name: str | None = None
-              ) -> tuple[Path, dict]:
+              explicit: str | Path | None = None, progress: bool = False, name: str | None = None,
+              announce: Callable[[str], None] = print) -> tuple[Path, dict]:
     """The backbone folder for a profile: the tiny one pretrained here, or the pretrained backbone `name`."""
     profile = get_profile(profile)
     if profile.name == "tiny":
-        return tiny_backbone(normals, pretrain_config(overrides or {}, profile.resolution), progress)
+        return tiny_backbone(normals, pretrain_config(overrides or {}, profile.resolution), progress, announce)
     return paper_backbone(explicit, name)
 
 

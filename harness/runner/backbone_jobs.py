@@ -99,7 +99,8 @@ def run_backbone(job: Job, ctx: JobContext) -> list[dict]:
     p = job.inputs
     normals = [provision.NormalImages(n["category"], tuple(Path(x) for x in p["paths"][n["category"]]),
                                       tuple(n["hashes"])) for n in p["normals"]]
-    folder, info = provision.provision(p["profile"], normals, p["pretrain"], p["weights"], name=p.get("name"))
+    folder, info = provision.provision(p["profile"], normals, p["pretrain"], p["weights"], name=p.get("name"),
+                                       announce=ctx.announce)
     atomic_write_json(ctx.folder / JOB_FILE, {"key": folder.name, "provenance": p["provenance"], "name": p.get("name"),
                                               **{k: v for k, v in info.items() if k not in ("config", "weights")}})
     return []

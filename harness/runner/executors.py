@@ -18,7 +18,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from harness.io import write_jsonl
-from harness.runner.jobs import JOB_KINDS, Job, JobContext
+from harness.runner.jobs import ANNOUNCE_FILE, JOB_KINDS, Job, JobContext
 from harness.runner.store import (DONE, FAILED, RECORDS_FILE, SKIPPED, outputs_digest, pin_outputs, read_status,
                                   write_status)
 
@@ -116,6 +116,20 @@ def _fits(job: Job, running: Any, cluster: dict[str, float]) -> bool:
     return cpus <= cluster["CPU"] and gpus <= cluster["GPU"] + 1e-9
 
 
+_ANNOUNCED: dict[str, int] = {}
+
+
+def _relay_announcements(job: Job, folder: Path, progress: "Progress") -> None:
+    """Print the lines a running Ray job announced (JobContext.announce) that were not printed yet."""
+    path = folder / ANNOUNCE_FILE
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for line in lines[_ANNOUNCED.get(job.key, 0):]:
+        progress.note(f"{job.label}: {line}")
+    _ANNOUNCED[job.key] = len(lines)
+
+
 def _ray_node() -> str | None:
     """The Ray node a job runs on (None outside Ray)."""
     ray = sys.modules.get("ray")  # never import Ray just to ask
@@ -146,6 +160,10 @@ class Progress:
         self.counts["done" if state == DONE else "failed"] += 1
         self.bar.update(1)
         self._refresh()
+
+    def note(self, line: str) -> None:
+        """A line above the bar (it stays when the bar moves on)."""
+        self.bar.write(line)
 
     def skipped(self) -> None:
         self.counts["skipped"] += 1
@@ -257,6 +275,8 @@ def run_ray(scheduler: Scheduler, common: dict, progress: Progress, num_cpus: in
             if not running:
                 continue
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for job in running.values():
+                _relay_announcements(job, scheduler.job_dir(job.key), progress)
             for ref in done:
                 job = running.pop(ref)
                 try:

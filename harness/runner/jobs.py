@@ -73,6 +73,9 @@ def job_resources(profile, num_cpus: int = 1, memory: int | None = None, gpu: bo
     return out
 
 
+ANNOUNCE_FILE = "announce.txt"
+
+
 @dataclass
 class JobContext:
     """What a running job sees: its own folder, its dependencies' folders, and per-process objects."""
@@ -80,6 +83,13 @@ class JobContext:
     folder: Path
     deps: dict[str, Path]  # dependency key -> that job's finished folder
     cache: dict[str, Any]  # lives as long as the worker process (networks built once per worker)
+
+    def announce(self, line: str) -> None:
+        """A line for the person watching the run (an estimate, a milestone): printed here, and kept in the job's
+        folder, from where the Ray driver prints it too (workers' own output does not reach its console)."""
+        print(line, flush=True)
+        with open(self.folder / ANNOUNCE_FILE, "a", encoding="utf-8") as handle:
+            handle.write(line.rstrip("\n") + "\n")
 
     def only_dep(self, job: Job) -> Path:
         """The folder of the single dependency of `job`."""
