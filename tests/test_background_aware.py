@@ -171,20 +171,20 @@ def test_mask_refinement_equation_13(equations):
     assert not (refined[0] & ~inside).any()  # never outside the target mask
 
 
+def _task(root, backbone, category: str, defect: str):
+    task = build_task(make_split(read_category(root, category, dataset="synthetic")), [defect], 64, seed=0)
+    task.backbone = backbone[0]
+    return task
+
+
 @pytest.fixture(scope="module")
 def washer_task(synth_root, pretrained_backbone):
-    split = make_split(read_category(synth_root, "washer", dataset="synthetic"))
-    task = build_task(split, ["stain"], 64, seed=0)
-    task.backbone = pretrained_backbone[0]
-    return task
+    return _task(synth_root, pretrained_backbone, "washer", "stain")
 
 
 @pytest.fixture(scope="module")
 def weave_task(synth_root, pretrained_backbone):
-    split = make_split(read_category(synth_root, "weave", dataset="synthetic"))
-    task = build_task(split, ["hole"], 64, seed=0)
-    task.backbone = pretrained_backbone[0]
-    return task
+    return _task(synth_root, pretrained_backbone, "weave", "hole")
 
 
 # ---- the paper's claims after fitting, each with broken variants that must fail it ------------------------------
