@@ -48,19 +48,28 @@ def test_a_broken_method_is_named_and_hides_nothing(tmp_path):
         get_method_info("broken", [tmp_path])
 
 
-def test_a_new_method_is_a_directory(tmp_path):
-    folder = tmp_path / "identity"
+def _method_dir(root, name: str, yaml_text: str, generate_body: str, header: str = "", **helpers: str):
+    """A method directory `root/name` whose generate() runs `generate_body` per target (with `image` to yield)."""
+    folder = root / name
     folder.mkdir()
-    (folder / "method.yaml").write_text("defaults:\n  gain: 1.0\nprofiles:\n  paper:\n    gain: 2.0\n")
-    (folder / "method.py").write_text(textwrap.dedent("""
-        from harness import GeneratedSample, Method
-        class Identity(Method):
-            name = "identity"
-            needs = frozenset({"target_normal", "target_mask"})
-            def generate(self, request, workdir):
-                for target in request.targets:
-                    yield GeneratedSample.on_target(target, target.normal.image, target.mask, request.defect_type)
-    """))
+    (folder / "method.yaml").write_text(yaml_text)
+    for module, text in helpers.items():
+        (folder / f"{module}.py").write_text(text)
+    body = textwrap.indent(textwrap.dedent(generate_body).strip(), " " * 12)
+    (folder / "method.py").write_text(
+        f"from harness import GeneratedSample, Method\n{header}\n"
+        f"class {name.title()}(Method):\n"
+        f"    name = {name!r}\n"
+        f"    needs = frozenset({{'target_normal', 'target_mask'}})\n"
+        f"    def generate(self, request, workdir):\n"
+        f"        for target in request.targets:\n{body}\n"
+        f"            yield GeneratedSample.on_target(target, image, target.mask, request.defect_type)\n")
+    return folder
+
+
+def test_a_new_method_is_a_directory(tmp_path):
+    _method_dir(tmp_path, "identity", "defaults:\n  gain: 1.0\nprofiles:\n  paper:\n    gain: 2.0\n",
+                "image = target.normal.image")
     methods = discover([tmp_path, REPO_METHODS_DIR])
     assert methods["identity"].ok and set(BASELINES) <= set(methods)
     assert load_method("identity", "paper", dirs=[tmp_path]).config == {"gain": 2.0}
@@ -69,22 +78,10 @@ def test_a_new_method_is_a_directory(tmp_path):
 def test_a_method_directory_is_a_package_with_its_own_helper_modules(tmp_path):
     """methods/<name>/ may keep helper modules beside method.py and import them relatively (DRAEM's noise.py); a
     refreshed discovery reads an edited helper afresh."""
-    folder = tmp_path / "darken"
-    folder.mkdir()
-    (folder / "method.yaml").write_text("defaults: {}\n")
-    (folder / "shade.py").write_text("FACTOR = 0.5\n")
-    (folder / "method.py").write_text(textwrap.dedent("""
-        from harness import GeneratedSample, Method
-        from .shade import FACTOR
-        class Darken(Method):
-            name = "darken"
-            needs = frozenset({"target_normal", "target_mask"})
-            def generate(self, request, workdir):
-                for target in request.targets:
-                    image = target.normal.image.copy()
-                    image[target.mask] = (image[target.mask] * FACTOR).astype(image.dtype)
-                    yield GeneratedSample.on_target(target, image, target.mask, request.defect_type)
-    """))
+    folder = _method_dir(tmp_path, "darken", "defaults: {}\n", """
+        image = target.normal.image.copy()
+        image[target.mask] = (image[target.mask] * FACTOR).astype(image.dtype)
+    """, header="from .shade import FACTOR", shade="FACTOR = 0.5\n")
     info = discover([tmp_path], refresh=True)["darken"]
     assert info.ok, info.error
     assert info.cls.__module__ == "defectbench_methods.darken"
