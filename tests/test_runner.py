@@ -264,11 +264,11 @@ def test_announcements_of_running_jobs_reach_the_driver_once(tmp_path):
         def note(self, line):
             self.lines.append(line)
 
-    notes = Notes()
-    executors._relay_announcements(job, tmp_path, notes)
-    executors._relay_announcements(job, tmp_path, notes)  # nothing new: nothing printed again
+    notes, printed = Notes(), {}
+    executors._relay_announcements(job, tmp_path, notes, printed)
+    executors._relay_announcements(job, tmp_path, notes, printed)  # nothing new: nothing printed again
     context.announce("resumed")
-    executors._relay_announcements(job, tmp_path, notes)
+    executors._relay_announcements(job, tmp_path, notes, printed)
     assert notes.lines == ["backbone tiny synthetic: pretraining the tiny backbone: about 4.0 min",
                            "backbone tiny synthetic: resumed"]
 

@@ -116,18 +116,16 @@ def _fits(job: Job, running: Any, cluster: dict[str, float]) -> bool:
     return cpus <= cluster["CPU"] and gpus <= cluster["GPU"] + 1e-9
 
 
-_ANNOUNCED: dict[str, int] = {}
-
-
-def _relay_announcements(job: Job, folder: Path, progress: "Progress") -> None:
-    """Print the lines a running Ray job announced (JobContext.announce) that were not printed yet."""
+def _relay_announcements(job: Job, folder: Path, progress: "Progress", printed: dict[str, int]) -> None:
+    """Print the lines a running Ray job announced (JobContext.announce) that were not printed yet; `printed`
+    counts them per job for this run (a job redone in a later run starts afresh)."""
     path = folder / ANNOUNCE_FILE
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines()
-    for line in lines[_ANNOUNCED.get(job.key, 0):]:
+    for line in lines[printed.get(job.key, 0):]:
         progress.note(f"{job.label}: {line}")
-    _ANNOUNCED[job.key] = len(lines)
+    printed[job.key] = len(lines)
 
 
 def _ray_node() -> str | None:
@@ -257,6 +255,7 @@ def run_ray(scheduler: Scheduler, common: dict, progress: Progress, num_cpus: in
                      logging_level="error")
     remote = ray.remote(execute_job)
     running: dict[Any, Job] = {}
+    announced: dict[str, int] = {}  # lines of JobContext.announce printed so far, per job
     waiting = scheduler.pending()
     try:
         while waiting or running:
@@ -276,7 +275,7 @@ def run_ray(scheduler: Scheduler, common: dict, progress: Progress, num_cpus: in
                 continue
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for job in running.values():
-                _relay_announcements(job, scheduler.job_dir(job.key), progress)
+                _relay_announcements(job, scheduler.job_dir(job.key), progress, announced)
             for ref in done:
                 job = running.pop(ref)
                 try:
