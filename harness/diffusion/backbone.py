@@ -62,11 +62,8 @@ class Backbone:
         return 2 ** (len(levels) - 1)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (the posterior mean of a KL autoencoder such as SD's;
-        the tiny backbone's autoencoder is deterministic)."""
-        encoded = self.vae.encode(images)
-        latents = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
-        return latents * self.latent_scale
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents."""
+        return unscaled_latents(self.vae, images) * self.latent_scale
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [-1, 1]."""
@@ -75,6 +72,18 @@ class Backbone:
     def save(self, folder: Path) -> None:
         for name in SUBFOLDERS:
             getattr(self, name).save_pretrained(folder / name)
+
+
+def unscaled_latents(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's latents before scaling: the posterior mean of a KL autoencoder such as SD's, the
+    deterministic code of the tiny backbone's (diffusers' AutoencoderDC names it `latent`, AutoencoderTiny
+    `latents`)."""
+    encoded = vae.encode(images)
+    for name in ("latent_dist", "latent", "latents"):
+        if hasattr(encoded, name):
+            value = getattr(encoded, name)
+            return value.mean if name == "latent_dist" else value
+    raise TypeError(f"{type(vae).__name__}.encode returned {type(encoded).__name__}: no latents in it")
 
 
 def word_level_tokenizer(words: list[str], max_length: int = 16):
@@ -112,7 +121,9 @@ def build_tiny(words: list[str], resolution: int = 128, seed: int = 0) -> Backbo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # TAESD's architecture (diffusers' AutoencoderTiny, a drop-in autoencoder for SD): plain convolutions
-        # without normalisation train to a given PSNR in half the steps of a tiny AutoencoderKL on a CPU
+        # without normalisation train to a given PSNR in half the steps of a tiny AutoencoderKL on a CPU, and
+        # its latents stay easy for the tiny UNet (README.md: DC-AE's reconstruct better, but samples decode to
+        # colour speckle)
         vae = AutoencoderTiny(in_channels=3, out_channels=3, latent_channels=TINY_LATENT_CHANNELS,
                               encoder_block_out_channels=(32, 32, 32), decoder_block_out_channels=(32, 32, 32),
                               num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1), scaling_factor=1.0)
@@ -153,7 +164,7 @@ def load(source: str | Path, local_only: bool = True) -> Backbone:
 
     common = {"local_files_only": local_only}
     quiet = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # AutoencoderTiny saves a config key it warns about when it reads it
+    diffusers_logging.set_verbosity_error()  # some autoencoders save config keys they warn about when they read them
     try:
         vae = AutoModel.from_pretrained(str(source), subfolder="vae", **common)  # SD's AutoencoderKL, or the tiny one
     finally:
