@@ -214,18 +214,22 @@ def _measure(task, samples, request) -> dict[str, float]:
     normals = np.stack([t.normal.image for t in request.targets])
     reconstructions = decode(backbone, encode(backbone, normals))
     error = count = 0.0
-    contrast, samples_in, normals_in = [], [], []
+    contrast, samples_in, normals_in, follows = [], [], [], []
     for sample, target, reconstruction in zip(samples, request.targets, reconstructions):
         e, c = squared_error_outside(sample.image, reconstruction, target.mask)
         error, count = error + e, count + c
         diff = np.abs(sample.image.astype(float) - target.normal.image).mean(2)
         contrast.append(diff[target.mask].mean() / max(diff[~target.mask].mean(), 1e-6))
         samples_in.append(sample.image[target.mask].mean(0))
+        rest = target.mask & ~sample.mask
+        if sample.mask.any() and rest.any():
+            follows.append(diff[sample.mask].mean() / max(diff[rest].mean(), 1e-6))
         normals_in.append(target.normal.image[target.mask].mean(0))
     defect_colour = np.mean([a.image[a.mask].mean(0) for a in task.anomalies], axis=0)
     span = defect_colour - np.mean(normals_in, axis=0)
     moved = float(np.dot(np.mean(samples_in, axis=0) - np.mean(normals_in, axis=0), span) / np.dot(span, span))
-    return {"background": psnr_from_error(error, count), "contrast": float(np.mean(contrast)), "defect": moved}
+    return {"background": psnr_from_error(error, count), "contrast": float(np.mean(contrast)), "defect": moved,
+            "follows": float(np.mean(follows)) if follows else float("nan")}
 
 
 # The claims on the test backbone (64 px, minutes of pretraining), with the values measured for the working method
@@ -284,7 +288,8 @@ def variants(weave_task, tmp_path_factory, equations):
     finally:
         mp.undo()
     for name, m in out.items():  # (-s shows them)
-        print(f"{name:20s} background {m['background']:.2f} dB  contrast {m['contrast']:.2f}  defect {m['defect']:.2f}")
+        print(f"{name:20s} background {m['background']:.2f} dB  contrast {m['contrast']:.2f}  defect {m['defect']:.2f}"
+              f"  follows {m['follows']:.2f}")
     return out
 
 

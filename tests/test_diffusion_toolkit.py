@@ -3,6 +3,7 @@ fine-tuning loop, each on small tensors against a direct computation or the libr
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -318,3 +319,35 @@ def test_the_example_diffusion_method_runs_in_a_suite(tmp_path, monkeypatch, iso
         assert json.loads((work / "fit.json").read_text())["prompt"].startswith("a photo of sks defect")
     records = run_records(result.store)
     assert set(records["metric"]) == {"bg_psnr", "mask_iou"} and records["value"].notna().all()
+
+
+# ---- backbone: latents of every diffusers autoencoder ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["kl", "tiny", "dc"])
+def test_unscaled_latents_reads_each_autoencoders_output(kind):
+    """SD's AutoencoderKL gives a posterior (its mean is the latent), AutoencoderTiny `latents`, AutoencoderDC
+    `latent`: one reader returns what each model's own encoder output holds."""
+    from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderTiny
+
+    from harness.diffusion.backbone import unscaled_latents
+
+    torch.manual_seed(0)
+    if kind == "kl":
+        vae = AutoencoderKL(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=4,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+        expected = lambda out: out.latent_dist.mean  # noqa: E731
+    elif kind == "tiny":
+        vae = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                              num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
+        expected = lambda out: out.latents  # noqa: E731
+    else:
+        vae = AutoencoderDC(latent_channels=4, attention_head_dim=4, encoder_block_types="ResBlock",
+                            decoder_block_types="ResBlock", encoder_block_out_channels=(8, 8),
+                            decoder_block_out_channels=(8, 8), encoder_layers_per_block=(1, 1),
+                            decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), ()),
+                            decoder_qkv_multiscales=((), ()))
+        expected = lambda out: out.latent  # noqa: E731
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(unscaled_latents(vae.eval(), images), expected(vae.encode(images)))
