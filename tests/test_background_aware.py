@@ -214,28 +214,24 @@ def _measure(task, samples, request) -> dict[str, float]:
     normals = np.stack([t.normal.image for t in request.targets])
     reconstructions = decode(backbone, encode(backbone, normals))
     error = count = 0.0
-    contrast, samples_in, normals_in, follows = [], [], [], []
+    contrast, samples_in, normals_in = [], [], []
     for sample, target, reconstruction in zip(samples, request.targets, reconstructions):
         e, c = squared_error_outside(sample.image, reconstruction, target.mask)
         error, count = error + e, count + c
         diff = np.abs(sample.image.astype(float) - target.normal.image).mean(2)
         contrast.append(diff[target.mask].mean() / max(diff[~target.mask].mean(), 1e-6))
         samples_in.append(sample.image[target.mask].mean(0))
-        rest = target.mask & ~sample.mask
-        if sample.mask.any() and rest.any():
-            follows.append(diff[sample.mask].mean() / max(diff[rest].mean(), 1e-6))
         normals_in.append(target.normal.image[target.mask].mean(0))
     defect_colour = np.mean([a.image[a.mask].mean(0) for a in task.anomalies], axis=0)
     span = defect_colour - np.mean(normals_in, axis=0)
     moved = float(np.dot(np.mean(samples_in, axis=0) - np.mean(normals_in, axis=0), span) / np.dot(span, span))
-    return {"background": psnr_from_error(error, count), "contrast": float(np.mean(contrast)), "defect": moved,
-            "follows": float(np.mean(follows)) if follows else float("nan")}
+    return {"background": psnr_from_error(error, count), "contrast": float(np.mean(contrast)), "defect": moved}
 
 
 # The claims on the test backbone (64 px, minutes of pretraining), with the values measured for the working method
-# and the broken variants (weave/hole, 150 steps): background 29.5 dB (no fine-tuning 25.5: the un-tuned UNet
-# inverts the blanked latent less exactly; no background path 21.0; no inversion 10.6), contrast 4.4 (no inversion
-# 1.1). Whether the drawn defect looks like the training defects needs the 128 px backbone:
+# and the broken variants (weave/hole, 150 steps): background 30.2 dB (no fine-tuning 26.6: the un-tuned UNet
+# inverts the blanked latent less exactly; no background path 21.9; no inversion 10.9), contrast 4.8 (no inversion
+# 1.2). Whether the drawn defect looks like the training defects needs the 128 px backbone:
 # tests/benchmarks/test_bench_background_aware.py measures it on the smoke suite.
 CLAIMS = {
     "background kept (Prop. 1)": lambda m: m["background"] >= 28.0,
@@ -288,8 +284,7 @@ def variants(weave_task, tmp_path_factory, equations):
     finally:
         mp.undo()
     for name, m in out.items():  # (-s shows them)
-        print(f"{name:20s} background {m['background']:.2f} dB  contrast {m['contrast']:.2f}  defect {m['defect']:.2f}"
-              f"  follows {m['follows']:.2f}")
+        print(f"{name:20s} background {m['background']:.2f} dB  contrast {m['contrast']:.2f}  defect {m['defect']:.2f}")
     return out
 
 
@@ -301,8 +296,9 @@ def test_the_working_method_holds_every_claim(variants):
 SWAP_BLIND = pytest.mark.xfail(strict=True, reason=(
     "known limitation, not hidden: the tiny UNet tells the two training tasks apart by its input (the latent of "
     "the background term is blanked inside the mask) and not by the prompts, so swapping C1 and C2 at sampling "
-    "changes no measured value (29.52 against 29.53 dB, contrast 4.44 against 4.44); strict, so a backbone that "
-    "does bind the prompts makes this test fail and the mark is removed"))
+    "changes no measured value (30.24 against 30.22 dB, contrast 4.75 against 4.76; nor does the defect token's "
+    "attention follow the drawn defect any less: change inside the refined mask over the rest of the mask 1.97 "
+    "against 1.99); strict, so a backbone that does bind the prompts makes this test fail and the mark is removed"))
 
 
 @pytest.mark.parametrize("broken", ["no fine-tuning", pytest.param("C1/C2 swapped", marks=SWAP_BLIND),
