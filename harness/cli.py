@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+# harness.metrics.iclpips.PRESETS by name (importing it loads torch, too slow for --help); a test keeps them equal
+IC_LPIPS_PRESETS = ["ic_lpips", "ic_lpips_dfmgan", "ic_lpips_dfmgan_fixed", "ic_lpips_alex"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defectbench", description="Few-shot industrial defect generation benchmark.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="clean-thirds")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--profile", default="tiny")
-    p.add_argument("--ic-lpips", default="ic_lpips", choices=["ic_lpips", "ic_lpips_dfmgan", "ic_lpips_dfmgan_fixed"],
-                   help="IC-LPIPS variant: DualAnoDiff (vgg, 256 px, 50 per cluster), DFMGAN's code (alex, 200, "
-                        "centres unscaled as in its code), or DFMGAN's rule with the centres scaled")
+    p.add_argument("--ic-lpips", default="ic_lpips", choices=IC_LPIPS_PRESETS,
+                   help="IC-LPIPS variant (also the LPIPS network of LPIPS-real and BG-LPIPS): DualAnoDiff (vgg, "
+                        "256 px, 50 per cluster), DFMGAN's code (alex, 200, centres unscaled as in its code), DFMGAN's "
+                        "rule with the centres scaled, or DualAnoDiff's rule with alex at the images' size (cheap)")
     p.add_argument("--json", type=Path, help="also write the values (with details) to this JSON file")
     p.set_defaults(func=cmd_score)
 

@@ -204,7 +204,7 @@ def _measure(task, samples, request) -> dict[str, float]:
       target normal image (Proposition 1: the background path reproduces the inverted background, so the sample
       outside the mask is that reconstruction, up to the decoder's reach across the mask's edge);
     - contrast: mean |sample - normal| inside the target mask over the mean outside it;
-    - defect: how far the mean colour inside the masks moved from the normal images' towards the training
+    - defect (printed, not a claim): how far the mean colour inside the masks moved from the normal images' towards the training
       defects' (1: all the way, 0: not at all; means over all samples, projected on the normal-to-defect line)."""
     from harness.diffusion import backbone as backbones
     from harness.diffusion.latents import decode, encode

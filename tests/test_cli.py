@@ -64,3 +64,10 @@ def test_magnetic_tile_end_to_end(tmp_path, capsys):
     code, out, err = run(capsys, "score", gen, "--data", root, "--category", "magnetic_tile", "--defect", "fray")
     assert code == 0, err
     assert "IC-LPIPS" in out and "BG-PSNR" in out
+
+
+def test_the_score_commands_ic_lpips_choices_are_the_presets():
+    from harness.cli import IC_LPIPS_PRESETS
+    from harness.metrics.iclpips import PRESETS
+
+    assert IC_LPIPS_PRESETS == list(PRESETS)
