@@ -188,14 +188,15 @@ def test_pretraining_brings_samples_closer_to_the_normal_images(synth_root, pret
 
 def test_a_killed_pretraining_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """Checkpoints every 2 steps; a run killed in the VAE stage and one killed in the UNet stage each resume to
-    exactly the weights and loss history of a run that was never stopped, and an estimate is announced first."""
+    exactly the weights and loss history of a run that was never stopped (on a GPU: to round-off), and an estimate
+    is announced first."""
     from harness.diffusion import pretrain as pre
 
     rng = np.random.default_rng(0)
     images, categories = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), ["a", "b"] * 3
     config = pre.PretrainConfig(resolution=32, vae_steps=5, unet_steps=5, vae_batch=2, vae_crop=16, batch_size=2,
                                 checkpoint_every=2)
-    said = []
+    said, same = [], _same_up_to_the_device()
     whole, history = pre.pretrain(images, categories, config, announce=said.append)
     assert len(said) == 1 and "about" in said[0] and "5 autoencoder + 5 UNet steps" in said[0]
     for stage, kill_at in (("VAE", 3), ("UNet", 4)):
@@ -220,11 +221,23 @@ def test_a_killed_pretraining_resumes_to_the_uninterrupted_result(tmp_path, monk
         monkeypatch.setattr(pre._Stage, "run", real_run)
         assert (folder / pre.CHECKPOINT).is_file()
         resumed, resumed_history = pre.pretrain(images, categories, config, checkpoints=folder)
-        assert resumed_history == history
+        assert same(resumed_history, history), (stage, resumed_history, history)
         for name in ("vae", "unet", "text_encoder"):
             for (key, a), b in zip(getattr(whole, name).state_dict().items(),
                                    getattr(resumed, name).state_dict().values()):
-                assert torch.equal(a, b), (stage, name, key)
+                assert same(a, b), (stage, name, key)
+
+
+def _same_up_to_the_device():
+    """Exact equality on the CPU; on a GPU, equality to float32 round-off: its convolution kernels add in an
+    order that varies from run to run (seen on an H100: losses equal to 1e-5), so no two runs there are bitwise
+    equal, killed or not."""
+    from harness.device import default_device
+
+    if default_device().type == "cpu":
+        return lambda a, b: torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    return lambda a, b: (torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-5) if isinstance(a, torch.Tensor)
+                         else all(np.allclose(a[k], b[k], rtol=1e-3) for k in a) and a.keys() == b.keys())
 
 
 def test_vae_crops_get_generic_content():
