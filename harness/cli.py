@@ -196,7 +196,9 @@ def cmd_methods(args) -> int:
     rows, broken = [], []
     for name, info in discover().items():
         if info.ok:
-            rows.append([name, info.cls.granularity, ", ".join(sorted(info.cls.needs)) or "-", info.cls.paper])
+            paper = info.cls.paper + (f" [in progress, not in 'methods: all': {info.cls.in_progress}]"
+                                      if info.cls.in_progress else "")
+            rows.append([name, info.cls.granularity, ", ".join(sorted(info.cls.needs)) or "-", paper])
         else:
             rows.append([name, "BROKEN", "-", info.error.splitlines()[0]])
             broken.append(info)

@@ -131,6 +131,9 @@ class Method:
     # (FewShotTask.backbone). None: the method uses no backbone.
     backbone: ClassVar[str | None] = None
     uses_backbone: ClassVar[bool] = False  # set from `backbone`
+    # non-empty: what the method still lacks. `methods: all` leaves it out (so no leaderboard shows an unfinished
+    # method by default) and `defectbench methods` says why; a suite that names it runs it.
+    in_progress: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

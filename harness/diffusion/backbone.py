@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 # Rare words to bind new concepts to (DreamBooth): they mean nothing in the pretraining prompts.
-RARE_TOKENS = ("sks", "ktn", "pll", "ucd", "olis", "zwx", "qrv", "bxq")
+RARE_TOKENS = ("sks", "ktn", "pll", "ucd", "olis", "zwx", "qrv", "bxq", "vfx")  # vfx: DualAnoDiff's prompt
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 BASE_WORDS = ("a", "photo", "of", "an", "with", "defect", "mask", "background", "normal", "good", "the", "on", "in")
 SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")

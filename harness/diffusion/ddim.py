@@ -131,13 +131,18 @@ def guided_stacked(eps_model: EpsModel, scale: float) -> EpsModel:
 def make_scheduler(name: str, like) -> object:
     """A diffusers scheduler chosen by class name (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
     ...) with the noise schedule of `like` (a backbone's scheduler), so any sampler works on any backbone."""
+    return scheduler_class(name).from_config(like.config)
+
+
+def scheduler_class(name: str) -> type:
+    """diffusers' scheduler class of that name; a clear error listing the known ones otherwise."""
     import diffusers
 
     cls = getattr(diffusers, name, None)
     if cls is None or not name.endswith("Scheduler"):
         known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("_"))
         raise ValueError(f"unknown scheduler {name!r}; diffusers has: {', '.join(known)}")
-    return cls.from_config(like.config)
+    return cls
 
 
 def sample_with(scheduler, eps_model: EpsModel, z_T: torch.Tensor, steps: int, condition: object = None,

@@ -37,38 +37,50 @@ class LatentBatch:
     latents: torch.Tensor  # (B, C, h, w)
     masks: torch.Tensor  # (B, 1, h, w) at latent resolution
     index: torch.Tensor  # (B,) which training image (before augmentation) each row came from
+    paired: torch.Tensor | None = None  # (B, C, h, w) latents of each row's paired image (LatentData.encode)
 
 
 class LatentData:
     """Training latents and latent masks, encoded once, with flipped variants (the paired augmentation: image and
     mask are flipped together before encoding, so no latent is an approximation of a flipped one)."""
 
-    def __init__(self, latents: torch.Tensor, masks: torch.Tensor, index: torch.Tensor):
-        self.latents, self.masks, self.index = latents, masks, index
+    def __init__(self, latents: torch.Tensor, masks: torch.Tensor, index: torch.Tensor,
+                 paired: torch.Tensor | None = None):
+        self.latents, self.masks, self.index, self.paired = latents, masks, index, paired
 
     @classmethod
-    def encode(cls, backbone, images: np.ndarray, masks: np.ndarray, flips: bool = True) -> "LatentData":
-        """images uint8 (N, H, W, 3), masks bool (N, H, W) -> every variant's latent and latent mask."""
+    def encode(cls, backbone, images: np.ndarray, masks: np.ndarray, flips: bool = True,
+               paired: Callable[[np.ndarray, np.ndarray], torch.Tensor] | None = None) -> "LatentData":
+        """images uint8 (N, H, W, 3), masks bool (N, H, W) -> every variant's latent and latent mask.
+
+        `paired(images, masks)` makes a second image of each variant (a float tensor (N, 3, H, W) in [-1, 1]; e.g.
+        DualAnoDiff's anomaly part), encoded beside it, so both carry the same flips."""
         from harness.diffusion.latents import encode, latent_mask
 
         variants = [(images, masks)]
         if flips:
             variants += [(images[:, :, ::-1], masks[:, :, ::-1]), (images[:, ::-1], masks[:, ::-1])]
-        latents, latent_masks = [], []
+        latents, latent_masks, paired_latents = [], [], []
         for variant_images, variant_masks in variants:
-            z = encode(backbone, np.ascontiguousarray(variant_images))
+            variant_images, variant_masks = np.ascontiguousarray(variant_images), np.ascontiguousarray(variant_masks)
+            z = encode(backbone, variant_images)
             latents.append(z)
-            latent_masks.append(latent_mask(np.ascontiguousarray(variant_masks), z.shape[-1], z.device))
+            latent_masks.append(latent_mask(variant_masks, z.shape[-1], z.device))
+            if paired is not None:
+                with torch.no_grad():
+                    paired_latents.append(backbone.encode_images(paired(variant_images, variant_masks).to(z.device)))
         index = torch.arange(len(images)).repeat(len(variants))
-        return cls(torch.cat(latents), torch.cat(latent_masks), index)
+        return cls(torch.cat(latents), torch.cat(latent_masks), index,
+                   torch.cat(paired_latents) if paired is not None else None)
 
     def __len__(self) -> int:
         return len(self.latents)
 
     def batch(self, generator: torch.Generator, size: int) -> LatentBatch:
         chosen = torch.randint(0, len(self), (size,), generator=generator)
-        return LatentBatch(self.latents[chosen.to(self.latents.device)], self.masks[chosen.to(self.masks.device)],
-                           self.index[chosen])
+        rows = chosen.to(self.latents.device)
+        return LatentBatch(self.latents[rows], self.masks[rows], self.index[chosen],
+                           self.paired[rows] if self.paired is not None else None)
 
 
 def finetune(params: list[torch.nn.Parameter], data: LatentData,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -182,10 +182,10 @@ def _reweighted(logits: torch.Tensor, reweight: TokenReweight, batch: int) -> to
 
 
 def install(unet: torch.nn.Module, branches: int = 0, rank: int = 4, alpha: float | None = None,
-            processor: type[ToolkitAttnProcessor] | None = None) -> dict:
-    """A ToolkitAttnProcessor (or the subclass `processor`, a method's own) on every attention layer of `unet`
-    (with `branches` per-branch LoRA adapters, trainable parameters of the UNet from then on); returns the previous
-    processors (`unet.set_attn_processor(previous)`)."""
+            processor: Callable[..., ToolkitAttnProcessor] | None = None) -> dict:
+    """A ToolkitAttnProcessor (or `processor(name, layer, branches, rank, alpha)`, a method's own) on every
+    attention layer of `unet` (with `branches` per-branch LoRA adapters, trainable parameters of the UNet from then
+    on); returns the previous processors (`unet.set_attn_processor(previous)`)."""
     make = processor or ToolkitAttnProcessor
     previous = dict(unet.attn_processors)
     modules = dict(unet.named_modules())
@@ -197,7 +197,7 @@ def install(unet: torch.nn.Module, branches: int = 0, rank: int = 4, alpha: floa
 
 @contextlib.contextmanager
 def installed(unet: torch.nn.Module, branches: int = 0, rank: int = 4,
-              processor: type[ToolkitAttnProcessor] | None = None) -> Iterator[None]:
+              processor: Callable[..., ToolkitAttnProcessor] | None = None) -> Iterator[None]:
     previous = install(unet, branches, rank, processor=processor)
     try:
         yield

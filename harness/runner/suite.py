@@ -197,7 +197,7 @@ def _methods(value: Any, where: str, check: bool, profile: str) -> list[MethodSp
     if value in (None, "all"):
         if not check:
             raise ConfigError(f"{where}: 'methods: all' needs method discovery")
-        value = [name for name, info in known.items() if info.ok]
+        value = [name for name, info in known.items() if info.ok and not info.cls.in_progress]
     items = _list(value, where, "methods")
     if not items:
         raise ConfigError(f"{where}: 'methods' is empty")

@@ -1,0 +1,203 @@
+"""DualAnoDiff (Jin et al., CVPR 2025): one frozen latent diffusion model, two interrelated branches (the whole
+anomaly image and its anomaly part), fine-tuned few-shot per defect type; a sample's mask is segmented from its
+generated part. Equation numbers are the paper's; see README.md. The dual-branch attention is saim.py, the part's
+segmentation segment.py; LoRA, the fine-tuning loop and the samplers are the shared toolkit in harness/diffusion/.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness import FewShotTask, GeneratedSample, GenerationRequest, Method
+from harness.diffusion import backbone as backbones
+from harness.diffusion import ddim
+from harness.diffusion.finetune import FinetuneConfig, LatentBatch, LatentData, finetune
+from harness.diffusion.latents import decode, resize_images, resize_masks, to_tensor
+from harness.diffusion.lora import TEXT_TARGETS, LoraSettings, add_lora, load_lora, save_lora
+from harness.errors import MethodError
+
+from . import saim
+from .segment import STAND_IN, segment_part
+
+MODEL_FILE, DUAL_FILE, TEXT_ADAPTER = "model.json", "dual.safetensors", "text_lora"
+SAIM_INITS = ("default", "zero")
+NO_FLIP_CATEGORIES = ("cable",)  # the authors' code means not to flip cable (its wires' colours have an order)
+
+
+def part_image(images: np.ndarray, masks: np.ndarray) -> torch.Tensor:
+    """The anomaly part I_a = I * M_a, formed after normalising I to [-1, 1]: the background is 0, mid-grey.
+    uint8 (N, H, W, 3), bool (N, H, W) -> float (N, 3, H, W)."""
+    return to_tensor(images) * torch.from_numpy(np.ascontiguousarray(masks)).float()[:, None]
+
+
+def interleave(whole: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """(B, ...) and (B, ...) -> (2B, ...) as [whole_0, part_0, whole_1, part_1, ...]."""
+    return torch.stack([whole, part], dim=1).flatten(0, 1)
+
+
+def dual_loss(eps: torch.Tensor, eps_part: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: ||eps - eps_theta(z_t, t, tau(p))||^2 + ||eps* - eps*_theta(z'_t, t, tau(p'))||^2, `predicted` the
+    interleaved pairs' predictions. As the authors' code, one mean over both branches' elements (half the sum of
+    the two terms' means: the same minimiser; Adam is indifferent to the factor, clipping at 1.0 sees the mean)."""
+    return F.mse_loss(predicted, interleave(eps, eps_part))
+
+
+class DualAnoDiff(Method):
+    name = "dualanodiff"
+    paper = ("Jin, Peng, Xie, Chen, Sun, Chen, Shen. DualAnoDiff: Dual-Interrelated Diffusion Model for Few-Shot "
+             "Anomaly Image Generation. CVPR 2025")
+    granularity = "defect_type"
+    needs = frozenset()
+    backbone = "stable-diffusion-v1-5"
+    resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
+    in_progress = ("on the tiny backbone the part branch does not yet learn the anomaly part (the segmented masks "
+                   "cover ~60% of the image); BCM, U2-Net and the ablation suite are not implemented")
+
+    def __init__(self, config, profile):
+        super().__init__(config, profile)
+        if config["saim_init"] not in SAIM_INITS:
+            raise MethodError(f"dualanodiff: saim_init must be one of {SAIM_INITS}, not {config['saim_init']!r}")
+        try:
+            ddim.scheduler_class(config["scheduler"])
+        except ValueError as error:
+            raise MethodError(f"dualanodiff: scheduler: {error}") from None
+
+    # -- fit: Eq. 4 on the few training anomalies of one defect type --
+
+    def fit(self, task: FewShotTask, workdir: Path) -> None:
+        if task.backbone is None:
+            raise MethodError("dualanodiff needs a diffusion backbone (FewShotTask.backbone)")
+        start = time.perf_counter()
+        backbone, params = self._prepare(task.backbone, train=True)
+        size = self._resolution(task.resolution)
+        images = resize_images(np.stack([a.image for a in task.anomalies]), size)
+        masks = resize_masks(np.stack([a.mask for a in task.anomalies]), size)
+        flips = self.config["flips"] and task.category not in NO_FLIP_CATEGORIES
+        data = LatentData.encode(backbone, images, masks, flips=flips, paired=part_image)
+        cfg = self.config
+        history = finetune(params, data, self._loss(backbone), FinetuneConfig(
+            steps=cfg["steps"], batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
+            weight_decay=cfg["weight_decay"], grad_clip=cfg["grad_clip"],
+            seed=int(task.rng().integers(2**63 - 1))), workdir, desc="dualanodiff: fine-tune")
+        self._save(backbone, workdir)
+        (workdir / MODEL_FILE).write_text(json.dumps({
+            "backbone": str(task.backbone), "resolution": size, "output_resolution": task.resolution,
+            "prompts": cfg["prompts"],
+            "training_images": [a.id for a in task.anomalies], "flips": flips, "history": history,
+            "trained_parameters": sum(p.numel() for p in params),
+            "seconds": round(time.perf_counter() - start, 1)}, indent=2))
+
+    def _loss(self, backbone: backbones.Backbone):
+        scheduler, unet = backbone.scheduler, backbone.unet
+        prompts = [self.config["prompts"]["whole"], self.config["prompts"]["part"]]
+        use_saim = bool(self.config["saim"])
+
+        def loss(batch: LatentBatch, generator: torch.Generator) -> torch.Tensor:
+            z, z_part = batch.latents, batch.paired
+            pairs = len(z)
+            eps = torch.randn(z.shape, generator=generator).to(z.device)  # independent noises,
+            eps_part = torch.randn(z.shape, generator=generator).to(z.device)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (pairs,), generator=generator).to(z.device)
+            z_t = interleave(scheduler.add_noise(z, eps, t), scheduler.add_noise(z_part, eps_part, t))  # one t
+            text = backbone.encode_text(prompts).repeat(pairs, 1, 1)  # [p, p', p, p', ...], through the text LoRA
+            predicted = unet(z_t, t.repeat_interleave(2), encoder_hidden_states=text,
+                             cross_attention_kwargs={"context": saim.context_for(pairs, use_saim)}).sample
+            return dual_loss(eps, eps_part, predicted)
+
+        return loss
+
+    # -- generate: both branches from independent noise, classifier-free guidance over the pairs --
+
+    def generate(self, request: GenerationRequest, workdir: Path) -> Iterator[GeneratedSample]:
+        model = json.loads((workdir / MODEL_FILE).read_text())
+        backbone, _ = self._prepare(request.backbone or Path(model["backbone"]), train=False)
+        self._load(backbone, workdir)
+        size, out_size = model["resolution"], model["output_resolution"]
+        with torch.no_grad():
+            condition = self._condition(backbone, model["prompts"])
+            for first in range(0, request.n, self.config["generation_batch"]):
+                pairs = min(self.config["generation_batch"], request.n - first)
+                noise = torch.stack([self._noise(request.rng(first + i), backbone, size) for i in range(pairs)])
+                z_0 = self._sample(backbone, condition, noise.flatten(0, 1).to(backbone.device))
+                images = resize_images(decode(backbone, z_0), out_size)
+                for whole, part in zip(images[0::2], images[1::2]):
+                    found = segment_part(part, **self.config["mask"])
+                    yield GeneratedSample(image=whole, mask=found.mask, defect_type=request.defect_type,
+                                          extra={"segmenter": STAND_IN, "part_empty": found.empty})
+
+    def _condition(self, backbone: backbones.Backbone, prompts: dict) -> torch.Tensor:
+        """[uncond whole, uncond part, cond whole, cond part] (the empty prompt for both unconditional branches,
+        as the authors' pipeline): the order the guided batch keeps its pairs in."""
+        return backbone.encode_text(["", "", prompts["whole"], prompts["part"]])
+
+    def _sample(self, backbone: backbones.Backbone, condition: torch.Tensor, z_T: torch.Tensor) -> torch.Tensor:
+        """z_T: (2B) interleaved pairs. Each step runs the UNet on [z_T; z_T] (4B) with the unconditional pairs first
+        and the conditional pairs after, so every pair stays together through SAIM, then guides."""
+        pairs, scale, use_saim = len(z_T) // 2, float(self.config["guidance_scale"]), bool(self.config["saim"])
+        text = torch.cat([condition[:2].repeat(pairs, 1, 1), condition[2:].repeat(pairs, 1, 1)])
+        context = saim.context_for(2 * pairs, use_saim)
+
+        def eps(z: torch.Tensor, t, _condition=None) -> torch.Tensor:
+            out = backbone.unet(torch.cat([z, z]), t, encoder_hidden_states=text,
+                                cross_attention_kwargs={"context": context}).sample
+            unconditional, conditional = out.chunk(2)
+            return unconditional + scale * (conditional - unconditional)
+
+        steps = self.config["inference_steps"]
+        if self.config["scheduler"] == "DDIMScheduler":
+            return ddim.sample(eps, z_T, backbone.scheduler, steps)
+        return ddim.sample_with(ddim.make_scheduler(self.config["scheduler"], backbone.scheduler), eps, z_T, steps)
+
+    # -- the trained parts: branch LoRAs and SAIM on the UNet, LoRA on the text encoder --
+
+    def _prepare(self, source: Path, train: bool) -> tuple[backbones.Backbone, list[torch.nn.Parameter]]:
+        backbone = backbones.load_frozen(source)
+        lora = self.config["lora"]
+        saim.install(backbone.unet, int(lora["rank"]), lora.get("alpha"), self.config["saim_init"] == "zero")
+        params = [p for n, p in backbone.unet.named_parameters() if ".processor.lora." in n]
+        if self.config["saim"]:
+            params += saim.saim_parameters(backbone.unet)
+        if self.config["text_lora"] and train:
+            params += add_lora(backbone.text_encoder, self._text_settings())
+        for param in params:
+            param.requires_grad_(train)
+        return backbone, params
+
+    def _text_settings(self) -> LoraSettings:
+        text = self.config["text_lora"]
+        return LoraSettings(rank=int(text["rank"]), alpha=text.get("alpha"), targets=TEXT_TARGETS)
+
+    def _save(self, backbone: backbones.Backbone, workdir: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in saim.dual_state(backbone.unet).items()}, str(workdir / DUAL_FILE))
+        if self.config["text_lora"]:
+            save_lora(backbone.text_encoder, workdir / TEXT_ADAPTER, self._text_settings())
+
+    def _load(self, backbone: backbones.Backbone, workdir: Path) -> None:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(workdir / DUAL_FILE))
+        expected = saim.dual_state(backbone.unet)
+        if saved.keys() != expected.keys() or any(saved[k].shape != expected[k].shape for k in saved):
+            raise MethodError(f"{workdir / DUAL_FILE}: its branch LoRAs / SAIM do not fit this configuration "
+                              "(another rank or backbone?); fit again")
+        backbone.unet.load_state_dict(saved, strict=False)
+        if self.config["text_lora"]:
+            load_lora(backbone.text_encoder, workdir / TEXT_ADAPTER)
+
+    def _resolution(self, task_resolution: int) -> int:
+        return int(self.config["resolution"] or task_resolution)
+
+    @staticmethod
+    def _noise(rng: np.random.Generator, backbone: backbones.Backbone, size: int) -> torch.Tensor:
+        """Independent starting noise of the two branches of one pair: (2, C, h, w)."""
+        channels, side = backbone.unet.config.in_channels, size // backbone.latent_factor
+        generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+        return torch.randn(2, channels, side, side, generator=generator)

@@ -1,0 +1,110 @@
+"""DualAnoDiff's dual-branch attention (Jin et al., CVPR 2025, Sec. 3.2), as a processor of the diffusion toolkit.
+
+The UNet's batch is interleaved branch pairs [whole_0, part_0, whole_1, part_1, ...]: branch 0 denoises the
+whole anomaly image, branch 1 its anomaly part. In every attention layer, self- and cross-attention alike:
+
+1. each branch attends over its own tokens with the frozen projections plus its own LoRA on q, k, v and out (the
+   toolkit's per-branch LoRA, `AttentionContext.branch` = 0, 1, 0, 1, ...);
+2. SAIM, the self-attention interaction module, lets the two branches exchange information at every spatial
+   position: with O the attention output (after the output projection),
+       u = W_i LN(O)                        per branch (one W_i, LN shared by both)
+       S = softmax(q k^T / sqrt(c)) v       over the pair (a 2 x 2 attention, one head, c channels),
+                                            q, k, v = W_q u, W_k u, W_v u (full c x c projections with bias)
+       O <- O + W_o S
+   (the authors' code calls it temporal attention, as AnimateDiff's motion module it follows).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from harness.diffusion.processors import AttentionContext, ToolkitAttnProcessor
+
+BRANCHES = 2  # whole image, anomaly part
+KEY = "saim"  # AttentionContext.extras[KEY] = False switches SAIM off for a call (the "no SAIM" ablation)
+
+
+class SAIM(torch.nn.Module):
+    """The interaction of a pair of branches at each position (the module docstring's equations).
+
+    `zero_init`: W_o starts at zero, so SAIM starts as the identity (the authors' code keeps PyTorch's default
+    initialisation, which changes the pretrained UNet's output from the first step)."""
+
+    def __init__(self, channels: int, zero_init: bool = False):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(channels, eps=1e-6)
+        self.proj_in = torch.nn.Linear(channels, channels)
+        self.to_q = torch.nn.Linear(channels, channels)
+        self.to_k = torch.nn.Linear(channels, channels)
+        self.to_v = torch.nn.Linear(channels, channels)
+        self.proj_out = torch.nn.Linear(channels, channels)
+        if zero_init:
+            torch.nn.init.zeros_(self.proj_out.weight)
+            torch.nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(2B, L, C) interleaved pairs -> the same, with each position's pair interacting."""
+        pairs2, positions, channels = hidden_states.shape
+        if pairs2 % BRANCHES:
+            raise ValueError(f"SAIM needs interleaved branch pairs, got a batch of {pairs2}")
+        u = self.proj_in(self.norm(hidden_states))
+        # (B, 2, L, C) -> (B * L, 2, C): at each position, the sequence (whole, part)
+        u = u.reshape(pairs2 // BRANCHES, BRANCHES, positions, channels).transpose(1, 2)
+        u = u.reshape(-1, BRANCHES, channels)
+        s = F.scaled_dot_product_attention(self.to_q(u), self.to_k(u), self.to_v(u), scale=1 / math.sqrt(channels))
+        s = s.reshape(pairs2 // BRANCHES, positions, BRANCHES, channels).transpose(1, 2).reshape(pairs2, positions,
+                                                                                                 channels)
+        return hidden_states + self.proj_out(s)
+
+
+def pair_branches(pairs: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The branch index of each sample of `pairs` interleaved pairs: 0, 1, 0, 1, ..."""
+    return torch.arange(BRANCHES * pairs, device=device) % BRANCHES
+
+
+def context_for(pairs: int, saim: bool = True, **toolkit) -> AttentionContext:
+    return AttentionContext(branch=pair_branches(pairs), extras={KEY: saim}, **toolkit)
+
+
+class DualBranchProcessor(ToolkitAttnProcessor):
+    """The toolkit's attention with per-branch LoRA (two branches), then SAIM on its output."""
+
+    def __init__(self, name: str, attn, branches: int = BRANCHES, rank: int = 4, alpha: float | None = None,
+                 zero_init: bool = False):
+        if branches != BRANCHES:
+            raise ValueError(f"{name}: DualAnoDiff has {BRANCHES} branches, not {branches}")
+        super().__init__(name, attn, branches, rank, alpha)
+        self.saim = SAIM(attn.to_out[0].out_features, zero_init=zero_init)
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 context: AttentionContext | None = None) -> torch.Tensor:
+        if context is None or context.branch is None or not torch.equal(
+                context.branch.cpu(), pair_branches(len(hidden_states) // BRANCHES)) or len(hidden_states) % BRANCHES:
+            raise ValueError(f"{self.name}: the batch must be interleaved (whole, part) pairs with "
+                             "context.branch = 0, 1, 0, 1, ... (saim.context_for)")
+        if attn.residual_connection or attn.rescale_output_factor != 1 or hidden_states.ndim != 3:
+            raise ValueError(f"{self.name}: SAIM follows SD's attention layers (3-D states, no residual inside)")
+        out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, context)
+        return self.saim(out) if context.extras.get(KEY, True) else out
+
+
+def install(unet: torch.nn.Module, rank: int, alpha: float | None = None, zero_init: bool = False) -> None:
+    """The dual-branch processor on every attention layer of `unet` (its LoRAs and SAIM trainable from then on)."""
+    from functools import partial
+
+    from harness.diffusion import processors
+
+    processors.install(unet, BRANCHES, rank, alpha, processor=partial(DualBranchProcessor, zero_init=zero_init))
+
+
+def saim_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in unet.named_parameters() if ".processor.saim." in n]
+
+
+def dual_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The branch LoRAs and SAIM of every layer: what a fit trains on the frozen UNet, saved alone."""
+    return {n: t.detach().cpu() for n, t in unet.state_dict().items()
+            if ".processor.lora." in n or ".processor.saim." in n}

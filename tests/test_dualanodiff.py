@@ -1,0 +1,201 @@
+"""DualAnoDiff (methods/dualanodiff): the dual-branch attention and SAIM against direct computations, the
+branches' separate adapters, guidance that keeps pairs, the part image and its segmentation, fit and generate."""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from harness.methods import get_method_info, load_method
+from tests.test_diffusion_toolkit import small_text_encoder, small_unet
+
+
+@pytest.fixture(scope="module")
+def dual():
+    """The method's modules (importable once discovery has loaded the method's package)."""
+    import importlib
+
+    module = sys.modules[get_method_info("dualanodiff").cls.__module__]
+    return (module, importlib.import_module(module.__package__ + ".saim"),
+            importlib.import_module(module.__package__ + ".segment"))
+
+
+def _randomised(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter drawn at random (zero-initialised LoRA ups included), so no path is trivially zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return module
+
+
+def test_saim_equals_a_direct_computation(dual):
+    _, saim, _ = dual
+    module = _randomised(saim.SAIM(6))
+    o = torch.randn(4, 5, 6)  # two pairs, five positions, six channels
+    out = module(o)
+    expected = o.clone()
+    for pair in range(2):
+        for position in range(5):
+            u = module.proj_in(module.norm(o[2 * pair:2 * pair + 2, position]))  # (2, C): whole, part
+            q, k, v = module.to_q(u), module.to_k(u), module.to_v(u)
+            weights = torch.softmax(q @ k.T / math.sqrt(6), dim=1)  # 2 x 2, one head
+            expected[2 * pair:2 * pair + 2, position] += module.proj_out(weights @ v)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.equal(saim.SAIM(6, zero_init=True)(o), o)  # W_o = 0: the identity
+
+
+def _dual_unet(saim_module, seed: int = 0):
+    unet = small_unet(seed)
+    saim_module.install(unet, rank=2)
+    for name, module in unet.named_modules():
+        if name.endswith(".processor"):
+            _randomised(module, seed)
+    return unet
+
+
+def test_a_loss_on_one_branch_moves_that_branchs_adapters_and_saim_alone(dual):
+    """Without SAIM the branches are independent: a loss on the part branch's outputs gives gradients to branch 1's
+    LoRAs and none to branch 0's. With SAIM the part reads the whole image's features at every position, so the
+    whole branch's adapters get gradients from it too (that is the interaction), and SAIM's own do."""
+    _, saim, _ = dual
+    unet = _dual_unet(saim)
+    z, c = torch.randn(4, 4, 8, 8), torch.randn(4, 3, 16)
+    for with_saim in (False, True):
+        unet.zero_grad()
+        out = unet(z, 10, encoder_hidden_states=c,
+                   cross_attention_kwargs={"context": saim.context_for(2, with_saim)}).sample
+        out[1::2].pow(2).mean().backward()  # the part branch only
+        ups = [m.up.grad for n, m in unet.named_modules() if n.endswith(".processor.lora.q")]
+        assert all(g[1].abs().sum() > 0 for g in ups)
+        whole = sum(float(g[0].abs().sum()) for g in ups)
+        saim_grad = sum(float(p.grad.abs().sum()) for p in saim.saim_parameters(unet) if p.grad is not None)
+        if with_saim:
+            assert whole > 0 and saim_grad > 0
+        else:
+            assert whole == 0 and saim_grad == 0
+
+
+def test_the_text_lora_is_shared_and_trained_through_both_prompts():
+    from harness.diffusion.lora import TEXT_TARGETS, LoraSettings, add_lora
+
+    encoder = small_text_encoder()
+    params = add_lora(encoder, LoraSettings(rank=2, targets=TEXT_TARGETS))
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.1)
+    for ids in (torch.tensor([[1, 5, 6, 2]]), torch.tensor([[1, 6, 2, 0]])):  # whole's and part's prompts
+        for p in params:
+            p.grad = None
+        encoder(ids)[0].pow(2).mean().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_a_batch_that_is_not_interleaved_pairs_is_an_error(dual):
+    _, saim, _ = dual
+    unet = _dual_unet(saim)
+    context = saim.AttentionContext(branch=torch.tensor([0, 0, 1, 1]))
+    with pytest.raises(ValueError, match="interleaved"):
+        unet(torch.randn(4, 4, 8, 8), 10, encoder_hidden_states=torch.randn(4, 3, 16),
+             cross_attention_kwargs={"context": context})
+
+
+def test_guidance_keeps_each_whole_image_with_its_own_part(dual, monkeypatch):
+    """The guided prediction of two pairs in one call equals each pair's guided prediction alone: no pair's whole
+    image is mixed with another pair's part (a batch with the parts swapped between pairs differs)."""
+    module, saim, _ = dual
+    method = load_method("dualanodiff", "tiny", {"guidance_scale": 3.0, "scheduler": "DDIMScheduler"})
+    backbone = type("Stub", (), {"unet": _dual_unet(saim), "scheduler": None})()
+    condition = torch.randn(4, 3, 16)  # [uncond whole, uncond part, cond whole, cond part]
+    captured = {}
+
+    def first_prediction(eps, z, scheduler, steps):
+        captured["eps"] = eps(z, 10)
+        return z
+
+    monkeypatch.setattr(module.ddim, "sample", first_prediction)
+
+    def guided(z_T):
+        method._sample(backbone, condition, z_T)
+        return captured["eps"]
+
+    z = torch.randn(4, 4, 8, 8)
+    together = guided(z)
+    alone = torch.cat([guided(z[:2]), guided(z[2:])])
+    assert torch.allclose(together, alone, atol=1e-5)
+    swapped = guided(z[[0, 3, 2, 1]])  # each whole image with the other pair's part
+    assert not torch.allclose(swapped[0], together[0], atol=1e-3)
+
+
+def test_the_part_image_has_a_mid_grey_background(dual):
+    module, _, _ = dual
+    image = np.full((1, 4, 4, 3), 200, np.uint8)
+    mask = np.zeros((1, 4, 4), bool)
+    mask[0, 1:3, 1:3] = True
+    part = module.part_image(image, mask)
+    assert torch.all(part[0, :, ~torch.from_numpy(mask[0])] == 0)  # 0 in [-1, 1]: mid-grey
+    assert torch.allclose(part[0, :, 1, 1], torch.full((3,), 200 / 127.5 - 1))
+
+
+def test_the_stand_in_segments_the_part_and_flags_empty_ones(dual):
+    from skimage.filters import threshold_otsu
+
+    _, _, segment = dual
+    rng = np.random.default_rng(0)
+    part = np.clip(127.5 + rng.normal(0, 3, (64, 64, 3)), 0, 255).astype(np.uint8)
+    part[20:30, 10:40] = (40, 200, 90)
+    part[50, 50] = (0, 0, 0)  # one stray pixel: below min_area, dropped
+    found = segment.segment_part(part, min_area=0.002)
+    truth = np.zeros((64, 64), bool)
+    truth[20:30, 10:40] = True
+    assert not found.empty and (found.mask == truth).all()
+    values = segment.distance_from_grey(part)
+    assert abs(segment.otsu_threshold(values) - threshold_otsu(values, nbins=256)) < 1.0
+    noise_only = np.clip(127.5 + rng.normal(0, 3, (64, 64, 3)), 0, 255).astype(np.uint8)
+    empty = segment.segment_part(noise_only)
+    assert empty.empty and not empty.mask.any()  # min-max normalisation would have made it a full-frame mask
+
+
+def test_fit_saves_adapters_only_and_generate_makes_masked_pairs(dual, synth_root, pretrained_backbone, tmp_path):
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.generation import fit_method
+    from harness.tasks import build_request, build_task
+
+    folder, _ = pretrained_backbone
+    split = make_split(read_category(synth_root, "washer", dataset="synthetic"))
+    task = build_task(split, ["stain"], 64, seed=0)
+    task.backbone = folder
+    method = load_method("dualanodiff", "tiny", {"steps": 3, "inference_steps": 2})
+    fit_method(method, task, tmp_path)
+    saved = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
+    unet_size = sum(p.stat().st_size for p in (folder / "unet").rglob("*") if p.is_file())
+    assert saved < unet_size / 2, (saved, unet_size)
+    request = build_request(task, method, "stain", 3, seed=0)
+    samples = list(method.generate(request, tmp_path))
+    assert len(samples) == 3
+    for sample in samples:
+        assert sample.image.shape == (64, 64, 3) and sample.mask.shape == (64, 64) and sample.mask.dtype == bool
+        assert sample.extra["segmenter"].startswith("stand-in") and isinstance(sample.extra["part_empty"], bool)
+    again = list(load_method("dualanodiff", "tiny", {"steps": 3, "inference_steps": 2}).generate(request, tmp_path))
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(samples, again))  # seeded
+
+
+def test_bad_settings_are_named():
+    from harness.errors import MethodError
+
+    with pytest.raises(MethodError, match="scheduler"):
+        load_method("dualanodiff", "tiny", {"scheduler": "NoSuchScheduler"})
+    with pytest.raises(MethodError, match="saim_init"):
+        load_method("dualanodiff", "tiny", {"saim_init": "ones"})
+
+
+def test_an_unfinished_method_stays_out_of_methods_all():
+    from harness.runner.suite import load_suite
+
+    assert get_method_info("dualanodiff").cls.in_progress
+    assert "dualanodiff" not in {m.method for m in load_suite("smoke").methods}
+    assert "background_aware" in {m.method for m in load_suite("smoke").methods}
