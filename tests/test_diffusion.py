@@ -45,7 +45,7 @@ def test_any_scheduler_by_name_and_ddim_through_it_equals_ours():
     ours = ddim.sample(model, z_T, base, 10)
     theirs = ddim.sample_with(ddim.make_scheduler("DDIMScheduler", base), model, z_T, 10)
     assert torch.allclose(ours, theirs, atol=1e-5)
-    for name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
+    for name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler"):
         scheduler = ddim.make_scheduler(name, base)
         assert type(scheduler).__name__ == name and scheduler.config.beta_end == base.config.beta_end
         assert torch.isfinite(ddim.sample_with(scheduler, model, z_T, 10)).all()
@@ -237,7 +237,7 @@ def _same_up_to_the_device():
     if default_device().type == "cpu":
         return lambda a, b: torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
     return lambda a, b: (torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-5) if isinstance(a, torch.Tensor)
-                         else all(np.allclose(a[k], b[k], rtol=1e-3) for k in a) and a.keys() == b.keys())
+                         else a.keys() == b.keys() and all(np.allclose(a[k], b[k], rtol=1e-3) for k in a))
 
 
 def test_vae_crops_get_generic_content():

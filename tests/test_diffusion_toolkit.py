@@ -351,3 +351,33 @@ def test_unscaled_latents_reads_each_autoencoders_output(kind):
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         assert torch.equal(unscaled_latents(vae.eval(), images), expected(vae.encode(images)))
+
+
+def test_installed_processors_live_where_their_layers_are():
+    """A processor's own parameters (per-branch LoRA) follow the UNet's device: on a GPU they must not stay on the
+    CPU (the meta device stands in for a GPU here)."""
+    unet = small_unet().to("meta")
+    proc.install(unet, branches=2, rank=2)
+    devices = {p.device.type for n, p in unet.named_parameters() if ".processor." in n}
+    assert devices == {"meta"}
+
+
+def test_paired_images_are_encoded_with_the_same_flips():
+    from harness.diffusion.finetune import LatentData
+    from harness.diffusion.latents import to_tensor
+
+    class Identity:  # an autoencoder whose latents are the image itself: the pairing is visible directly
+        device = torch.device("cpu")
+        latent_scale = 1.0
+
+        @staticmethod
+        def encode_images(images):
+            return images
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    masks = rng.random((2, 8, 8)) > 0.5
+    data = LatentData.encode(Identity(), images, masks, paired=lambda i, m: -to_tensor(i))
+    assert data.paired is not None and torch.equal(data.paired, -data.latents)  # every variant, flipped alike
+    batch = data.batch(torch.Generator().manual_seed(0), 3)
+    assert torch.equal(batch.paired, -batch.latents)

@@ -97,7 +97,7 @@ def test_the_text_lora_is_shared_and_trained_through_both_prompts():
 def test_a_batch_that_is_not_interleaved_pairs_is_an_error(dual):
     _, saim, _ = dual
     unet = _dual_unet(saim)
-    context = saim.AttentionContext(branch=torch.tensor([0, 0, 1, 1]))
+    context = saim.AttentionContext(branch=torch.tensor([0, 0, 1, 1]))  # no pairs marker: not from context_for
     with pytest.raises(ValueError, match="interleaved"):
         unet(torch.randn(4, 4, 8, 8), 10, encoder_hidden_states=torch.randn(4, 3, 16),
              cross_attention_kwargs={"context": context})
@@ -128,6 +128,11 @@ def test_guidance_keeps_each_whole_image_with_its_own_part(dual, monkeypatch):
     assert torch.allclose(together, alone, atol=1e-5)
     swapped = guided(z[[0, 3, 2, 1]])  # each whole image with the other pair's part
     assert not torch.allclose(swapped[0], together[0], atol=1e-3)
+    # and it is eps_u + s (eps_c - eps_u), each from one pair with its branches' own prompts
+    pair = saim.context_for(1)
+    eps_u, eps_c = (backbone.unet(z[:2], 10, encoder_hidden_states=text, cross_attention_kwargs={"context": pair}
+                                  ).sample for text in (condition[:2], condition[2:]))
+    assert torch.allclose(together[:2], eps_u + 3.0 * (eps_c - eps_u), atol=1e-5)
 
 
 def test_the_part_image_has_a_mid_grey_background(dual):

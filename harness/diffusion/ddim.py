@@ -148,9 +148,13 @@ def scheduler_class(name: str) -> type:
 def sample_with(scheduler, eps_model: EpsModel, z_T: torch.Tensor, steps: int, condition: object = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Sampling with any diffusers scheduler's own step (its input scaling and initial noise sigma included)."""
+    import inspect
+
     scheduler.set_timesteps(steps)
+    # only stochastic schedulers take a generator (PNDM's, UniPC's, Heun's step have no such argument)
+    extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     z = z_T * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         eps = eps_model(scheduler.scale_model_input(z, t), int(t), condition)
-        z = scheduler.step(eps, t, z, generator=generator).prev_sample
+        z = scheduler.step(eps, t, z, **extra).prev_sample
     return z

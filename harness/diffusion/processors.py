@@ -189,9 +189,12 @@ def install(unet: torch.nn.Module, branches: int = 0, rank: int = 4, alpha: floa
     make = processor or ToolkitAttnProcessor
     previous = dict(unet.attn_processors)
     modules = dict(unet.named_modules())
-    unet.set_attn_processor({key: make(key.removesuffix(".processor"), modules[key.removesuffix(".processor")],
-                                       branches, rank, alpha)
-                             for key in previous})
+    made = {}
+    for key in previous:
+        layer = modules[key.removesuffix(".processor")]
+        reference = layer.to_q.weight  # a processor's own parameters go where its layer is (a GPU, a dtype)
+        made[key] = make(key.removesuffix(".processor"), layer, branches, rank, alpha).to(reference.device)
+    unet.set_attn_processor(made)
     return previous
 
 

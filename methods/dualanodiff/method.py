@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from harness import FewShotTask, GeneratedSample, GenerationRequest, Method
 from harness.diffusion import backbone as backbones
-from harness.diffusion import ddim
+from harness.diffusion import ddim, processors
 from harness.diffusion.finetune import FinetuneConfig, LatentBatch, LatentData, finetune
 from harness.diffusion.latents import decode, resize_images, resize_masks, to_tensor
 from harness.diffusion.lora import TEXT_TARGETS, LoraSettings, add_lora, load_lora, save_lora
@@ -27,6 +27,7 @@ from .segment import STAND_IN, segment_part
 
 MODEL_FILE, DUAL_FILE, TEXT_ADAPTER = "model.json", "dual.safetensors", "text_lora"
 SAIM_INITS = ("default", "zero")
+TRAINED = ("lora", "text_lora", "saim", "saim_init")  # what a fit trained: generate rebuilds exactly that
 NO_FLIP_CATEGORIES = ("cable",)  # the authors' code means not to flip cable (its wires' colours have an order)
 
 
@@ -74,7 +75,10 @@ class DualAnoDiff(Method):
         if task.backbone is None:
             raise MethodError("dualanodiff needs a diffusion backbone (FewShotTask.backbone)")
         start = time.perf_counter()
-        backbone, params = self._prepare(task.backbone, train=True)
+        seed = int(task.rng().integers(2**63 - 1))
+        with torch.random.fork_rng():  # the adapters' and SAIM's starting weights: seeded, as everything else
+            torch.manual_seed(seed)
+            backbone, params = self._prepare(task.backbone, self.config, train=True)
         size = self._resolution(task.resolution)
         images = resize_images(np.stack([a.image for a in task.anomalies]), size)
         masks = resize_masks(np.stack([a.mask for a in task.anomalies]), size)
@@ -83,17 +87,17 @@ class DualAnoDiff(Method):
         cfg = self.config
         history = finetune(params, data, self._loss(backbone), FinetuneConfig(
             steps=cfg["steps"], batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
-            weight_decay=cfg["weight_decay"], grad_clip=cfg["grad_clip"],
-            seed=int(task.rng().integers(2**63 - 1))), workdir, desc="dualanodiff: fine-tune")
+            weight_decay=cfg["weight_decay"], grad_clip=cfg["grad_clip"], seed=seed), workdir,
+            desc="dualanodiff: fine-tune")
         self._save(backbone, workdir)
         (workdir / MODEL_FILE).write_text(json.dumps({
             "backbone": str(task.backbone), "resolution": size, "output_resolution": task.resolution,
-            "prompts": cfg["prompts"],
+            "prompts": cfg["prompts"], "trained": {key: cfg[key] for key in TRAINED},
             "training_images": [a.id for a in task.anomalies], "flips": flips, "history": history,
             "trained_parameters": sum(p.numel() for p in params),
             "seconds": round(time.perf_counter() - start, 1)}, indent=2))
 
-    def _loss(self, backbone: backbones.Backbone):
+    def _loss(self, backbone: backbones.Backbone) -> Callable[[LatentBatch, torch.Generator], torch.Tensor]:
         scheduler, unet = backbone.scheduler, backbone.unet
         prompts = [self.config["prompts"]["whole"], self.config["prompts"]["part"]]
         use_saim = bool(self.config["saim"])
@@ -107,7 +111,7 @@ class DualAnoDiff(Method):
             z_t = interleave(scheduler.add_noise(z, eps, t), scheduler.add_noise(z_part, eps_part, t))  # one t
             text = backbone.encode_text(prompts).repeat(pairs, 1, 1)  # [p, p', p, p', ...], through the text LoRA
             predicted = unet(z_t, t.repeat_interleave(2), encoder_hidden_states=text,
-                             cross_attention_kwargs={"context": saim.context_for(pairs, use_saim)}).sample
+                             cross_attention_kwargs={"context": saim.context_for(pairs, use_saim, z.device)}).sample
             return dual_loss(eps, eps_part, predicted)
 
         return loss
@@ -116,15 +120,16 @@ class DualAnoDiff(Method):
 
     def generate(self, request: GenerationRequest, workdir: Path) -> Iterator[GeneratedSample]:
         model = json.loads((workdir / MODEL_FILE).read_text())
-        backbone, _ = self._prepare(request.backbone or Path(model["backbone"]), train=False)
-        self._load(backbone, workdir)
+        trained = {**self.config, **model["trained"]}  # the fit's adapters, whatever this config says
+        backbone, _ = self._prepare(request.backbone or Path(model["backbone"]), trained, train=False)
+        self._load(backbone, workdir, trained)
         size, out_size = model["resolution"], model["output_resolution"]
         with torch.no_grad():
             condition = self._condition(backbone, model["prompts"])
             for first in range(0, request.n, self.config["generation_batch"]):
                 pairs = min(self.config["generation_batch"], request.n - first)
                 noise = torch.stack([self._noise(request.rng(first + i), backbone, size) for i in range(pairs)])
-                z_0 = self._sample(backbone, condition, noise.flatten(0, 1).to(backbone.device))
+                z_0 = self._sample(backbone, condition, noise.flatten(0, 1).to(backbone.device), trained["saim"])
                 images = resize_images(decode(backbone, z_0), out_size)
                 for whole, part in zip(images[0::2], images[1::2]):
                     found = segment_part(part, **self.config["mask"])
@@ -136,12 +141,14 @@ class DualAnoDiff(Method):
         as the authors' pipeline): the order the guided batch keeps its pairs in."""
         return backbone.encode_text(["", "", prompts["whole"], prompts["part"]])
 
-    def _sample(self, backbone: backbones.Backbone, condition: torch.Tensor, z_T: torch.Tensor) -> torch.Tensor:
+    def _sample(self, backbone: backbones.Backbone, condition: torch.Tensor, z_T: torch.Tensor,
+                saim_on: bool | None = None) -> torch.Tensor:
         """z_T: (2B) interleaved pairs. Each step runs the UNet on [z_T; z_T] (4B) with the unconditional pairs first
         and the conditional pairs after, so every pair stays together through SAIM, then guides."""
-        pairs, scale, use_saim = len(z_T) // 2, float(self.config["guidance_scale"]), bool(self.config["saim"])
+        pairs, scale = len(z_T) // 2, float(self.config["guidance_scale"])
+        use_saim = bool(saim_on if saim_on is not None else self.config["saim"])
         text = torch.cat([condition[:2].repeat(pairs, 1, 1), condition[2:].repeat(pairs, 1, 1)])
-        context = saim.context_for(2 * pairs, use_saim)
+        context = saim.context_for(2 * pairs, use_saim, z_T.device)
 
         def eps(z: torch.Tensor, t, _condition=None) -> torch.Tensor:
             out = backbone.unet(torch.cat([z, z]), t, encoder_hidden_states=text,
@@ -156,31 +163,31 @@ class DualAnoDiff(Method):
 
     # -- the trained parts: branch LoRAs and SAIM on the UNet, LoRA on the text encoder --
 
-    def _prepare(self, source: Path, train: bool) -> tuple[backbones.Backbone, list[torch.nn.Parameter]]:
+    @staticmethod
+    def _prepare(source: Path, config: dict, train: bool) -> tuple[backbones.Backbone, list[torch.nn.Parameter]]:
+        """The frozen backbone with the dual-branch processors (and, to train, the text LoRA); the parameters a fit
+        trains: both branches' LoRAs, SAIM (unless switched off), the text LoRA."""
         backbone = backbones.load_frozen(source)
-        lora = self.config["lora"]
-        saim.install(backbone.unet, int(lora["rank"]), lora.get("alpha"), self.config["saim_init"] == "zero")
-        params = [p for n, p in backbone.unet.named_parameters() if ".processor.lora." in n]
-        if self.config["saim"]:
+        lora = config["lora"]
+        saim.install(backbone.unet, int(lora["rank"]), lora.get("alpha"), config["saim_init"] == "zero")
+        params = processors.branch_lora_parameters(backbone.unet)
+        if config["saim"]:
             params += saim.saim_parameters(backbone.unet)
-        if self.config["text_lora"] and train:
-            params += add_lora(backbone.text_encoder, self._text_settings())
+        if config["text_lora"] and train:
+            params += add_lora(backbone.text_encoder, _text_settings(config))
         for param in params:
             param.requires_grad_(train)
         return backbone, params
-
-    def _text_settings(self) -> LoraSettings:
-        text = self.config["text_lora"]
-        return LoraSettings(rank=int(text["rank"]), alpha=text.get("alpha"), targets=TEXT_TARGETS)
 
     def _save(self, backbone: backbones.Backbone, workdir: Path) -> None:
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in saim.dual_state(backbone.unet).items()}, str(workdir / DUAL_FILE))
         if self.config["text_lora"]:
-            save_lora(backbone.text_encoder, workdir / TEXT_ADAPTER, self._text_settings())
+            save_lora(backbone.text_encoder, workdir / TEXT_ADAPTER, _text_settings(self.config))
 
-    def _load(self, backbone: backbones.Backbone, workdir: Path) -> None:
+    @staticmethod
+    def _load(backbone: backbones.Backbone, workdir: Path, trained: dict) -> None:
         from safetensors.torch import load_file
 
         saved = load_file(str(workdir / DUAL_FILE))
@@ -189,7 +196,7 @@ class DualAnoDiff(Method):
             raise MethodError(f"{workdir / DUAL_FILE}: its branch LoRAs / SAIM do not fit this configuration "
                               "(another rank or backbone?); fit again")
         backbone.unet.load_state_dict(saved, strict=False)
-        if self.config["text_lora"]:
+        if trained["text_lora"]:
             load_lora(backbone.text_encoder, workdir / TEXT_ADAPTER)
 
     def _resolution(self, task_resolution: int) -> int:
@@ -201,3 +208,8 @@ class DualAnoDiff(Method):
         channels, side = backbone.unet.config.in_channels, size // backbone.latent_factor
         generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
         return torch.randn(2, channels, side, side, generator=generator)
+
+
+def _text_settings(config: dict) -> LoraSettings:
+    text = config["text_lora"]
+    return LoraSettings(rank=int(text["rank"]), alpha=text.get("alpha"), targets=TEXT_TARGETS)

@@ -16,10 +16,12 @@ whole anomaly image, branch 1 its anomaly part. In every attention layer, self- 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from harness.diffusion import processors
 from harness.diffusion.processors import AttentionContext, ToolkitAttnProcessor
 
 BRANCHES = 2  # whole image, anomaly part
@@ -59,13 +61,18 @@ class SAIM(torch.nn.Module):
         return hidden_states + self.proj_out(s)
 
 
+PAIRED = "interleaved_pairs"  # extras marker: the batch is (whole, part) pairs, set by context_for alone
+
+
 def pair_branches(pairs: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The branch index of each sample of `pairs` interleaved pairs: 0, 1, 0, 1, ..."""
     return torch.arange(BRANCHES * pairs, device=device) % BRANCHES
 
 
-def context_for(pairs: int, saim: bool = True, **toolkit) -> AttentionContext:
-    return AttentionContext(branch=pair_branches(pairs), extras={KEY: saim}, **toolkit)
+def context_for(pairs: int, saim: bool = True, device: torch.device | str = "cpu", **toolkit) -> AttentionContext:
+    """The per-call context of a UNet call on `pairs` interleaved (whole, part) pairs: each sample's branch (on the
+    UNet's device), SAIM on or off, and any of the toolkit's inputs."""
+    return AttentionContext(branch=pair_branches(pairs, device), extras={KEY: saim, PAIRED: pairs}, **toolkit)
 
 
 class DualBranchProcessor(ToolkitAttnProcessor):
@@ -81,8 +88,7 @@ class DualBranchProcessor(ToolkitAttnProcessor):
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  context: AttentionContext | None = None) -> torch.Tensor:
-        if context is None or context.branch is None or not torch.equal(
-                context.branch.cpu(), pair_branches(len(hidden_states) // BRANCHES)) or len(hidden_states) % BRANCHES:
+        if context is None or context.extras.get(PAIRED) != len(hidden_states) // BRANCHES or len(hidden_states) % 2:
             raise ValueError(f"{self.name}: the batch must be interleaved (whole, part) pairs with "
                              "context.branch = 0, 1, 0, 1, ... (saim.context_for)")
         if attn.residual_connection or attn.rescale_output_factor != 1 or hidden_states.ndim != 3:
@@ -93,10 +99,6 @@ class DualBranchProcessor(ToolkitAttnProcessor):
 
 def install(unet: torch.nn.Module, rank: int, alpha: float | None = None, zero_init: bool = False) -> None:
     """The dual-branch processor on every attention layer of `unet` (its LoRAs and SAIM trainable from then on)."""
-    from functools import partial
-
-    from harness.diffusion import processors
-
     processors.install(unet, BRANCHES, rank, alpha, processor=partial(DualBranchProcessor, zero_init=zero_init))
 
 
@@ -106,5 +108,5 @@ def saim_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def dual_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The branch LoRAs and SAIM of every layer: what a fit trains on the frozen UNet, saved alone."""
-    return {n: t.detach().cpu() for n, t in unet.state_dict().items()
-            if ".processor.lora." in n or ".processor.saim." in n}
+    saim_state = {n: t.detach().cpu() for n, t in unet.state_dict().items() if ".processor.saim." in n}
+    return {**processors.branch_lora_state(unet), **saim_state}
