@@ -57,8 +57,8 @@ class DualAnoDiff(Method):
     needs = frozenset()
     backbone = "stable-diffusion-v1-5"
     resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
-    in_progress = ("on the tiny backbone the part branch does not yet learn the anomaly part (the segmented masks "
-                   "cover ~60% of the image); BCM, U2-Net and the ablation suite are not implemented")
+    in_progress = ("it generates from pure noise, which the tiny backbone cannot yet do (its samples from noise are "
+                   "coloured noise, fine-tuned or not); BCM, U2-Net, claim tests and the ablation suite are missing")
 
     def __init__(self, config, profile):
         super().__init__(config, profile)
@@ -120,6 +120,8 @@ class DualAnoDiff(Method):
 
     def generate(self, request: GenerationRequest, workdir: Path) -> Iterator[GeneratedSample]:
         model = json.loads((workdir / MODEL_FILE).read_text())
+        if "trained" not in model:
+            raise MethodError(f"{workdir / MODEL_FILE}: no record of what was trained (an older fit); fit again")
         trained = {**self.config, **model["trained"]}  # the fit's adapters, whatever this config says
         backbone, _ = self._prepare(request.backbone or Path(model["backbone"]), trained, train=False)
         self._load(backbone, workdir, trained)
