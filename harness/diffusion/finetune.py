@@ -67,9 +67,7 @@ class LatentData:
             latents.append(z)
             latent_masks.append(latent_mask(variant_masks, z.shape[-1], z.device))
             if paired is not None:
-                made = paired(variant_images, variant_masks)
-                with torch.no_grad():
-                    paired_latents += [backbone.encode_images(made[i:i + 8].to(z.device)) for i in range(0, len(made), 8)]
+                paired_latents.append(encode(backbone, paired(variant_images, variant_masks)))
         index = torch.arange(len(images)).repeat(len(variants))
         return cls(torch.cat(latents), torch.cat(latent_masks), index,
                    torch.cat(paired_latents) if paired is not None else None)

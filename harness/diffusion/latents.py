@@ -20,10 +20,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode(backbone: Backbone, images: np.ndarray, batch_size: int = 8) -> torch.Tensor:
-    """uint8 images (B, H, W, 3) -> scaled latents (posterior means) on the backbone's device."""
-    out = [backbone.encode_images(to_tensor(images[i:i + batch_size]).to(backbone.device))
-           for i in range(0, len(images), batch_size)]
+def encode(backbone: Backbone, images: np.ndarray | torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """uint8 images (B, H, W, 3), or a float tensor (B, 3, H, W) in [-1, 1] -> scaled latents (posterior means)
+    on the backbone's device."""
+    tensor = images if isinstance(images, torch.Tensor) else to_tensor(images)
+    out = [backbone.encode_images(tensor[i:i + batch_size].to(backbone.device))
+           for i in range(0, len(tensor), batch_size)]
     return torch.cat(out)
 
 
