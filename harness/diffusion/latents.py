@@ -55,3 +55,11 @@ def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
         return masks
     tensor = torch.from_numpy(np.ascontiguousarray(masks)).float()[:, None]
     return (F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[:, 0] >= 0.5).numpy()
+
+
+def initial_noise(rng: np.random.Generator, backbone: Backbone, size: int, count: int = 1) -> torch.Tensor:
+    """Starting latents z_T ~ N(0, I) of one sample (count of them, e.g. a pair's branches), drawn on the CPU from
+    the sample's own random stream, so a sample is the same on any device and in any batch: (count, C, h, w)."""
+    channels, side = backbone.unet.config.in_channels, size // backbone.latent_factor
+    generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+    return torch.randn(count, channels, side, side, generator=generator)

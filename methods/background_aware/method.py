@@ -22,7 +22,7 @@ from harness import FewShotTask, GeneratedSample, GenerationRequest, Method
 from harness.diffusion import backbone as backbones
 from harness.diffusion import ddim, processors
 from harness.diffusion.finetune import FinetuneConfig, LatentBatch, LatentData, finetune
-from harness.diffusion.latents import decode, encode, latent_mask, resize_images, resize_masks
+from harness.diffusion.latents import decode, encode, initial_noise, latent_mask, resize_images, resize_masks
 from harness.diffusion.lora import LoraSettings, add_lora, load_lora, save_lora
 from harness.errors import MethodError
 
@@ -221,7 +221,7 @@ class BackgroundAware(Method):
         with torch.no_grad():
             for first in range(0, request.n, batch):
                 targets = request.targets[first:first + batch]
-                noise = torch.stack([self._noise(request.rng(first + i), backbone, size) for i in range(len(targets))])
+                noise = torch.cat([initial_noise(request.rng(first + i), backbone, size) for i in range(len(targets))])
                 images, masks = self._generate_batch(backbone, conditions, targets, noise.to(backbone.device), size)
                 for target, image, mask in zip(targets, images, masks):
                     yield GeneratedSample.on_target(target, image, mask, request.defect_type,
@@ -276,9 +276,3 @@ class BackgroundAware(Method):
 
     def _resolution(self, task_resolution: int) -> int:
         return int(self.config["resolution"] or task_resolution)
-
-    @staticmethod
-    def _noise(rng: np.random.Generator, backbone, size: int) -> torch.Tensor:
-        channels, side = backbone.unet.config.in_channels, size // backbone.latent_factor
-        generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
-        return torch.randn(channels, side, side, generator=generator)

@@ -18,7 +18,7 @@ from harness import FewShotTask, GeneratedSample, GenerationRequest, Method
 from harness.diffusion import backbone as backbones
 from harness.diffusion import ddim, processors
 from harness.diffusion.finetune import FinetuneConfig, LatentBatch, LatentData, finetune
-from harness.diffusion.latents import decode, resize_images, resize_masks, to_tensor
+from harness.diffusion.latents import decode, initial_noise, resize_images, resize_masks, to_tensor
 from harness.diffusion.lora import TEXT_TARGETS, LoraSettings, add_lora, load_lora, save_lora
 from harness.errors import MethodError
 
@@ -130,7 +130,8 @@ class DualAnoDiff(Method):
             condition = self._condition(backbone, model["prompts"])
             for first in range(0, request.n, self.config["generation_batch"]):
                 pairs = min(self.config["generation_batch"], request.n - first)
-                noise = torch.stack([self._noise(request.rng(first + i), backbone, size) for i in range(pairs)])
+                noise = torch.stack([initial_noise(request.rng(first + i), backbone, size, 2)  # (whole, part)
+                                     for i in range(pairs)])
                 z_0 = self._sample(backbone, condition, noise.flatten(0, 1).to(backbone.device), trained["saim"])
                 images = resize_images(decode(backbone, z_0), out_size)
                 for whole, part in zip(images[0::2], images[1::2]):
@@ -203,13 +204,6 @@ class DualAnoDiff(Method):
 
     def _resolution(self, task_resolution: int) -> int:
         return int(self.config["resolution"] or task_resolution)
-
-    @staticmethod
-    def _noise(rng: np.random.Generator, backbone: backbones.Backbone, size: int) -> torch.Tensor:
-        """Independent starting noise of the two branches of one pair: (2, C, h, w)."""
-        channels, side = backbone.unet.config.in_channels, size // backbone.latent_factor
-        generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
-        return torch.randn(2, channels, side, side, generator=generator)
 
 
 def _text_settings(config: dict) -> LoraSettings:
