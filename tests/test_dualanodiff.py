@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from harness.methods import get_method_info, load_method
 from tests.test_diffusion_toolkit import small_text_encoder, small_unet
@@ -108,7 +109,7 @@ def test_guidance_keeps_each_whole_image_with_its_own_part(dual, monkeypatch):
     image is mixed with another pair's part (a batch with the parts swapped between pairs differs)."""
     module, saim, _ = dual
     method = load_method("dualanodiff", "tiny", {"guidance_scale": 3.0, "scheduler": "DDIMScheduler"})
-    backbone = type("Stub", (), {"unet": _dual_unet(saim), "scheduler": None})()
+    backbone = type("Stub", (), {"unet": _dual_unet(saim), "scheduler": DDIMScheduler()})()  # predicts noise
     condition = torch.randn(4, 3, 16)  # [uncond whole, uncond part, cond whole, cond part]
     captured = {}
 

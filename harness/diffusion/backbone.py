@@ -140,8 +140,11 @@ def build_tiny(words: list[str], resolution: int = 128, seed: int = 0) -> Backbo
             norm_num_groups=16, only_cross_attention=[True, False, False, False],
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    # SD's schedule; v-prediction (as SD 2.x) rather than SD 1.5's noise prediction: with the noise as target the
+    # tiny UNet never learns to read its prompt, nor to draw from pure noise (README.md)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type="v_prediction")
     return Backbone(vae, unet, text_encoder, tokenizer, scheduler)
 
 

@@ -12,6 +12,10 @@ Sampling runs it with s < t (Eq. 3), inversion with s > t and eta = 0 (Eq. 4), w
 predicted at the current, less noisy latent. The schedule and timesteps come from diffusers' DDIMScheduler, so
 they are the ones Stable Diffusion uses; the step itself is written out because the methods (Algorithm 1 of Cho
 et al.) apply it to masked latents and mixed noise predictions.
+
+Every function here takes noise predictions. A UNet trained to predict the velocity v = sqrt(alpha_t) eps -
+sqrt(1 - alpha_t) z_0 instead (SD 2.x, and the tiny backbone: harness/diffusion/README.md) gives its noise through
+`predicted_noise`, and learns `training_target`; both read the scheduler's `prediction_type`.
 """
 from __future__ import annotations
 
@@ -21,6 +25,39 @@ import torch
 
 # eps_model(z_t, t, condition) -> predicted noise; t is an integer timestep
 EpsModel = Callable[[torch.Tensor, int, object], torch.Tensor]
+
+
+def predicts_velocity(scheduler) -> bool:
+    """Whether the UNet paired with this scheduler outputs v (v-prediction) rather than the noise."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+    return kind == "v_prediction"
+
+
+def _alphas(scheduler, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+    """alpha_t per sample of `like` (t: an int, or one timestep per sample), shaped to broadcast over it."""
+    alphas = scheduler.alphas_cumprod.to(like.device, like.dtype)[torch.as_tensor(t, device=like.device)]
+    return alphas.reshape(-1, *([1] * (like.dim() - 1))) if alphas.dim() else alphas
+
+
+def training_target(scheduler, z_0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    """What the UNet learns to output for z_t = sqrt(alpha_t) z_0 + sqrt(1 - alpha_t) noise: the noise, or
+    v = sqrt(alpha_t) noise - sqrt(1 - alpha_t) z_0 (diffusers' `get_velocity`). On a v-prediction backbone a
+    paper's noise loss ||eps - eps_theta||^2 becomes ||v - v_theta||^2 = ||eps - eps_theta||^2 / alpha_t, as
+    diffusers' training scripts do."""
+    if not predicts_velocity(scheduler):
+        return noise
+    a = _alphas(scheduler, t, z_0)
+    return a.sqrt() * noise - (1 - a).sqrt() * z_0
+
+
+def predicted_noise(scheduler, output: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    """The noise a UNet's `output` at z_t predicts: the output itself, or sqrt(alpha_t) v + sqrt(1 - alpha_t) z_t."""
+    if not predicts_velocity(scheduler):
+        return output
+    a = _alphas(scheduler, t, z_t)
+    return a.sqrt() * output + (1 - a).sqrt() * z_t
 
 
 def alpha_at(scheduler, t: int) -> torch.Tensor:
@@ -147,9 +184,12 @@ def scheduler_class(name: str) -> type:
 
 def sample_with(scheduler, eps_model: EpsModel, z_T: torch.Tensor, steps: int, condition: object = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sampling with any diffusers scheduler's own step (its input scaling and initial noise sigma included)."""
+    """Sampling with any diffusers scheduler's own step (its input scaling and initial noise sigma included).
+    `eps_model` gives noise, as everywhere here, so the scheduler is told so (`prediction_type` epsilon)."""
     import inspect
 
+    if predicts_velocity(scheduler):
+        scheduler = type(scheduler).from_config(scheduler.config, prediction_type="epsilon")
     scheduler.set_timesteps(steps)
     # only stochastic schedulers take a generator (PNDM's, UniPC's, Heun's step have no such argument)
     extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}

@@ -3,10 +3,11 @@
 Two stages, as latent diffusion is trained: the autoencoder first (reconstruction, MSE; SD's perceptual and
 adversarial terms are left out because their networks would need pretrained weights; the tiny autoencoder is
 deterministic, as TAESD, so there is no KL term), then the latent scale (one over the latents' standard deviation,
-SD's rule), then the UNet and the text encoder on the frozen autoencoder's latents with the epsilon-prediction loss
-of DDPM, conditioned on prompts "a photo of a <category>" and, one time in ten, on the empty prompt (so
-classifier-free guidance works). Both stages use AdamW with a one-cycle schedule (5% warm-up, cosine decay), which
-takes short runs much further than a constant rate.
+SD's rule), then the UNet and the text encoder on the frozen autoencoder's latents with DDPM's loss in the
+backbone's parametrization (v-prediction for the tiny one, as SD 2.x: `ddim.training_target`), conditioned on
+prompts "a photo of a <category>" and, one time in ten, on the empty prompt (so classifier-free guidance works).
+Both stages use AdamW with a one-cycle schedule (5% warm-up, cosine decay), which takes short runs much further
+than a constant rate.
 
 The VAE sees generic content too (random shapes and colours drawn on its crops, `generic_content`), so that it
 stays a general autoencoder as SD's is, rather than one that can only reconstruct normal images.
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from harness.diffusion import ddim
 from harness.diffusion.backbone import Backbone, build_tiny, unscaled_latents
 from harness.device import default_device
 from harness.diffusion.latents import to_tensor as to_model_input
@@ -241,7 +243,8 @@ def _train_unet(backbone: Backbone, images: np.ndarray, categories: list[str], c
         noise = _randn(z0.shape, generator, z0.device)
         t = torch.randint(0, steps_total, (len(chosen),), generator=generator).to(z0.device)
         z_t = backbone.scheduler.add_noise(z0, noise, t)
-        return F.mse_loss(unet(z_t, t, encoder_hidden_states=backbone.encode_text(text)).sample, noise)
+        return F.mse_loss(unet(z_t, t, encoder_hidden_states=backbone.encode_text(text)).sample,
+                          ddim.training_target(backbone.scheduler, z0, noise, t))
 
     finished_vae = {"vae": {n: t.cpu() for n, t in backbone.vae.state_dict().items()}, "vae_history": vae_history}
     stage = _Stage("UNet", {"unet": unet, "text_encoder": text_encoder}, config.unet_steps, config.unet_lr, rng,

@@ -44,16 +44,19 @@ def masked_noising(z0: torch.Tensor, m: torch.Tensor, eps: torch.Tensor, alpha: 
     return z_t, z_t_masked
 
 
-def disentangled_loss(eps: torch.Tensor, eps_defect: torch.Tensor, eps_background: torch.Tensor,
+def disentangled_loss(target: torch.Tensor, defect: torch.Tensor, background: torch.Tensor,
                       m: torch.Tensor) -> torch.Tensor:
     """Eq. 5: ||m (eps - eps_theta(z_t, t, C1))||^2 + ||(1 - m) (eps - eps_theta(z_t^m, t, C2))||^2, each a mean
-    over the latent's elements."""
-    return (m * (eps - eps_defect)).pow(2).mean() + ((1 - m) * (eps - eps_background)).pow(2).mean()
+    over the latent's elements. `target` is eps in the backbone's parametrization (`ddim.training_target`: eps
+    itself for SD 1.5, v for the tiny backbone; on z_t^m it is (1 - m) v, which the (1 - m) factor makes v);
+    `defect` and `background` are the UNet's outputs under C1 and C2."""
+    return (m * (target - defect)).pow(2).mean() + ((1 - m) * (target - background)).pow(2).mean()
 
 
-def naive_loss(eps: torch.Tensor, eps_defect: torch.Tensor) -> torch.Tensor:
-    """Eq. 2, the plain latent-diffusion loss ||eps - eps_theta(z_t, t, C1)||^2 over the whole latent."""
-    return (eps - eps_defect).pow(2).mean()
+def naive_loss(target: torch.Tensor, defect: torch.Tensor) -> torch.Tensor:
+    """Eq. 2, the plain latent-diffusion loss ||eps - eps_theta(z_t, t, C1)||^2 over the whole latent (in the
+    backbone's parametrization, as `disentangled_loss`)."""
+    return (target - defect).pow(2).mean()
 
 
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -125,15 +128,20 @@ class Conditions:
         self.c2, _ = two_prompt_condition(backbone, prompts.mask, prompts.background)
         self.c1_unconditional, _ = two_prompt_condition(backbone, "", prompts.background)
         self.defect_token = token_index(backbone.tokenizer, prompts.defect, prompts.defect_token)
-        self.unet = backbone.unet
+        self.unet, self.scheduler = backbone.unet, backbone.scheduler
 
-    def eps(self, z: torch.Tensor, t: torch.Tensor | int, conditions: list[torch.Tensor], m: torch.Tensor,
-            record: processors.Recorder | None = None) -> torch.Tensor:
-        """eps_theta(z, t, C) with C = conditions[i] for the i-th equal share of the batch, m its masks."""
+    def predict(self, z: torch.Tensor, t: torch.Tensor | int, conditions: list[torch.Tensor], m: torch.Tensor,
+                record: processors.Recorder | None = None) -> torch.Tensor:
+        """The UNet's output at z under C = conditions[i] for the i-th equal share of the batch, m its masks."""
         share = len(z) // len(conditions)
         condition = torch.cat([c.expand(share, -1, -1) for c in conditions])
         context = context_for(m, self.tokens, record=record)
         return self.unet(z, t, encoder_hidden_states=condition, cross_attention_kwargs={"context": context}).sample
+
+    def eps(self, z: torch.Tensor, t: int, conditions: list[torch.Tensor], m: torch.Tensor,
+            record: processors.Recorder | None = None) -> torch.Tensor:
+        """eps_theta(z, t, C): the noise that output predicts."""
+        return ddim.predicted_noise(self.scheduler, self.predict(z, t, conditions, m, record), z, t)
 
 
 # ---- the method --------------------------------------------------------------------------------------------------
@@ -199,12 +207,13 @@ class BackgroundAware(Method):
             t = torch.randint(0, len(alphas), (len(z0),), generator=generator)
             z_t, z_t_masked = masked_noising(z0, m, eps, alphas[t].to(z0.device))
             t = t.to(z0.device)
+            target = ddim.training_target(scheduler, z0, eps, t)
             if naive:
-                return naive_loss(eps, conditions.eps(z_t, t, [conditions.c1], m))
+                return naive_loss(target, conditions.predict(z_t, t, [conditions.c1], m))
             # one UNet call for both terms: [z_t; z_t^m] with [C1; C2]
-            both = conditions.eps(torch.cat([z_t, z_t_masked]), torch.cat([t, t]), [conditions.c1, conditions.c2],
-                                  torch.cat([m, m]))
-            return disentangled_loss(eps, *both.chunk(2), m)
+            both = conditions.predict(torch.cat([z_t, z_t_masked]), torch.cat([t, t]), [conditions.c1, conditions.c2],
+                                      torch.cat([m, m]))
+            return disentangled_loss(target, *both.chunk(2), m)
 
         return loss
 

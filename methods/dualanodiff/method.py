@@ -42,11 +42,13 @@ def interleave(whole: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     return torch.stack([whole, part], dim=1).flatten(0, 1)
 
 
-def dual_loss(eps: torch.Tensor, eps_part: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+def dual_loss(target: torch.Tensor, target_part: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
     """Eq. 4: ||eps - eps_theta(z_t, t, tau(p))||^2 + ||eps* - eps*_theta(z'_t, t, tau(p'))||^2, `predicted` the
-    interleaved pairs' predictions. As the authors' code, one mean over both branches' elements (half the sum of
-    the two terms' means: the same minimiser; Adam is indifferent to the factor, clipping at 1.0 sees the mean)."""
-    return F.mse_loss(predicted, interleave(eps, eps_part))
+    interleaved pairs' predictions, the targets eps and eps* in the backbone's parametrization
+    (`ddim.training_target`: the noises for SD 1.5, v for the tiny backbone). As the authors' code, one mean over
+    both branches' elements (half the sum of the two terms' means: the same minimiser; Adam is indifferent to the
+    factor, clipping at 1.0 sees the mean)."""
+    return F.mse_loss(predicted, interleave(target, target_part))
 
 
 class DualAnoDiff(Method):
@@ -112,7 +114,8 @@ class DualAnoDiff(Method):
             text = backbone.encode_text(prompts).repeat(pairs, 1, 1)  # [p, p', p, p', ...], through the text LoRA
             predicted = unet(z_t, t.repeat_interleave(2), encoder_hidden_states=text,
                              cross_attention_kwargs={"context": saim.context_for(pairs, use_saim, z.device)}).sample
-            return dual_loss(eps, eps_part, predicted)
+            target = ddim.training_target(scheduler, z, eps, t)
+            return dual_loss(target, ddim.training_target(scheduler, z_part, eps_part, t), predicted)
 
         return loss
 
@@ -154,9 +157,9 @@ class DualAnoDiff(Method):
         context = saim.context_for(2 * pairs, use_saim, z_T.device)
 
         def eps(z: torch.Tensor, t, _condition=None) -> torch.Tensor:
-            out = backbone.unet(torch.cat([z, z]), t, encoder_hidden_states=text,
-                                cross_attention_kwargs={"context": context}).sample
-            unconditional, conditional = out.chunk(2)
+            doubled = torch.cat([z, z])
+            out = backbone.unet(doubled, t, encoder_hidden_states=text, cross_attention_kwargs={"context": context}).sample
+            unconditional, conditional = ddim.predicted_noise(backbone.scheduler, out, doubled, t).chunk(2)
             return unconditional + scale * (conditional - unconditional)
 
         steps = self.config["inference_steps"]

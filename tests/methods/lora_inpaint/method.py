@@ -44,8 +44,8 @@ class LoraInpaint(Method):
             noise = torch.randn(batch.latents.shape, generator=generator).to(batch.latents.device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(noise),), generator=generator)
             z_t = scheduler.add_noise(batch.latents, noise, t.to(noise.device))
-            eps = unet(z_t, t.to(noise.device), encoder_hidden_states=text.expand(len(noise), -1, -1)).sample
-            return F.mse_loss(eps, noise)
+            predicted = unet(z_t, t.to(noise.device), encoder_hidden_states=text.expand(len(noise), -1, -1)).sample
+            return F.mse_loss(predicted, ddim.training_target(scheduler, batch.latents, noise, t.to(noise.device)))
 
         config = FinetuneConfig(steps=self.config["steps"], batch_size=self.config["batch_size"],
                                 learning_rate=self.config["learning_rate"], seed=int(task.rng().integers(2**31)))
@@ -64,8 +64,9 @@ class LoraInpaint(Method):
                 m = latent_mask(target.mask[None], known.shape[-1], known.device)
                 generator = torch.Generator().manual_seed(int(request.rng(i).integers(2**31)))
                 z_T = torch.randn(known.shape, generator=generator).to(known.device)
-                z_0 = ddim.blended_sample(lambda z, t, c: backbone.unet(z, t, encoder_hidden_states=c).sample,
-                                          z_T, known, m, backbone.scheduler, self.config["inference_steps"], text)
+                eps = lambda z, t, c: ddim.predicted_noise(  # noqa: E731
+                    backbone.scheduler, backbone.unet(z, t, encoder_hidden_states=c).sample, z, t)
+                z_0 = ddim.blended_sample(eps, z_T, known, m, backbone.scheduler, self.config["inference_steps"], text)
                 yield GeneratedSample.on_target(target, decode(backbone, z_0)[0], target.mask, request.defect_type)
 
     @staticmethod
