@@ -5,10 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test bench leaderboard suite-mvtec-ad suite-mvtec-loco suite-mvtec-caption clean-cache help
+.PHONY: install demo smoke test bench leaderboard suite-mvtec-ad suite-mvtec-loco suite-mvtec-caption clean-cache help
 
 help:
-	@echo "make demo                 the smoke suite on Ray (synthetic data, every method), then its leaderboard"
+	@echo "make demo                 every method, downstream model and detector on one synthetic category, on Ray"
+	@echo "make smoke                the same on all three synthetic categories (the smoke suite)"
 	@echo "make test                 install if needed, run the test suite"
 	@echo "make suite-mvtec-ad DATA=/path/to/mvtec_anomaly_detection     (also suite-mvtec-loco, suite-mvtec-caption)"
 	@echo "make leaderboard          re-render results/leaderboard/*.md and *.tex from the records"
@@ -22,6 +23,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/defectbench run demo
+
+smoke: $(STAMP)
 	$(BIN)/defectbench run smoke
 
 suite-mvtec-ad suite-mvtec-loco suite-mvtec-caption: $(STAMP)

@@ -53,5 +53,5 @@ def pretrained_backbone(synth_root) -> tuple[Path, dict]:
         split = make_split(read_category(synth_root, name, dataset="synthetic"))
         paths = tuple(s.image for s in split.normal_train)
         normals.append(provision.NormalImages(name, paths, tuple(str(p) for p in paths)))
-    config = provision.pretrain_config({"vae_steps": 400, "unet_steps": 600}, 64)
+    config = provision.pretrain_config({"vae_steps": 400, "unet_steps": 300}, 64)
     return provision.tiny_backbone(normals, config)

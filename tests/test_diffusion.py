@@ -216,6 +216,29 @@ def test_pretraining_brings_samples_closer_to_the_normal_images(synth_root, pret
     assert distances["trained"] < 0.5 * distances["untrained"]
 
 
+def test_a_v_prediction_backbone_is_pretrained_on_v_and_says_so(tmp_path):
+    """`prediction_type: v_prediction` pretrains the UNet on v (its loss is the v target's, not the noise's) and the
+    saved backbone's scheduler says so, so every sampler converts its outputs (ddim.predicted_noise)."""
+    from harness.diffusion import backbone as backbones
+    from harness.diffusion import pretrain as pre
+
+    rng = np.random.default_rng(0)
+    images, categories = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), ["a", "b"] * 2
+    settings = dict(resolution=32, vae_steps=2, unet_steps=3, vae_batch=2, vae_crop=16, batch_size=2,
+                    checkpoint_every=0)
+    runs = {}
+    for kind in ("epsilon", "v_prediction"):
+        model, history = pre.pretrain(images, categories, pre.PretrainConfig(**settings, prediction_type=kind))
+        model.save(tmp_path / kind)
+        runs[kind] = (backbones.load(tmp_path / kind), history)
+    assert not ddim.predicts_velocity(runs["epsilon"][0].scheduler)
+    assert ddim.predicts_velocity(runs["v_prediction"][0].scheduler)
+    assert runs["epsilon"][1]["vae"] == runs["v_prediction"][1]["vae"]  # the same autoencoder stage
+    assert runs["epsilon"][1]["unet"] != runs["v_prediction"][1]["unet"]  # another target
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        backbones.build_tiny(["a"], 32, prediction_type="sample")
+
+
 def test_a_killed_pretraining_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """Checkpoints every 2 steps; a run killed in the VAE stage and one killed in the UNet stage each resume to
     exactly the weights and loss history of a run that was never stopped (on a GPU: to round-off), and an estimate

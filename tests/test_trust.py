@@ -244,6 +244,10 @@ def test_jobs_ask_for_a_gpu_share_only_where_the_cluster_has_gpus():
     assert job_resources(get_profile("paper"))["num_gpus"] == 1.0
     running = [job] * 8  # eight tiny jobs fill one GPU
     assert not _fits(job, running, {"CPU": 16, "GPU": 1}) and _fits(job, running[:7], {"CPU": 16, "GPU": 1})
+    wide = make_job("backbone", "b", {}, resources=job_resources(get_profile("tiny"), num_cpus=2))
+    assert ray_options(wide, {"CPU": 16, "GPU": 0}, 2)["num_cpus"] == 2
+    assert ray_options(wide, {"CPU": 1, "GPU": 0}, 2)["num_cpus"] == 1  # capped: it still runs on a 1-CPU cluster
+    assert _fits(wide, [], {"CPU": 1, "GPU": 0}) and not _fits(wide, [job], {"CPU": 2, "GPU": 0})
 
 
 def test_status_records_the_device(tmp_path):

@@ -4,7 +4,7 @@ Two stages, as latent diffusion is trained: the autoencoder first (reconstructio
 adversarial terms are left out because their networks would need pretrained weights; the tiny autoencoder is
 deterministic, as TAESD, so there is no KL term), then the latent scale (one over the latents' standard deviation,
 SD's rule), then the UNet and the text encoder on the frozen autoencoder's latents with DDPM's loss in the
-backbone's parametrization (v-prediction for the tiny one, as SD 2.x: `ddim.training_target`), conditioned on
+backbone's parametrization (the noise, or v as SD 2.x: `prediction_type`, `ddim.training_target`), conditioned on
 prompts "a photo of a <category>" and, one time in ten, on the empty prompt (so classifier-free guidance works).
 Both stages use AdamW with a one-cycle schedule (5% warm-up, cosine decay), which takes short runs much further
 than a constant rate.
@@ -51,6 +51,7 @@ class PretrainConfig:
     unet_lr: float = 1e-3
     vae_augment: bool = True  # generic content in the VAE's crops (see generic_content)
     empty_prompt_rate: float = 0.1
+    prediction_type: str = "epsilon"  # the UNet's target: the noise (SD 1.5) or v_prediction (SD 2.x; README.md)
     seed: int = 0
     checkpoint_every: int = 100  # steps between checkpoints of a stage (0: none)
 
@@ -74,7 +75,8 @@ def pretrain(images: np.ndarray, categories: list[str], config: PretrainConfig =
     if len(images) != len(categories) or len(images) == 0:
         raise ValueError(f"need one category per image and at least one image (got {len(images)}, {len(categories)})")
     # random numbers are drawn on the CPU (the same stream on every device), the networks train on the GPU if any
-    backbone = build_tiny(sorted(set(categories)), config.resolution, config.seed).to(default_device())
+    backbone = build_tiny(sorted(set(categories)), config.resolution, config.seed,
+                          config.prediction_type).to(default_device())
     if announce is not None:
         announce(_estimate(backbone, images, categories, config))
     saved = _load_checkpoint(checkpoints)

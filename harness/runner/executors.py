@@ -94,9 +94,11 @@ def _cluster(ray: Any) -> dict[str, float]:
 
 
 def ray_options(job: Job, cluster: dict[str, float], max_retries: int) -> dict:
-    """What a job asks Ray for: its CPUs, and its share of a GPU where the cluster has GPUs. Ray hides the GPUs
-    from a task that asks for none, so a job that may use a GPU must ask for its share to see one."""
-    options = {"num_cpus": job.resources.get("num_cpus", 1), "max_retries": max_retries,
+    """What a job asks Ray for: its CPUs (at most the cluster's, so that a 2-CPU job still runs on a 1-CPU
+    cluster), and its share of a GPU where the cluster has GPUs. Ray hides the GPUs from a task that asks for none,
+    so a job that may use a GPU must ask for its share to see one."""
+    options = {"num_cpus": min(float(job.resources.get("num_cpus", 1)), max(cluster["CPU"], 1.0)),
+               "max_retries": max_retries,
                "num_gpus": job.resources.get("num_gpus", 0) if cluster["GPU"] > 0 else 0}
     if job.resources.get("memory"):
         options["memory"] = job.resources["memory"]

@@ -59,8 +59,8 @@ class DualAnoDiff(Method):
     needs = frozenset()
     backbone = "stable-diffusion-v1-5"
     resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
-    in_progress = ("it generates from pure noise, which the tiny backbone cannot yet do (its samples from noise are "
-                   "coloured noise, fine-tuned or not); BCM, U2-Net, claim tests and the ablation suite are missing")
+    in_progress = ("it draws from pure noise: the default tiny backbone cannot, the v-prediction one draws grainy images "
+                   "and noise for the part (README.md); BCM, U2-Net, claim tests and the ablation suite are missing")
 
     def __init__(self, config, profile):
         super().__init__(config, profile)
