@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from harness.diffusion.ddim import PREDICTION_TYPES
+
 # Rare words to bind new concepts to (DreamBooth): they mean nothing in the pretraining prompts.
 RARE_TOKENS = ("sks", "ktn", "pll", "ucd", "olis", "zwx", "qrv", "bxq", "vfx")  # vfx: DualAnoDiff's prompt
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
@@ -108,9 +110,9 @@ def split_words(text: str) -> list[str]:
 
 
 TINY_LATENT_CHANNELS = 16
-
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+# the UNet's weights in channels-last layout: a tiny pretraining step runs 14% faster so on a CPU (measured; the
+# fits' time did not measurably change)
+CONV_LAYOUT = torch.channels_last
 
 
 def build_tiny(words: list[str], resolution: int = 128, seed: int = 0, prediction_type: str = "epsilon") -> Backbone:
@@ -151,7 +153,7 @@ def build_tiny(words: list[str], resolution: int = 128, seed: int = 0, predictio
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                               prediction_type=prediction_type)
-    return Backbone(vae, unet.to(memory_format=torch.channels_last), text_encoder, tokenizer, scheduler)
+    return Backbone(vae, unet.to(memory_format=CONV_LAYOUT), text_encoder, tokenizer, scheduler)
 
 
 def load_frozen(source: str | Path, device: torch.device | None = None) -> Backbone:
@@ -160,7 +162,7 @@ def load_frozen(source: str | Path, device: torch.device | None = None) -> Backb
     from harness.device import default_device
 
     backbone = load(source)
-    backbone.unet.to(memory_format=torch.channels_last)  # its convolutions run 14% faster so on a CPU (measured)
+    backbone.unet.to(memory_format=CONV_LAYOUT)
     for module in (backbone.vae, backbone.unet, backbone.text_encoder):
         module.eval().requires_grad_(False)
     return backbone.to(device or default_device())

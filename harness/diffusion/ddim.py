@@ -14,7 +14,7 @@ they are the ones Stable Diffusion uses; the step itself is written out because 
 et al.) apply it to masked latents and mixed noise predictions.
 
 Every function here takes noise predictions. A UNet trained to predict the velocity v = sqrt(alpha_t) eps -
-sqrt(1 - alpha_t) z_0 instead (SD 2.x, and the tiny backbone: harness/diffusion/README.md) gives its noise through
+sqrt(1 - alpha_t) z_0 instead (SD 2.x; the tiny backbone with `prediction_type: v_prediction`) gives its noise through
 `predicted_noise`, and learns `training_target`; both read the scheduler's `prediction_type`.
 """
 from __future__ import annotations
@@ -27,11 +27,14 @@ import torch
 EpsModel = Callable[[torch.Tensor, int, object], torch.Tensor]
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a UNet may be trained to output: the noise, or v
+
+
 def predicts_velocity(scheduler) -> bool:
     """Whether the UNet paired with this scheduler outputs v (v-prediction) rather than the noise."""
     kind = scheduler.config.get("prediction_type", "epsilon")
-    if kind not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {kind!r} is not supported (one of {PREDICTION_TYPES})")
     return kind == "v_prediction"
 
 

@@ -49,7 +49,7 @@ def pretrain_config(overrides: dict, resolution: int, where: str = "backbone"):
     unknown = set(overrides) - known
     if unknown:
         raise ConfigError(f"{where}: unknown pretraining settings {sorted(unknown)}; known: {', '.join(sorted(known))}")
-    from harness.diffusion.backbone import PREDICTION_TYPES
+    from harness.diffusion.ddim import PREDICTION_TYPES
 
     if overrides.get("prediction_type", PREDICTION_TYPES[0]) not in PREDICTION_TYPES:
         raise ConfigError(f"{where}.prediction_type: {overrides['prediction_type']!r} is not one of {PREDICTION_TYPES}")

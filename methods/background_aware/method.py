@@ -48,7 +48,8 @@ def disentangled_loss(target: torch.Tensor, defect: torch.Tensor, background: to
                       m: torch.Tensor) -> torch.Tensor:
     """Eq. 5: ||m (eps - eps_theta(z_t, t, C1))||^2 + ||(1 - m) (eps - eps_theta(z_t^m, t, C2))||^2, each a mean
     over the latent's elements. `target` is eps in the backbone's parametrization (`ddim.training_target`: eps
-    itself for SD 1.5, v for the tiny backbone; on z_t^m it is (1 - m) v, which the (1 - m) factor makes v);
+    itself for SD 1.5 and the default tiny backbone, v for a v-prediction one; on z_t^m it is then (1 - m) v,
+    which the (1 - m) factor makes v);
     `defect` and `background` are the UNet's outputs under C1 and C2."""
     return (m * (target - defect)).pow(2).mean() + ((1 - m) * (target - background)).pow(2).mean()
 

@@ -45,7 +45,7 @@ def interleave(whole: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
 def dual_loss(target: torch.Tensor, target_part: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
     """Eq. 4: ||eps - eps_theta(z_t, t, tau(p))||^2 + ||eps* - eps*_theta(z'_t, t, tau(p'))||^2, `predicted` the
     interleaved pairs' predictions, the targets eps and eps* in the backbone's parametrization
-    (`ddim.training_target`: the noises for SD 1.5, v for the tiny backbone). As the authors' code, one mean over
+    (`ddim.training_target`: the noises for SD 1.5, v for a v-prediction backbone). As the authors' code, one mean over
     both branches' elements (half the sum of the two terms' means: the same minimiser; Adam is indifferent to the
     factor, clipping at 1.0 sees the mean)."""
     return F.mse_loss(predicted, interleave(target, target_part))
@@ -59,8 +59,9 @@ class DualAnoDiff(Method):
     needs = frozenset()
     backbone = "stable-diffusion-v1-5"
     resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
-    in_progress = ("it draws from pure noise: the default tiny backbone cannot, the v-prediction one draws grainy images "
-                   "and noise for the part (README.md); BCM, U2-Net, claim tests and the ablation suite are missing")
+    in_progress = ("it draws from pure noise: the default tiny backbone cannot, the v-prediction one draws grainy "
+                   "images and noise for the part (README.md); BCM, U2-Net, claim tests and the ablation suite are "
+                   "missing")
 
     def __init__(self, config, profile):
         super().__init__(config, profile)
@@ -158,7 +159,8 @@ class DualAnoDiff(Method):
 
         def eps(z: torch.Tensor, t, _condition=None) -> torch.Tensor:
             doubled = torch.cat([z, z])
-            out = backbone.unet(doubled, t, encoder_hidden_states=text, cross_attention_kwargs={"context": context}).sample
+            out = backbone.unet(doubled, t, encoder_hidden_states=text,
+                                cross_attention_kwargs={"context": context}).sample
             unconditional, conditional = ddim.predicted_noise(backbone.scheduler, out, doubled, t).chunk(2)
             return unconditional + scale * (conditional - unconditional)
 
