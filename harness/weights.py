@@ -34,9 +34,10 @@ CONNECT_TIMEOUT = 3.0
 class WeightSpec:
     name: str
     filename: str
-    url: str
+    url: str | None  # None: no direct download (the user puts the file in the cache or names it in the config)
     description: str
-    sha256: str  # the file's published SHA-256 (its first 8 hex digits are the tag in the file name)
+    sha256: str | None  # the published SHA-256 (its first 8 hex digits are the tag in the file name); None: none is
+    #                     published, so the file is identified by its own content hash
 
 
 # Networks whose weights the metrics and downstream models use. File names are the ones torch hub caches.
@@ -61,6 +62,9 @@ KNOWN: dict[str, WeightSpec] = {s.name: s for s in (
                "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
                "torchvision Wide-ResNet-50-2 ImageNet weights (anomalib backbones)",
                "95faca4d11227dddf8633dbb5ff6c8a9003c1aa5b8945c73834b8007b10950b8"),
+    WeightSpec("u2net", "u2net.pth", None,
+               "U2-Net (xuebinqin/U-2-Net, 173.6 MB, released on Google Drive only), DualAnoDiff's part segmenter",
+               None),
 )}
 
 
@@ -88,7 +92,7 @@ class ResolvedWeights:
         if self.is_random:
             return f"random(seed={self.seed})"
         spec = KNOWN.get(self.name)
-        if spec is not None and self.path is not None and self.path.name == spec.filename:
+        if spec is not None and spec.sha256 and self.path is not None and self.path.name == spec.filename:
             return f"sha256:{spec.sha256[:16]}"
         if self.path is not None and self.path.is_file():
             return f"sha256:{cached_file_hash(self.path)[:16]}"
@@ -123,12 +127,12 @@ def is_reachable(url: str) -> bool:
     return _reachable[host]
 
 
-def resolve(name: str, profile: str | Profile, explicit: str | Path | None = None) -> ResolvedWeights:
-    """Find the weights of a known network, or fall back to random weights where the profile allows."""
+def find(name: str, explicit: str | Path | None = None) -> ResolvedWeights | None:
+    """The weights of a known network from the config, the cache or a download; None where there are none (for
+    networks with no sensible random fallback, whose callers use a recorded stand-in instead)."""
     spec = KNOWN.get(name)
     if spec is None:
         raise WeightsError(f"unknown weights {name!r}; known: {', '.join(KNOWN)}")
-    profile = get_profile(profile)
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
@@ -142,6 +146,15 @@ def resolve(name: str, profile: str | Profile, explicit: str | Path | None = Non
     downloaded = _download(spec, cached)
     if downloaded is not None:
         return ResolvedWeights(name, "download", verify(spec, downloaded))
+    return None
+
+
+def resolve(name: str, profile: str | Profile, explicit: str | Path | None = None) -> ResolvedWeights:
+    """Find the weights of a known network, or fall back to random weights where the profile allows."""
+    found = find(name, explicit)
+    if found is not None:
+        return found
+    spec, profile = KNOWN[name], get_profile(profile)
     if not profile.allow_random_weights:
         raise WeightsError(
             f"weights for {name!r} ({spec.description}) not found and cannot be downloaded; the {profile.name!r} "
@@ -154,7 +167,9 @@ def resolve(name: str, profile: str | Profile, explicit: str | Path | None = Non
 
 def verify(spec: WeightSpec, path: Path) -> Path:
     """The file, if its SHA-256 is the published one; else a WeightsError naming it (a damaged download, another
-    file under the published name, or a crafted checkpoint)."""
+    file under the published name, or a crafted checkpoint). A network with no published hash passes unchecked."""
+    if spec.sha256 is None:
+        return path
     digest = cached_file_hash(path)
     if digest != spec.sha256:
         raise WeightsError(f"{path}: SHA-256 {digest[:16]}... is not the published {spec.sha256[:16]}... of "
@@ -163,7 +178,7 @@ def verify(spec: WeightSpec, path: Path) -> Path:
 
 
 def _download(spec: WeightSpec, target: Path) -> Path | None:
-    if not is_reachable(spec.url):
+    if spec.url is None or not is_reachable(spec.url):
         return None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from harness.methods import get_method_info, load_method
@@ -49,9 +50,9 @@ def test_saim_equals_a_direct_computation(dual):
     assert torch.equal(saim.SAIM(6, zero_init=True)(o), o)  # W_o = 0: the identity
 
 
-def _dual_unet(saim_module, seed: int = 0):
+def _dual_unet(saim_module, seed: int = 0, bcm_hidden: int | None = None):
     unet = small_unet(seed)
-    saim_module.install(unet, rank=2)
+    saim_module.install(unet, rank=2, bcm_hidden=bcm_hidden)
     for name, module in unet.named_modules():
         if name.endswith(".processor"):
             _randomised(module, seed)
@@ -136,6 +137,58 @@ def test_guidance_keeps_each_whole_image_with_its_own_part(dual, monkeypatch):
     assert torch.allclose(together[:2], eps_u + 3.0 * (eps_c - eps_u), atol=1e-5)
 
 
+def test_bcm_compensates_the_whole_branchs_self_attention_features_as_eq_5_6(dual):
+    import importlib
+
+    module, _, _ = dual
+    bcm = importlib.import_module(module.__package__ + ".bcm")
+    layer = bcm.BackgroundCompensation(6, 5)
+    assert layer.gamma.item() == pytest.approx(0.1)  # the paper's initialisation (the authors' code: 0)
+    _randomised(layer)
+    phi, phi_b = torch.randn(2, 7, 6), torch.randn(2, 7, 6)
+    first, second = layer.mlp[0], layer.mlp[2]
+    expected = phi + layer.gamma * (F.gelu(phi_b @ first.weight.T + first.bias) @ second.weight.T + second.bias)
+    assert torch.allclose(layer(phi, phi_b), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="one background per whole image"):
+        layer(phi, phi_b[:1])
+
+
+def test_bcm_changes_the_whole_branch_alone_and_needs_the_background_pass(dual):
+    """The background pass writes the self-attention layers' input features (and only theirs); read in the dual pass,
+    they change the whole image's prediction and, without SAIM, not the part's; with no background pass, an error."""
+    module, saim, _ = dual
+    unet = _dual_unet(saim, bcm_hidden=8)
+    z, c = torch.randn(4, 4, 8, 8), torch.randn(4, 3, 16)
+
+    def predict(background_latents):
+        features = module._background_features(unet, background_latents, 10, c[0::2])
+        self_layers = {n.removesuffix(".processor") for n, p in unet.attn_processors.items() if p.bcm is not None}
+        assert set(features.features) == self_layers and self_layers
+        return unet(z, 10, encoder_hidden_states=c, cross_attention_kwargs={
+            "context": saim.context_for(2, saim=False, background=features)}).sample
+
+    with torch.no_grad():
+        one, other = predict(torch.randn(2, 4, 8, 8)), predict(torch.randn(2, 4, 8, 8))
+        assert not torch.allclose(one[0::2], other[0::2], atol=1e-4)
+        assert torch.allclose(one[1::2], other[1::2], atol=1e-6)
+        empty = saim.bcm.BackgroundFeatures(mode="read")
+        with pytest.raises(ValueError, match="background pass"):
+            unet(z, 10, encoder_hidden_states=c, cross_attention_kwargs={
+                "context": saim.context_for(2, background=empty)})
+
+
+def test_the_background_blacks_out_the_object(dual):
+    import importlib
+
+    module, _, _ = dual
+    bcm = importlib.import_module(module.__package__ + ".bcm")
+    image = np.full((1, 4, 4, 3), 200, np.uint8)
+    objects = np.zeros((1, 4, 4), bool)
+    objects[0, :2] = True
+    background = bcm.background_image(image, objects)
+    assert torch.all(background[0, :, :2] == -1) and torch.allclose(background[0, :, 2:], torch.tensor(200 / 127.5 - 1))
+
+
 def test_the_part_image_has_a_mid_grey_background(dual):
     module, _, _ = dual
     image = np.full((1, 4, 4, 3), 200, np.uint8)
@@ -165,6 +218,36 @@ def test_the_stand_in_segments_the_part_and_flags_empty_ones(dual):
     assert empty.empty and not empty.mask.any()  # min-max normalisation would have made it a full-frame mask
 
 
+def test_u2net_segments_the_parts_when_its_weights_are_given_and_the_stand_in_otherwise(dual, monkeypatch, tmp_path):
+    """`auto` uses U2-Net with the configured u2net.pth (a narrow one here: the real file is the user's) and records
+    which weights; without the file the recorded stand-in; `u2net` without the file is an error naming it."""
+    import importlib
+    from functools import partial
+
+    from harness.errors import MethodError
+
+    module, _, segment = dual
+    u2net = importlib.import_module(module.__package__ + ".u2net")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty torch hub cache
+    config = {"empty_distance": 16, "min_area": 0.001, "segmenter": "auto", "u2net_weights": None}
+    assert segment.make_segmenter(config).name == segment.STAND_IN
+    with pytest.raises(MethodError, match="u2net.pth"):
+        segment.make_segmenter({**config, "segmenter": "u2net"})
+    torch.manual_seed(0)
+    narrow = partial(u2net.U2Net, width=0.125)
+    torch.save(narrow().state_dict(), tmp_path / "u2net.pth")
+    monkeypatch.setattr(u2net, "U2Net", narrow)
+    segmenter = segment.make_segmenter({**config, "u2net_weights": str(tmp_path / "u2net.pth")})
+    assert segmenter.name == "u2net" and "config:u2net.pth sha256:" in segmenter.weights
+    parts = np.full((2, 40, 40, 3), 128, np.uint8)
+    parts[1, 10:20, 10:30] = (30, 200, 60)
+    grey, drawn = segmenter.segment(parts)
+    assert grey.empty and not grey.mask.any()  # near-uniform: flagged, not stretched by the min-max normalisation
+    same = narrow()
+    same.load_state_dict(torch.load(tmp_path / "u2net.pth"))
+    assert np.array_equal(drawn.mask, u2net.part_mask(u2net.saliency(same, parts[1:])[0]))
+
+
 def test_fit_saves_adapters_only_and_generate_makes_masked_pairs(dual, synth_root, pretrained_backbone, tmp_path):
     from harness.data.layouts import read_category
     from harness.data.splits import make_split
@@ -188,6 +271,57 @@ def test_fit_saves_adapters_only_and_generate_makes_masked_pairs(dual, synth_roo
         assert sample.extra["segmenter"].startswith("stand-in") and isinstance(sample.extra["part_empty"], bool)
     again = list(load_method("dualanodiff", "tiny", {"steps": 3, "inference_steps": 2}).generate(request, tmp_path))
     assert all(np.array_equal(a.image, b.image) for a, b in zip(samples, again))  # seeded
+
+
+def test_bcm_fits_and_generates_on_normal_images(dual, synth_root, pretrained_backbone, tmp_path):
+    from safetensors.torch import load_file
+
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.errors import MethodError
+    from harness.generation import fit_method
+    from harness.tasks import build_request, build_task
+
+    folder, _ = pretrained_backbone
+    split = make_split(read_category(synth_root, "washer", dataset="synthetic"))
+    task = build_task(split, ["stain"], 64, seed=0)
+    task.backbone = folder
+    settings = {"steps": 2, "inference_steps": 2, "bcm": {"enabled": True}}
+    method = load_method("dualanodiff", "tiny", settings)
+    assert method.needs == {"target_normal"} and load_method("dualanodiff", "tiny").needs == set()
+    fit_method(method, task, tmp_path)
+    module, _, _ = dual
+    saved = load_file(str(tmp_path / module.DUAL_FILE))
+    assert any(".processor.bcm." in key for key in saved)
+    request = build_request(task, method, "stain", 2, seed=0)
+    samples = list(method.generate(request, tmp_path))
+    assert [s.extra["background"] for s in samples] == [t.normal.id for t in request.targets]
+    assert all(s.normal_id is None for s in samples)  # not drawn on that image: no BG-PSNR against it
+    plain = load_method("dualanodiff", "tiny", {"steps": 2, "inference_steps": 2})
+    with pytest.raises(MethodError, match="BCM"):  # a request without normal images for a fit with BCM
+        list(plain.generate(build_request(task, plain, "stain", 2, seed=0), tmp_path))
+
+
+def test_class_word_prompts_are_filled_in_and_a_bad_placeholder_is_named(dual):
+    from harness.errors import MethodError
+
+    module, _, _ = dual
+    filled = module.fill_prompts({"whole": "a {category} with {defect}", "part": "{defect}"}, "metal_nut", "color")
+    assert filled == {"whole": "a metal nut with color", "part": "color"}
+    assert module.fill_prompts({"whole": "a vfx with sks", "part": "sks"}, "x", "y")["whole"] == "a vfx with sks"
+    with pytest.raises(MethodError, match="category"):
+        load_method("dualanodiff", "tiny", {"prompts": {"whole": "a {categry}", "part": "sks"}})
+
+
+def test_the_ablation_suite_has_one_column_per_switch():
+    from harness.runner.suite import load_suite
+
+    suite = load_suite("ablation-dualanodiff")
+    configs = [load_method(m.method, suite.profile, m.config).config for m in suite.methods]
+    assert len({m.label for m in suite.methods}) == 5 and all(m.method == "dualanodiff" for m in suite.methods)
+    base = configs[0]
+    changed = [{k for k in base if c[k] != base[k]} for c in configs[1:]]
+    assert changed == [{"saim"}, {"text_lora"}, {"prompts"}, {"bcm"}]
 
 
 def test_bad_settings_are_named():

@@ -121,6 +121,9 @@ def test_download_when_online(offline, monkeypatch):
 
 def test_published_hashes_carry_the_file_name_tag():
     for spec in weights.KNOWN.values():
+        if spec.sha256 is None:  # nothing published (U2-Net): no download either, the file is the user's
+            assert spec.url is None, spec.name
+            continue
         tag = spec.filename.rsplit("-", 1)[1].split(".")[0]
         assert len(spec.sha256) == 64 and spec.sha256.startswith(tag), spec.name
 
@@ -162,3 +165,12 @@ def test_lpips_trunk_loads_torchvision_weights(offline):
     assert net.trunk.source == "config"
     assert torch.equal(net.model.net.slice1[0].weight.cpu(), reference.features[0].weight)
     assert torch.equal(getattr(net.model.net.slice5, "10").weight.cpu(), reference.features[10].weight)
+
+
+def test_a_network_without_published_weights_is_found_only_where_the_user_put_it(offline):
+    assert weights.find("u2net") is None  # no download, no random fallback
+    path = weights.cache_dir() / "u2net.pth"
+    path.parent.mkdir(parents=True)
+    torch.save({"w": torch.zeros(2)}, path)
+    found = weights.find("u2net")
+    assert found.source == "cache" and found.identity().startswith("sha256:")  # its own content hash

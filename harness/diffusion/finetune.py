@@ -7,7 +7,7 @@ everything else, so two methods never differ in how they iterate, clip or resume
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +19,7 @@ from harness.diffusion.pretrain import loss_tenths
 from harness.io import atomic_write_bytes
 
 CHECKPOINT = "finetune-checkpoint.pt"
+_PAIRED = object()  # the `paired` image among LatentData.encode's makers (no companion's name)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class LatentBatch:
     masks: torch.Tensor  # (B, 1, h, w) at latent resolution
     index: torch.Tensor  # (B,) which training image (before augmentation) each row came from
     paired: torch.Tensor | None = None  # (B, C, h, w) latents of each row's paired image (LatentData.encode)
+    companions: dict[str, torch.Tensor] = field(default_factory=dict)  # more paired images' latents, by name
 
 
 class LatentData:
@@ -45,32 +47,37 @@ class LatentData:
     mask are flipped together before encoding, so no latent is an approximation of a flipped one)."""
 
     def __init__(self, latents: torch.Tensor, masks: torch.Tensor, index: torch.Tensor,
-                 paired: torch.Tensor | None = None):
+                 paired: torch.Tensor | None = None, companions: dict[str, torch.Tensor] | None = None):
         self.latents, self.masks, self.index, self.paired = latents, masks, index, paired
+        self.companions = companions or {}
 
     @classmethod
     def encode(cls, backbone, images: np.ndarray, masks: np.ndarray, flips: bool = True,
-               paired: Callable[[np.ndarray, np.ndarray], torch.Tensor] | None = None) -> "LatentData":
+               paired: Callable[[np.ndarray, np.ndarray], torch.Tensor] | None = None,
+               companions: dict[str, Callable[[np.ndarray, np.ndarray], torch.Tensor]] | None = None
+               ) -> "LatentData":
         """images uint8 (N, H, W, 3), masks bool (N, H, W) -> every variant's latent and latent mask.
 
         `paired(images, masks)` makes a second image of each variant (a float tensor (N, 3, H, W) in [-1, 1]; e.g.
-        DualAnoDiff's anomaly part), encoded beside it, so both carry the same flips."""
+        DualAnoDiff's anomaly part), encoded beside it, so both carry the same flips; `companions` more such
+        images by name (e.g. DualAnoDiff's background for BCM), in `LatentBatch.companions`."""
         from harness.diffusion.latents import encode, latent_mask
 
         variants = [(images, masks)]
         if flips:
             variants += [(images[:, :, ::-1], masks[:, :, ::-1]), (images[:, ::-1], masks[:, ::-1])]
-        latents, latent_masks, paired_latents = [], [], []
+        makers = {**({_PAIRED: paired} if paired is not None else {}), **(companions or {})}
+        latents, latent_masks, made = [], [], {name: [] for name in makers}
         for variant_images, variant_masks in variants:
             variant_images, variant_masks = np.ascontiguousarray(variant_images), np.ascontiguousarray(variant_masks)
             z = encode(backbone, variant_images)
             latents.append(z)
             latent_masks.append(latent_mask(variant_masks, z.shape[-1], z.device))
-            if paired is not None:
-                paired_latents.append(encode(backbone, paired(variant_images, variant_masks)))
+            for name, make in makers.items():
+                made[name].append(encode(backbone, make(variant_images, variant_masks)))
         index = torch.arange(len(images)).repeat(len(variants))
-        return cls(torch.cat(latents), torch.cat(latent_masks), index,
-                   torch.cat(paired_latents) if paired is not None else None)
+        made = {name: torch.cat(parts) for name, parts in made.items()}
+        return cls(torch.cat(latents), torch.cat(latent_masks), index, made.pop(_PAIRED, None), made)
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -79,7 +86,8 @@ class LatentData:
         chosen = torch.randint(0, len(self), (size,), generator=generator)
         rows = chosen.to(self.latents.device)
         return LatentBatch(self.latents[rows], self.masks[rows], self.index[chosen],
-                           self.paired[rows] if self.paired is not None else None)
+                           self.paired[rows] if self.paired is not None else None,
+                           {name: latents[rows] for name, latents in self.companions.items()})
 
 
 def finetune(params: list[torch.nn.Parameter], data: LatentData,

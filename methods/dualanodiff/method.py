@@ -18,17 +18,29 @@ from harness import FewShotTask, GeneratedSample, GenerationRequest, Method
 from harness.diffusion import backbone as backbones
 from harness.diffusion import ddim, processors
 from harness.diffusion.finetune import FinetuneConfig, LatentBatch, LatentData, finetune
-from harness.diffusion.latents import decode, initial_noise, resize_images, resize_masks, to_tensor
+from harness.diffusion.latents import decode, encode, initial_noise, resize_images, resize_masks, to_tensor
 from harness.diffusion.lora import TEXT_TARGETS, LoraSettings, add_lora, load_lora, save_lora
 from harness.errors import MethodError
 
-from . import saim
-from .segment import STAND_IN, segment_part
+from . import bcm, saim
+from .segment import make_segmenter
 
 MODEL_FILE, DUAL_FILE, TEXT_ADAPTER = "model.json", "dual.safetensors", "text_lora"
+BACKGROUND = "background"  # BCM's background image, a companion of each training image (LatentData)
 SAIM_INITS = ("default", "zero")
-TRAINED = ("lora", "text_lora", "saim", "saim_init")  # what a fit trained: generate rebuilds exactly that
+TRAINED = ("lora", "text_lora", "saim", "saim_init", "bcm")  # what a fit trained: generate rebuilds exactly that
 NO_FLIP_CATEGORIES = ("cable",)  # the authors' code means not to flip cable (its wires' colours have an order)
+
+
+def fill_prompts(prompts: dict, category: str, defect_type: str) -> dict:
+    """The prompts with `{category}` and `{defect}` replaced by the task's names (underscores as spaces): the
+    class-word ablation's "a {category} with {defect}" instead of the rare tokens' "a vfx with sks"."""
+    names = {"category": category.replace("_", " "), "defect": defect_type.replace("_", " ")}
+    try:
+        return {branch: text.format(**names) for branch, text in prompts.items()}
+    except (KeyError, IndexError, ValueError) as error:
+        raise MethodError(f"dualanodiff: prompts {prompts}: only {{category}} and {{defect}} may be filled in "
+                          f"({type(error).__name__}: {error})") from None
 
 
 def part_image(images: np.ndarray, masks: np.ndarray) -> torch.Tensor:
@@ -67,10 +79,13 @@ class DualAnoDiff(Method):
         super().__init__(config, profile)
         if config["saim_init"] not in SAIM_INITS:
             raise MethodError(f"dualanodiff: saim_init must be one of {SAIM_INITS}, not {config['saim_init']!r}")
+        fill_prompts(config["prompts"], "category", "defect")  # a misspelt placeholder fails here, not in a fit
         try:
             ddim.scheduler_class(config["scheduler"])
         except ValueError as error:
             raise MethodError(f"dualanodiff: scheduler: {error}") from None
+        if config["bcm"]["enabled"]:
+            self.needs = frozenset({"target_normal"})  # BCM's background at generation: a normal image's
 
     # -- fit: Eq. 4 on the few training anomalies of one defect type --
 
@@ -86,24 +101,28 @@ class DualAnoDiff(Method):
         images = resize_images(np.stack([a.image for a in task.anomalies]), size)
         masks = resize_masks(np.stack([a.mask for a in task.anomalies]), size)
         flips = self.config["flips"] and task.category not in NO_FLIP_CATEGORIES
-        data = LatentData.encode(backbone, images, masks, flips=flips, paired=part_image)
+        companions = {BACKGROUND: lambda imgs, _: bcm.background_image(imgs, bcm.object_masks(imgs, task.texture))}
+        data = LatentData.encode(backbone, images, masks, flips=flips, paired=part_image,
+                                 companions=companions if self.config["bcm"]["enabled"] else None)
         cfg = self.config
-        history = finetune(params, data, self._loss(backbone), FinetuneConfig(
+        prompts = fill_prompts(cfg["prompts"], task.category, task.defect_types[0])
+        history = finetune(params, data, self._loss(backbone, prompts), FinetuneConfig(
             steps=cfg["steps"], batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
             weight_decay=cfg["weight_decay"], grad_clip=cfg["grad_clip"], seed=seed), workdir,
             desc="dualanodiff: fine-tune")
         self._save(backbone, workdir)
         (workdir / MODEL_FILE).write_text(json.dumps({
             "backbone": str(task.backbone), "resolution": size, "output_resolution": task.resolution,
-            "prompts": cfg["prompts"], "trained": {key: cfg[key] for key in TRAINED},
+            "prompts": prompts, "trained": {key: cfg[key] for key in TRAINED},
             "training_images": [a.id for a in task.anomalies], "flips": flips, "history": history,
             "trained_parameters": sum(p.numel() for p in params),
             "seconds": round(time.perf_counter() - start, 1)}, indent=2))
 
-    def _loss(self, backbone: backbones.Backbone) -> Callable[[LatentBatch, torch.Generator], torch.Tensor]:
+    def _loss(self, backbone: backbones.Backbone, filled: dict) -> Callable[[LatentBatch, torch.Generator],
+                                                                          torch.Tensor]:
         scheduler, unet = backbone.scheduler, backbone.unet
-        prompts = [self.config["prompts"]["whole"], self.config["prompts"]["part"]]
-        use_saim = bool(self.config["saim"])
+        prompts = [filled["whole"], filled["part"]]
+        use_saim, use_bcm = bool(self.config["saim"]), bool(self.config["bcm"]["enabled"])
 
         def loss(batch: LatentBatch, generator: torch.Generator) -> torch.Tensor:
             z, z_part = batch.latents, batch.paired
@@ -113,8 +132,14 @@ class DualAnoDiff(Method):
             t = torch.randint(0, scheduler.config.num_train_timesteps, (pairs,), generator=generator).to(z.device)
             z_t = interleave(scheduler.add_noise(z, eps, t), scheduler.add_noise(z_part, eps_part, t))  # one t
             text = backbone.encode_text(prompts).repeat(pairs, 1, 1)  # [p, p', p, p', ...], through the text LoRA
+            background = None
+            if use_bcm:  # the background's features, at the pair's t with its own noise
+                z_b = batch.companions[BACKGROUND]
+                eps_b = torch.randn(z.shape, generator=generator).to(z.device)
+                background = _background_features(unet, scheduler.add_noise(z_b, eps_b, t), t, text[0::2])
+            context = saim.context_for(pairs, use_saim, z.device, background=background)
             predicted = unet(z_t, t.repeat_interleave(2), encoder_hidden_states=text,
-                             cross_attention_kwargs={"context": saim.context_for(pairs, use_saim, z.device)}).sample
+                             cross_attention_kwargs={"context": context}).sample
             target = ddim.training_target(scheduler, z, eps, t)
             return dual_loss(target, ddim.training_target(scheduler, z_part, eps_part, t), predicted)
 
@@ -130,18 +155,39 @@ class DualAnoDiff(Method):
         backbone, _ = self._prepare(request.backbone or Path(model["backbone"]), trained, train=False)
         self._load(backbone, workdir, trained)
         size, out_size = model["resolution"], model["output_resolution"]
+        segmenter = make_segmenter(self.config["mask"], backbone.device)
         with torch.no_grad():
             condition = self._condition(backbone, model["prompts"])
             for first in range(0, request.n, self.config["generation_batch"]):
                 pairs = min(self.config["generation_batch"], request.n - first)
-                noise = torch.stack([initial_noise(request.rng(first + i), backbone, size, 2)  # (whole, part)
-                                     for i in range(pairs)])
-                z_0 = self._sample(backbone, condition, noise.flatten(0, 1).to(backbone.device), trained["saim"])
+                # (whole, part) and, with BCM, the background's noise: each sample's own seeded stream
+                latents = 3 if trained["bcm"]["enabled"] else 2
+                noise = torch.stack([initial_noise(request.rng(first + i), backbone, size, latents)
+                                     for i in range(pairs)]).to(backbone.device)
+                targets = request.targets[first:first + pairs]
+                background = (self._backgrounds(backbone, targets, size, noise[:, 2]) if trained["bcm"]["enabled"]
+                              else None)
+                z_0 = self._sample(backbone, condition, noise[:, :2].flatten(0, 1), trained["saim"], background)
                 images = resize_images(decode(backbone, z_0), out_size)
-                for whole, part in zip(images[0::2], images[1::2]):
-                    found = segment_part(part, **self.config["mask"])
-                    yield GeneratedSample(image=whole, mask=found.mask, defect_type=request.defect_type,
-                                          extra={"segmenter": STAND_IN, "part_empty": found.empty})
+                for target, whole, found in zip(targets, images[0::2], segmenter.segment(images[1::2])):
+                    extra = {"segmenter": segmenter.name, "part_empty": found.empty,
+                             **({"segmenter_weights": segmenter.weights} if segmenter.weights else {})}
+                    if background is not None:  # not normal_id: the sample is not drawn on that image
+                        extra["background"] = target.normal.id
+                    yield GeneratedSample(image=whole, mask=found.mask, defect_type=request.defect_type, extra=extra)
+
+    def _backgrounds(self, backbone: backbones.Backbone, targets: list, size: int,
+                     noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """BCM's background latents and their noises for a guided batch: [mid-grey x B (unconditional); each
+        target's normal image with its object blacked out (conditional)]."""
+        if any(t.normal is None for t in targets):
+            raise MethodError("dualanodiff: this fit was trained with BCM, which needs a normal image per sample; "
+                              "generate with bcm.enabled: true (the request has no normal images)")
+        normals = resize_images(np.stack([t.normal.image for t in targets]), size)
+        objects = resize_masks(np.stack([t.normal_foreground for t in targets]), size)
+        z_b = encode(backbone, bcm.background_image(normals, objects))
+        grey = encode(backbone, torch.zeros(len(targets), 3, size, size))
+        return torch.cat([grey, z_b]), torch.cat([noise, noise])
 
     def _condition(self, backbone: backbones.Backbone, prompts: dict) -> torch.Tensor:
         """[uncond whole, uncond part, cond whole, cond part] (the empty prompt for both unconditional branches,
@@ -149,16 +195,23 @@ class DualAnoDiff(Method):
         return backbone.encode_text(["", "", prompts["whole"], prompts["part"]])
 
     def _sample(self, backbone: backbones.Backbone, condition: torch.Tensor, z_T: torch.Tensor,
-                saim_on: bool | None = None) -> torch.Tensor:
+                saim_on: bool | None = None, background: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
         """z_T: (2B) interleaved pairs. Each step runs the UNet on [z_T; z_T] (4B) with the unconditional pairs first
-        and the conditional pairs after, so every pair stays together through SAIM, then guides."""
+        and the conditional pairs after, so every pair stays together through SAIM, then guides. `background`: BCM's
+        background latents and noises (2B, `_backgrounds`), noised to each step's t."""
         pairs, scale = len(z_T) // 2, float(self.config["guidance_scale"])
         use_saim = bool(saim_on if saim_on is not None else self.config["saim"])
         text = torch.cat([condition[:2].repeat(pairs, 1, 1), condition[2:].repeat(pairs, 1, 1)])
-        context = saim.context_for(2 * pairs, use_saim, z_T.device)
 
         def eps(z: torch.Tensor, t, _condition=None) -> torch.Tensor:
             doubled = torch.cat([z, z])
+            features = None
+            if background is not None:
+                steps = torch.full((2 * pairs,), int(t), device=z.device)
+                noised = backbone.scheduler.add_noise(background[0], background[1], steps)
+                features = _background_features(backbone.unet, noised, t, text[0::2])
+            context = saim.context_for(2 * pairs, use_saim, z.device, background=features)
             out = backbone.unet(doubled, t, encoder_hidden_states=text,
                                 cross_attention_kwargs={"context": context}).sample
             unconditional, conditional = ddim.predicted_noise(backbone.scheduler, out, doubled, t).chunk(2)
@@ -176,11 +229,13 @@ class DualAnoDiff(Method):
         """The frozen backbone with the dual-branch processors (and, to train, the text LoRA); the parameters a fit
         trains: both branches' LoRAs, SAIM (unless switched off), the text LoRA."""
         backbone = backbones.load_frozen(source)
-        lora = config["lora"]
-        saim.install(backbone.unet, int(lora["rank"]), lora.get("alpha"), config["saim_init"] == "zero")
+        lora, bcm_config = config["lora"], config["bcm"]
+        saim.install(backbone.unet, int(lora["rank"]), lora.get("alpha"), config["saim_init"] == "zero",
+                     int(bcm_config["hidden"]) if bcm_config["enabled"] else None)
         params = processors.branch_lora_parameters(backbone.unet)
         if config["saim"]:
             params += saim.saim_parameters(backbone.unet)
+        params += saim.bcm_parameters(backbone.unet)
         if config["text_lora"] and train:
             params += add_lora(backbone.text_encoder, _text_settings(config))
         for param in params:
@@ -209,6 +264,15 @@ class DualAnoDiff(Method):
 
     def _resolution(self, task_resolution: int) -> int:
         return int(self.config["resolution"] or task_resolution)
+
+
+def _background_features(unet, z_b: torch.Tensor, t, text: torch.Tensor) -> bcm.BackgroundFeatures:
+    """BCM's background pass: the whole branch (its LoRA, its prompt, no SAIM) denoises the noised background
+    latents; returns the store of each self-attention layer's input features, ready for the dual pass to read."""
+    context, store = saim.background_context(len(z_b), z_b.device)
+    unet(z_b, t, encoder_hidden_states=text, cross_attention_kwargs={"context": context})
+    store.mode = "read"
+    return store
 
 
 def _text_settings(config: dict) -> LoraSettings:

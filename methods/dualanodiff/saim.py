@@ -12,6 +12,8 @@ whole anomaly image, branch 1 its anomaly part. In every attention layer, self- 
                                             q, k, v = W_q u, W_k u, W_v u (full c x c projections with bias)
        O <- O + W_o S
    (the authors' code calls it temporal attention, as AnimateDiff's motion module it follows).
+3. with BCM (bcm.py), the whole branch's self-attention takes its keys and values from features compensated by the
+   background's, written by a background pass of the whole branch alone (no SAIM) before the dual pass.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 
 from harness.diffusion import processors
 from harness.diffusion.processors import AttentionContext, ToolkitAttnProcessor
+
+from . import bcm
 
 BRANCHES = 2  # whole image, anomaly part
 KEY = "saim"  # AttentionContext.extras[KEY] = False switches SAIM off for a call (the "no SAIM" ablation)
@@ -69,25 +73,44 @@ def pair_branches(pairs: int, device: torch.device | str = "cpu") -> torch.Tenso
     return torch.arange(BRANCHES * pairs, device=device) % BRANCHES
 
 
-def context_for(pairs: int, saim: bool = True, device: torch.device | str = "cpu", **toolkit) -> AttentionContext:
+def context_for(pairs: int, saim: bool = True, device: torch.device | str = "cpu",
+                background: bcm.BackgroundFeatures | None = None, **toolkit) -> AttentionContext:
     """The per-call context of a UNet call on `pairs` interleaved (whole, part) pairs: each sample's branch (on the
-    UNet's device), SAIM on or off, and any of the toolkit's inputs."""
-    return AttentionContext(branch=pair_branches(pairs, device), extras={KEY: saim, PAIRED: pairs}, **toolkit)
+    UNet's device), SAIM on or off, BCM's background features (mode "read"), and any of the toolkit's inputs."""
+    extras = {KEY: saim, PAIRED: pairs, **({bcm.KEY: background} if background is not None else {})}
+    return AttentionContext(branch=pair_branches(pairs, device), extras=extras, **toolkit)
+
+
+def background_context(count: int, device: torch.device | str = "cpu") -> tuple[AttentionContext,
+                                                                                 bcm.BackgroundFeatures]:
+    """The context of BCM's background pass on `count` background latents (the whole branch's LoRA, no SAIM), and
+    the store it fills for the dual pass."""
+    store = bcm.BackgroundFeatures(mode="write")
+    branch = torch.zeros(count, dtype=torch.long, device=device)
+    return AttentionContext(branch=branch, extras={bcm.KEY: store}), store
 
 
 class DualBranchProcessor(ToolkitAttnProcessor):
-    """The toolkit's attention with per-branch LoRA (two branches), then SAIM on its output."""
+    """The toolkit's attention with per-branch LoRA (two branches), then SAIM on its output; with `bcm_hidden`, BCM
+    on the whole branch's self-attention (bcm.py)."""
 
     def __init__(self, name: str, attn, branches: int = BRANCHES, rank: int = 4, alpha: float | None = None,
-                 zero_init: bool = False):
+                 zero_init: bool = False, bcm_hidden: int | None = None):
         if branches != BRANCHES:
             raise ValueError(f"{name}: DualAnoDiff has {BRANCHES} branches, not {branches}")
         super().__init__(name, attn, branches, rank, alpha)
         self.saim = SAIM(attn.to_out[0].out_features, zero_init=zero_init)
+        self.bcm = (bcm.BackgroundCompensation(attn.to_k.in_features, bcm_hidden)
+                    if bcm_hidden and not attn.is_cross_attention else None)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  context: AttentionContext | None = None) -> torch.Tensor:
+        store = context.extras.get(bcm.KEY) if context is not None else None
+        if store is not None and store.mode == "write":  # BCM's background pass: the whole branch alone
+            if encoder_hidden_states is None:
+                store.features[self.name] = hidden_states
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, context)
         if context is None or context.extras.get(PAIRED) != len(hidden_states) // BRANCHES or len(hidden_states) % 2:
             raise ValueError(f"{self.name}: the batch must be interleaved (whole, part) pairs with "
                              "context.branch = 0, 1, 0, 1, ... (saim.context_for)")
@@ -96,17 +119,35 @@ class DualBranchProcessor(ToolkitAttnProcessor):
         out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, context)
         return self.saim(out) if context.extras.get(KEY, True) else out
 
+    def _attend(self, attn, query: torch.Tensor, source: torch.Tensor, attention_mask: torch.Tensor | None,
+                context: AttentionContext | None, batch: int, is_cross: bool, record: bool = True) -> torch.Tensor:
+        store = context.extras.get(bcm.KEY) if context is not None else None
+        if store is not None and store.mode != "write" and not is_cross and self.bcm is not None:  # Eq. 5-6: K, V
+            if store.mode != "read" or self.name not in store.features:
+                raise ValueError(f"{self.name}: BCM needs the background pass's features (saim.background_context)")
+            source = source.clone()
+            source[0::BRANCHES] = self.bcm(source[0::BRANCHES], store.features[self.name])
+        return super()._attend(attn, query, source, attention_mask, context, batch, is_cross, record)
 
-def install(unet: torch.nn.Module, rank: int, alpha: float | None = None, zero_init: bool = False) -> None:
-    """The dual-branch processor on every attention layer of `unet` (its LoRAs and SAIM trainable from then on)."""
-    processors.install(unet, BRANCHES, rank, alpha, processor=partial(DualBranchProcessor, zero_init=zero_init))
+
+def install(unet: torch.nn.Module, rank: int, alpha: float | None = None, zero_init: bool = False,
+            bcm_hidden: int | None = None) -> None:
+    """The dual-branch processor on every attention layer of `unet` (its LoRAs, SAIM and, with `bcm_hidden`, BCM
+    trainable from then on)."""
+    processors.install(unet, BRANCHES, rank, alpha,
+                       processor=partial(DualBranchProcessor, zero_init=zero_init, bcm_hidden=bcm_hidden))
 
 
 def saim_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in unet.named_parameters() if ".processor.saim." in n]
 
 
+def bcm_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in unet.named_parameters() if ".processor.bcm." in n]
+
+
 def dual_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The branch LoRAs and SAIM of every layer: what a fit trains on the frozen UNet, saved alone."""
-    saim_state = {n: t.detach().cpu() for n, t in unet.state_dict().items() if ".processor.saim." in n}
-    return {**processors.branch_lora_state(unet), **saim_state}
+    """The branch LoRAs, SAIM and BCM of every layer: what a fit trains on the frozen UNet, saved alone."""
+    own = {n: t.detach().cpu() for n, t in unet.state_dict().items()
+           if ".processor.saim." in n or ".processor.bcm." in n}
+    return {**processors.branch_lora_state(unet), **own}

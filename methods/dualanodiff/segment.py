@@ -2,8 +2,9 @@
 
 The paper segments the part image with U2-Net (the authors run xuebinqin/U-2-Net's test script on the part
 images: input 320 px, per-image min-max normalised output, bilinear back; their segmentation loader thresholds it
-at 0.5). Its architecture and weights (u2net.pth, 173.6 MB) are not part of DefectBench yet, so every profile uses
-the recorded stand-in below, and each sample says so (`extra.segmenter`).
+at 0.5): `u2net.py`. Its weights (u2net.pth, 173.6 MB, `harness/weights.py`: the torch hub cache or the method's
+`mask.u2net_weights`) are the user's to provide; without them the recorded stand-in below segments the part
+(`mask.segmenter: auto`), and each sample says which did (`extra.segmenter`).
 
 Stand-in: the part image's background is mid-grey (the anomaly image times its mask, in [-1, 1]), so a pixel
 belongs to the part where it is far from mid-grey: the distance max_c |part_c - 127.5|, Otsu's threshold on it,
@@ -16,11 +17,18 @@ full-frame mask. Such a part gets an empty mask and is flagged (`extra.part_empt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+import torch
 from scipy import ndimage
 
+from harness import weights
+from harness.errors import MethodError
+
 STAND_IN = "stand-in: distance from mid-grey, Otsu, components >= min_area"
+U2NET = "u2net"
+SEGMENTERS = ("auto", U2NET, "stand-in")
 
 
 @dataclass(frozen=True)
@@ -52,11 +60,57 @@ def segment_part(part: np.ndarray, empty_distance: float = 16.0, min_area: float
     """The stand-in segmenter (module docstring). `min_area` is a fraction of the image's pixels."""
     distance = distance_from_grey(part)
     smallest = max(1, int(round(min_area * distance.size)))
-    if int((distance > empty_distance).sum()) < smallest:
+    if near_uniform(part, empty_distance, min_area):
         return PartMask(np.zeros(distance.shape, dtype=bool), empty=True)
     mask = distance > max(otsu_threshold(distance), empty_distance)
     labels, count = ndimage.label(mask)
     if count:
         sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
         mask = np.isin(labels, 1 + np.flatnonzero(sizes >= smallest))
+    return PartMask(mask, empty=not mask.any())
+
+
+def near_uniform(part: np.ndarray, empty_distance: float = 16.0, min_area: float = 0.001) -> bool:
+    """No `min_area` of the part's pixels are further than `empty_distance` from mid-grey: nothing drawn."""
+    distance = distance_from_grey(part)
+    return int((distance > empty_distance).sum()) < max(1, int(round(min_area * distance.size)))
+
+
+@dataclass(frozen=True)
+class Segmenter:
+    name: str  # recorded in each sample's extra.segmenter
+    weights: str | None  # the U2-Net file's source and identity, when U2-Net segments
+    segment: Callable[[np.ndarray], list[PartMask]]  # uint8 (N, H, W, 3) parts -> their masks
+
+
+def make_segmenter(mask_config: dict, device: torch.device | str = "cpu") -> Segmenter:
+    """U2-Net when its weights are found (`segmenter: auto` or `u2net`; `u2net` without them is an error), else the
+    stand-in. A near-uniform part gets an empty, flagged mask either way (U2-Net would stretch its noise)."""
+    choice = mask_config.get("segmenter", "auto")
+    if choice not in SEGMENTERS:
+        raise MethodError(f"dualanodiff: mask.segmenter must be one of {SEGMENTERS}, not {choice!r}")
+    empty, area = float(mask_config["empty_distance"]), float(mask_config["min_area"])
+    found = weights.find(U2NET, mask_config.get("u2net_weights")) if choice != "stand-in" else None
+    if found is None:
+        if choice == U2NET:
+            raise MethodError(f"dualanodiff: mask.segmenter is u2net but {weights.KNOWN[U2NET].filename} is neither in "
+                              f"{weights.cache_dir()} nor set as mask.u2net_weights")
+        return Segmenter(STAND_IN, None, lambda parts: [segment_part(p, empty, area) for p in parts])
+    from .u2net import U2Net, part_mask, saliency
+
+    model = U2Net()
+    model.load_state_dict(weights.load_state_dict(found))
+    model.to(device)
+
+    def segment(parts: np.ndarray) -> list[PartMask]:
+        uniform = [near_uniform(p, empty, area) for p in parts]
+        maps = saliency(model, parts[[not u for u in uniform]]) if not all(uniform) else []
+        drawn = iter(maps)
+        return [PartMask(np.zeros(p.shape[:2], bool), True) if u else _u2net_mask(part_mask(next(drawn)))
+                for p, u in zip(parts, uniform)]
+
+    return Segmenter(U2NET, f"{found.describe()} {found.identity()}", segment)
+
+
+def _u2net_mask(mask: np.ndarray) -> PartMask:
     return PartMask(mask, empty=not mask.any())
