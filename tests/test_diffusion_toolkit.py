@@ -140,6 +140,23 @@ def test_reweighting_adds_a_spatial_map_to_the_logits_of_a_token_range():
     assert torch.allclose(out, direct, atol=1e-5)
 
 
+def test_reweighting_can_multiply_the_logits_of_a_token_range():
+    unet = small_unet()
+    name, attn = _cross_layer(unet)
+    hidden, c = torch.randn(2, 16, attn.to_q.in_features), torch.randn(2, 3, 16)
+    weights = 1 + torch.rand(2, 1, 4, 4) * 0.5
+    reweight = proc.TokenReweight(start=1, stop=3, weights=weights, multiply=True)
+    processor = proc.ToolkitAttnProcessor(name, attn)
+    with torch.no_grad():
+        out = processor(attn, hidden, c, context=proc.AttentionContext(reweight=reweight))
+        q, k, v = (attn.head_to_batch_dim(f(x)) for f, x in ((attn.to_q, hidden), (attn.to_k, c), (attn.to_v, c)))
+        logits = q @ k.transpose(1, 2) * attn.scale  # (batch * heads, positions, tokens), sample-major
+        per_row = weights.flatten(1).repeat_interleave(attn.heads, 0)
+        logits[:, :, 1:3] *= per_row[:, :, None]
+        direct = attn.to_out[0](attn.batch_to_head_dim(logits.softmax(-1) @ v))
+    assert torch.allclose(out, direct, atol=1e-5)
+
+
 def test_key_value_store_written_then_read_beside_the_layers_own():
     unet = small_unet()
     name, attn = next((n, m) for n, m in unet.named_modules() if n.endswith("attn1"))
@@ -218,6 +235,31 @@ def test_placeholders_inject_vectors_per_call_and_train_them():
 
     with pytest.raises(ValueError, match="one known token"):
         Placeholders(tokenizer, ["notaword"])
+
+
+def test_a_placeholder_written_k_times_takes_k_vectors_in_order():
+    import pytest
+
+    from harness.diffusion.backbone import build_tiny
+    from harness.diffusion.placeholders import Placeholders, repeated
+
+    tiny = build_tiny(["weave"], resolution=32)
+    encoder, tokenizer = tiny.text_encoder.eval(), tiny.tokenizer
+    holders = Placeholders(tokenizer, ["sks"])
+    prompt = repeated("a photo of sks", "sks", 3)
+    assert prompt == "a photo of sks sks sks"
+    table = encoder.get_input_embeddings().weight.detach()
+    words = [["weave", "a", "photo"], ["of", "weave", "a"]]
+    vectors = torch.stack([torch.stack([table[tokenizer(w, add_special_tokens=False).input_ids[0]] for w in row])
+                           for row in words])  # (2 prompts, 3 vectors, dim)
+    with torch.no_grad():
+        injected = holders.encode(encoder, [prompt, prompt], {"sks": vectors})
+        direct = tiny.encode_text(["a photo of weave a photo", "a photo of of weave a"])
+    assert torch.allclose(injected, direct, atol=1e-6)  # the same as writing those words at those positions
+    with pytest.raises(ValueError, match="occurs"):
+        holders.encode(encoder, ["a photo of sks sks"], {"sks": vectors[:1]})
+    with pytest.raises(ValueError, match="exactly once"):
+        repeated("a photo", "sks", 2)
 
 
 # ---- the fine-tuning loop -----------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Text-embedding placeholders (textual inversion): reserved tokens whose input embeddings are replaced, per
 call, by given vectors, trained ones (Gal et al.) or an encoder's outputs (a method's learned embedding of a
-mask or an image), so that a prompt such as "a photo of sks" carries what the vector says.
+mask or an image), so that a prompt such as "a photo of sks" carries what the vector says. A placeholder may
+stand for several vectors: `repeated` writes it k times, and (B, k, dim) vectors fill those positions in order
+(AnomalyDiffusion's 8-token anomaly embedding).
 
 The text encoder is not changed: a forward hook on its token-embedding layer swaps the rows of the placeholder
 tokens for the call it is installed for, so gradients reach the vectors and nothing stays behind afterwards.
@@ -33,7 +35,8 @@ class Placeholders:
 
     def encode(self, text_encoder, prompts: list[str], vectors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Hidden states of `prompts` with each placeholder's embedding replaced by vectors[word]: (dim,) for every
-        prompt, or (len(prompts), dim) one per prompt."""
+        prompt, (len(prompts), dim) one per prompt, or (len(prompts), k, dim) for a placeholder written k times in
+        each prompt (`repeated`), its occurrences in order."""
         device = next(text_encoder.parameters()).device
         ids = self.token_ids(prompts).to(device)
         with self.injected(text_encoder, ids, vectors):
@@ -51,6 +54,9 @@ class Placeholders:
             for word, where in positions.items():
                 if where.any():
                     vector = vectors[word].to(embeddings.dtype).to(embeddings.device)
+                    if vector.ndim == 3:
+                        out = _fill_in_order(out, where, vector, word)
+                        continue
                     per_prompt = vector.expand(ids.shape[0], -1) if vector.ndim == 1 else vector
                     out = torch.where(where[..., None], per_prompt[:, None, :].expand_as(out), out)
             return out
@@ -60,6 +66,25 @@ class Placeholders:
             yield
         finally:
             handle.remove()
+
+
+def repeated(prompt: str, word: str, times: int) -> str:
+    """`prompt` with the placeholder `word` written `times` times in a row (each occurrence takes one vector)."""
+    if prompt.split().count(word) != 1:
+        raise ValueError(f"prompt {prompt!r} must hold the placeholder {word!r} exactly once")
+    return " ".join(" ".join([word] * times) if part == word else part for part in prompt.split())
+
+
+def _fill_in_order(embeddings: torch.Tensor, where: torch.Tensor, vectors: torch.Tensor, word: str) -> torch.Tensor:
+    """Each prompt's occurrences of `word` (where: (B, L)) replaced by its k vectors (B, k, dim), in order."""
+    counts = where.sum(1)
+    if vectors.shape[0] != where.shape[0] or bool((counts != vectors.shape[1]).any()):
+        raise ValueError(f"placeholder {word!r} occurs {counts.tolist()} times in the prompts, but its vectors are "
+                         f"{tuple(vectors.shape[:2])} (prompts, per prompt): write it with `repeated` (was the prompt "
+                         "truncated by the tokenizer's length?)")
+    out = embeddings.clone()
+    out[where] = vectors.reshape(-1, vectors.shape[-1])  # row-major: prompt by prompt, positions in order
+    return out
 
 
 class TrainedVectors(torch.nn.Module):

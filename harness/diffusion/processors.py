@@ -8,7 +8,8 @@ One processor class serves self- and cross-attention layers alike and does, wher
 - recording: the cross-attention maps of chosen tokens, averaged over heads, into `context.record`;
 - a key/value store: self-attention keys and values written in one UNet pass and, in a later pass, attended to
   beside the layer's own (`context.kv`, mode "write" then "read");
-- re-weighting: a spatial map added to the cross-attention logits of a token range (`context.reweight`).
+- re-weighting: a spatial map added to, or multiplying, the cross-attention logits of a token range
+  (`context.reweight`).
 With an empty context it computes exactly what diffusers' AttnProcessor computes (tested).
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ class TokenReweight:
     stop: int
     weights: torch.Tensor  # (B, 1, h, w) spatial map, resized to each layer's resolution
     scale: float = 1.0  # added to the logits: logit + scale * weight
+    multiply: bool = False  # instead: logit * weight (AnomalyDiffusion's adaptive attention re-weighting)
 
 
 @dataclass
@@ -176,8 +178,13 @@ def _reweighted(logits: torch.Tensor, reweight: TokenReweight, batch: int) -> to
     weights = F.interpolate(reweight.weights.float(), size=(side, side), mode="bilinear", align_corners=False)
     weights = weights.flatten(1).to(logits.dtype)  # (B, positions)
     heads = logits.shape[0] // batch
+    per_row = weights.repeat_interleave(heads, 0)[:, :, None]  # (B * heads, positions, 1)
+    if reweight.multiply:
+        factor = torch.ones_like(logits)
+        factor[:, :, reweight.start:reweight.stop] = per_row
+        return logits * factor
     add = torch.zeros_like(logits)
-    add[:, :, reweight.start:reweight.stop] = (reweight.scale * weights).repeat_interleave(heads, 0)[:, :, None]
+    add[:, :, reweight.start:reweight.stop] = reweight.scale * per_row
     return logits + add
 
 
