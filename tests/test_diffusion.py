@@ -97,6 +97,35 @@ def test_blended_sampling_keeps_the_known_latent_outside_the_mask():
     assert not torch.allclose(out[~outside], plain[~outside], atol=1e-3)  # the context reaches the masked region
 
 
+def test_blending_before_each_call_shows_the_model_the_renoised_known_latent_at_that_timestep():
+    """AnomalyDiffusion's rule: before the UNet call at t, outside the mask z_t = q_sample(known, t) with fresh noise;
+    no blend after the last step. A mask may change with t (its adaptive dilation)."""
+    torch.manual_seed(4)
+    scheduler, known, z_T = sd_scheduler(), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:5, 3:6] = 1
+    seen = []
+
+    def model(z, t, c):
+        seen.append((t, z.clone()))
+        return 0.5 * z
+
+    out = ddim.blended_sample(model, z_T, known, lambda t: mask, scheduler, 10,
+                              generator=torch.Generator().manual_seed(0), blend="before")
+    replay = torch.Generator().manual_seed(0)
+    outside = (1 - mask).bool().expand_as(known)
+    for t, z in seen:
+        alpha = scheduler.alphas_cumprod[t]
+        expected = alpha.sqrt() * known + (1 - alpha).sqrt() * torch.randn(known.shape, generator=replay)
+        assert torch.allclose(z[outside], expected[outside], atol=1e-6), t
+    assert torch.allclose(seen[0][1][~outside], z_T[~outside])  # inside: the sampler's own latent
+    assert not torch.allclose(out[outside], known[outside], atol=1e-3)  # no blend after the last step
+    everything = ddim.blended_sample(model, z_T, known, torch.ones(1, 1, 8, 8), scheduler, 10, blend="before")
+    assert torch.allclose(everything, ddim.sample(model, z_T, scheduler, 10), atol=1e-6)
+    with pytest.raises(ValueError, match="blend"):
+        ddim.blended_sample(model, z_T, known, mask, scheduler, 10, blend="sideways")
+
+
 def test_guidance_in_one_stacked_call_equals_two_calls():
     calls = []
 

@@ -108,21 +108,40 @@ def sample(eps_model: EpsModel, z_T: torch.Tensor, scheduler, steps: int, condit
     return z
 
 
-def blended_sample(eps_model: EpsModel, z_T: torch.Tensor, known: torch.Tensor, mask: torch.Tensor, scheduler,
-                   steps: int, condition: object = None, eta: float = 0.0,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Inpainting-style sampling (blended latent diffusion): after every step the latent outside `mask` (1 inside,
-    0 outside, broadcastable) is replaced by the known latent re-noised to that step's level, so only the masked
-    region is generated, in context; the result holds the known latent itself outside the mask."""
+BLENDS = ("after", "before")
+
+
+def blended_sample(eps_model: EpsModel, z_T: torch.Tensor, known: torch.Tensor,
+                   mask: torch.Tensor | Callable[[int], torch.Tensor], scheduler, steps: int, condition: object = None,
+                   eta: float = 0.0, generator: torch.Generator | None = None, blend: str = "after") -> torch.Tensor:
+    """Inpainting-style sampling (blended latent diffusion): the latent outside `mask` (1 inside, 0 outside,
+    broadcastable; or a function of the timestep giving it) is replaced by the known latent re-noised to the level
+    of a step, so only the masked region is generated, in context.
+
+    blend "after": after every step, at the level it reached; the result holds the known latent itself outside the
+    mask. "before": before every UNet call, at the call's own timestep, and not after the last step (AnomalyDiffusion's
+    sampler: the result's outside is the model's last step from the re-noised known latent, not the known latent)."""
+    if blend not in BLENDS:
+        raise ValueError(f"blend must be one of {BLENDS}, not {blend!r}")
+    mask_at = mask if callable(mask) else (lambda _t: mask)
     z = z_T
     for t in timesteps(scheduler, steps):
         s = previous(scheduler, t, steps)
+        if blend == "before":
+            z = _blend(z, known, mask_at(t), t, scheduler, generator)
         noise = _randn_like(z, generator) if eta > 0 else None
         z = ddim_step(z, eps_model(z, t, condition), alpha_at(scheduler, t), alpha_at(scheduler, s), eta, noise)
-        alpha_s = torch.as_tensor(alpha_at(scheduler, s), dtype=z.dtype, device=z.device)
-        renoised = known if s < 0 else alpha_s.sqrt() * known + (1 - alpha_s).sqrt() * _randn_like(z, generator)
-        z = mask * z + (1 - mask) * renoised
+        if blend == "after":
+            z = _blend(z, known, mask_at(t), s, scheduler, generator)
     return z
+
+
+def _blend(z: torch.Tensor, known: torch.Tensor, mask: torch.Tensor, t: int, scheduler,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """mask * z + (1 - mask) * q_sample(known, t) (t < 0: the known latent itself)."""
+    alpha = torch.as_tensor(alpha_at(scheduler, t), dtype=z.dtype, device=z.device)
+    renoised = known if t < 0 else alpha.sqrt() * known + (1 - alpha).sqrt() * _randn_like(z, generator)
+    return mask * z + (1 - mask) * renoised
 
 
 def _randn_like(z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

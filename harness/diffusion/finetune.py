@@ -40,6 +40,7 @@ class LatentBatch:
     index: torch.Tensor  # (B,) which training image (before augmentation) each row came from
     paired: torch.Tensor | None = None  # (B, C, h, w) latents of each row's paired image (LatentData.encode)
     companions: dict[str, torch.Tensor] = field(default_factory=dict)  # more paired images' latents, by name
+    pixel_masks: torch.Tensor | None = None  # (B, 1, H, W) bool: the masks at the images' size (a mask encoder's input)
 
 
 class LatentData:
@@ -47,9 +48,10 @@ class LatentData:
     mask are flipped together before encoding, so no latent is an approximation of a flipped one)."""
 
     def __init__(self, latents: torch.Tensor, masks: torch.Tensor, index: torch.Tensor,
-                 paired: torch.Tensor | None = None, companions: dict[str, torch.Tensor] | None = None):
+                 paired: torch.Tensor | None = None, companions: dict[str, torch.Tensor] | None = None,
+                 pixel_masks: torch.Tensor | None = None):
         self.latents, self.masks, self.index, self.paired = latents, masks, index, paired
-        self.companions = companions or {}
+        self.companions, self.pixel_masks = companions or {}, pixel_masks
 
     @classmethod
     def encode(cls, backbone, images: np.ndarray, masks: np.ndarray, flips: bool = True,
@@ -67,17 +69,19 @@ class LatentData:
         if flips:
             variants += [(images[:, :, ::-1], masks[:, :, ::-1]), (images[:, ::-1], masks[:, ::-1])]
         makers = {**({_PAIRED: paired} if paired is not None else {}), **(companions or {})}
-        latents, latent_masks, made = [], [], {name: [] for name in makers}
+        latents, latent_masks, pixel_masks, made = [], [], [], {name: [] for name in makers}
         for variant_images, variant_masks in variants:
             variant_images, variant_masks = np.ascontiguousarray(variant_images), np.ascontiguousarray(variant_masks)
             z = encode(backbone, variant_images)
             latents.append(z)
+            pixel_masks.append(torch.from_numpy(variant_masks)[:, None])
             latent_masks.append(latent_mask(variant_masks, z.shape[-1], z.device))
             for name, make in makers.items():
                 made[name].append(encode(backbone, make(variant_images, variant_masks)))
         index = torch.arange(len(images)).repeat(len(variants))
         made = {name: torch.cat(parts) for name, parts in made.items()}
-        return cls(torch.cat(latents), torch.cat(latent_masks), index, made.pop(_PAIRED, None), made)
+        return cls(torch.cat(latents), torch.cat(latent_masks), index, made.pop(_PAIRED, None), made,
+                   torch.cat(pixel_masks))
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -87,7 +91,8 @@ class LatentData:
         rows = chosen.to(self.latents.device)
         return LatentBatch(self.latents[rows], self.masks[rows], self.index[chosen],
                            self.paired[rows] if self.paired is not None else None,
-                           {name: latents[rows] for name, latents in self.companions.items()})
+                           {name: latents[rows] for name, latents in self.companions.items()},
+                           self.pixel_masks[chosen] if self.pixel_masks is not None else None)
 
 
 def finetune(params: list[torch.nn.Parameter], data: LatentData,
