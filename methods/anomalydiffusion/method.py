@@ -1,0 +1,183 @@
+"""AnomalyDiffusion (Hu et al., AAAI 2024): a frozen latent diffusion model, conditioned on a spatial anomaly
+embedding (embedding.py) learned few-shot per category, generates a defect inside a given mask on a normal image by
+blended sampling. Equation and section numbers are the paper's; see README.md. Shared machinery (placeholders,
+the fine-tuning loop, blended DDIM) is the toolkit in harness/diffusion/.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from harness import FewShotTask, GeneratedSample, GenerationRequest, Method
+from harness.diffusion import backbone as backbones
+from harness.diffusion import ddim
+from harness.diffusion.finetune import FinetuneConfig, LatentBatch, LatentData, finetune
+from harness.diffusion.latents import decode, encode, initial_noise, latent_mask, resize_images, resize_masks
+from harness.diffusion.placeholders import Placeholders, repeated, single_token_id
+from harness.errors import MethodError
+
+from .embedding import AnomalyEmbedding, EncoderShape
+
+MODEL_FILE, EMBEDDING_FILE = "model.json", "embedding.safetensors"
+MASK_SOURCES = ("data",)  # the harness's target masks; the paper's mask generator is not implemented yet
+
+
+def masked_loss(target: torch.Tensor, predicted: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Sec. 3.2's loss: the mean over every latent element of (m * (eps - eps_theta))^2, as the authors' code (the
+    normaliser is the whole latent, not the mask's area)."""
+    return (m * (target - predicted)).pow(2).mean()
+
+
+class AnomalyDiffusion(Method):
+    name = "anomalydiffusion"
+    paper = ("Hu, Jiang, Xie, Zhang, Liang, Chen, Wang, Zhang. AnomalyDiffusion: Few-Shot Anomaly Image Generation "
+             "with Diffusion Model. AAAI 2024")
+    granularity = "category"
+    needs = frozenset({"target_normal", "target_mask"})
+    backbone = "stable-diffusion-v1-5"  # the authors': LDM text2img-large (README.md, Deviations)
+    resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
+    in_progress = ("the mask generator (textual inversion on the masks), the authors' rotation and crop augmentation, "
+                   "the adaptive attention re-weighting, LDM text2img-large as the paper backbone and the claim tests "
+                   "are missing; masks come from the data")
+
+    def __init__(self, config, profile):
+        super().__init__(config, profile)
+        if config["masks"] not in MASK_SOURCES:
+            raise MethodError(f"anomalydiffusion: masks must be one of {MASK_SOURCES}, not {config['masks']!r}")
+        if config["blend"] not in ddim.BLENDS:
+            raise MethodError(f"anomalydiffusion: blend must be one of {ddim.BLENDS}, not {config['blend']!r}")
+        bad = [t for t in config["templates"] if t.count("{}") != 1]
+        if bad or not config["templates"]:
+            raise MethodError(f"anomalydiffusion: every template needs exactly one {{}} for the placeholder: {bad}")
+
+    # -- fit: the masked loss on the few training anomalies of every defect type of the category --
+
+    def fit(self, task: FewShotTask, workdir: Path) -> None:
+        if task.backbone is None:
+            raise MethodError("anomalydiffusion needs a diffusion backbone (FewShotTask.backbone)")
+        start = time.perf_counter()
+        backbone = backbones.load_frozen(task.backbone)
+        seed = int(task.rng().integers(2**63 - 1))
+        defect_types = sorted({a.defect_type for a in task.anomalies})
+        with torch.random.fork_rng():  # the encoder's random initialisation: seeded
+            torch.manual_seed(seed)
+            embedding = self._embedding(backbone, defect_types).to(backbone.device).train()
+        size = self._resolution(task.resolution)
+        data = LatentData.encode(backbone, resize_images(np.stack([a.image for a in task.anomalies]), size),
+                                 resize_masks(np.stack([a.mask for a in task.anomalies]), size),
+                                 flips=self.config["flips"])
+        types = [a.defect_type for a in task.anomalies]
+        cfg = self.config
+        steps = int(cfg["steps_per_defect_type"]) * len(defect_types)
+        history = finetune(list(embedding.parameters()), data, self._loss(backbone, embedding, types), FinetuneConfig(
+            steps=steps, batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"], weight_decay=0.0,
+            grad_clip=cfg["grad_clip"], seed=seed), workdir, desc="anomalydiffusion: fine-tune")
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in embedding.state_dict().items()},
+                  str(workdir / EMBEDDING_FILE))
+        (workdir / MODEL_FILE).write_text(json.dumps({
+            "backbone": str(task.backbone), "resolution": size, "defect_types": defect_types, "steps": steps,
+            "embedding": cfg["embedding"], "placeholder": cfg["placeholder"],
+            "training_images": [a.id for a in task.anomalies], "history": history,
+            "trained_parameters": sum(p.numel() for p in embedding.parameters()),
+            "seconds": round(time.perf_counter() - start, 1)}, indent=2))
+
+    def _loss(self, backbone: backbones.Backbone, embedding: AnomalyEmbedding, types: list[str]
+              ) -> Callable[[LatentBatch, torch.Generator], torch.Tensor]:
+        scheduler, unet = backbone.scheduler, backbone.unet
+        text = self._text(backbone, embedding.tokens)
+
+        def loss(batch: LatentBatch, generator: torch.Generator) -> torch.Tensor:
+            z0, m = batch.latents, batch.masks
+            eps = torch.randn(z0.shape, generator=generator).to(z0.device)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator).to(z0.device)
+            templates = torch.randint(0, len(self.config["templates"]), (len(z0),), generator=generator).tolist()
+            vectors = embedding([types[i] for i in batch.index.tolist()], batch.pixel_masks.to(z0.device))
+            predicted = unet(scheduler.add_noise(z0, eps, t), t,
+                             encoder_hidden_states=text(templates, vectors)).sample
+            return masked_loss(ddim.training_target(scheduler, z0, eps, t), predicted, m)
+
+        return loss
+
+    # -- generate: blended sampling inside each target mask on its normal image --
+
+    def generate(self, request: GenerationRequest, workdir: Path) -> Iterator[GeneratedSample]:
+        model = json.loads((workdir / MODEL_FILE).read_text())
+        backbone = backbones.load_frozen(request.backbone or Path(model["backbone"]))
+        embedding = self._embedding(backbone, model["defect_types"], model["embedding"]).to(backbone.device)
+        from safetensors.torch import load_file
+
+        embedding.load_state_dict(load_file(str(workdir / EMBEDDING_FILE)))
+        embedding.eval()  # the authors' code leaves it in training mode (batch statistics): see README.md
+        text = self._text(backbone, embedding.tokens, model["placeholder"])
+        size, batch = model["resolution"], self.config["generation_batch"]
+        with torch.no_grad():
+            for first in range(0, request.n, batch):
+                targets = request.targets[first:first + batch]
+                images = self._generate_batch(backbone, embedding, text, request, first, targets, size)
+                for target, image in zip(targets, images):
+                    yield GeneratedSample.on_target(target, image, target.mask, request.defect_type,
+                                                    masks=self.config["masks"])
+
+    def _generate_batch(self, backbone: backbones.Backbone, embedding: AnomalyEmbedding, text, request, first: int,
+                        targets: list, size: int) -> np.ndarray:
+        out_size = targets[0].normal.image.shape[0]
+        masks = resize_masks(np.stack([t.mask for t in targets]), size)
+        z0 = encode(backbone, resize_images(np.stack([t.normal.image for t in targets]), size))
+        m = latent_mask(masks, z0.shape[-1], z0.device)
+        rngs = [request.rng(first + i) for i in range(len(targets))]
+        z_T = torch.cat([initial_noise(rng, backbone, size) for rng in rngs]).to(z0.device)
+        templates = [int(rng.integers(len(self.config["templates"]))) for rng in rngs]
+        vectors = embedding([request.defect_type] * len(targets), torch.from_numpy(masks)[:, None].to(z0.device))
+        condition = text(templates, vectors)
+        generator = torch.Generator().manual_seed(int(rngs[0].integers(2**63 - 1)))  # eta's noise, per batch
+
+        def eps(z: torch.Tensor, t: int, _condition=None) -> torch.Tensor:
+            out = backbone.unet(z, t, encoder_hidden_states=condition).sample
+            return ddim.predicted_noise(backbone.scheduler, out, z, t)
+
+        z_0 = ddim.blended_sample(eps, z_T, z0, m, backbone.scheduler, self.config["inference_steps"],
+                                  eta=float(self.config["eta"]), generator=generator, blend=self.config["blend"])
+        images = resize_images(decode(backbone, z_0), out_size)
+        if self.config["paste_back"]:  # an option (off, as the authors): the normal image's pixels outside the mask
+            kept = ~np.stack([t.mask for t in targets])[..., None]
+            images = np.where(kept, np.stack([t.normal.image for t in targets]), images)
+        return images
+
+    # -- the trained parts --
+
+    def _embedding(self, backbone: backbones.Backbone, defect_types: list[str],
+                   settings: dict | None = None) -> AnomalyEmbedding:
+        settings = settings or self.config["embedding"]
+        table = backbone.text_encoder.get_input_embeddings().weight
+        initial = table[single_token_id(backbone.tokenizer, settings["init_word"])]
+        encoder = settings["encoder"]
+        shape = EncoderShape(int(encoder["input_size"]), tuple(encoder["channels"]), tuple(encoder["units"]),
+                             int(encoder["pyramid"]))
+        return AnomalyEmbedding(defect_types, initial, int(settings["mask_tokens"]), int(settings["anomaly_vectors"]),
+                                shape)
+
+    def _text(self, backbone: backbones.Backbone, tokens: int, placeholder: str | None = None
+              ) -> Callable[[list[int], torch.Tensor], torch.Tensor]:
+        """(template index per sample, e (B, tokens, width)) -> the text encoder's states of each sample's template
+        with the placeholder written `tokens` times and replaced by e, in order."""
+        word = placeholder or self.config["placeholder"]
+        try:
+            holders = Placeholders(backbone.tokenizer, [word])
+        except ValueError as error:
+            raise MethodError(f"anomalydiffusion: placeholder: {error}") from None
+        prompts = [repeated(t.format(word), word, tokens) for t in self.config["templates"]]
+
+        def encode_text(templates: list[int], vectors: torch.Tensor) -> torch.Tensor:
+            return holders.encode(backbone.text_encoder, [prompts[i] for i in templates], {word: vectors})
+
+        return encode_text
+
+    def _resolution(self, task_resolution: int) -> int:
+        return int(self.config["resolution"] or task_resolution)

@@ -1,0 +1,138 @@
+"""AnomalyDiffusion (methods/anomalydiffusion): the masked loss, the spatial anomaly embedding and its mask encoder
+against direct computations, the embedding's place in the prompt, fit and blended generation."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from harness.methods import get_method_info, load_method
+
+
+@pytest.fixture(scope="module")
+def modules():
+    method = sys.modules[get_method_info("anomalydiffusion").cls.__module__]
+    return method, importlib.import_module(method.__package__ + ".embedding")
+
+
+def test_the_masked_loss_is_the_mean_over_the_whole_latent_of_the_masked_error(modules):
+    method, _ = modules
+    torch.manual_seed(0)
+    target, predicted = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    m = torch.zeros(2, 1, 8, 8)
+    m[..., 2:4, 2:5] = 1
+    direct = sum(float((target[b, c, i, j] - predicted[b, c, i, j]) ** 2) for b in range(2) for c in range(4)
+                 for i in range(2, 4) for j in range(2, 5)) / target.numel()  # not the mask's area
+    assert method.masked_loss(target, predicted, m).item() == pytest.approx(direct, rel=1e-6)
+    changed = predicted.clone()
+    changed[..., 6:, 6:] += 5  # outside the mask: no effect
+    assert method.masked_loss(target, changed, m).item() == pytest.approx(direct, rel=1e-6)
+
+
+def test_the_mask_encoder_has_psp_shapes_and_reads_2m_minus_1_on_three_channels(modules):
+    _, embedding = modules
+    with torch.device("meta"):  # the paper's encoder, without the memory
+        paper = embedding.MaskEncoder(1280, 4)
+    head = 512 * 1280 * 9 + 1280 + 5 * (1280 * 1280 * 9 + 1280) + 1280 * 1280 + 1280  # 6 stride-2 convs, linear
+    assert sum(p.numel() for p in paper.heads.parameters()) == 4 * head
+    assert len(paper.heads[0].convs) == 12  # log2(64) conv + LeakyReLU pairs: p1 is 64 x 64 for a 256 px mask
+    shape = embedding.EncoderShape(32, (8, 8, 16, 16), (1, 2, 1, 1), 16)
+    torch.manual_seed(0)
+    small = embedding.MaskEncoder(12, 3, shape).eval()
+    masks = torch.zeros(2, 1, 40, 40)
+    masks[0, :, 5:20, 10:30] = 1
+    seen = []
+    small.stem.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    with torch.no_grad():
+        out = small(masks)
+    assert out.shape == (2, 3, 12)
+    assert not torch.allclose(out[0], out[1])  # the mask is read
+    assert torch.allclose(seen[0], small_input(masks, 32))
+    with pytest.raises(ValueError, match="pyramid"):
+        embedding.MaskEncoder(12, 3, embedding.EncoderShape(32, (8, 8, 16, 24), (1, 1, 1, 1), 16))
+
+
+def small_input(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """The encoder's input as the authors' code forms it: 2m - 1, resized, the one channel repeated three times."""
+    x = torch.nn.functional.interpolate(2 * masks - 1, size=(size, size), mode="bilinear", align_corners=False)
+    return x.expand(-1, 3, -1, -1)
+
+
+def test_the_embedding_is_e_a_of_the_defect_type_then_e_s_of_the_mask(modules):
+    _, embedding = modules
+    torch.manual_seed(0)
+    initial = torch.randn(12)
+    shape = embedding.EncoderShape(32, (8, 8, 16, 16), (1, 1, 1, 1), 16)
+    e = embedding.AnomalyEmbedding(["crack", "stain"], initial, mask_tokens=4, anomaly_vectors=4, shape=shape).eval()
+    assert e.tokens == 8
+    assert all(torch.equal(p, initial.expand(4, -1)) for p in e.anomaly)  # initialised from the word
+    with torch.no_grad():
+        e.anomaly[1].add_(1.0)
+        masks = torch.rand(2, 1, 32, 32) > 0.5
+        out = e(["stain", "crack"], masks)
+        assert out.shape == (2, 8, 12)
+        assert torch.equal(out[0, :4], e.anomaly[1]) and torch.equal(out[1, :4], e.anomaly[0])
+        assert torch.allclose(out[:, 4:], e.encoder(masks))
+    with pytest.raises(ValueError, match="scratch"):
+        e(["scratch"], masks[:1])
+
+
+def test_the_placeholder_carries_the_embedding_into_each_template(modules, pretrained_backbone):
+    from harness.diffusion.backbone import load_frozen
+
+    method_module, _ = modules
+    method = load_method("anomalydiffusion", "tiny")
+    backbone = load_frozen(pretrained_backbone[0], torch.device("cpu"))
+    text = method._text(backbone, 8)
+    table = backbone.text_encoder.get_input_embeddings().weight
+    words = ["weave", "washer", "a", "photo", "of", "the", "defect", "mask"]
+    vectors = torch.stack([table[backbone.tokenizer(w, add_special_tokens=False).input_ids[0]] for w in words])
+    with torch.no_grad():
+        injected = text([0, 2], torch.stack([vectors, vectors.flip(0)]))
+        templates = method.config["templates"]
+        direct = backbone.encode_text([templates[0].format(" ".join(words)),
+                                       templates[2].format(" ".join(reversed(words)))])
+    assert torch.allclose(injected, direct, atol=1e-5)
+
+
+def test_fit_trains_the_embedding_alone_and_generation_keeps_the_normal_image_outside_the_mask(
+        synth_root, pretrained_backbone, tmp_path):
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.generation import fit_method
+    from harness.tasks import build_request, build_task
+
+    folder, _ = pretrained_backbone
+    split = make_split(read_category(synth_root, "washer", dataset="synthetic"))
+    task = build_task(split, sorted(split.defects), 64, seed=0)
+    task.backbone = folder
+    settings = {"steps_per_defect_type": 2, "inference_steps": 4, "generation_batch": 2}
+    method = load_method("anomalydiffusion", "tiny", settings)
+    fit_method(method, task, tmp_path)
+    saved = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
+    unet_size = sum(p.stat().st_size for p in (folder / "unet").rglob("*") if p.is_file())
+    assert saved < unet_size, (saved, unet_size)  # the embedding and its encoder, not a UNet
+    defect = sorted(split.defects)[0]
+    request = build_request(task, method, defect, 3, seed=0)
+    samples = list(method.generate(request, tmp_path))
+    assert [s.normal_id for s in samples] == [t.normal.id for t in request.targets]
+    assert all(np.array_equal(s.mask, t.mask) for s, t in zip(samples, request.targets))
+    again = list(load_method("anomalydiffusion", "tiny", settings).generate(request, tmp_path))
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(samples, again))  # seeded
+    pasted = list(load_method("anomalydiffusion", "tiny", {**settings, "paste_back": True}).generate(request, tmp_path))
+    for sample, target in zip(pasted, request.targets):
+        assert np.array_equal(sample.image[~target.mask], target.normal.image[~target.mask])
+
+
+def test_bad_settings_are_named():
+    from harness.errors import MethodError
+
+    with pytest.raises(MethodError, match="masks"):
+        load_method("anomalydiffusion", "tiny", {"masks": "generated"})
+    with pytest.raises(MethodError, match="blend"):
+        load_method("anomalydiffusion", "tiny", {"blend": "during"})
+    with pytest.raises(MethodError, match="template"):
+        load_method("anomalydiffusion", "tiny", {"templates": ["a photo of"]})
