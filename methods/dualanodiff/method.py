@@ -72,8 +72,7 @@ class DualAnoDiff(Method):
     backbone = "stable-diffusion-v1-5"
     resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
     in_progress = ("it draws from pure noise: the default tiny backbone cannot, the v-prediction one draws grainy "
-                   "images and noise for the part (README.md); BCM, U2-Net, claim tests and the ablation suite are "
-                   "missing")
+                   "images and a grey, grainy part (README.md); the claim tests are missing")
 
     def __init__(self, config, profile):
         super().__init__(config, profile)
