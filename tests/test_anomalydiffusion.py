@@ -120,8 +120,14 @@ def test_fit_trains_the_embedding_alone_and_generation_keeps_the_normal_image_ou
     samples = list(method.generate(request, tmp_path))
     assert [s.normal_id for s in samples] == [t.normal.id for t in request.targets]
     assert all(np.array_equal(s.mask, t.mask) for s, t in zip(samples, request.targets))
-    again = list(load_method("anomalydiffusion", "tiny", settings).generate(request, tmp_path))
-    assert all(np.array_equal(a.image, b.image) for a, b in zip(samples, again))  # seeded
+    alone = list(load_method("anomalydiffusion", "tiny", {**settings, "generation_batch": 1}).generate(request,
+                                                                                                     tmp_path))
+    # seeded, whatever the batch (up to the float rounding of batched convolutions: one grey level at a few pixels)
+    for a, b in zip(samples, alone):
+        difference = np.abs(a.image.astype(int) - b.image.astype(int))
+        assert difference.max() <= 1 and difference.mean() < 1e-3
+    other = list(method.generate(build_request(task, method, defect, 3, seed=1), tmp_path))
+    assert np.abs(other[0].image.astype(int) - samples[0].image.astype(int)).mean() > 1  # another seed differs
     pasted = list(load_method("anomalydiffusion", "tiny", {**settings, "paste_back": True}).generate(request, tmp_path))
     for sample, target in zip(pasted, request.targets):
         assert np.array_equal(sample.image[~target.mask], target.normal.image[~target.mask])
@@ -134,5 +140,6 @@ def test_bad_settings_are_named():
         load_method("anomalydiffusion", "tiny", {"masks": "generated"})
     with pytest.raises(MethodError, match="blend"):
         load_method("anomalydiffusion", "tiny", {"blend": "during"})
-    with pytest.raises(MethodError, match="template"):
-        load_method("anomalydiffusion", "tiny", {"templates": ["a photo of"]})
+    for bad in (["a photo of"], ["a photo of a {}."], []):
+        with pytest.raises(MethodError, match="template"):
+            load_method("anomalydiffusion", "tiny", {"templates": bad})

@@ -110,20 +110,43 @@ def test_blending_before_each_call_shows_the_model_the_renoised_known_latent_at_
         seen.append((t, z.clone()))
         return 0.5 * z
 
-    out = ddim.blended_sample(model, z_T, known, lambda t: mask, scheduler, 10,
+    def grows(t):  # a mask that changes with t, as AnomalyDiffusion's adaptive dilation
+        wider = mask.clone()
+        wider[..., 2:5, 3:6 + int(t) // 400] = 1
+        return wider
+
+    out = ddim.blended_sample(model, z_T, known, grows, scheduler, 10,
                               generator=torch.Generator().manual_seed(0), blend="before")
     replay = torch.Generator().manual_seed(0)
-    outside = (1 - mask).bool().expand_as(known)
     for t, z in seen:
         alpha = scheduler.alphas_cumprod[t]
         expected = alpha.sqrt() * known + (1 - alpha).sqrt() * torch.randn(known.shape, generator=replay)
+        outside = (1 - grows(t)).bool().expand_as(known)
         assert torch.allclose(z[outside], expected[outside], atol=1e-6), t
+    outside = (1 - mask).bool().expand_as(known)
     assert torch.allclose(seen[0][1][~outside], z_T[~outside])  # inside: the sampler's own latent
     assert not torch.allclose(out[outside], known[outside], atol=1e-3)  # no blend after the last step
     everything = ddim.blended_sample(model, z_T, known, torch.ones(1, 1, 8, 8), scheduler, 10, blend="before")
     assert torch.allclose(everything, ddim.sample(model, z_T, scheduler, 10), atol=1e-6)
     with pytest.raises(ValueError, match="blend"):
         ddim.blended_sample(model, z_T, known, mask, scheduler, 10, blend="sideways")
+
+
+def test_one_generator_per_sample_makes_a_samples_noise_independent_of_its_batch():
+    scheduler, known = sd_scheduler(), torch.randn(3, 4, 8, 8)
+    z_T, mask = torch.randn(3, 4, 8, 8), torch.zeros(1, 1, 8, 8)
+    mask[..., 2:5, 3:6] = 1
+    model = lambda z, t, c: 0.5 * z  # noqa: E731
+
+    def run(rows):
+        generators = [torch.Generator().manual_seed(10 + r) for r in rows]
+        return ddim.blended_sample(model, z_T[rows], known[rows], mask, scheduler, 5, eta=1.0, generator=generators,
+                                   blend="before")
+
+    together = run([0, 1, 2])
+    assert torch.allclose(together[1:2], run([1]), atol=1e-6) and torch.allclose(together[2:], run([2]), atol=1e-6)
+    with pytest.raises(ValueError, match="generators"):
+        ddim.blended_sample(model, z_T, known, mask, scheduler, 5, eta=1.0, generator=[torch.Generator()])
 
 
 def test_guidance_in_one_stacked_call_equals_two_calls():

@@ -313,6 +313,36 @@ def test_finetune_lowers_the_loss_is_seeded_and_resumes_where_it_stopped(tmp_pat
     assert not (tmp_path / "c" / CHECKPOINT).exists()  # a finished fit leaves no checkpoint behind
 
 
+def test_a_resumed_fit_keeps_the_buffers_the_training_changes(tmp_path):
+    """BatchNorm's running statistics are not parameters: a fit killed and resumed must restore them too."""
+    import pytest
+
+    from harness.diffusion.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(steps=20, batch_size=3, learning_rate=0.05, checkpoint_every=10, seed=3)
+    data = _toy_data()
+
+    def run(folder, die_at=None):
+        torch.manual_seed(0)
+        norm = torch.nn.BatchNorm1d(1)
+        calls = {"n": 0}
+
+        def loss(batch, generator):
+            calls["n"] += 1
+            if calls["n"] == die_at:
+                raise KeyboardInterrupt
+            return norm(batch.latents.flatten(1)[:, :1]).pow(2).mean()
+
+        finetune(list(norm.parameters()), data, loss, config, folder, buffers=list(norm.buffers()))
+        return norm
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", die_at=16)
+    resumed = run(tmp_path / "killed")
+    assert torch.allclose(resumed.running_mean, whole.running_mean) and resumed.num_batches_tracked == 20
+
+
 def test_finetune_clips_gradients_and_encodes_flipped_pairs():
     from harness.diffusion.backbone import build_tiny
     from harness.diffusion.finetune import FinetuneConfig, LatentData, finetune

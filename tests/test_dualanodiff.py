@@ -2,6 +2,7 @@
 branches' separate adapters, guidance that keeps pairs, the part image and its segmentation, fit and generate."""
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 
@@ -177,6 +178,30 @@ def test_bcm_changes_the_whole_branch_alone_and_needs_the_background_pass(dual):
                 "context": saim.context_for(2, background=empty)})
 
 
+def test_bcm_compensates_the_keys_and_values_and_not_the_queries(dual):
+    """One self-attention layer, LoRAs at their start (zero) and SAIM off: the whole image's output is
+    softmax(Q(phi) K(phi')^T / sqrt(d)) V(phi') with phi' = phi + gamma MLP(phi_b); the part's is plain attention."""
+    _, saim, _ = dual
+    unet = small_unet(0)
+    saim.install(unet, rank=2, bcm_hidden=8)
+    name, attn = next((n, m) for n, m in unet.named_modules() if n.endswith("attn1"))
+    processor = attn.processor
+    _randomised(processor.bcm)
+    phi, phi_b = torch.randn(2, 16, attn.to_q.in_features), torch.randn(1, 16, attn.to_q.in_features)
+    store = saim.bcm.BackgroundFeatures(mode="read", features={name: phi_b})
+    with torch.no_grad():
+        out = processor(attn, phi, context=saim.context_for(1, saim=False, background=store))
+
+        def attend(queries, keys):
+            q, k, v = (attn.head_to_batch_dim(x) for x in (attn.to_q(queries), attn.to_k(keys), attn.to_v(keys)))
+            return attn.to_out[0](attn.batch_to_head_dim((q @ k.transpose(1, 2) * attn.scale).softmax(-1) @ v))
+
+        compensated = phi[:1] + processor.bcm.gamma * processor.bcm.mlp(phi_b)
+        assert torch.allclose(out[:1], attend(phi[:1], compensated), atol=1e-5)
+        assert torch.allclose(out[1:], attend(phi[1:], phi[1:]), atol=1e-5)
+        assert not torch.allclose(out[:1], attend(compensated, compensated), atol=1e-4)  # the queries stay phi's
+
+
 def test_the_background_blacks_out_the_object(dual):
     import importlib
 
@@ -322,6 +347,43 @@ def test_the_ablation_suite_has_one_column_per_switch():
     base = configs[0]
     changed = [{k for k in base if c[k] != base[k]} for c in configs[1:]]
     assert changed == [{"saim"}, {"text_lora"}, {"prompts"}, {"bcm"}]
+
+
+def test_bcm_guidance_gives_the_unconditional_whole_images_a_grey_background(dual, synth_root, pretrained_backbone,
+                                                                             monkeypatch):
+    """The guided batch is [uncond pairs; cond pairs]: the background pass gets [grey x B; the targets' backgrounds x
+    B] with the whole image's [empty; own] prompt, the same noise for both halves."""
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.diffusion.backbone import load_frozen
+    from harness.diffusion.latents import encode, resize_images, resize_masks
+    from harness.tasks import build_request, build_task
+
+    module, saim, _ = dual
+    bcm = importlib.import_module(module.__package__ + ".bcm")
+    backbone = load_frozen(pretrained_backbone[0], torch.device("cpu"))
+    split = make_split(read_category(synth_root, "washer", dataset="synthetic"))
+    task = build_task(split, ["stain"], 64, seed=0)
+    method = load_method("dualanodiff", "tiny", {"bcm": {"enabled": True}})
+    targets = build_request(task, method, "stain", 2, seed=0).targets
+    noise = torch.randn(2, *encode(backbone, np.zeros((1, 64, 64, 3), np.uint8)).shape[1:])
+    with torch.no_grad():
+        latents, noises = method._backgrounds(backbone, targets, 64, noise)
+        grey = encode(backbone, torch.zeros(1, 3, 64, 64))
+        own = encode(backbone, bcm.background_image(resize_images(np.stack([t.normal.image for t in targets]), 64),
+                                                    resize_masks(np.stack([t.normal_foreground for t in targets]), 64)))
+    assert torch.allclose(latents[:2], grey.expand(2, -1, -1, -1), atol=1e-6)
+    assert torch.allclose(latents[2:], own, atol=1e-6) and torch.equal(noises, torch.cat([noise, noise]))
+    seen = []
+    real = module._background_features
+    monkeypatch.setattr(module, "_background_features",
+                        lambda unet, z_b, t, text: seen.append(text) or real(unet, z_b, t, text))
+    saim.install(backbone.unet, rank=2, bcm_hidden=8)
+    condition = torch.randn(4, *backbone.encode_text([""]).shape[1:])
+    method.config["inference_steps"] = 1
+    with torch.no_grad():
+        method._sample(backbone, condition, torch.randn(4, *noise.shape[1:]), True, (latents, noises))
+    assert torch.equal(seen[0], torch.cat([condition[0:1].expand(2, -1, -1), condition[2:3].expand(2, -1, -1)]))
 
 
 def test_bad_settings_are_named():

@@ -19,12 +19,13 @@ sqrt(1 - alpha_t) z_0 instead (SD 2.x; the tiny backbone with `prediction_type: 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 # eps_model(z_t, t, condition) -> predicted noise; t is an integer timestep
 EpsModel = Callable[[torch.Tensor, int, object], torch.Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per sample
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a UNet may be trained to output: the noise, or v
@@ -96,8 +97,9 @@ def previous(scheduler, t: int, steps: int) -> int:
 
 def sample(eps_model: EpsModel, z_T: torch.Tensor, scheduler, steps: int, condition: object = None,
            on_step: Callable[[int, torch.Tensor], None] | None = None, eta: float = 0.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """DDIM sampling from z_T to z_0 (eta > 0: stochastic, with noise drawn from `generator`)."""
+           generator: Generators = None) -> torch.Tensor:
+    """DDIM sampling from z_T to z_0 (eta > 0: stochastic, with noise drawn from `generator`, one for the batch or
+    one per sample)."""
     z = z_T
     for t in timesteps(scheduler, steps):
         eps = eps_model(z, t, condition)
@@ -113,7 +115,7 @@ BLENDS = ("after", "before")
 
 def blended_sample(eps_model: EpsModel, z_T: torch.Tensor, known: torch.Tensor,
                    mask: torch.Tensor | Callable[[int], torch.Tensor], scheduler, steps: int, condition: object = None,
-                   eta: float = 0.0, generator: torch.Generator | None = None, blend: str = "after") -> torch.Tensor:
+                   eta: float = 0.0, generator: Generators = None, blend: str = "after") -> torch.Tensor:
     """Inpainting-style sampling (blended latent diffusion): the latent outside `mask` (1 inside, 0 outside,
     broadcastable; or a function of the timestep giving it) is replaced by the known latent re-noised to the level
     of a step, so only the masked region is generated, in context.
@@ -137,16 +139,21 @@ def blended_sample(eps_model: EpsModel, z_T: torch.Tensor, known: torch.Tensor,
 
 
 def _blend(z: torch.Tensor, known: torch.Tensor, mask: torch.Tensor, t: int, scheduler,
-           generator: torch.Generator | None) -> torch.Tensor:
+           generator: Generators) -> torch.Tensor:
     """mask * z + (1 - mask) * q_sample(known, t) (t < 0: the known latent itself)."""
     alpha = torch.as_tensor(alpha_at(scheduler, t), dtype=z.dtype, device=z.device)
     renoised = known if t < 0 else alpha.sqrt() * known + (1 - alpha).sqrt() * _randn_like(z, generator)
     return mask * z + (1 - mask) * renoised
 
 
-def _randn_like(z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Noise drawn on the CPU (the same numbers on every device) and moved to z's device."""
-    return torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+def _randn_like(z: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Noise drawn on the CPU (the same numbers on every device) and moved to z's device; with one generator per
+    sample, each row from its own (so a sample's noise does not depend on the batch it is drawn in)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+    if len(generator) != len(z):
+        raise ValueError(f"{len(generator)} generators for a batch of {len(z)}")
+    return torch.cat([torch.randn((1, *z.shape[1:]), generator=g, dtype=z.dtype) for g in generator]).to(z.device)
 
 
 def invert(eps_model: EpsModel, z_0: torch.Tensor, scheduler, steps: int, condition: object = None) -> torch.Tensor:

@@ -97,15 +97,18 @@ class LatentData:
 
 def finetune(params: list[torch.nn.Parameter], data: LatentData,
              loss_fn: Callable[[LatentBatch, torch.Generator], torch.Tensor], config: FinetuneConfig,
-             workdir: Path | None = None, desc: str = "fine-tune") -> list[float]:
+             workdir: Path | None = None, desc: str = "fine-tune",
+             buffers: list[torch.Tensor] | None = None) -> list[float]:
     """Train `params` for config.steps steps of loss_fn on batches of `data`; resumes from workdir's checkpoint.
     Random numbers (batches, noise, timesteps) come from one CPU generator seeded with config.seed, saved in the
     checkpoint, so a resumed fit draws exactly what an uninterrupted one would. Returns the loss history (means
-    over tenths of the run)."""
+    over tenths of the run). `buffers`: state the training changes besides `params` (BatchNorm's running statistics),
+    kept in the checkpoint too."""
     optimiser = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
-    start = _resume(workdir, params, optimiser, generator, losses)
+    buffers = buffers or []
+    start = _resume(workdir, params + buffers, optimiser, generator, losses)
     for step in tqdm(range(start, config.steps), desc=desc, initial=start, total=config.steps, leave=False,
                      disable=None):
         loss = loss_fn(data.batch(generator, config.batch_size), generator)
@@ -116,7 +119,7 @@ def finetune(params: list[torch.nn.Parameter], data: LatentData,
         optimiser.step()
         losses.append(float(loss.detach()))
         if workdir is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            _checkpoint(workdir, step + 1, params, optimiser, generator, losses)
+            _checkpoint(workdir, step + 1, params + buffers, optimiser, generator, losses)
     if workdir is not None:  # finished: the caller saves what it trained; a checkpoint would only take space
         (Path(workdir) / CHECKPOINT).unlink(missing_ok=True)
     return loss_tenths(losses)

@@ -78,8 +78,8 @@ class TokenHead(nn.Module):
 
 class MaskEncoder(nn.Module):
     """E_s: masks (B, 1, H, W) -> `tokens` embeddings (B, tokens, width). The mask enters as 2m - 1 on three
-    channels at `shape.input_size`; every token is read from the finest level of the pyramid (the authors' code:
-    all of pSp's style indices are 'coarse', so every head reads p1)."""
+    channels at `shape.input_size`; every token is read from the finest level of the pyramid, p1 (the authors' code
+    sets pSp's coarse and middle indices to 0, so no head reads c3 or p2)."""
 
     def __init__(self, width: int, tokens: int = 4, shape: EncoderShape = EncoderShape()):
         super().__init__()
@@ -99,6 +99,9 @@ class MaskEncoder(nn.Module):
         if shape.channels[3] != shape.pyramid:
             raise ValueError("the pyramid's width must equal the last stage's channels (pSp adds them)")
         spatial = shape.input_size // 4  # the second stage's output
+        if spatial < 1 or spatial & (spatial - 1):
+            raise ValueError(f"the mask encoder's input_size / 4 must be a power of two (its heads halve it to 1 x 1), "
+                             f"not {shape.input_size} / 4")
         self.heads = nn.ModuleList(TokenHead(shape.pyramid, width, spatial) for _ in range(tokens))
 
     def forward(self, masks: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,21 @@ MODEL_FILE, EMBEDDING_FILE = "model.json", "embedding.safetensors"
 MASK_SOURCES = ("data",)  # the harness's target masks; the paper's mask generator is not implemented yet
 
 
+class TemplateText:
+    """(template index per sample, e (B, tokens, width)) -> the text encoder's states of each sample's template with
+    the placeholder written `tokens` times and replaced by e, in order."""
+
+    def __init__(self, text_encoder, holders: Placeholders, word: str, prompts: list[str]):
+        self.text_encoder, self.holders, self.word, self.prompts = text_encoder, holders, word, prompts
+
+    @property
+    def count(self) -> int:
+        return len(self.prompts)
+
+    def __call__(self, templates: list[int], vectors: torch.Tensor) -> torch.Tensor:
+        return self.holders.encode(self.text_encoder, [self.prompts[i] for i in templates], {self.word: vectors})
+
+
 def masked_loss(target: torch.Tensor, predicted: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Sec. 3.2's loss: the mean over every latent element of (m * (eps - eps_theta))^2, as the authors' code (the
     normaliser is the whole latent, not the mask's area)."""
@@ -51,9 +66,14 @@ class AnomalyDiffusion(Method):
             raise MethodError(f"anomalydiffusion: masks must be one of {MASK_SOURCES}, not {config['masks']!r}")
         if config["blend"] not in ddim.BLENDS:
             raise MethodError(f"anomalydiffusion: blend must be one of {ddim.BLENDS}, not {config['blend']!r}")
-        bad = [t for t in config["templates"] if t.count("{}") != 1]
-        if bad or not config["templates"]:
-            raise MethodError(f"anomalydiffusion: every template needs exactly one {{}} for the placeholder: {bad}")
+        if not config["templates"]:
+            raise MethodError("anomalydiffusion: templates: at least one is needed")
+        for template in config["templates"]:
+            try:
+                repeated(template.format(config["placeholder"]), config["placeholder"], 2)
+            except (ValueError, IndexError, KeyError):
+                raise MethodError(f"anomalydiffusion: template {template!r} needs exactly one {{}}, as a word of its "
+                                  "own, for the placeholder") from None
 
     # -- fit: the masked loss on the few training anomalies of every defect type of the category --
 
@@ -76,14 +96,15 @@ class AnomalyDiffusion(Method):
         steps = int(cfg["steps_per_defect_type"]) * len(defect_types)
         history = finetune(list(embedding.parameters()), data, self._loss(backbone, embedding, types), FinetuneConfig(
             steps=steps, batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"], weight_decay=0.0,
-            grad_clip=cfg["grad_clip"], seed=seed), workdir, desc="anomalydiffusion: fine-tune")
+            grad_clip=cfg["grad_clip"], seed=seed), workdir, desc="anomalydiffusion: fine-tune",
+            buffers=list(embedding.buffers()))  # BatchNorm's statistics: a resumed fit keeps them
         from safetensors.torch import save_file
 
         save_file({k: v.detach().cpu().contiguous() for k, v in embedding.state_dict().items()},
                   str(workdir / EMBEDDING_FILE))
         (workdir / MODEL_FILE).write_text(json.dumps({
             "backbone": str(task.backbone), "resolution": size, "defect_types": defect_types, "steps": steps,
-            "embedding": cfg["embedding"], "placeholder": cfg["placeholder"],
+            "embedding": cfg["embedding"], "placeholder": cfg["placeholder"], "templates": cfg["templates"],
             "training_images": [a.id for a in task.anomalies], "history": history,
             "trained_parameters": sum(p.numel() for p in embedding.parameters()),
             "seconds": round(time.perf_counter() - start, 1)}, indent=2))
@@ -97,7 +118,7 @@ class AnomalyDiffusion(Method):
             z0, m = batch.latents, batch.masks
             eps = torch.randn(z0.shape, generator=generator).to(z0.device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator).to(z0.device)
-            templates = torch.randint(0, len(self.config["templates"]), (len(z0),), generator=generator).tolist()
+            templates = torch.randint(0, text.count, (len(z0),), generator=generator).tolist()
             vectors = embedding([types[i] for i in batch.index.tolist()], batch.pixel_masks.to(z0.device))
             predicted = unet(scheduler.add_noise(z0, eps, t), t,
                              encoder_hidden_states=text(templates, vectors)).sample
@@ -109,13 +130,15 @@ class AnomalyDiffusion(Method):
 
     def generate(self, request: GenerationRequest, workdir: Path) -> Iterator[GeneratedSample]:
         model = json.loads((workdir / MODEL_FILE).read_text())
+        if request.defect_type not in model["defect_types"]:
+            raise MethodError(f"{workdir / MODEL_FILE}: fitted on {model['defect_types']}, not {request.defect_type!r}")
         backbone = backbones.load_frozen(request.backbone or Path(model["backbone"]))
         embedding = self._embedding(backbone, model["defect_types"], model["embedding"]).to(backbone.device)
         from safetensors.torch import load_file
 
         embedding.load_state_dict(load_file(str(workdir / EMBEDDING_FILE)))
         embedding.eval()  # the authors' code leaves it in training mode (batch statistics): see README.md
-        text = self._text(backbone, embedding.tokens, model["placeholder"])
+        text = self._text(backbone, embedding.tokens, model["placeholder"], model["templates"])
         size, batch = model["resolution"], self.config["generation_batch"]
         with torch.no_grad():
             for first in range(0, request.n, batch):
@@ -133,17 +156,18 @@ class AnomalyDiffusion(Method):
         m = latent_mask(masks, z0.shape[-1], z0.device)
         rngs = [request.rng(first + i) for i in range(len(targets))]
         z_T = torch.cat([initial_noise(rng, backbone, size) for rng in rngs]).to(z0.device)
-        templates = [int(rng.integers(len(self.config["templates"]))) for rng in rngs]
+        templates = [int(rng.integers(text.count)) for rng in rngs]
         vectors = embedding([request.defect_type] * len(targets), torch.from_numpy(masks)[:, None].to(z0.device))
         condition = text(templates, vectors)
-        generator = torch.Generator().manual_seed(int(rngs[0].integers(2**63 - 1)))  # eta's noise, per batch
+        # each sample's own stream for eta's and the blend's noise: a sample is the same in any batch
+        generators = [torch.Generator().manual_seed(int(rng.integers(2**63 - 1))) for rng in rngs]
 
         def eps(z: torch.Tensor, t: int, _condition=None) -> torch.Tensor:
             out = backbone.unet(z, t, encoder_hidden_states=condition).sample
             return ddim.predicted_noise(backbone.scheduler, out, z, t)
 
         z_0 = ddim.blended_sample(eps, z_T, z0, m, backbone.scheduler, self.config["inference_steps"],
-                                  eta=float(self.config["eta"]), generator=generator, blend=self.config["blend"])
+                                  eta=float(self.config["eta"]), generator=generators, blend=self.config["blend"])
         images = resize_images(decode(backbone, z_0), out_size)
         if self.config["paste_back"]:  # an option (off, as the authors): the normal image's pixels outside the mask
             kept = ~np.stack([t.mask for t in targets])[..., None]
@@ -163,21 +187,15 @@ class AnomalyDiffusion(Method):
         return AnomalyEmbedding(defect_types, initial, int(settings["mask_tokens"]), int(settings["anomaly_vectors"]),
                                 shape)
 
-    def _text(self, backbone: backbones.Backbone, tokens: int, placeholder: str | None = None
-              ) -> Callable[[list[int], torch.Tensor], torch.Tensor]:
-        """(template index per sample, e (B, tokens, width)) -> the text encoder's states of each sample's template
-        with the placeholder written `tokens` times and replaced by e, in order."""
+    def _text(self, backbone: backbones.Backbone, tokens: int, placeholder: str | None = None,
+              templates: list[str] | None = None) -> "TemplateText":
         word = placeholder or self.config["placeholder"]
         try:
             holders = Placeholders(backbone.tokenizer, [word])
         except ValueError as error:
             raise MethodError(f"anomalydiffusion: placeholder: {error}") from None
-        prompts = [repeated(t.format(word), word, tokens) for t in self.config["templates"]]
-
-        def encode_text(templates: list[int], vectors: torch.Tensor) -> torch.Tensor:
-            return holders.encode(backbone.text_encoder, [prompts[i] for i in templates], {word: vectors})
-
-        return encode_text
+        prompts = [repeated(t.format(word), word, tokens) for t in (templates or self.config["templates"])]
+        return TemplateText(backbone.text_encoder, holders, word, prompts)
 
     def _resolution(self, task_resolution: int) -> int:
         return int(self.config["resolution"] or task_resolution)

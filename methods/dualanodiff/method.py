@@ -226,7 +226,7 @@ class DualAnoDiff(Method):
     @staticmethod
     def _prepare(source: Path, config: dict, train: bool) -> tuple[backbones.Backbone, list[torch.nn.Parameter]]:
         """The frozen backbone with the dual-branch processors (and, to train, the text LoRA); the parameters a fit
-        trains: both branches' LoRAs, SAIM (unless switched off), the text LoRA."""
+        trains: both branches' LoRAs, SAIM (unless switched off), BCM (when on), the text LoRA."""
         backbone = backbones.load_frozen(source)
         lora, bcm_config = config["lora"], config["bcm"]
         saim.install(backbone.unet, int(lora["rank"]), lora.get("alpha"), config["saim_init"] == "zero",
@@ -255,7 +255,7 @@ class DualAnoDiff(Method):
         saved = load_file(str(workdir / DUAL_FILE))
         expected = saim.dual_state(backbone.unet)
         if saved.keys() != expected.keys() or any(saved[k].shape != expected[k].shape for k in saved):
-            raise MethodError(f"{workdir / DUAL_FILE}: its branch LoRAs / SAIM do not fit this configuration "
+            raise MethodError(f"{workdir / DUAL_FILE}: its branch LoRAs / SAIM / BCM do not fit this configuration "
                               "(another rank or backbone?); fit again")
         backbone.unet.load_state_dict(saved, strict=False)
         if trained["text_lora"]:
