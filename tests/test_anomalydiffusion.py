@@ -133,6 +133,64 @@ def test_fit_trains_the_embedding_alone_and_generation_keeps_the_normal_image_ou
         assert np.array_equal(sample.image[~target.mask], target.normal.image[~target.mask])
 
 
+def test_the_adaptive_reweighting_follows_the_authors_formulas(modules):
+    from scipy import ndimage
+
+    method, _ = modules
+    adaptive = importlib.import_module(method.__package__ + ".adaptive")
+    assert [adaptive.radius(t, 200) for t in (996, 500, 24)] == [8, 4, 0]
+    assert adaptive.radius(981, 50) == 17  # the authors' 50-step variant doubles the dilation
+    m = torch.zeros(2, 1, 12, 12)
+    m[0, 0, 4:6, 5:8] = 1
+    m[1, 0, 2, 2] = 1
+    dilated = adaptive.dilate(m, 2)
+    for b in range(2):
+        expected = ndimage.binary_dilation(m[b, 0].numpy() > 0, np.ones((5, 5), bool))
+        assert np.array_equal(dilated[b, 0].numpy() > 0, expected)
+    torch.manual_seed(0)
+    z_t, z_0 = torch.randn(2, 4, 12, 12), torch.randn(2, 4, 12, 12)
+    z_t[1] = z_0[1]  # no difference anywhere: a uniform map of ones
+    w = adaptive.attention_weights(z_t, z_0, dilated)
+    for b in range(2):
+        md = dilated[b, 0].numpy()
+        d = ((md * (z_t[b] - z_0[b]).numpy()) ** 2).mean(0)
+        d[d == 0] = -1
+        raw = md / d
+        direct = md.sum() * raw / raw.sum() if raw.sum() != 0 else np.ones_like(raw)
+        direct[direct < 1] = 1
+        direct = np.minimum(direct, 1.5)
+        assert np.allclose(w[b, 0].numpy(), direct, atol=1e-5)
+    assert torch.all(w[:, :, dilated[0, 0] == 0][0] == 1) and torch.all(w[1] == 1)
+    assert w.min() >= 1 and w.max() <= 1.5 and (w[0] > 1).any()
+
+
+def test_adaptive_reweighting_changes_generation_and_reaches_only_the_embeddings_tokens(
+        synth_root, pretrained_backbone, tmp_path, monkeypatch):
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.diffusion import processors
+    from harness.generation import fit_method
+    from harness.tasks import build_request, build_task
+
+    split = make_split(read_category(synth_root, "washer", dataset="synthetic"))
+    task = build_task(split, sorted(split.defects)[:1], 64, seed=0)
+    task.backbone = pretrained_backbone[0]
+    settings = {"steps_per_defect_type": 2, "inference_steps": 3, "generation_batch": 2}
+    fit_method(load_method("anomalydiffusion", "tiny", settings), task, tmp_path)
+    defect = task.defect_types[0]
+    plain_method = load_method("anomalydiffusion", "tiny", settings)
+    request = build_request(task, plain_method, defect, 2, seed=0)
+    plain = list(plain_method.generate(request, tmp_path))
+    seen = []
+    real = processors._reweighted
+    monkeypatch.setattr(processors, "_reweighted", lambda logits, reweight, batch: seen.append(reweight) or real(
+        logits, reweight, batch))
+    adaptive = list(load_method("anomalydiffusion", "tiny", {**settings, "adaptive_mask": True}).generate(request,
+                                                                                                        tmp_path))
+    assert seen and all(r.multiply and r.columns.sum(1).tolist() == [8, 8] for r in seen)
+    assert any(not np.array_equal(a.image, b.image) for a, b in zip(plain, adaptive))
+
+
 def test_bad_settings_are_named():
     from harness.errors import MethodError
 

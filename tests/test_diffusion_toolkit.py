@@ -154,7 +154,17 @@ def test_reweighting_can_multiply_the_logits_of_a_token_range():
         per_row = weights.flatten(1).repeat_interleave(attn.heads, 0)
         logits[:, :, 1:3] *= per_row[:, :, None]
         direct = attn.to_out[0](attn.batch_to_head_dim(logits.softmax(-1) @ v))
+        # per-sample tokens: the second sample's re-weighted token is 0, not 1 and 2
+        columns = torch.tensor([[False, True, True], [True, False, False]])
+        per_sample = processor(attn, hidden, c, context=proc.AttentionContext(reweight=proc.TokenReweight(
+            start=0, stop=0, weights=weights, multiply=True, columns=columns)))
+        logits = q @ k.transpose(1, 2) * attn.scale
+        heads = attn.heads
+        logits[:heads, :, 1:3] *= per_row[:heads, :, None]
+        logits[heads:, :, 0:1] *= per_row[heads:, :, None]
+        direct_per_sample = attn.to_out[0](attn.batch_to_head_dim(logits.softmax(-1) @ v))
     assert torch.allclose(out, direct, atol=1e-5)
+    assert torch.allclose(per_sample, direct_per_sample, atol=1e-5)
 
 
 def test_key_value_store_written_then_read_beside_the_layers_own():

@@ -51,6 +51,7 @@ class TokenReweight:
     weights: torch.Tensor  # (B, 1, h, w) spatial map, resized to each layer's resolution
     scale: float = 1.0  # added to the logits: logit + scale * weight
     multiply: bool = False  # instead: logit * weight (AnomalyDiffusion's adaptive attention re-weighting)
+    columns: torch.Tensor | None = None  # (B, tokens) bool: per-sample tokens instead of [start, stop)
 
 
 @dataclass
@@ -179,13 +180,14 @@ def _reweighted(logits: torch.Tensor, reweight: TokenReweight, batch: int) -> to
     weights = weights.flatten(1).to(logits.dtype)  # (B, positions)
     heads = logits.shape[0] // batch
     per_row = weights.repeat_interleave(heads, 0)[:, :, None]  # (B * heads, positions, 1)
+    if reweight.columns is not None:
+        columns = reweight.columns.to(logits.device).repeat_interleave(heads, 0)[:, None, :]  # (B * heads, 1, T)
+    else:
+        columns = torch.zeros(1, 1, logits.shape[-1], dtype=torch.bool, device=logits.device)
+        columns[..., reweight.start:reweight.stop] = True
     if reweight.multiply:
-        factor = torch.ones_like(logits)
-        factor[:, :, reweight.start:reweight.stop] = per_row
-        return logits * factor
-    add = torch.zeros_like(logits)
-    add[:, :, reweight.start:reweight.stop] = reweight.scale * per_row
-    return logits + add
+        return logits * torch.where(columns, per_row, torch.ones_like(per_row))
+    return logits + torch.where(columns, reweight.scale * per_row, torch.zeros_like(per_row))
 
 
 def install(unet: torch.nn.Module, branches: int = 0, rank: int = 4, alpha: float | None = None,
