@@ -199,9 +199,11 @@ def warn_once(key: str, message: str) -> None:
 # Diffusion backbones in diffusers' folder layout (vae/, unet/, text_encoder/, tokenizer/, scheduler/), by hub id.
 PIPELINES: dict[str, str] = {
     "stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "ldm-text2im-large-256": "CompVis/ldm-text2im-large-256",  # AnomalyDiffusion's: LDMBert, 256 px
 }
 PIPELINE_HOST = "https://huggingface.co"
-PIPELINE_PARTS = ("vae/*", "unet/*", "text_encoder/*", "tokenizer/*", "scheduler/*", "model_index.json")
+PIPELINE_PARTS = ("vae/*", "unet/*", "text_encoder/*", "tokenizer/*", "scheduler/*", "model_index.json",
+                  "vqvae/*", "bert/*")  # the last two: LDM text2img-large's names for the autoencoder and text encoder
 
 
 def resolve_pipeline(name: str, explicit: str | Path | None = None) -> ResolvedWeights:
@@ -214,7 +216,7 @@ def resolve_pipeline(name: str, explicit: str | Path | None = None) -> ResolvedW
         raise WeightsError(f"unknown diffusion backbone {name!r}; known: {', '.join(PIPELINES)}")
     if explicit:
         path = Path(explicit).expanduser()
-        if not (path / "unet" / "config.json").is_file():
+        if not (path / "unet" / "config.json").is_file():  # SD's and LDM's layouts alike
             raise WeightsError(f"weights for {name!r}: {path} is not a diffusers folder (no unet/config.json)")
         return ResolvedWeights(name, "config", path)
     from huggingface_hub import snapshot_download

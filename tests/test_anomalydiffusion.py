@@ -191,6 +191,65 @@ def test_adaptive_reweighting_changes_generation_and_reaches_only_the_embeddings
     assert any(not np.array_equal(a.image, b.image) for a, b in zip(plain, adaptive))
 
 
+def ldm_stand_in(folder):
+    """A tiny model in LDM text2img-large's diffusers layout (vqvae/: AutoencoderKL with 8x down-sampling, bert/:
+    LDMBert, a WordPiece tokenizer where "*" is one token, unet/, scheduler/): the paper profile's code path."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+    from transformers import BertTokenizer
+
+    torch.manual_seed(0)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "*", "anomaly", "crack",
+             "rendering", "cropped", "clean", "dirty", "dark", "my", "cool", "close", "-", "up", "bright", "good", "one",
+             "rendition", "nice", "small", "weird", "large"]
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(folder / "vocab.txt"), model_max_length=32).save_pretrained(folder / "tokenizer")
+    LDMBertModel(LDMBertConfig(vocab_size=len(words), max_position_embeddings=32, encoder_layers=1,
+                               encoder_ffn_dim=32, encoder_attention_heads=2, head_dim=8, d_model=16)
+                 ).save_pretrained(folder / "bert")
+    AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+                  sample_size=64).save_pretrained(folder / "vqvae")
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                         cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(folder / "unet")
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                  set_alpha_to_one=False).save_pretrained(folder / "scheduler")
+    return folder
+
+
+def test_ldm_text2img_large_loads_through_from_pretrained_and_carries_the_embedding(synth_root, tmp_path):
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.diffusion import backbone as backbones
+    from harness.generation import fit_method
+    from harness.tasks import build_request, build_task
+
+    folder = ldm_stand_in(tmp_path / "ldm")
+    assert backbones.is_ldm(folder)
+    backbone = backbones.load(folder)
+    assert type(backbone.text_encoder).__name__ == "LDMBertModel" and backbone.latent_factor == 8
+    method = load_method("anomalydiffusion", "tiny", {"placeholder": "*", "embedding": {"init_word": "anomaly"}})
+    text = method._text(backbone, 8)
+    table = backbone.text_encoder.get_input_embeddings().weight
+    words = ["a", "photo", "of", "the", "crack", "dirty", "small", "nice"]
+    vectors = torch.stack([table[backbone.tokenizer.convert_tokens_to_ids(w)] for w in words])
+    with torch.no_grad():  # position embeddings come after the insertion, as in the authors' BERT embedder
+        assert torch.allclose(text([0], vectors[None]), backbone.encode_text(["a photo of a " + " ".join(words)]),
+                              atol=1e-5)
+    split = make_split(read_category(synth_root, "washer", dataset="synthetic"))
+    task = build_task(split, sorted(split.defects)[:1], 64, seed=0)
+    task.backbone = folder
+    settings = {"placeholder": "*", "embedding": {"init_word": "anomaly"}, "steps_per_defect_type": 1,
+                "inference_steps": 2}
+    method = load_method("anomalydiffusion", "tiny", settings)
+    fit_method(method, task, tmp_path / "fit")
+    samples = list(method.generate(build_request(task, method, task.defect_types[0], 1, seed=0), tmp_path / "fit"))
+    assert samples[0].image.shape == (64, 64, 3)
+
+
 def test_bad_settings_are_named():
     from harness.errors import MethodError
 

@@ -25,6 +25,8 @@ RARE_TOKENS = ("sks", "ktn", "pll", "ucd", "olis", "zwx", "qrv", "bxq", "vfx")  
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 BASE_WORDS = ("a", "photo", "of", "an", "with", "defect", "mask", "background", "normal", "good", "the", "on", "in")
 SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+# CompVis' LDM text2img-large (AnomalyDiffusion's backbone) in diffusers' layout names two parts otherwise
+LDM_SUBFOLDERS = {"vae": "vqvae", "text_encoder": "bert"}
 
 
 @dataclass
@@ -168,23 +170,34 @@ def load_frozen(source: str | Path, device: torch.device | None = None) -> Backb
     return backbone.to(device or default_device())
 
 
+def is_ldm(source: str | Path) -> bool:
+    """Whether a folder holds LDM text2img-large's layout (vqvae/, bert/: an LDMBert text encoder, 1280-d tokens)."""
+    return all((Path(source) / folder).is_dir() for folder in LDM_SUBFOLDERS.values())
+
+
 def load(source: str | Path, local_only: bool = True) -> Backbone:
-    """A backbone from a folder (or hub id) in diffusers' layout: Stable Diffusion 1.5 or a saved tiny backbone."""
+    """A backbone from a folder (or hub id) in diffusers' layout: Stable Diffusion 1.5, a saved tiny backbone, or
+    LDM text2img-large (its autoencoder in vqvae/, its LDMBert text encoder in bert/)."""
     from diffusers import AutoModel, DDIMScheduler, UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
     from transformers import AutoTokenizer, CLIPTextModel
 
     common = {"local_files_only": local_only}
+    folders = {**{name: name for name in SUBFOLDERS}, **(LDM_SUBFOLDERS if is_ldm(source) else {})}
+    if is_ldm(source):
+        from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel as text_class
+    else:
+        text_class = CLIPTextModel
     quiet = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # some autoencoders save config keys they warn about when they read them
     try:
-        vae = AutoModel.from_pretrained(str(source), subfolder="vae", **common)  # SD's AutoencoderKL, or the tiny one
+        vae = AutoModel.from_pretrained(str(source), subfolder=folders["vae"], **common)  # AutoencoderKL or tiny
     finally:
         diffusers_logging.set_verbosity(quiet)
     return Backbone(
         vae=vae,
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common),
-        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common),
-        tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
-        scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler", **common),
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder=folders["unet"], **common),
+        text_encoder=text_class.from_pretrained(source, subfolder=folders["text_encoder"], **common),
+        tokenizer=AutoTokenizer.from_pretrained(source, subfolder=folders["tokenizer"], **common),
+        scheduler=DDIMScheduler.from_pretrained(source, subfolder=folders["scheduler"], **common),
     )

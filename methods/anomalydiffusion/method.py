@@ -59,11 +59,11 @@ class AnomalyDiffusion(Method):
              "with Diffusion Model. AAAI 2024")
     granularity = "category"
     needs = frozenset({"target_normal", "target_mask"})
-    backbone = "stable-diffusion-v1-5"  # the authors': LDM text2img-large (README.md, Deviations)
+    backbone = "ldm-text2im-large-256"  # CompVis' LDM text2img-large (LDMBert, 256 px), as the authors
     resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
-    in_progress = ("the mask generator (textual inversion on the masks), the authors' rotation and crop augmentation, "
-                   "LDM text2img-large as the paper backbone and the claim tests are missing; masks come from the "
-                   "data; in tiny the defects are faint (README.md)")
+    in_progress = ("the mask generator (textual inversion on the masks), the authors' rotation and crop augmentation "
+                   "and the claim tests are missing; masks come from the data; in tiny the defects are faint "
+                   "(README.md)")
 
     def __init__(self, config, profile):
         super().__init__(config, profile)
