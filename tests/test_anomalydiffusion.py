@@ -250,6 +250,28 @@ def test_ldm_text2img_large_loads_through_from_pretrained_and_carries_the_embedd
     assert samples[0].image.shape == (64, 64, 3)
 
 
+def test_the_augmented_copies_keep_the_defect_and_half_the_rows_are_originals(modules):
+    method, _ = modules
+    augment = importlib.import_module(method.__package__ + ".augment")
+    rng = np.random.default_rng(0)
+    images = np.full((2, 40, 40, 3), 200, np.uint8)
+    masks = np.zeros((2, 40, 40), bool)
+    masks[0, 10:14, 12:30] = True
+    masks[1, 25:35, 5:9] = True
+    images[masks] = (10, 20, 30)
+    pooled, pooled_masks, source = augment.with_pool(rng, images, masks, pool=3)
+    assert len(pooled) == 12 and source.tolist() == [0, 1] * 6
+    assert np.array_equal(pooled[:6], np.tile(images, (3, 1, 1, 1)))  # the originals, pool times
+    copies, copy_masks = pooled[6:], pooled_masks[6:]
+    assert all(m.any() for m in copy_masks)  # the crop keeps the defect
+    assert any(not np.array_equal(c, images[i]) for c, i in zip(copies, source[6:]))
+    dark = (copies.astype(int).sum(-1) < 150)
+    assert (dark & copy_masks).sum() > 0.6 * dark.sum()  # the defect's pixels and the mask moved together
+    assert (copies == 128).all(-1).any()  # a rotation's corners are mid-grey (0 in [-1, 1])
+    same, _, _ = augment.with_pool(np.random.default_rng(0), images, masks, pool=3)
+    assert np.array_equal(same, pooled)  # seeded
+
+
 def test_bad_settings_are_named():
     from harness.errors import MethodError
 

@@ -22,6 +22,7 @@ from harness.diffusion.placeholders import Placeholders, repeated, single_token_
 from harness.errors import MethodError
 
 from . import adaptive
+from .augment import with_pool
 from .embedding import AnomalyEmbedding, EncoderShape
 
 MODEL_FILE, EMBEDDING_FILE = "model.json", "embedding.safetensors"
@@ -61,9 +62,8 @@ class AnomalyDiffusion(Method):
     needs = frozenset({"target_normal", "target_mask"})
     backbone = "ldm-text2im-large-256"  # CompVis' LDM text2img-large (LDMBert, 256 px), as the authors
     resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
-    in_progress = ("the mask generator (textual inversion on the masks), the authors' rotation and crop augmentation "
-                   "and the claim tests are missing; masks come from the data; in tiny the defects are faint "
-                   "(README.md)")
+    in_progress = ("the mask generator (textual inversion on the masks) and the claim tests are missing; masks come "
+                   "from the data; in tiny the defects are faint (README.md)")
 
     def __init__(self, config, profile):
         super().__init__(config, profile)
@@ -93,10 +93,12 @@ class AnomalyDiffusion(Method):
             torch.manual_seed(seed)
             embedding = self._embedding(backbone, defect_types).to(backbone.device).train()
         size = self._resolution(task.resolution)
-        data = LatentData.encode(backbone, resize_images(np.stack([a.image for a in task.anomalies]), size),
-                                 resize_masks(np.stack([a.mask for a in task.anomalies]), size),
-                                 flips=self.config["flips"])
-        types = [a.defect_type for a in task.anomalies]
+        images, masks, source = with_pool(task.rng("augment"),
+                                          resize_images(np.stack([a.image for a in task.anomalies]), size),
+                                          resize_masks(np.stack([a.mask for a in task.anomalies]), size),
+                                          int(self.config["augment"]["pool"]), int(self.config["augment"]["max_rotation"]))
+        data = LatentData.encode(backbone, images, masks, flips=self.config["flips"])
+        types = [task.anomalies[i].defect_type for i in source]  # per row of the pool
         cfg = self.config
         steps = int(cfg["steps_per_defect_type"]) * len(defect_types)
         history = finetune(list(embedding.parameters()), data, self._loss(backbone, embedding, types), FinetuneConfig(
