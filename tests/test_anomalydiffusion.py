@@ -109,7 +109,7 @@ def test_fit_trains_the_embedding_alone_and_generation_keeps_the_normal_image_ou
     split = make_split(read_category(synth_root, "washer", dataset="synthetic"))
     task = build_task(split, sorted(split.defects), 64, seed=0)
     task.backbone = folder
-    settings = {"steps_per_defect_type": 2, "inference_steps": 4, "generation_batch": 2}
+    settings = {"steps_per_defect_type": 2, "inference_steps": 4, "generation_batch": 2, "masks": "data"}
     method = load_method("anomalydiffusion", "tiny", settings)
     fit_method(method, task, tmp_path)
     saved = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
@@ -175,7 +175,7 @@ def test_adaptive_reweighting_changes_generation_and_reaches_only_the_embeddings
     split = make_split(read_category(synth_root, "washer", dataset="synthetic"))
     task = build_task(split, sorted(split.defects)[:1], 64, seed=0)
     task.backbone = pretrained_backbone[0]
-    settings = {"steps_per_defect_type": 2, "inference_steps": 3, "generation_batch": 2}
+    settings = {"steps_per_defect_type": 2, "inference_steps": 3, "generation_batch": 2, "masks": "data"}
     fit_method(load_method("anomalydiffusion", "tiny", settings), task, tmp_path)
     defect = task.defect_types[0]
     plain_method = load_method("anomalydiffusion", "tiny", settings)
@@ -243,7 +243,7 @@ def test_ldm_text2img_large_loads_through_from_pretrained_and_carries_the_embedd
     task = build_task(split, sorted(split.defects)[:1], 64, seed=0)
     task.backbone = folder
     settings = {"placeholder": "*", "embedding": {"init_word": "anomaly"}, "steps_per_defect_type": 1,
-                "inference_steps": 2}
+                "inference_steps": 2, "masks": "data"}
     method = load_method("anomalydiffusion", "tiny", settings)
     fit_method(method, task, tmp_path / "fit")
     samples = list(method.generate(build_request(task, method, task.defect_types[0], 1, seed=0), tmp_path / "fit"))
@@ -272,11 +272,82 @@ def test_the_augmented_copies_keep_the_defect_and_half_the_rows_are_originals(mo
     assert np.array_equal(same, pooled)  # seeded
 
 
+def test_the_mask_generators_rules_binarise_and_reject_as_the_authors(modules):
+    method, _ = modules
+    maskgen = importlib.import_module(method.__package__ + ".maskgen")
+    masks = np.zeros((1, 6, 6), bool)
+    masks[0, 2:4, 1:3] = True
+    images = maskgen.mask_images(masks)
+    assert images.shape == (1, 6, 6, 3) and (images[0, 2, 1] == 255).all() and (images[0, 0, 0] == 0).all()
+    grey = np.full((1, 2, 2, 3), 229, np.uint8)  # 229 / 127.5 - 1 = 0.796: just below the threshold
+    assert not maskgen.binarise(grey).any() and maskgen.binarise(grey + 1).all()
+    border = np.zeros((9, 9), bool)
+    border[0, :3] = True  # 3 = width / 3: kept
+    assert not maskgen.touches_border(border)
+    border[0, 3] = True  # 4 > 3: rejected
+    assert maskgen.touches_border(border)
+    border[:] = False
+    border[:4, -1] = True
+    assert maskgen.touches_border(border)
+
+
+def test_mask_sampling_counts_what_it_rejects_and_stops_at_n(modules, pretrained_backbone, monkeypatch):
+    from harness.diffusion.backbone import load_frozen
+
+    method, _ = modules
+    maskgen = importlib.import_module(method.__package__ + ".maskgen")
+    backbone = load_frozen(pretrained_backbone[0], torch.device("cpu"))
+    decoded = np.zeros((4, 64, 64, 3), np.uint8)
+    decoded[0, 20:30, 20:30] = 255  # good
+    decoded[1, 0, :] = 255  # touches the top border
+    decoded[3, 40:50, 5:15] = 255  # good; [2] is empty
+    monkeypatch.setattr(maskgen.ddim, "sample", lambda eps, z_T, *args, **kwargs: z_T)
+    monkeypatch.setattr(maskgen, "decode", lambda backbone, z: decoded)
+    settings = {**load_method("anomalydiffusion", "tiny")._mask_settings(), "batch_size_sampling": 4,
+                "max_batches": 3}
+    vectors = torch.zeros(settings["vectors"], backbone.text_encoder.get_input_embeddings().weight.shape[1])
+    three = maskgen.sample(backbone, vectors, settings, 3, 64, np.random.default_rng(0))
+    assert (three.drawn, three.rejected, len(three.masks)) == (8, 4, 3)  # two batches: 4 passed, 3 kept
+    assert np.array_equal(three.masks[0], decoded[0, ..., 0] > 0)
+    short = maskgen.sample(backbone, vectors, settings, 10, 64, np.random.default_rng(0))
+    assert (short.drawn, short.rejected, len(short.masks)) == (12, 6, 6)  # max_batches reached: 6 of 10
+
+
+def test_generated_masks_are_used_and_the_shortfall_is_filled_from_the_targets_and_recorded(
+        synth_root, pretrained_backbone, tmp_path):
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.generation import fit_method
+    from harness.tasks import build_request, build_task
+
+    split = make_split(read_category(synth_root, "washer", dataset="synthetic"))
+    task = build_task(split, sorted(split.defects)[:2], 64, seed=0)
+    task.backbone = pretrained_backbone[0]
+    settings = {"steps_per_defect_type": 1, "inference_steps": 2,
+                "mask_generator": {"steps": 2, "inference_steps": 2, "max_batches": 1, "batch_size_sampling": 2}}
+    method = load_method("anomalydiffusion", "tiny", settings)
+    fit_method(method, task, tmp_path)
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "mask_generator.safetensors"))) == set(task.defect_types)
+    request = build_request(task, method, task.defect_types[0], 3, seed=0)
+    samples = list(method.generate(request, tmp_path))
+    counts = samples[0].extra["mask_generator"]
+    assert counts["drawn"] == 2 and counts["passed"] == 2 - counts["rejected"]
+    for sample, target in zip(samples, request.targets):
+        if sample.extra["mask_source"] == "generated":
+            assert sample.mask_id is None
+        else:  # what the generator could not give comes from the targets, and says so
+            assert sample.extra["mask_source"].startswith("data") and sample.mask_id == target.mask_source
+            assert np.array_equal(sample.mask, target.mask)
+    assert sum(s.extra["mask_source"] == "generated" for s in samples) == counts["passed"]
+
+
 def test_bad_settings_are_named():
     from harness.errors import MethodError
 
     with pytest.raises(MethodError, match="masks"):
-        load_method("anomalydiffusion", "tiny", {"masks": "generated"})
+        load_method("anomalydiffusion", "tiny", {"masks": "drawn"})
     with pytest.raises(MethodError, match="blend"):
         load_method("anomalydiffusion", "tiny", {"blend": "during"})
     for bad in (["a photo of"], ["a photo of a {}."], []):

@@ -21,12 +21,12 @@ from harness.diffusion.latents import decode, encode, initial_noise, latent_mask
 from harness.diffusion.placeholders import Placeholders, repeated, single_token_id
 from harness.errors import MethodError
 
-from . import adaptive
+from . import adaptive, maskgen
 from .augment import with_pool
 from .embedding import AnomalyEmbedding, EncoderShape
 
-MODEL_FILE, EMBEDDING_FILE = "model.json", "embedding.safetensors"
-MASK_SOURCES = ("data",)  # the harness's target masks; the paper's mask generator is not implemented yet
+MODEL_FILE, EMBEDDING_FILE, MASK_FILE = "model.json", "embedding.safetensors", "mask_generator.safetensors"
+MASK_SOURCES = ("generated", "data")  # the mask generator's (maskgen.py), or the harness's target masks (ablation)
 
 
 class TemplateText:
@@ -62,8 +62,8 @@ class AnomalyDiffusion(Method):
     needs = frozenset({"target_normal", "target_mask"})
     backbone = "ldm-text2im-large-256"  # CompVis' LDM text2img-large (LDMBert, 256 px), as the authors
     resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
-    in_progress = ("the mask generator (textual inversion on the masks) and the claim tests are missing; masks come "
-                   "from the data; in tiny the defects are faint (README.md)")
+    in_progress = ("the claim tests are missing; in tiny the defects are faint and the mask generator's masks are "
+                   "not yet like the training masks (README.md)")
 
     def __init__(self, config, profile):
         super().__init__(config, profile)
@@ -109,10 +109,11 @@ class AnomalyDiffusion(Method):
 
         save_file({k: v.detach().cpu().contiguous() for k, v in embedding.state_dict().items()},
                   str(workdir / EMBEDDING_FILE))
+        mask_histories = self._fit_mask_generators(backbone, task, defect_types, size, seed, workdir)
         (workdir / MODEL_FILE).write_text(json.dumps({
             "backbone": str(task.backbone), "resolution": size, "defect_types": defect_types, "steps": steps,
             "embedding": cfg["embedding"], "placeholder": cfg["placeholder"], "templates": cfg["templates"],
-            "training_images": [a.id for a in task.anomalies], "history": history,
+            "training_images": [a.id for a in task.anomalies], "history": history, "mask_generator": mask_histories,
             "trained_parameters": sum(p.numel() for p in embedding.parameters()),
             "seconds": round(time.perf_counter() - start, 1)}, indent=2))
 
@@ -149,18 +150,57 @@ class AnomalyDiffusion(Method):
             processors.install(backbone.unet)  # the toolkit's attention, for the re-weighting's per-call map
         text = self._text(backbone, embedding.tokens, model["placeholder"], model["templates"])
         size, batch = model["resolution"], self.config["generation_batch"]
+        masks, sources, record = self._masks(backbone, request, workdir, size)
         with torch.no_grad():
             for first in range(0, request.n, batch):
                 targets = request.targets[first:first + batch]
-                images = self._generate_batch(backbone, embedding, text, request, first, targets, size)
-                for target, image in zip(targets, images):
-                    yield GeneratedSample.on_target(target, image, target.mask, request.defect_type,
-                                                    masks=self.config["masks"])
+                chosen = masks[first:first + batch]
+                images = self._generate_batch(backbone, embedding, text, request, first, targets, chosen, size)
+                for target, image, mask, source in zip(targets, images, chosen, sources[first:first + batch]):
+                    yield GeneratedSample(image=image, mask=resize_masks(mask[None], image.shape[0])[0],
+                                          defect_type=request.defect_type, normal_id=target.normal.id,
+                                          mask_id=None if source == "generated" else target.mask_source,
+                                          extra={"mask_source": source, **record})
+
+    def _masks(self, backbone: backbones.Backbone, request: GenerationRequest, workdir: Path, size: int
+               ) -> tuple[list[np.ndarray], list[str], dict]:
+        """Each target's mask at the working size: the mask generator's (`masks: generated`), the targets' where it
+        gave fewer than n (recorded), or the targets' (`masks: data`)."""
+        data = list(resize_masks(np.stack([t.mask for t in request.targets]), size))
+        if self.config["masks"] == "data":
+            return data, ["data"] * len(data), {}
+        from safetensors.torch import load_file
+
+        vectors = load_file(str(workdir / MASK_FILE))[request.defect_type].to(backbone.device)
+        sampled = maskgen.sample(backbone, vectors, self._mask_settings(), request.n, size, request.rng("masks"))
+        passed = len(sampled.masks)
+        sources = ["generated"] * passed + ["data (the mask generator gave too few)"] * (request.n - passed)
+        record = {"mask_generator": {"drawn": sampled.drawn, "rejected": sampled.rejected, "passed": passed}}
+        return sampled.masks + data[passed:], sources, record
+
+    def _fit_mask_generators(self, backbone: backbones.Backbone, task: FewShotTask, defect_types: list[str],
+                             size: int, seed: int, workdir: Path) -> dict:
+        """One textual inversion per defect type on its training masks (`masks: generated`); saves the vectors."""
+        if self.config["masks"] != "generated":
+            return {}
+        from safetensors.torch import save_file
+
+        vectors, histories = {}, {}
+        for index, defect in enumerate(defect_types):
+            masks = resize_masks(np.stack([a.mask for a in task.anomalies_of(defect)]), size)
+            vectors[defect], histories[defect] = maskgen.fit(backbone, masks, self._mask_settings(), seed + 1 + index,
+                                                             workdir / "mask_generator" / str(index))
+        save_file({d: v.cpu().contiguous() for d, v in vectors.items()}, str(workdir / MASK_FILE))
+        return histories
+
+    def _mask_settings(self) -> dict:
+        return {**self.config["mask_generator"], "placeholder": self.config["placeholder"],
+                "templates": self.config["templates"]}
 
     def _generate_batch(self, backbone: backbones.Backbone, embedding: AnomalyEmbedding, text, request, first: int,
-                        targets: list, size: int) -> np.ndarray:
+                        targets: list, chosen: list[np.ndarray], size: int) -> np.ndarray:
         out_size = targets[0].normal.image.shape[0]
-        masks = resize_masks(np.stack([t.mask for t in targets]), size)
+        masks = np.stack(chosen)
         z0 = encode(backbone, resize_images(np.stack([t.normal.image for t in targets]), size))
         m = latent_mask(masks, z0.shape[-1], z0.device)
         rngs = [request.rng(first + i) for i in range(len(targets))]
@@ -190,7 +230,7 @@ class AnomalyDiffusion(Method):
                                   eta=float(self.config["eta"]), generator=generators, blend=self.config["blend"])
         images = resize_images(decode(backbone, z_0), out_size)
         if self.config["paste_back"]:  # an option (off, as the authors): the normal image's pixels outside the mask
-            kept = ~np.stack([t.mask for t in targets])[..., None]
+            kept = ~resize_masks(masks, out_size)[..., None]
             images = np.where(kept, np.stack([t.normal.image for t in targets]), images)
         return images
 
