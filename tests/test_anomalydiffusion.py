@@ -323,7 +323,7 @@ def test_generated_masks_are_used_and_the_shortfall_is_filled_from_the_targets_a
     split = make_split(read_category(synth_root, "washer", dataset="synthetic"))
     task = build_task(split, sorted(split.defects)[:2], 64, seed=0)
     task.backbone = pretrained_backbone[0]
-    settings = {"steps_per_defect_type": 1, "inference_steps": 2,
+    settings = {"steps_per_defect_type": 1, "inference_steps": 2, "masks": "generated",
                 "mask_generator": {"steps": 2, "inference_steps": 2, "max_batches": 1, "batch_size_sampling": 2}}
     method = load_method("anomalydiffusion", "tiny", settings)
     fit_method(method, task, tmp_path)
