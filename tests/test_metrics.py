@@ -199,3 +199,31 @@ def test_scorer_reports_every_metric_with_provenance(tmp_path, synth_root):
     assert values["mask_iou"].value > 0.3
     assert values["fid"].details["random"] and values["ic_lpips"].details["random"]
     assert values["kid"].details["subset_size"] == 4
+
+
+def test_samples_released_as_image_and_mask_folders_are_scored(synth_root, tmp_path):
+    """AnomalyDiffusion and DualAnoDiff release their samples as <defect>/image/N.jpg beside <defect>/mask/N.jpg (or
+    .png): `defectbench score` pairs each image with its mask by name and scores them."""
+    from PIL import Image
+
+    from harness.data.images import read_mask
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.metrics.iclpips import ICLPIPSConfig
+    from harness.metrics.score import METRICS, ScoreConfig, Scorer, ScoreInputs
+
+    parts = make_split(read_category(synth_root, "pill")).defects["crack"]
+    released = tmp_path / "pill" / "crack"
+    (released / "image").mkdir(parents=True)
+    (released / "mask").mkdir()
+    chosen = parts.test[:6]
+    for index, sample in enumerate(chosen):
+        Image.open(sample.image).convert("RGB").save(released / "image" / f"{index}.png")
+        mask = np.asarray(Image.open(sample.masks[0]).convert("L"))
+        Image.fromarray(mask).save(released / "mask" / f"{index}.jpg", quality=75)  # JPEG: not exactly 0 / 255
+    inputs = ScoreInputs.from_folder(released, [s.image for s in parts.test], [s.image for s in parts.centres])
+    assert [m.name for m in inputs.masks] == [f"{i}.jpg" for i in range(len(chosen))] and len(chosen) >= 3
+    assert np.array_equal(read_mask(inputs.masks[0]), read_mask(parts.test[0].masks[0]))  # re-binarised
+    values = {v.metric: v for v in Scorer("tiny", ScoreConfig(resolution=64, ic_lpips=ICLPIPSConfig(size=64))).score(inputs)}
+    assert set(values) == set(METRICS) and values["kid"].n == len(chosen) and values["ic_lpips"].value is not None
+    assert values["bg_psnr"].value is None and "normal" in values["bg_psnr"].missing  # no normal images released

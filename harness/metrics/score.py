@@ -33,6 +33,7 @@ METRIC_GROUPS = {"background_fidelity": ("bg_psnr", "bg_lpips"), "mask_alignment
 # test images of one defect type; IS over its standard 10 splits wants at least 10 images per split.
 MINIMUMS = {"fid": ("real images", 10), "kid": ("real images", 10), "is": ("generated images", 100)}
 IS_SPLITS = 10
+IMAGE_FOLDERS, MASK_FOLDERS = ("images", "image"), ("masks", "mask")  # ours; the released samples of other projects
 
 
 @dataclass
@@ -66,17 +67,20 @@ class ScoreInputs:
     @classmethod
     def from_folder(cls, folder: Path, real: Sequence[Path] = (), centres: Sequence[Path] = (),
                     normals_root: Path | None = None) -> "ScoreInputs":
-        """A DefectBench output folder (samples.jsonl), or any folder of images (images/ and masks/ if present).
+        """A DefectBench output folder (samples.jsonl), or any folder of images: images/ and masks/ beside them (or
+        image/ and mask/, as AnomalyDiffusion and DualAnoDiff release their samples), each mask found by its image's
+        file name without the extension (their masks are often JPEG where the images are PNG, or the reverse).
         `normals_root`: the category folder the samples' normal images are relative to (default: as recorded)."""
         folder = Path(folder)
         rows = read_samples(folder)
         if rows:
             return cls([folder / r["image"] for r in rows], list(real), list(centres),
                        [folder / r["mask"] for r in rows], [normal_file(folder, r, normals_root) for r in rows])
-        image_dir = folder / "images" if (folder / "images").is_dir() else folder
+        image_dir = next((folder / n for n in IMAGE_FOLDERS if (folder / n).is_dir()), folder)
         images = sorted(p for p in image_dir.iterdir() if is_image_file(p))
-        masks = [(folder / "masks" / p.name) if (folder / "masks" / p.name).is_file() else None for p in images]
-        return cls(images, list(real), list(centres), masks, [None] * len(images))
+        mask_dir = next((folder / n for n in MASK_FOLDERS if (folder / n).is_dir()), None)
+        by_stem = {p.stem: p for p in mask_dir.iterdir() if is_image_file(p)} if mask_dir else {}
+        return cls(images, list(real), list(centres), [by_stem.get(p.stem) for p in images], [None] * len(images))
 
 
 def images_in(folder: Path) -> list[Path]:
