@@ -93,10 +93,11 @@ class AnomalyDiffusion(Method):
             torch.manual_seed(seed)
             embedding = self._embedding(backbone, defect_types).to(backbone.device).train()
         size = self._resolution(task.resolution)
+        augment = self.config["augment"]
         images, masks, source = with_pool(task.rng("augment"),
                                           resize_images(np.stack([a.image for a in task.anomalies]), size),
                                           resize_masks(np.stack([a.mask for a in task.anomalies]), size),
-                                          int(self.config["augment"]["pool"]), int(self.config["augment"]["max_rotation"]))
+                                          int(augment["pool"]), int(augment["max_rotation"]))
         data = LatentData.encode(backbone, images, masks, flips=self.config["flips"])
         types = [task.anomalies[i].defect_type for i in source]  # per row of the pool
         cfg = self.config
