@@ -359,7 +359,7 @@ def test_bcm_guidance_gives_the_unconditional_whole_images_a_grey_background(dua
     from harness.diffusion.latents import encode, resize_images, resize_masks
     from harness.tasks import build_request, build_task
 
-    module, saim, _ = dual
+    module, _, _ = dual
     bcm = importlib.import_module(module.__package__ + ".bcm")
     backbone = load_frozen(pretrained_backbone[0], torch.device("cpu"))
     split = make_split(read_category(synth_root, "washer", dataset="synthetic"))
@@ -375,10 +375,11 @@ def test_bcm_guidance_gives_the_unconditional_whole_images_a_grey_background(dua
     assert torch.allclose(latents[:2], grey.expand(2, -1, -1, -1), atol=1e-6)
     assert torch.allclose(latents[2:], own, atol=1e-6) and torch.equal(noises, torch.cat([noise, noise]))
     seen = []
-    real = module._background_features
-    monkeypatch.setattr(module, "_background_features",
+    current = sys.modules[type(method).__module__]  # the method's own module (discovery may have reloaded it)
+    real = current._background_features
+    monkeypatch.setattr(current, "_background_features",
                         lambda unet, z_b, t, text: seen.append(text) or real(unet, z_b, t, text))
-    saim.install(backbone.unet, rank=2, bcm_hidden=8)
+    current.saim.install(backbone.unet, rank=2, bcm_hidden=8)
     condition = torch.randn(4, *backbone.encode_text([""]).shape[1:])
     method.config["inference_steps"] = 1
     with torch.no_grad():
