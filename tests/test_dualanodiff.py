@@ -375,11 +375,11 @@ def test_bcm_guidance_gives_the_unconditional_whole_images_a_grey_background(dua
     assert torch.allclose(latents[:2], grey.expand(2, -1, -1, -1), atol=1e-6)
     assert torch.allclose(latents[2:], own, atol=1e-6) and torch.equal(noises, torch.cat([noise, noise]))
     seen = []
-    current = sys.modules[type(method).__module__]  # the method's own module (discovery may have reloaded it)
-    real = current._background_features
-    monkeypatch.setattr(current, "_background_features",
+    namespace = type(method)._sample.__globals__  # the method's own module (discovery may have loaded it anew)
+    real = namespace["_background_features"]
+    monkeypatch.setitem(namespace, "_background_features",
                         lambda unet, z_b, t, text: seen.append(text) or real(unet, z_b, t, text))
-    current.saim.install(backbone.unet, rank=2, bcm_hidden=8)
+    namespace["saim"].install(backbone.unet, rank=2, bcm_hidden=8)
     condition = torch.randn(4, *backbone.encode_text([""]).shape[1:])
     method.config["inference_steps"] = 1
     with torch.no_grad():
