@@ -459,11 +459,11 @@ def test_paired_images_are_encoded_with_the_same_flips():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
     masks = rng.random((2, 8, 8)) > 0.5
-    data = LatentData.encode(Identity(), images, masks, paired=lambda i, m: -to_tensor(i),
-                             companions={"masked": lambda i, m: to_tensor(i) * torch.from_numpy(m)[:, None]})
-    assert data.paired is not None and torch.equal(data.paired, -data.latents)  # every variant, flipped alike
+    data = LatentData.encode(Identity(), images, masks, companions={
+        "negative": lambda i, m: -to_tensor(i), "masked": lambda i, m: to_tensor(i) * torch.from_numpy(m)[:, None]})
+    assert torch.equal(data.companions["negative"], -data.latents)  # every variant, flipped alike
     batch = data.batch(torch.Generator().manual_seed(0), 3)
-    assert torch.equal(batch.paired, -batch.latents)
+    assert torch.equal(batch.companions["negative"], -batch.latents)
     # companions and the pixel masks are flipped with their image too: the masked image is latent * pixel mask
     assert torch.equal(batch.companions["masked"], batch.latents * batch.pixel_masks)
     assert torch.equal(data.companions["masked"], data.latents * data.pixel_masks)

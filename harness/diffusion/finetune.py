@@ -19,7 +19,6 @@ from harness.diffusion.pretrain import loss_tenths
 from harness.io import atomic_write_bytes
 
 CHECKPOINT = "finetune-checkpoint.pt"
-_PAIRED = object()  # the `paired` image among LatentData.encode's makers (no companion's name)
 
 
 @dataclass(frozen=True)
@@ -38,8 +37,7 @@ class LatentBatch:
     latents: torch.Tensor  # (B, C, h, w)
     masks: torch.Tensor  # (B, 1, h, w) at latent resolution
     index: torch.Tensor  # (B,) which training image (before augmentation) each row came from
-    paired: torch.Tensor | None = None  # (B, C, h, w) latents of each row's paired image (LatentData.encode)
-    companions: dict[str, torch.Tensor] = field(default_factory=dict)  # more paired images' latents, by name
+    companions: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, C, h, w) paired images' latents, by name
     pixel_masks: torch.Tensor | None = None  # (B, 1, H, W) bool: the masks at the images' size (a mask encoder's input)
 
 
@@ -48,27 +46,25 @@ class LatentData:
     mask are flipped together before encoding, so no latent is an approximation of a flipped one)."""
 
     def __init__(self, latents: torch.Tensor, masks: torch.Tensor, index: torch.Tensor,
-                 paired: torch.Tensor | None = None, companions: dict[str, torch.Tensor] | None = None,
-                 pixel_masks: torch.Tensor | None = None):
-        self.latents, self.masks, self.index, self.paired = latents, masks, index, paired
+                 companions: dict[str, torch.Tensor] | None = None, pixel_masks: torch.Tensor | None = None):
+        self.latents, self.masks, self.index = latents, masks, index
         self.companions, self.pixel_masks = companions or {}, pixel_masks
 
     @classmethod
     def encode(cls, backbone, images: np.ndarray, masks: np.ndarray, flips: bool = True,
-               paired: Callable[[np.ndarray, np.ndarray], torch.Tensor] | None = None,
                companions: dict[str, Callable[[np.ndarray, np.ndarray], torch.Tensor]] | None = None
                ) -> "LatentData":
         """images uint8 (N, H, W, 3), masks bool (N, H, W) -> every variant's latent and latent mask.
 
-        `paired(images, masks)` makes a second image of each variant (a float tensor (N, 3, H, W) in [-1, 1]; e.g.
-        DualAnoDiff's anomaly part), encoded beside it, so both carry the same flips; `companions` more such
-        images by name (e.g. DualAnoDiff's background for BCM), in `LatentBatch.companions`."""
+        `companions[name](images, masks)` makes a paired image of each variant (a float tensor (N, 3, H, W) in
+        [-1, 1]; e.g. DualAnoDiff's anomaly part and BCM background), encoded beside it, so both carry the same
+        flips; a batch has them in `LatentBatch.companions[name]`."""
         from harness.diffusion.latents import encode, latent_mask
 
         variants = [(images, masks)]
         if flips:
             variants += [(images[:, :, ::-1], masks[:, :, ::-1]), (images[:, ::-1], masks[:, ::-1])]
-        makers = {**({_PAIRED: paired} if paired is not None else {}), **(companions or {})}
+        makers = companions or {}
         latents, latent_masks, pixel_masks, made = [], [], [], {name: [] for name in makers}
         for variant_images, variant_masks in variants:
             variant_images, variant_masks = np.ascontiguousarray(variant_images), np.ascontiguousarray(variant_masks)
@@ -79,9 +75,8 @@ class LatentData:
             for name, make in makers.items():
                 made[name].append(encode(backbone, make(variant_images, variant_masks)))
         index = torch.arange(len(images)).repeat(len(variants))
-        made = {name: torch.cat(parts) for name, parts in made.items()}
-        return cls(torch.cat(latents), torch.cat(latent_masks), index, made.pop(_PAIRED, None), made,
-                   torch.cat(pixel_masks))
+        return cls(torch.cat(latents), torch.cat(latent_masks), index,
+                   {name: torch.cat(parts) for name, parts in made.items()}, torch.cat(pixel_masks))
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -90,7 +85,6 @@ class LatentData:
         chosen = torch.randint(0, len(self), (size,), generator=generator)
         rows = chosen.to(self.latents.device)
         return LatentBatch(self.latents[rows], self.masks[rows], self.index[chosen],
-                           self.paired[rows] if self.paired is not None else None,
                            {name: latents[rows] for name, latents in self.companions.items()},
                            self.pixel_masks[chosen] if self.pixel_masks is not None else None)
 

@@ -26,7 +26,7 @@ from . import bcm, saim
 from .segment import make_segmenter
 
 MODEL_FILE, DUAL_FILE, TEXT_ADAPTER = "model.json", "dual.safetensors", "text_lora"
-BACKGROUND = "background"  # BCM's background image, a companion of each training image (LatentData)
+PART, BACKGROUND = "part", "background"  # companions of each training image (LatentData): I_a, BCM's I_b
 SAIM_INITS = ("default", "zero")
 TRAINED = ("lora", "text_lora", "saim", "saim_init", "bcm")  # what a fit trained: generate rebuilds exactly that
 NO_FLIP_CATEGORIES = ("cable",)  # the authors' code means not to flip cable (its wires' colours have an order)
@@ -100,9 +100,10 @@ class DualAnoDiff(Method):
         images = resize_images(np.stack([a.image for a in task.anomalies]), size)
         masks = resize_masks(np.stack([a.mask for a in task.anomalies]), size)
         flips = self.config["flips"] and task.category not in NO_FLIP_CATEGORIES
-        companions = {BACKGROUND: lambda imgs, _: bcm.background_image(imgs, bcm.object_masks(imgs, task.texture))}
-        data = LatentData.encode(backbone, images, masks, flips=flips, paired=part_image,
-                                 companions=companions if self.config["bcm"]["enabled"] else None)
+        companions = {PART: part_image}
+        if self.config["bcm"]["enabled"]:
+            companions[BACKGROUND] = lambda imgs, _: bcm.background_image(imgs, bcm.object_masks(imgs, task.texture))
+        data = LatentData.encode(backbone, images, masks, flips=flips, companions=companions)
         cfg = self.config
         prompts = fill_prompts(cfg["prompts"], task.category, task.defect_types[0])
         history = finetune(params, data, self._loss(backbone, prompts), FinetuneConfig(
@@ -124,7 +125,7 @@ class DualAnoDiff(Method):
         use_saim, use_bcm = bool(self.config["saim"]), bool(self.config["bcm"]["enabled"])
 
         def loss(batch: LatentBatch, generator: torch.Generator) -> torch.Tensor:
-            z, z_part = batch.latents, batch.paired
+            z, z_part = batch.latents, batch.companions[PART]
             pairs = len(z)
             eps = torch.randn(z.shape, generator=generator).to(z.device)  # independent noises,
             eps_part = torch.randn(z.shape, generator=generator).to(z.device)
