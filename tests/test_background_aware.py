@@ -200,11 +200,13 @@ def _generate(task, workdir, n=6, **overrides):
 
 def _measure(task, samples, request) -> dict[str, float]:
     """What the claims read, over the samples of one variant:
-    - background: PSNR outside the target mask between the sample and the autoencoder's reconstruction of its
-      target normal image (Proposition 1: the background path reproduces the inverted background, so the sample
-      outside the mask is that reconstruction, up to the decoder's reach across the mask's edge);
+    - background: PSNR between the sample and the autoencoder's reconstruction of its target normal image, outside
+      the target mask grown by one latent cell (4 px at 64 px) (Proposition 1: outside the latent mask the
+      background path reproduces the inverted background, so there the sample is that reconstruction; the cell
+      leaves out the mask's partly covered cells and most of the decoder's reach across the mask's edge);
     - contrast: mean |sample - normal| inside the target mask over the mean outside it;
-    - defect (printed, not a claim): how far the mean colour inside the masks moved from the normal images' towards the training
+    - defect (printed, not a claim: 0.15-0.26 for the working method, 0.02-0.07 swapped or not fine-tuned, too
+      close to bound): how far the mean colour inside the masks moved from the normal images' towards the training
       defects' (1: all the way, 0: not at all; means over all samples, projected on the normal-to-defect line)."""
     from harness.diffusion import backbone as backbones
     from harness.diffusion.latents import decode, encode
@@ -216,7 +218,7 @@ def _measure(task, samples, request) -> dict[str, float]:
     error = count = 0.0
     contrast, samples_in, normals_in = [], [], []
     for sample, target, reconstruction in zip(samples, request.targets, reconstructions):
-        e, c = squared_error_outside(sample.image, reconstruction, target.mask)
+        e, c = squared_error_outside(sample.image, reconstruction, _grown(target.mask, 4))
         error, count = error + e, count + c
         diff = np.abs(sample.image.astype(float) - target.normal.image).mean(2)
         contrast.append(diff[target.mask].mean() / max(diff[~target.mask].mean(), 1e-6))
@@ -228,14 +230,22 @@ def _measure(task, samples, request) -> dict[str, float]:
     return {"background": psnr_from_error(error, count), "contrast": float(np.mean(contrast)), "defect": moved}
 
 
-# The claims on the test backbone (64 px, minutes of pretraining), with the values measured for the working method
-# and the broken variants (weave/hole, 150 steps, 25 DDIM steps): background 30.5 dB (no fine-tuning 26.5: the
-# un-tuned UNet inverts the blanked latent less exactly; no background path 22.6; no inversion 11.4), contrast 4.6
-# (no inversion 1.1). Whether the drawn defect looks like the training defects needs the 128 px backbone:
-# tests/benchmarks/test_bench_background_aware.py measures it on the smoke suite.
+# The claims on the test backbone (64 px, minutes of pretraining, v-prediction as the tiny default), with the values
+# measured for the working method and the broken variants (weave/hole, 150 steps, 25 DDIM steps; 2026-11-26; the
+# backbone pretrained on 2 threads as in `make test`, ranges: also on 1 thread):
+#   working              background 42.7-43.4 dB  contrast 1.36-1.57  defect 0.15-0.26
+#   no fine-tuning       44.0-45.1                1.11-1.12           -0.07-0.02
+#   C1/C2 swapped        42.8-43.4                1.19-1.22           0.00-0.07
+#   no background path   39.2-39.6                1.41-1.62           0.16-0.31
+#   no inversion         26.8-27.0                1.37-1.64           0.15-0.36
+# (outside the target mask itself, without the grown cell, the backgrounds are 40.1-41.1,
+# 37.9 without the background path). The swap fails because a v-predicting UNet reads its prompts: on the
+# noise-predicting tiny backbone it drew the same defect with either prompt (harness/diffusion/README.md).
+# At 64 px the drawn defects are faint, hence the low contrast bound (a fit at 3e-3 drew no stronger ones: 1.33);
+# the smoke suite's 128 px backbone draws them at 4-14x (tests/benchmarks/test_bench_background_aware.py).
 CLAIMS = {
-    "background kept (Prop. 1)": lambda m: m["background"] >= 28.0,
-    "defect drawn in the mask": lambda m: m["contrast"] >= 3.0,
+    "background kept (Prop. 1)": lambda m: m["background"] >= 41.0,
+    "defect drawn in the mask": lambda m: m["contrast"] >= 1.28,
 }
 
 
@@ -293,17 +303,7 @@ def test_the_working_method_holds_every_claim(variants):
     assert all(claim(working) for claim in CLAIMS.values()), {k: c(working) for k, c in CLAIMS.items()}
 
 
-SWAP_BLIND = pytest.mark.xfail(strict=True, reason=(
-    "known limitation, not hidden: the tiny UNet tells the two training tasks apart by its input (the latent of "
-    "the background term is blanked inside the mask) and not by the prompts, so swapping C1 and C2 at sampling "
-    "changes no measured value (30.31 against 30.53 dB, contrast 4.72 against 4.63; nor does the defect token's "
-    "attention follow the drawn defect any less: change inside the refined mask over the rest of the mask 1.97 "
-    "against 1.99 with 50 DDIM steps); strict, so a backbone that does bind the prompts makes this test "
-    "fail and the mark is removed"))
-
-
-@pytest.mark.parametrize("broken", ["no fine-tuning", pytest.param("C1/C2 swapped", marks=SWAP_BLIND),
-                                    "no background path", "no inversion"])
+@pytest.mark.parametrize("broken", ["no fine-tuning", "C1/C2 swapped", "no background path", "no inversion"])
 def test_each_broken_variant_fails_a_claim(variants, broken):
     """Negative controls: a claim test that a broken method also passes tests nothing."""
     failed = [name for name, claim in CLAIMS.items() if not claim(variants[broken])]

@@ -117,7 +117,8 @@ TINY_LATENT_CHANNELS = 16
 CONV_LAYOUT = torch.channels_last
 
 
-def build_tiny(words: list[str], resolution: int = 128, seed: int = 0, prediction_type: str = "epsilon") -> Backbone:
+def build_tiny(words: list[str], resolution: int = 128, seed: int = 0,
+               prediction_type: str = "v_prediction") -> Backbone:
     """The tiny backbone, randomly initialised (seeded); `words` are the vocabulary beyond the base prompt words;
     its UNet is to predict the noise (SD 1.5) or v (SD 2.x).
 

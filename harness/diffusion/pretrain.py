@@ -51,7 +51,7 @@ class PretrainConfig:
     unet_lr: float = 1e-3
     vae_augment: bool = True  # generic content in the VAE's crops (see generic_content)
     empty_prompt_rate: float = 0.1
-    prediction_type: str = "epsilon"  # the UNet's target: the noise (SD 1.5) or v_prediction (SD 2.x; README.md)
+    prediction_type: str = "v_prediction"  # the UNet's target: v (SD 2.x) or epsilon, the noise (SD 1.5); README.md
     seed: int = 0
     checkpoint_every: int = 100  # steps between checkpoints of a stage (0: none)
 

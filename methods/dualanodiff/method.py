@@ -71,8 +71,8 @@ class DualAnoDiff(Method):
     needs = frozenset()
     backbone = "stable-diffusion-v1-5"
     resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
-    in_progress = ("it draws from pure noise: the default tiny backbone cannot, the v-prediction one draws grainy "
-                   "images and a grey, grainy part (README.md); the claim tests are missing")
+    in_progress = ("it draws from pure noise: the tiny backbone (v-prediction) draws grainy images and a grey, "
+                   "grainy part (README.md); the claim tests are missing")
 
     def __init__(self, config, profile):
         super().__init__(config, profile)
