@@ -421,6 +421,28 @@ def test_the_backbone_job_runs_once_and_is_reused(tmp_path, isolated_cache):
     assert not {j.key for j in other if j.kind in ("backbone", "fit")} & {j.key for j in jobs}
 
 
+def test_the_backbone_can_be_pretrained_on_more_categories_than_the_suite_runs(tmp_path, isolated_cache):
+    """`pretrain_categories` (suites/demo.yaml): the tiny backbone learns from those categories' normal training
+    images, the methods fit and generate on the suite's categories alone; an unknown category is named."""
+    from harness.errors import ConfigError
+    from harness.runner.plan import expand, prepare
+
+    def data(**extra):
+        return [{"name": "synthetic", "layout": "synthetic", "categories": ["washer"],
+                 "synth": {"seed": 0, "size": 48, "n_train": 8, "n_validation": 2, "n_test_good": 2, "n_defect": 4},
+                 **extra}]
+
+    jobs = expand(prepare(_suite(tmp_path, datasets=data(pretrain_categories=["weave", "washer"]))))
+    (backbone,) = [j for j in jobs if j.kind == "backbone"]
+    assert [n["category"] for n in backbone.params["normals"]] == ["weave", "washer"]
+    assert {j.params["category"] for j in jobs if j.kind == "fit"} == {"washer"}
+    alone = expand(prepare(_suite(tmp_path, datasets=data())))
+    (own,) = [j for j in alone if j.kind == "backbone"]
+    assert [n["category"] for n in own.params["normals"]] == ["washer"] and own.key != backbone.key
+    with pytest.raises(ConfigError, match="no category 'bolt'"):
+        prepare(_suite(tmp_path, datasets=data(pretrain_categories=["bolt"])))
+
+
 def test_backbone_settings_and_weights_errors_are_named(tmp_path, pretrained_backbone):
     from harness import weights
     from harness.errors import ConfigError, WeightsError

@@ -1,7 +1,7 @@
 """backbone -> fit: one diffusion backbone per data set, made before any diffusion method fits on it.
 
 In the `tiny` profile the job pretrains the tiny backbone on the normal training images of the suite's categories
-of that data set (or finds it in results/cache/backbones/): one stand-in for every backbone name. In `paper` there
+of that data set, or of its `pretrain_categories` (or finds it in results/cache/backbones/): one stand-in for every backbone name. In `paper` there
 is one job per backbone the methods name (Method.backbone), resolving its weights (harness/weights.py). Fit jobs
 of methods with a backbone depend on it and read the folder from its `backbone.json`.
 """
@@ -31,9 +31,10 @@ def backbone_names(suite) -> list[str]:
 
 
 def normal_images(plan, dataset) -> list[provision.NormalImages]:
-    """The normal training images of every category of `dataset` in the plan (fold 0: every fold has the same)."""
+    """The normal training images of every pretraining category of `dataset` (its `pretrain_categories`, else the
+    suite's categories; fold 0: every fold has the same)."""
     out = []
-    for category in dataset.categories:
+    for category in dataset.pretrain:
         split = plan.splits[(dataset.spec.name, category.name)][0]
         files = split.manifest["files"]
         rel = [str(s.image.relative_to(category.root)) for s in split.normal_train]

@@ -20,6 +20,7 @@ class PreparedDataset:
     spec: DatasetSpec
     root: Path
     categories: list[Category]
+    pretrain: list[Category] = field(default_factory=list)  # whose normal images pretrain the tiny backbone
 
 
 @dataclass
@@ -43,7 +44,7 @@ def prepare(suite: Suite) -> Plan:
         root = cached_synthetic(SynthConfig(**spec.synth)) if spec.layout == "synthetic" else spec.root
         names = list(spec.categories) if spec.categories else list_categories(root)
         available = set(list_categories(root))
-        for name in names:
+        for name in [*names, *(spec.pretrain_categories or ())]:
             if name not in available:
                 raise ConfigError(f"{suite.where()}: dataset {spec.name!r}: no category {name!r} in {root}; "
                                   f"found: {', '.join(sorted(available))}")
@@ -51,7 +52,10 @@ def prepare(suite: Suite) -> Plan:
                                     dataset=spec.name) for name in names]
         for category in categories:
             _check_layout(spec, category, suite)
-        datasets.append(PreparedDataset(spec, root, categories))
+        by_name = {c.name: c for c in categories}
+        pretrain = [by_name.get(name) or read_category(root, name, dataset=spec.name)
+                    for name in (spec.pretrain_categories or names)]
+        datasets.append(PreparedDataset(spec, root, categories, pretrain))
     plan = Plan(suite, datasets)
     for dataset in datasets:
         for category in dataset.categories:
@@ -59,6 +63,8 @@ def prepare(suite: Suite) -> Plan:
             plan.splits[(dataset.spec.name, category.name)] = splits
             found = [f"{dataset.spec.name}: {w}" for w in (*category.warnings, *(w for s in splits for w in s.warnings()))]
             plan.warnings += [w for w in dict.fromkeys(found) if w not in plan.warnings]
+        for category in dataset.pretrain:  # a pretraining-only category: its split's normal training images
+            plan.splits.setdefault((dataset.spec.name, category.name), make_splits(category, suite.protocol))
     return plan
 
 

@@ -28,7 +28,7 @@ EXECUTORS = ("ray", "serial")
 SYNTH_KEYS = {"seed", "size", "n_train", "n_validation", "n_test_good", "n_defect"}
 TOP_KEYS = {"name", "description", "datasets", "protocol", "profile", "methods", "generate", "metrics", "ic_lpips",
             "downstream", "detectors", "seeds", "executor", "weights", "backbone"}
-DATASET_KEYS = {"name", "layout", "root", "captions", "categories", "synth"}
+DATASET_KEYS = {"name", "layout", "root", "captions", "categories", "synth", "pretrain_categories"}
 METHOD_KEYS = {"method", "label", "config"}
 GENERATE_KEYS = {"n"}
 EXECUTOR_KEYS = {"kind", "num_cpus", "address", "max_retries"}
@@ -42,6 +42,9 @@ class DatasetSpec:
     captions: Path | None = None
     categories: tuple[str, ...] | None = None  # None: every category found
     synth: dict = field(default_factory=dict)
+    # whose normal training images pretrain the tiny backbone; None: the categories above (a demo on one category
+    # can pretrain on several: a one-category backbone is a poorer stand-in for a general one)
+    pretrain_categories: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -158,16 +161,21 @@ def _datasets(value: Any, where: str, data: str | Path | None) -> list[DatasetSp
         if layout != "synthetic":
             root = _root(item.get("root"), where, key + ".root", data)
         captions = _root(item["captions"], where, key + ".captions", data) if item.get("captions") else None
-        categories = item.get("categories", "all")
-        if categories not in ("all", None):
-            categories = tuple(path_component(c, where, key + ".categories")
-                               for c in _list(categories, where, key + ".categories"))
-        else:
-            categories = None
+        categories = _category_names(item.get("categories", "all"), where, key + ".categories")
+        pretrain = item.get("pretrain_categories")
+        if pretrain is not None:
+            pretrain = tuple(path_component(c, where, key + ".pretrain_categories")
+                             for c in _list(pretrain, where, key + ".pretrain_categories"))
         default = re.sub(r"[^A-Za-z0-9_.+-]+", "_", root.name).strip("._") if root else "synthetic"
         name = path_component(item.get("name") or default or "data", where, key + ".name")
-        out.append(DatasetSpec(name, layout, root, captions, categories, synth))
+        out.append(DatasetSpec(name, layout, root, captions, categories, synth, pretrain))
     return out
+
+
+def _category_names(value: Any, where: str, key: str) -> tuple[str, ...] | None:
+    if value in ("all", None):
+        return None
+    return tuple(path_component(c, where, key) for c in _list(value, where, key))
 
 
 def _root(value: Any, where: str, key: str, data: str | Path | None) -> Path:
