@@ -3,6 +3,7 @@ against direct computations, the embedding's place in the prompt, fit and blende
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 
 import numpy as np
@@ -102,6 +103,7 @@ def test_fit_trains_the_embedding_alone_and_generation_keeps_the_normal_image_ou
         synth_root, pretrained_backbone, tmp_path):
     from harness.data.layouts import read_category
     from harness.data.splits import make_split
+    from harness.diffusion.backbone import load_frozen
     from harness.generation import fit_method
     from harness.tasks import build_request, build_task
 
@@ -109,12 +111,17 @@ def test_fit_trains_the_embedding_alone_and_generation_keeps_the_normal_image_ou
     split = make_split(read_category(synth_root, "washer", dataset="synthetic"))
     task = build_task(split, sorted(split.defects), 64, seed=0)
     task.backbone = folder
-    settings = {"steps_per_defect_type": 2, "inference_steps": 4, "generation_batch": 2, "masks": "data"}
+    settings = {"steps_per_defect_type": 2, "inference_steps": 4, "generation_batch": 2, "masks": "data",
+                "unet_lora": None}  # the paper's: the backbone stays frozen (the tiny LoRA: the next test)
     method = load_method("anomalydiffusion", "tiny", settings)
     fit_method(method, task, tmp_path)
     saved = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
     unet_size = sum(p.stat().st_size for p in (folder / "unet").rglob("*") if p.is_file())
     assert saved < unet_size, (saved, unet_size)  # the embedding and its encoder, not a UNet
+    model = json.loads((tmp_path / "model.json").read_text())
+    embedding = method._embedding(load_frozen(folder, torch.device("cpu")), sorted(split.defects))
+    assert model["trained_parameters"] == sum(p.numel() for p in embedding.parameters())
+    assert not (tmp_path / "unet_lora").exists()
     defect = sorted(split.defects)[0]
     request = build_request(task, method, defect, 3, seed=0)
     samples = list(method.generate(request, tmp_path))
@@ -131,6 +138,37 @@ def test_fit_trains_the_embedding_alone_and_generation_keeps_the_normal_image_ou
     pasted = list(load_method("anomalydiffusion", "tiny", {**settings, "paste_back": True}).generate(request, tmp_path))
     for sample, target in zip(pasted, request.targets):
         assert np.array_equal(sample.image[~target.mask], target.normal.image[~target.mask])
+
+
+def test_the_tiny_profiles_unet_lora_is_trained_saved_alone_and_used_for_the_images(synth_root, pretrained_backbone,
+                                                                                     tmp_path):
+    """The tiny profile's stated deviation: a LoRA on the UNet, trained with the embedding, saved alone (not a UNet),
+    loaded for the images; without it (model.json's `unet_lora` cleared) the same request draws other images."""
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.generation import fit_method
+    from harness.tasks import build_request, build_task
+
+    folder, _ = pretrained_backbone
+    split = make_split(read_category(synth_root, "washer", dataset="synthetic"))
+    task = build_task(split, sorted(split.defects), 64, seed=0)
+    task.backbone = folder
+    method = load_method("anomalydiffusion", "tiny", {"steps_per_defect_type": 2, "inference_steps": 3,
+                                                      "masks": "data"})
+    assert method.config["unet_lora"]["rank"] == 16
+    assert load_method("anomalydiffusion", "paper").config["unet_lora"] is None
+    fit_method(method, task, tmp_path)
+    adapter = tmp_path / "unet_lora"
+    unet_size = sum(p.stat().st_size for p in (folder / "unet").rglob("*") if p.is_file())
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert sum(p.stat().st_size for p in adapter.rglob("*") if p.is_file()) < unet_size
+    request = build_request(task, method, sorted(split.defects)[0], 2, seed=0)
+    with_lora = [s.image for s in method.generate(request, tmp_path)]
+    model_file = tmp_path / "model.json"
+    model = json.loads(model_file.read_text())
+    model_file.write_text(json.dumps({**model, "unet_lora": None}))
+    without = [s.image for s in method.generate(request, tmp_path)]
+    assert any(np.abs(a.astype(int) - b.astype(int)).mean() > 0.01 for a, b in zip(with_lora, without))
 
 
 def test_the_adaptive_reweighting_follows_the_authors_formulas(modules):

@@ -18,6 +18,7 @@ from harness.diffusion import backbone as backbones
 from harness.diffusion import ddim, processors
 from harness.diffusion.finetune import FinetuneConfig, LatentBatch, LatentData, finetune
 from harness.diffusion.latents import decode, encode, initial_noise, latent_mask, resize_images, resize_masks
+from harness.diffusion.lora import LoraSettings, add_lora, load_lora, save_lora
 from harness.diffusion.placeholders import Placeholders, repeated, single_token_id
 from harness.errors import MethodError
 
@@ -26,6 +27,7 @@ from .augment import with_pool
 from .embedding import AnomalyEmbedding, EncoderShape
 
 MODEL_FILE, EMBEDDING_FILE, MASK_FILE = "model.json", "embedding.safetensors", "mask_generator.safetensors"
+ADAPTER = "unet_lora"  # the tiny profile's LoRA on the UNet (`unet_lora`), saved alone
 MASK_SOURCES = ("generated", "data")  # the mask generator's (maskgen.py), or the harness's target masks (ablation)
 
 
@@ -102,20 +104,27 @@ class AnomalyDiffusion(Method):
         types = [task.anomalies[i].defect_type for i in source]  # per row of the pool
         cfg = self.config
         steps = int(cfg["steps_per_defect_type"]) * len(defect_types)
-        history = finetune(list(embedding.parameters()), data, self._loss(backbone, embedding, types), FinetuneConfig(
-            steps=steps, batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"], weight_decay=0.0,
-            grad_clip=cfg["grad_clip"], seed=seed), workdir, desc="anomalydiffusion: fine-tune",
-            buffers=list(embedding.buffers()))  # BatchNorm's statistics: a resumed fit keeps them
+        lora = self._lora_settings()
+        adapter = add_lora(backbone.unet, lora) if lora else []
+        settings = FinetuneConfig(steps=steps, batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
+                                  weight_decay=0.0, grad_clip=cfg["grad_clip"], seed=seed)
+        history = finetune(list(embedding.parameters()) + adapter, data, self._loss(backbone, embedding, types),
+                           settings, workdir, desc="anomalydiffusion: fine-tune",
+                           buffers=list(embedding.buffers()))  # BatchNorm's statistics: a resumed fit keeps them
         from safetensors.torch import save_file
 
         save_file({k: v.detach().cpu().contiguous() for k, v in embedding.state_dict().items()},
                   str(workdir / EMBEDDING_FILE))
+        if lora:
+            save_lora(backbone.unet, workdir / ADAPTER, lora)
+            backbone = backbones.load_frozen(task.backbone)  # the mask generator inverts on the frozen UNet
         mask_histories = self._fit_mask_generators(backbone, task, defect_types, size, seed, workdir)
         (workdir / MODEL_FILE).write_text(json.dumps({
             "backbone": str(task.backbone), "resolution": size, "defect_types": defect_types, "steps": steps,
             "embedding": cfg["embedding"], "placeholder": cfg["placeholder"], "templates": cfg["templates"],
             "training_images": [a.id for a in task.anomalies], "history": history, "mask_generator": mask_histories,
-            "trained_parameters": sum(p.numel() for p in embedding.parameters()),
+            "unet_lora": cfg["unet_lora"],
+            "trained_parameters": sum(p.numel() for p in [*embedding.parameters(), *adapter]),
             "seconds": round(time.perf_counter() - start, 1)}, indent=2))
 
     def _loss(self, backbone: backbones.Backbone, embedding: AnomalyEmbedding, types: list[str]
@@ -151,7 +160,9 @@ class AnomalyDiffusion(Method):
             processors.install(backbone.unet)  # the toolkit's attention, for the re-weighting's per-call map
         text = self._text(backbone, embedding.tokens, model["placeholder"], model["templates"])
         size, batch = model["resolution"], self.config["generation_batch"]
-        masks, sources, record = self._masks(backbone, request, workdir, size)
+        masks, sources, record = self._masks(backbone, request, workdir, size)  # on the frozen UNet, as fitted
+        if model.get("unet_lora"):
+            load_lora(backbone.unet, workdir / ADAPTER)
         with torch.no_grad():
             for first in range(0, request.n, batch):
                 targets = request.targets[first:first + batch]
@@ -257,6 +268,12 @@ class AnomalyDiffusion(Method):
             raise MethodError(f"anomalydiffusion: placeholder: {error}") from None
         prompts = [repeated(t.format(word), word, tokens) for t in (templates or self.config["templates"])]
         return TemplateText(backbone.text_encoder, holders, word, prompts)
+
+    def _lora_settings(self) -> LoraSettings | None:
+        lora = self.config["unet_lora"]
+        if not lora:
+            return None
+        return LoraSettings(rank=int(lora["rank"]), alpha=lora.get("alpha"), targets=tuple(lora["targets"]))
 
     def _resolution(self, task_resolution: int) -> int:
         return int(self.config["resolution"] or task_resolution)
