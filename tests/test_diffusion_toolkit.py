@@ -61,6 +61,18 @@ def test_unet_lora_trains_alone_and_saves_only_the_adapter(tmp_path):
         assert torch.allclose(run(fresh), trained, atol=1e-6)
 
 
+def test_a_seeded_lora_starts_from_the_same_weights_whatever_ran_before():
+    settings = lora.LoraSettings(rank=4)
+    first, second, unseeded = small_unet(), small_unet(), small_unet()
+    lora.add_lora(first, settings, seed=7)
+    torch.randn(1000)  # the global generator moves on: a seeded adapter must not notice
+    lora.add_lora(second, settings, seed=7)
+    lora.add_lora(unseeded, settings)
+    a, b, c = (lora.lora_state(m) for m in (first, second, unseeded))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if "lora_A" in k)
+
+
 def test_text_encoder_lora_round_trip(tmp_path):
     encoder, fresh = small_text_encoder(), small_text_encoder()
     ids = torch.randint(0, 50, (2, 8))

@@ -34,11 +34,17 @@ class LoraSettings:
                           lora_dropout=self.dropout, init_lora_weights=True)
 
 
-def add_lora(model: torch.nn.Module, settings: LoraSettings, name: str = "default") -> list[torch.nn.Parameter]:
-    """Inject adapter `name` and make it the only trainable part of `model`; returns its parameters."""
+def add_lora(model: torch.nn.Module, settings: LoraSettings, name: str = "default",
+             seed: int | None = None) -> list[torch.nn.Parameter]:
+    """Inject adapter `name` and make it the only trainable part of `model`; returns its parameters. `seed` draws
+    the adapter's random starting weights (peft's A) from its own stream; None: from the global generator, which the
+    caller then seeds (otherwise a fit depends on what its process ran before)."""
     from peft import inject_adapter_in_model
 
-    inject_adapter_in_model(settings.peft_config(), model, adapter_name=name)
+    with torch.random.fork_rng(enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        inject_adapter_in_model(settings.peft_config(), model, adapter_name=name)
     model.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
     if not params:

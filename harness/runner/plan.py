@@ -64,7 +64,8 @@ def prepare(suite: Suite) -> Plan:
             found = [f"{dataset.spec.name}: {w}" for w in (*category.warnings, *(w for s in splits for w in s.warnings()))]
             plan.warnings += [w for w in dict.fromkeys(found) if w not in plan.warnings]
         for category in dataset.pretrain:  # a pretraining-only category: its split's normal training images
-            plan.splits.setdefault((dataset.spec.name, category.name), make_splits(category, suite.protocol))
+            if (dataset.spec.name, category.name) not in plan.splits:
+                plan.splits[(dataset.spec.name, category.name)] = make_splits(category, suite.protocol)
     return plan
 
 

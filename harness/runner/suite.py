@@ -162,18 +162,16 @@ def _datasets(value: Any, where: str, data: str | Path | None) -> list[DatasetSp
             root = _root(item.get("root"), where, key + ".root", data)
         captions = _root(item["captions"], where, key + ".captions", data) if item.get("captions") else None
         categories = _category_names(item.get("categories", "all"), where, key + ".categories")
-        pretrain = item.get("pretrain_categories")
-        if pretrain is not None:
-            pretrain = tuple(path_component(c, where, key + ".pretrain_categories")
-                             for c in _list(pretrain, where, key + ".pretrain_categories"))
+        pretrain = _category_names(item.get("pretrain_categories"), where, key + ".pretrain_categories", every=False)
         default = re.sub(r"[^A-Za-z0-9_.+-]+", "_", root.name).strip("._") if root else "synthetic"
         name = path_component(item.get("name") or default or "data", where, key + ".name")
         out.append(DatasetSpec(name, layout, root, captions, categories, synth, pretrain))
     return out
 
 
-def _category_names(value: Any, where: str, key: str) -> tuple[str, ...] | None:
-    if value in ("all", None):
+def _category_names(value: Any, where: str, key: str, every: bool = True) -> tuple[str, ...] | None:
+    """A list of category names; None for a missing value (and for "all" where `every`)."""
+    if value is None or (every and value == "all"):
         return None
     return tuple(path_component(c, where, key) for c in _list(value, where, key))
 

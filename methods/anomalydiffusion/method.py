@@ -105,7 +105,7 @@ class AnomalyDiffusion(Method):
         cfg = self.config
         steps = int(cfg["steps_per_defect_type"]) * len(defect_types)
         lora = self._lora_settings()
-        adapter = add_lora(backbone.unet, lora) if lora else []
+        adapter = add_lora(backbone.unet, lora, seed=seed) if lora else []
         settings = FinetuneConfig(steps=steps, batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
                                   weight_decay=0.0, grad_clip=cfg["grad_clip"], seed=seed)
         history = finetune(list(embedding.parameters()) + adapter, data, self._loss(backbone, embedding, types),
@@ -117,7 +117,8 @@ class AnomalyDiffusion(Method):
                   str(workdir / EMBEDDING_FILE))
         if lora:
             save_lora(backbone.unet, workdir / ADAPTER, lora)
-            backbone = backbones.load_frozen(task.backbone)  # the mask generator inverts on the frozen UNet
+            if cfg["masks"] == "generated":  # the mask generator inverts on the frozen UNet
+                backbone = backbones.load_frozen(task.backbone)
         mask_histories = self._fit_mask_generators(backbone, task, defect_types, size, seed, workdir)
         (workdir / MODEL_FILE).write_text(json.dumps({
             "backbone": str(task.backbone), "resolution": size, "defect_types": defect_types, "steps": steps,

@@ -180,7 +180,8 @@ class BackgroundAware(Method):
         start = time.perf_counter()
         backbone = backbones.load_frozen(task.backbone)
         settings = self._lora_settings()
-        params = add_lora(backbone.unet, settings)
+        seed = int(task.rng().integers(2**63 - 1))
+        params = add_lora(backbone.unet, settings, seed=seed)
         processors.install(backbone.unet, processor=MaskedTwoPromptProcessor)
         size = self._resolution(task.resolution)
         data = LatentData.encode(backbone, resize_images(np.stack([a.image for a in task.anomalies]), size),
@@ -191,7 +192,7 @@ class BackgroundAware(Method):
         cfg = self.config
         history = finetune(params, data, loss, FinetuneConfig(
             steps=cfg["steps"], batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
-            seed=int(task.rng().integers(2**63 - 1))), workdir, desc="background_aware: fine-tune")
+            seed=seed), workdir, desc="background_aware: fine-tune")
         save_lora(backbone.unet, workdir / ADAPTER, settings)
         (workdir / MODEL_FILE).write_text(json.dumps({
             "backbone": str(task.backbone), "prompts": prompts.__dict__, "resolution": size,

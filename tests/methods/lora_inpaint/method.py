@@ -33,7 +33,8 @@ class LoraInpaint(Method):
     def fit(self, task: FewShotTask, workdir: Path) -> None:
         backbone = self._open(task.backbone)
         settings = LoraSettings(rank=self.config["rank"])
-        params = add_lora(backbone.unet, settings)
+        seed = int(task.rng().integers(2**31))
+        params = add_lora(backbone.unet, settings, seed=seed)
         data = LatentData.encode(backbone, np.stack([a.image for a in task.anomalies]),
                                  np.stack([a.mask for a in task.anomalies]))
         with torch.no_grad():
@@ -48,7 +49,7 @@ class LoraInpaint(Method):
             return F.mse_loss(predicted, ddim.training_target(scheduler, batch.latents, noise, t.to(noise.device)))
 
         config = FinetuneConfig(steps=self.config["steps"], batch_size=self.config["batch_size"],
-                                learning_rate=self.config["learning_rate"], seed=int(task.rng().integers(2**31)))
+                                learning_rate=self.config["learning_rate"], seed=seed)
         history = finetune(params, data, loss, config, workdir, desc="lora_inpaint")
         save_lora(unet, workdir / "lora", settings)
         (workdir / "fit.json").write_text(json.dumps({"prompt": self.prompt(task.category), "history": history}))
