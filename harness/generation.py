@@ -89,6 +89,7 @@ def write_samples(samples: Iterable[GeneratedSample], request: GenerationRequest
             "index": index, "image": image_rel, "mask": mask_rel, "defect_type": sample.defect_type,
             "normal_id": sample.normal_id, "normal_path": normal_paths.get(sample.normal_id) if sample.normal_id else None,
             "mask_id": sample.mask_id, "caption": sample.caption, "extra": sample.extra,
+            "stand_in": sample.stand_in,
         })
         bar.update(1)
     bar.close()
@@ -107,6 +108,19 @@ def _check_sample(sample: GeneratedSample, request: GenerationRequest, index: in
         raise MethodError(f"{where}: mask shape {mask.shape} differs from image shape {image.shape[:2]}")
     if sample.defect_type != request.defect_type:
         raise MethodError(f"{where}: defect type {sample.defect_type!r}, but {request.defect_type!r} was asked for")
+
+
+def stand_in_summary(rows: Iterable[dict]) -> str | None:
+    """What stand-ins made in these samples (samples.jsonl rows), e.g. "12 of 24 samples: mask: the stand-in
+    segmenter's"; None when every sample is the method's own."""
+    rows = list(rows)
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.get("stand_in"):
+            counts[row["stand_in"]] = counts.get(row["stand_in"], 0) + 1
+    if not counts:
+        return None
+    return "; ".join(f"{count} of {len(rows)} samples: {reason}" for reason, count in sorted(counts.items()))
 
 
 def read_samples(folder: Path) -> list[dict]:

@@ -105,6 +105,10 @@ class GeneratedSample:
     mask_id: str | None = None
     caption: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # what of this sample a stand-in made instead of the method's own part (e.g. "mask: the target's, the mask
+    # generator gave too few"); None: all the method's. Scores and downstream models computed from such samples
+    # say so in their records and the leaderboard (harness.generation.stand_in_summary).
+    stand_in: str | None = None
 
     @classmethod
     def on_target(cls, target: Target, image: np.ndarray, mask: np.ndarray, defect_type: str,

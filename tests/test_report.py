@@ -104,3 +104,23 @@ def test_reported_average_is_shown_beside_the_mean_of_its_rows():
     assert any("DualAnoDiff" in s for s in sources)
     subset, _ = table_rows(load_reported(REPORTED), "mvtec_ad", ["bottle", "cable"], ["accuracy"])
     assert "average" not in set(subset["category"])  # a printed 14-category average is not shown for 2 categories
+
+
+def test_values_from_samples_a_stand_in_made_are_marked_and_explained():
+    """A sample partly made by a stand-in (GeneratedSample.stand_in) is counted in the score and downstream records
+    (`stand_in`), and every cell and average it feeds carries ‡ with a note saying what the stand-in made."""
+    from harness.generation import stand_in_summary
+    from harness.report.render import LATEX, MARKDOWN, _cell_text
+
+    rows = [{"stand_in": None}, {"stand_in": "mask: the stand-in segmenter's"}, {"stand_in": "mask: the stand-in segmenter's"}]
+    assert stand_in_summary(rows) == "2 of 3 samples: mask: the stand-in segmenter's"
+    assert stand_in_summary([{"stand_in": None}, {}]) is None
+    frame = records([("a", "x", "fid", 10.0), ("b", "x", "fid", 20.0), ("a", "y", "fid", 5.0)])
+    frame["stand_in"] = [stand_in_summary(rows), None, None]
+    table = build_table("t", frame, {}, ["fid"], ["x", "y"], ["a", "b"])
+    assert table.cell("a", "x", "fid").stand_in and table.cell("Average", "x", "fid").stand_in
+    assert not table.cell("b", "x", "fid").stand_in and not table.cell("a", "y", "fid").stand_in
+    assert table.stand_ins == {"2 of 3 samples: mask: the stand-in segmenter's": "x, a"}
+    assert _cell_text(table, "a", "x", "fid", False, MARKDOWN) == "<u>10.00<sup>‡</sup></u>"  # second of two
+    assert r"\textsuperscript{\ddag}" in _cell_text(table, "a", "x", "fid", False, LATEX)
+    assert "‡" not in _cell_text(table, "b", "x", "fid", False, MARKDOWN)

@@ -189,6 +189,49 @@ def test_a_failing_method_is_isolated(tmp_path, monkeypatch, isolated_cache):
     assert code == 1
 
 
+STAND_IN_METHOD = '''
+from harness import GeneratedSample, Method
+
+class HalfStandIn(Method):
+    """Copies the normal image and darkens the target mask; every other sample's mask "comes from a stand-in"."""
+    name = "half_stand_in"
+    needs = frozenset({"target_normal", "target_mask"})
+
+    def fit(self, task, workdir):
+        pass
+
+    def generate(self, request, workdir):
+        for index, target in enumerate(request.targets):
+            image = target.normal.image.copy()
+            image[target.mask] //= 2
+            yield GeneratedSample.on_target(target, image, target.mask, request.defect_type) if index % 2 else \\
+                GeneratedSample(image=image, mask=target.mask, defect_type=request.defect_type,
+                                normal_id=target.normal.id, stand_in="mask: a test's stand-in")
+'''
+
+
+def test_values_from_stand_in_samples_say_so_in_records_and_leaderboard(tmp_path, monkeypatch, isolated_cache):
+    methods = tmp_path / "methods" / "half_stand_in"
+    methods.mkdir(parents=True)
+    (methods / "method.py").write_text(STAND_IN_METHOD)
+    (methods / "method.yaml").write_text("defaults: {}\n")
+    monkeypatch.setenv("DEFECTBENCH_METHODS_PATH", str(tmp_path / "methods"))
+    suite_path = tmp_path / "standin.yaml"
+    suite_path.write_text(json.dumps(mini(methods=["cutpaste", "half_stand_in"], name="standin",
+                                          metrics=["fid", "bg_psnr"])))
+    result = run_suite(load_suite(suite_path), executor="serial", results=tmp_path / "results", progress=False)
+    assert not result.failed
+    records = run_records(result.store)
+    ours = records[records["method"] == "half_stand_in"]
+    assert set(ours["stand_in"]) == {"2 of 3 samples: mask: a test's stand-in"}
+    assert records[records["method"] == "cutpaste"]["stand_in"].isna().all()
+    from harness.report.leaderboard import render_leaderboard
+
+    md, _ = render_leaderboard("standin", tmp_path / "results")
+    text = md.read_text()
+    assert "<sup>‡</sup>" in text and "2 of 3 samples: mask: a test's stand-in" in text
+
+
 # ---- leaderboards -----------------------------------------------------------------------------------------
 
 

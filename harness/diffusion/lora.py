@@ -27,6 +27,15 @@ class LoraSettings:
     targets: tuple[str, ...] = UNET_TARGETS
     dropout: float = 0.0
 
+    @classmethod
+    def from_config(cls, entry: dict | None, targets: tuple[str, ...] | None = None) -> "LoraSettings | None":
+        """A method config's LoRA entry ({rank, alpha?, targets?}; null: no LoRA) as settings; `targets` when the
+        entry names none."""
+        if not entry:
+            return None
+        return cls(rank=int(entry["rank"]), alpha=entry.get("alpha"),
+                   targets=tuple(entry.get("targets") or targets or UNET_TARGETS))
+
     def peft_config(self):
         from peft import LoraConfig
 

@@ -245,6 +245,8 @@ def _failure_note(table: Table, store: RunStore) -> list[str]:
         notes.append("<sup>s</sup>: computed from fewer images than the metric's documented minimum ("
                      + "; ".join(f"{LABELS.get(m, m)}: {n} {what}" for m, (what, n) in MINIMUMS.items()) +
                      "); the record holds the sizes.")
+    for summary, example in table.stand_ins.items():
+        notes.append(f"<sup>‡</sup>: made partly by a stand-in (e.g. {example}): {summary}.")
     for reason, example in table.missing_reasons.items():
         notes.append(f"Not computed (e.g. {example}): {reason}.")
     return notes

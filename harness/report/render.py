@@ -15,10 +15,12 @@ class CellStyle:
     best: str  # format strings around the value
     second: str
     differs: str  # a printed average that differs from the mean of the printed rows beyond rounding
+    stand_in: str  # inside the superscript: samples partly made by a stand-in
 
 
-MARKDOWN = CellStyle("—", "<sup>{}</sup>", "*", "**{}**", "<u>{}</u>", "<sup>≠</sup>")
-LATEX = CellStyle("---", r"\textsuperscript{{{}}}", r"$^{*}$", r"\textbf{{{}}}", r"\underline{{{}}}", r"$^{\neq}$")
+MARKDOWN = CellStyle("—", "<sup>{}</sup>", "*", "**{}**", "<u>{}</u>", "<sup>≠</sup>", "‡")
+LATEX = CellStyle("---", r"\textsuperscript{{{}}}", r"$^{*}$", r"\textbf{{{}}}", r"\underline{{{}}}", r"$^{\neq}$",
+                  r"\ddag")
 
 
 def _cell_text(table: Table, row: str, method: str, metric: str, mark_random: bool, style: CellStyle) -> str:
@@ -30,6 +32,7 @@ def _cell_text(table: Table, row: str, method: str, metric: str, mark_random: bo
     text = format_value(cell.value, metric) + (style.random_mark if mark_random and cell.random else "")
     marks = [f"{'f ' if cell.failed else ''}{cell.count}/{cell.planned}"] if cell.incomplete else []
     marks += ["s"] if cell.small else []
+    marks += [style.stand_in] if cell.stand_in else []
     text += style.sup.format(" ".join(marks)) if marks else ""
     return {1: style.best, 2: style.second}.get(cell.rank, "{}").format(text)
 

@@ -40,6 +40,7 @@ class Cell:
     planned: int = 0  # how many values the run planned for it (0: unknown, taken as count)
     failed: int = 0  # of the planned values, how many come from jobs that failed (or were skipped for a failure)
     small: bool = False  # computed from fewer reference images than the metric's documented minimum
+    stand_in: bool = False  # some samples behind it were partly made by a stand-in (records' `stand_in`)
     printed_average: float | None = None  # reported Average rows: the paper's printed value, beside our mean
     printed_tolerance: float = 0.0  # how far the printed average may lie from the mean of the rows by rounding
 
@@ -71,6 +72,7 @@ class Table:
     notes: list[str] = field(default_factory=list)
     average_counts: dict[str, int] = field(default_factory=dict)  # method -> categories in its average
     missing_reasons: dict[str, str] = field(default_factory=dict)  # why a value could not be computed -> an example
+    stand_ins: dict[str, str] = field(default_factory=dict)  # what a stand-in made -> "method, category"
 
     def cell(self, row: str, method: str, metric: str) -> Cell:
         return self.cells.get((row, method, metric), Cell())
@@ -85,15 +87,19 @@ def build_table(title: str, records: pd.DataFrame, coverage: dict[tuple[str, str
     cells: dict[tuple[str, str, str], Cell] = {}
     subset = records[records["metric"].isin(metrics) & records["method"].isin(methods)] if not records.empty else records
     reasons: dict[str, str] = {}
+    stand_ins: dict[str, str] = {}
     for (category, method, metric), group in (subset.groupby(["category", "method", "metric"]) if not subset.empty else []):
         finite = group[group["value"].map(lambda v: v is not None and not math.isnan(v))]
         for reason in group.get("missing", pd.Series(dtype=object)).dropna():
             reasons.setdefault(str(reason), f"{method}, {category}")
         if len(finite):
             small = bool(finite["below_minimum"].fillna(False).astype(bool).any()) if "below_minimum" in finite else False
+            made = [str(s) for s in finite.get("stand_in", pd.Series(dtype=object)).dropna() if s]
+            for summary in made:
+                stand_ins.setdefault(summary, f"{method}, {category}")
             cells[(category, method, metric)] = Cell(float(finite["value"].mean()), "ok",
                                                      bool(finite["random_weights"].fillna(False).any()), len(finite),
-                                                     small=small)
+                                                     small=small, stand_in=bool(made))
     all_methods = list(methods)
     for category in categories:
         for method in methods:
@@ -106,7 +112,8 @@ def build_table(title: str, records: pd.DataFrame, coverage: dict[tuple[str, str
                     cell.state = FAILED
     if reported is not None and not reported.empty:
         all_methods += _reported_cells(cells, reported, metrics, methods)
-    table = Table(title, metrics, all_methods, list(categories) + ["Average"], cells, missing_reasons=reasons)
+    table = Table(title, metrics, all_methods, list(categories) + ["Average"], cells, missing_reasons=reasons,
+                  stand_ins=stand_ins)
     _averages(table, categories)
     _rank(table)
     return table
@@ -144,6 +151,7 @@ def _averages(table: Table, categories: list[str]) -> None:
                 continue
             average.value = sum(c.value for c in ok) / len(ok)
             average.state, average.random, average.small = "ok", any(c.random for c in ok), any(c.small for c in ok)
+            average.stand_in = any(c.stand_in for c in ok)
             average.count = sum(c.count for c in present)
             average.planned = sum(max(c.planned, c.count) for c in present)
             average.failed = sum(c.failed for c in present)

@@ -14,6 +14,7 @@ import numpy as np
 from harness.downstream import data as ddata
 from harness.downstream.config import model_config
 from harness.downstream.detectors import DETECTORS
+from harness.generation import read_samples, stand_in_summary
 from harness.io import atomic_write_json
 from harness.metrics import detection
 from harness.profiles import get_profile
@@ -97,8 +98,16 @@ def _downstream(model: tuple[dict, dict], suite, generated: dict, tags: dict, co
 
 
 def _generated(job: Job, ctx: JobContext) -> ddata.ImageSet:
-    folders = {defect: ctx.deps[key] / "samples" for defect, key in job.params["generated"].items()}
-    return ddata.generated_set(folders, job.params["resolution"])
+    return ddata.generated_set(_sample_folders(job, ctx), job.params["resolution"])
+
+
+def _sample_folders(job: Job, ctx: JobContext) -> dict:
+    return {defect: ctx.deps[key] / "samples" for defect, key in job.params["generated"].items()}
+
+
+def _stand_in(job: Job, ctx: JobContext) -> str | None:
+    """What stand-ins made in the generated samples a downstream model trains on (records say so)."""
+    return stand_in_summary(row for folder in _sample_folders(job, ctx).values() for row in read_samples(folder))
 
 
 @job_kind("segment")
@@ -117,7 +126,8 @@ def run_segment(job: Job, ctx: JobContext) -> list[dict]:
                                                       "history": selection.history, "best_epoch": selection.best_epoch,
                                                       "n_train": len(train), "n_validation": len(validation)})
     published = detection.image_scores_from_maps(maps, config["pool_kernel"], count_include_pad=True)
-    return [{**r, "selection": selection.on, "details": {"best_epoch": selection.best_epoch}}
+    stand_in = _stand_in(job, ctx)
+    return [{**r, "selection": selection.on, "details": {"best_epoch": selection.best_epoch}, "stand_in": stand_in}
             for r in ddata.score_maps(test, maps, scores, published)]
 
 
@@ -133,7 +143,7 @@ def run_classify(job: Job, ctx: JobContext) -> list[dict]:
     result, resolved = classification.run(train, validation, test, classes, config, p["profile"], p["seed"],
                                           p.get("weights_file"))
     atomic_write_json(ctx.folder / "classification.json", {**result, "weights": resolved.as_record()})
-    common = {"random_weights": resolved.is_random, "weights": resolved.describe()}
+    common = {"random_weights": resolved.is_random, "weights": resolved.describe(), "stand_in": _stand_in(job, ctx)}
     records = [{"metric": "accuracy", "value": result["accuracy"], "n": result["n"], "defect_type": ddata.ALL, **common}]
     records += [{"metric": "class_accuracy", "value": value, "defect_type": defect,
                  "n": sum(1 for _, truth, _ in result["predictions"] if truth == defect), **common}

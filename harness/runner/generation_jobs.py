@@ -6,7 +6,7 @@ from pathlib import Path
 from harness.data.layouts import read_category
 from harness.data.splits import Split, make_split
 from harness.errors import DataError
-from harness.generation import fit_method, generate_to
+from harness.generation import fit_method, generate_to, read_samples, stand_in_summary
 from harness.io import atomic_write_json, sha256_file, sha256_json
 from harness.methods import Method, discover
 from harness.metrics.iclpips import PRESETS
@@ -152,9 +152,11 @@ def run_score(job: Job, ctx: JobContext) -> list[dict]:
         config = ScoreConfig(resolution=p["resolution"], metrics=tuple(p["metrics"]), ic_lpips=PRESETS[p["ic_lpips"]],
                              weights=tuple(sorted(p["weights"].items())))
         ctx.cache[scorer_key] = Scorer(p["profile"], config)
-    inputs = ScoreInputs.from_folder(ctx.only_dep(job) / "samples", [s.image for s in parts.test],
-                                     [s.image for s in parts.centres], normals_root=split.category.root)
+    samples = ctx.only_dep(job) / "samples"
+    inputs = ScoreInputs.from_folder(samples, [s.image for s in parts.test], [s.image for s in parts.centres],
+                                     normals_root=split.category.root)
+    stand_in = stand_in_summary(read_samples(samples))
     return [{"metric": v.metric, "value": v.value, "n": v.n, "std": v.std, "details": v.details,
              "random_weights": bool(v.details.get("random", False)), "missing": v.missing, "n_real": v.n_real,
-             "n_centres": v.n_centres, "below_minimum": v.below_minimum}
+             "n_centres": v.n_centres, "below_minimum": v.below_minimum, "stand_in": stand_in}
             for v in ctx.cache[scorer_key].score(inputs)]

@@ -7,6 +7,10 @@ guidance 5 against the empty prompt; a pixel is in the mask where the mean over 
 with more than a third of the image's width of ones in its first or last row or column is rejected, and sampling
 continues until enough masks pass. Here sampling stops after `max_batches` batches; what is missing then is taken
 from the harness's target masks, and every sample records where its mask came from.
+
+`unet_lora` (null in `paper`, the authors' frozen UNet): the tiny profile also trains a LoRA on the UNet with the
+vectors, one per defect type, as it does for the images (README.md): a tiny backbone pretrained on photographs of
+the category redraws the category from the vectors alone (grey washer rings, never a white shape on black).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from harness.diffusion import backbone as backbones
 from harness.diffusion import ddim
 from harness.diffusion.finetune import FinetuneConfig, LatentBatch, LatentData, finetune
 from harness.diffusion.latents import decode, initial_noise
+from harness.diffusion.lora import LoraSettings, add_lora
 from harness.diffusion.placeholders import Placeholders, repeated, single_token_id
 
 THRESHOLD = 0.8  # on the mean over RGB in [-1, 1]
@@ -65,11 +70,18 @@ def initial_vectors(backbone: backbones.Backbone, word: str, count: int) -> torc
                               .clone())
 
 
+def lora_settings(config: dict) -> LoraSettings | None:
+    return LoraSettings.from_config(config.get("unet_lora"))
+
+
 def fit(backbone: backbones.Backbone, masks: np.ndarray, config: dict, seed: int, workdir=None) -> tuple[
         torch.Tensor, list[float]]:
     """Textual inversion of `config["vectors"]` vectors on white-on-black images of `masks` (one defect type):
-    returns the vectors (vectors, width) and the loss history."""
+    returns the vectors (vectors, width) and the loss history. With `unet_lora`, a LoRA is added to `backbone`'s
+    UNet and trained with them (the caller saves it)."""
     vectors = initial_vectors(backbone, config["init_word"], int(config["vectors"]))
+    lora = lora_settings(config)
+    adapter = add_lora(backbone.unet, lora, seed=seed) if lora else []
     prompts = MaskPrompts.build(backbone, config["placeholder"], config["templates"], int(config["vectors"]))
     data = LatentData.encode(backbone, mask_images(masks), masks, flips=False)  # the authors: no augmentation
     scheduler, unet = backbone.scheduler, backbone.unet
@@ -83,7 +95,7 @@ def fit(backbone: backbones.Backbone, masks: np.ndarray, config: dict, seed: int
                          encoder_hidden_states=prompts.encode(backbone, chosen, vectors[None])).sample
         return F.mse_loss(predicted, ddim.training_target(scheduler, z0, eps, t))
 
-    history = finetune([vectors], data, loss, FinetuneConfig(
+    history = finetune([vectors, *adapter], data, loss, FinetuneConfig(
         steps=int(config["steps"]), batch_size=int(config["batch_size"]), learning_rate=float(config["learning_rate"]),
         weight_decay=0.01, grad_clip=0.0, seed=seed), workdir, desc="anomalydiffusion: mask generator")
     return vectors.detach(), history

@@ -28,7 +28,9 @@ from .embedding import AnomalyEmbedding, EncoderShape
 
 MODEL_FILE, EMBEDDING_FILE, MASK_FILE = "model.json", "embedding.safetensors", "mask_generator.safetensors"
 ADAPTER = "unet_lora"  # the tiny profile's LoRA on the UNet (`unet_lora`), saved alone
+MASK_ADAPTERS = "mask_lora"  # the tiny profile's mask generator LoRAs (`mask_generator.unet_lora`): one per defect type
 MASK_SOURCES = ("generated", "data")  # the mask generator's (maskgen.py), or the harness's target masks (ablation)
+SHORTFALL = "data (the mask generator gave too few)"  # a target's mask where the generator's was planned: a stand-in
 
 
 class TemplateText:
@@ -64,8 +66,6 @@ class AnomalyDiffusion(Method):
     needs = frozenset({"target_normal", "target_mask"})
     backbone = "ldm-text2im-large-256"  # CompVis' LDM text2img-large (LDMBert, 256 px), as the authors
     resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
-    in_progress = ("the claim tests are missing; in tiny the defects are faint and the mask generator's masks are "
-                   "not yet like the training masks (README.md)")
 
     def __init__(self, config, profile):
         super().__init__(config, profile)
@@ -117,14 +117,12 @@ class AnomalyDiffusion(Method):
                   str(workdir / EMBEDDING_FILE))
         if lora:
             save_lora(backbone.unet, workdir / ADAPTER, lora)
-            if cfg["masks"] == "generated":  # the mask generator inverts on the frozen UNet
-                backbone = backbones.load_frozen(task.backbone)
-        mask_histories = self._fit_mask_generators(backbone, task, defect_types, size, seed, workdir)
+        mask_histories = self._fit_mask_generators(task, defect_types, size, seed, workdir)
         (workdir / MODEL_FILE).write_text(json.dumps({
             "backbone": str(task.backbone), "resolution": size, "defect_types": defect_types, "steps": steps,
             "embedding": cfg["embedding"], "placeholder": cfg["placeholder"], "templates": cfg["templates"],
             "training_images": [a.id for a in task.anomalies], "history": history, "mask_generator": mask_histories,
-            "unet_lora": cfg["unet_lora"],
+            "unet_lora": cfg["unet_lora"], "mask_adapters": self._mask_adapters(defect_types),
             "trained_parameters": sum(p.numel() for p in [*embedding.parameters(), *adapter]),
             "seconds": round(time.perf_counter() - start, 1)}, indent=2))
 
@@ -161,7 +159,7 @@ class AnomalyDiffusion(Method):
             processors.install(backbone.unet)  # the toolkit's attention, for the re-weighting's per-call map
         text = self._text(backbone, embedding.tokens, model["placeholder"], model["templates"])
         size, batch = model["resolution"], self.config["generation_batch"]
-        masks, sources, record = self._masks(backbone, request, workdir, size)  # on the frozen UNet, as fitted
+        masks, sources, record = self._masks(backbone, request, workdir, model)  # before the images' LoRA
         if model.get("unet_lora"):
             load_lora(backbone.unet, workdir / ADAPTER)
         with torch.no_grad():
@@ -173,38 +171,55 @@ class AnomalyDiffusion(Method):
                     yield GeneratedSample(image=image, mask=resize_masks(mask[None], image.shape[0])[0],
                                           defect_type=request.defect_type, normal_id=target.normal.id,
                                           mask_id=None if source == "generated" else target.mask_source,
-                                          extra={"mask_source": source, **record})
+                                          extra={"mask_source": source, **record},
+                                          stand_in=f"mask: {source}" if source.startswith(SHORTFALL) else None)
 
-    def _masks(self, backbone: backbones.Backbone, request: GenerationRequest, workdir: Path, size: int
+    def _masks(self, backbone: backbones.Backbone, request: GenerationRequest, workdir: Path, model: dict
                ) -> tuple[list[np.ndarray], list[str], dict]:
         """Each target's mask at the working size: the mask generator's (`masks: generated`), the targets' where it
         gave fewer than n (recorded), or the targets' (`masks: data`)."""
-        data = list(resize_masks(np.stack([t.mask for t in request.targets]), size))
+        data = list(resize_masks(np.stack([t.mask for t in request.targets]), model["resolution"]))
         if self.config["masks"] == "data":
             return data, ["data"] * len(data), {}
         from safetensors.torch import load_file
 
         vectors = load_file(str(workdir / MASK_FILE))[request.defect_type].to(backbone.device)
-        sampled = maskgen.sample(backbone, vectors, self._mask_settings(), request.n, size, request.rng("masks"))
+        adapter = model.get("mask_adapters", {}).get(request.defect_type)
+        if adapter:  # the tiny profile's LoRA of this defect type's generator, on a copy of the frozen backbone
+            backbone = backbones.load_frozen(request.backbone or Path(model["backbone"]))
+            load_lora(backbone.unet, workdir / adapter)
+        sampled = maskgen.sample(backbone, vectors, self._mask_settings(), request.n, model["resolution"],
+                                 request.rng("masks"))
         passed = len(sampled.masks)
-        sources = ["generated"] * passed + ["data (the mask generator gave too few)"] * (request.n - passed)
+        sources = ["generated"] * passed + [SHORTFALL] * (request.n - passed)
         record = {"mask_generator": {"drawn": sampled.drawn, "rejected": sampled.rejected, "passed": passed}}
         return sampled.masks + data[passed:], sources, record
 
-    def _fit_mask_generators(self, backbone: backbones.Backbone, task: FewShotTask, defect_types: list[str],
-                             size: int, seed: int, workdir: Path) -> dict:
-        """One textual inversion per defect type on its training masks (`masks: generated`); saves the vectors."""
+    def _fit_mask_generators(self, task: FewShotTask, defect_types: list[str], size: int, seed: int,
+                             workdir: Path) -> dict:
+        """One textual inversion per defect type on its training masks (`masks: generated`), on the frozen
+        backbone (with its own LoRA in tiny); saves the vectors (and the LoRAs)."""
         if self.config["masks"] != "generated":
             return {}
         from safetensors.torch import save_file
 
+        settings, adapters = self._mask_settings(), self._mask_adapters(defect_types)
         vectors, histories = {}, {}
         for index, defect in enumerate(defect_types):
+            backbone = backbones.load_frozen(task.backbone)
             masks = resize_masks(np.stack([a.mask for a in task.anomalies_of(defect)]), size)
-            vectors[defect], histories[defect] = maskgen.fit(backbone, masks, self._mask_settings(), seed + 1 + index,
+            vectors[defect], histories[defect] = maskgen.fit(backbone, masks, settings, seed + 1 + index,
                                                              workdir / "mask_generator" / str(index))
+            if defect in adapters:
+                save_lora(backbone.unet, workdir / adapters[defect], maskgen.lora_settings(settings))
         save_file({d: v.cpu().contiguous() for d, v in vectors.items()}, str(workdir / MASK_FILE))
         return histories
+
+    def _mask_adapters(self, defect_types: list[str]) -> dict[str, str]:
+        """Where each defect type's mask generator LoRA is saved, relative to the fit's folder (none in `paper`)."""
+        if self.config["masks"] != "generated" or not maskgen.lora_settings(self.config["mask_generator"]):
+            return {}
+        return {defect: f"{MASK_ADAPTERS}/{index}" for index, defect in enumerate(defect_types)}
 
     def _mask_settings(self) -> dict:
         return {**self.config["mask_generator"], "placeholder": self.config["placeholder"],
@@ -271,10 +286,7 @@ class AnomalyDiffusion(Method):
         return TemplateText(backbone.text_encoder, holders, word, prompts)
 
     def _lora_settings(self) -> LoraSettings | None:
-        lora = self.config["unet_lora"]
-        if not lora:
-            return None
-        return LoraSettings(rank=int(lora["rank"]), alpha=lora.get("alpha"), targets=tuple(lora["targets"]))
+        return LoraSettings.from_config(self.config["unet_lora"])
 
     def _resolution(self, task_resolution: int) -> int:
         return int(self.config["resolution"] or task_resolution)

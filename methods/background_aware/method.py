@@ -282,8 +282,7 @@ class BackgroundAware(Method):
     # -- helpers --
 
     def _lora_settings(self) -> LoraSettings:
-        lora = self.config["lora"]
-        return LoraSettings(rank=int(lora["rank"]), alpha=lora.get("alpha"), targets=tuple(lora["targets"]))
+        return LoraSettings.from_config(self.config["lora"])
 
     def _resolution(self, task_resolution: int) -> int:
         return int(self.config["resolution"] or task_resolution)

@@ -23,7 +23,7 @@ from harness.diffusion.lora import TEXT_TARGETS, LoraSettings, add_lora, load_lo
 from harness.errors import MethodError
 
 from . import bcm, saim
-from .segment import make_segmenter
+from .segment import STAND_IN, make_segmenter
 
 MODEL_FILE, DUAL_FILE, TEXT_ADAPTER = "model.json", "dual.safetensors", "text_lora"
 PART, BACKGROUND = "part", "background"  # companions of each training image (LatentData): I_a, BCM's I_b
@@ -174,7 +174,10 @@ class DualAnoDiff(Method):
                              **({"segmenter_weights": segmenter.weights} if segmenter.weights else {})}
                     if background is not None:  # not normal_id: the sample is not drawn on that image
                         extra["background"] = target.normal.id
-                    yield GeneratedSample(image=whole, mask=found.mask, defect_type=request.defect_type, extra=extra)
+                    stand_in = ("mask: the stand-in segmenter's (no U2-Net weights)" if segmenter.name == STAND_IN
+                                else None)
+                    yield GeneratedSample(image=whole, mask=found.mask, defect_type=request.defect_type, extra=extra,
+                                          stand_in=stand_in)
 
     def _backgrounds(self, backbone: backbones.Backbone, targets: list, size: int,
                      noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,5 +279,4 @@ def _background_features(unet, z_b: torch.Tensor, t, text: torch.Tensor) -> bcm.
 
 
 def _text_settings(config: dict) -> LoraSettings:
-    text = config["text_lora"]
-    return LoraSettings(rank=int(text["rank"]), alpha=text.get("alpha"), targets=TEXT_TARGETS)
+    return LoraSettings.from_config(config["text_lora"], TEXT_TARGETS)

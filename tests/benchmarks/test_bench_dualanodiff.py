@@ -9,11 +9,7 @@ DEFECTBENCH_BENCH_THREADS to change the thread count (default 1).
 from __future__ import annotations
 
 import os
-import threading
 import time
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -29,35 +25,10 @@ from harness.io import cached_file_hash
 from harness.methods import load_method
 from harness.tasks import build_request, build_task
 
+from .memory import peak_memory
+
 pytestmark = pytest.mark.bench
 N = 12  # the smoke suite's images per defect type
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-@contextmanager
-def peak_memory() -> Iterator[list[float]]:
-    """Samples the process's resident memory every 0.1 s while the block runs; yields [peak MB] (filled after)."""
-    samples, done = [_rss_mb()], threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.1):
-            samples.append(_rss_mb())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    result: list[float] = []
-    try:
-        yield result
-    finally:
-        done.set()
-        thread.join()
-        result.append(max(samples))
 
 
 def test_dualanodiff_cost_per_defect_type(tmp_path):

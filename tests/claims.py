@@ -1,0 +1,75 @@
+"""What the methods' claim tests measure on generated samples (tests/test_background_aware.py,
+tests/test_anomalydiffusion.py): one definition, so that the claims of two methods read the same numbers."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def grown(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """The mask dilated by `pixels` in every direction (a square structuring element)."""
+    import cv2
+
+    return cv2.dilate(mask.astype(np.uint8), np.ones((2 * pixels + 1, 2 * pixels + 1), np.uint8)).astype(bool)
+
+
+def measure(task, samples, request, cell: int = 4) -> dict[str, float]:
+    """Over the samples of one variant, each drawn on its target's normal image inside its target mask:
+    - background: PSNR between the sample and the autoencoder's reconstruction of its target normal image, outside
+      the target mask grown by one latent cell (`cell` px): a latent method can at best give the reconstruction
+      there; the cell leaves out the mask's partly covered cells and most of the decoder's reach across its edge;
+    - contrast: mean |sample - normal| inside the target mask over the mean outside it;
+    - defect: how far the mean colour inside the masks moved from the normal images' towards the training defects'
+      of the request's defect type (1: all the way, 0: not at all; means over all samples, projected on the
+      normal-to-defect line)."""
+    from harness.diffusion import backbone as backbones
+    from harness.diffusion.latents import decode, encode
+    from harness.metrics.paired import psnr_from_error, squared_error_outside
+
+    backbone = backbones.load_frozen(task.backbone)
+    normals = np.stack([t.normal.image for t in request.targets])
+    reconstructions = decode(backbone, encode(backbone, normals))
+    error = count = 0.0
+    contrast, samples_in, normals_in = [], [], []
+    for sample, target, reconstruction in zip(samples, request.targets, reconstructions):
+        e, c = squared_error_outside(sample.image, reconstruction, grown(target.mask, cell))
+        error, count = error + e, count + c
+        diff = np.abs(sample.image.astype(float) - target.normal.image).mean(2)
+        contrast.append(diff[target.mask].mean() / max(diff[~target.mask].mean(), 1e-6))
+        samples_in.append(sample.image[target.mask].mean(0))
+        normals_in.append(target.normal.image[target.mask].mean(0))
+    anomalies = task.anomalies_of(request.defect_type)
+    defect_colour = np.mean([a.image[a.mask].mean(0) for a in anomalies], axis=0)
+    span = defect_colour - np.mean(normals_in, axis=0)
+    moved = float(np.dot(np.mean(samples_in, axis=0) - np.mean(normals_in, axis=0), span) / np.dot(span, span))
+    return {"background": psnr_from_error(error, count), "contrast": float(np.mean(contrast)), "defect": moved}
+
+
+def shape_features(masks) -> np.ndarray:
+    """Per mask: log of its area (fraction of the image), its centroid's x and y (fractions of the side)."""
+    out = []
+    for mask in masks:
+        ys, xs = np.nonzero(mask)
+        out.append((np.log(mask.mean()), xs.mean() / mask.shape[1], ys.mean() / mask.shape[0]))
+    return np.array(out)
+
+
+def shape_distance(masks, reference) -> float:
+    """The sum over the three features of the 1-D Wasserstein distances between two sets of masks."""
+    from scipy.stats import wasserstein_distance
+
+    a, b = shape_features(masks), shape_features(reference)
+    return float(sum(wasserstein_distance(a[:, i], b[:, i]) for i in range(a.shape[1])))
+
+
+def random_ellipses(rng: np.random.Generator, n: int, size: int) -> list[np.ndarray]:
+    """Ellipses with uniform centres (10-90 % of the side), semi-axes of 1/40 to 1/4 of the side, any angle."""
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for _ in range(n):
+        cy, cx = rng.uniform(0.1, 0.9, 2) * size
+        a, b = rng.uniform(size / 40, size / 4, 2)
+        angle = rng.uniform(0, np.pi)
+        u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+        v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+        out.append((u / a) ** 2 + (v / b) ** 2 <= 1)
+    return out
