@@ -172,7 +172,7 @@ class AnomalyDiffusion(Method):
                                           defect_type=request.defect_type, normal_id=target.normal.id,
                                           mask_id=None if source == "generated" else target.mask_source,
                                           extra={"mask_source": source, **record},
-                                          stand_in=f"mask: {source}" if source.startswith(SHORTFALL) else None)
+                                          stand_in=f"mask: {source}" if source == SHORTFALL else None)
 
     def _masks(self, backbone: backbones.Backbone, request: GenerationRequest, workdir: Path, model: dict
                ) -> tuple[list[np.ndarray], list[str], dict]:
