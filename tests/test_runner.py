@@ -164,12 +164,17 @@ class Exploding(Method):
 '''
 
 
-def test_a_failing_method_is_isolated(tmp_path, monkeypatch, isolated_cache):
-    methods = tmp_path / "methods" / "exploding"
-    methods.mkdir(parents=True)
-    (methods / "method.py").write_text(FAILING_METHOD)
-    (methods / "method.yaml").write_text("defaults: {}\n")
+def _add_method(tmp_path: Path, monkeypatch, name: str, source: str) -> None:
+    """A method directory written under tmp_path/methods, found through DEFECTBENCH_METHODS_PATH."""
+    folder = tmp_path / "methods" / name
+    folder.mkdir(parents=True)
+    (folder / "method.py").write_text(source)
+    (folder / "method.yaml").write_text("defaults: {}\n")
     monkeypatch.setenv("DEFECTBENCH_METHODS_PATH", str(tmp_path / "methods"))
+
+
+def test_a_failing_method_is_isolated(tmp_path, monkeypatch, isolated_cache):
+    _add_method(tmp_path, monkeypatch, "exploding", FAILING_METHOD)
     suite_path = tmp_path / "failing.yaml"
     suite_path.write_text(json.dumps(mini(methods=["cutpaste", "exploding"], name="failing")))
     result = run_suite(load_suite(suite_path), executor="serial", results=tmp_path / "results", progress=False)
@@ -211,11 +216,7 @@ class HalfStandIn(Method):
 
 
 def test_values_from_stand_in_samples_say_so_in_records_and_leaderboard(tmp_path, monkeypatch, isolated_cache):
-    methods = tmp_path / "methods" / "half_stand_in"
-    methods.mkdir(parents=True)
-    (methods / "method.py").write_text(STAND_IN_METHOD)
-    (methods / "method.yaml").write_text("defaults: {}\n")
-    monkeypatch.setenv("DEFECTBENCH_METHODS_PATH", str(tmp_path / "methods"))
+    _add_method(tmp_path, monkeypatch, "half_stand_in", STAND_IN_METHOD)
     suite_path = tmp_path / "standin.yaml"
     suite_path.write_text(json.dumps(mini(methods=["cutpaste", "half_stand_in"], name="standin",
                                           metrics=["fid", "bg_psnr"])))
