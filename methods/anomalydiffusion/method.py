@@ -117,7 +117,8 @@ class AnomalyDiffusion(Method):
                   str(workdir / EMBEDDING_FILE))
         if lora:
             save_lora(backbone.unet, workdir / ADAPTER, lora)
-        mask_histories = self._fit_mask_generators(task, defect_types, size, seed, workdir)
+        frozen = None if lora else backbone  # the image fit trained the embedding only: its UNet is still frozen
+        mask_histories = self._fit_mask_generators(task, defect_types, size, seed, workdir, frozen)
         (workdir / MODEL_FILE).write_text(json.dumps({
             "backbone": str(task.backbone), "resolution": size, "defect_types": defect_types, "steps": steps,
             "embedding": cfg["embedding"], "placeholder": cfg["placeholder"], "templates": cfg["templates"],
@@ -196,9 +197,10 @@ class AnomalyDiffusion(Method):
         return sampled.masks + data[passed:], sources, record
 
     def _fit_mask_generators(self, task: FewShotTask, defect_types: list[str], size: int, seed: int,
-                             workdir: Path) -> dict:
+                             workdir: Path, frozen: backbones.Backbone | None = None) -> dict:
         """One textual inversion per defect type on its training masks (`masks: generated`), on the frozen
-        backbone (with its own LoRA in tiny); saves the vectors (and the LoRAs)."""
+        backbone (`frozen`, loaded once when None; a fresh copy per defect type for its own LoRA in tiny); saves
+        the vectors (and the LoRAs)."""
         if self.config["masks"] != "generated":
             return {}
         from safetensors.torch import save_file
@@ -206,7 +208,10 @@ class AnomalyDiffusion(Method):
         settings, adapters = self._mask_settings(), self._mask_adapters(defect_types)
         vectors, histories = {}, {}
         for index, defect in enumerate(defect_types):
-            backbone = backbones.load_frozen(task.backbone)
+            if defect in adapters:
+                backbone = backbones.load_frozen(task.backbone)
+            else:
+                backbone = frozen = frozen or backbones.load_frozen(task.backbone)
             masks = resize_masks(np.stack([a.mask for a in task.anomalies_of(defect)]), size)
             vectors[defect], histories[defect] = maskgen.fit(backbone, masks, settings, seed + 1 + index,
                                                              workdir / "mask_generator" / str(index))

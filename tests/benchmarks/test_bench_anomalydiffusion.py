@@ -26,14 +26,10 @@ import pytest
 import torch
 from tabulate import tabulate
 
-from harness.data.layouts import read_category
-from harness.data.splits import make_split
-from harness.data.synth import SynthConfig, cached
 from harness.diffusion import backbone as backbones
 from harness.diffusion import provision
 from harness.diffusion.latents import resize_masks
 from harness.generation import fit_method
-from harness.io import cached_file_hash
 from harness.methods import get_method_info, load_method
 from harness.metrics.paired import mask_iou, psnr_from_error, squared_error_outside
 from harness.profiles import get_profile
@@ -41,6 +37,7 @@ from harness.tasks import build_request, build_task
 
 from ..claims import random_ellipses, shape_distance
 from .memory import peak_memory
+from .smoke import smoke_data
 
 pytestmark = pytest.mark.bench
 CATEGORIES = ("weave", "washer", "tray")
@@ -55,11 +52,7 @@ def _contrast(sample: np.ndarray, normal: np.ndarray, mask: np.ndarray) -> float
 def test_anomalydiffusion_on_the_smoke_data(tmp_path):
     torch.set_num_threads(int(os.environ.get("DEFECTBENCH_BENCH_THREADS", "1")))
     resolution = get_profile("tiny").resolution
-    root = cached(SynthConfig())
-    splits = {name: make_split(read_category(root, name, dataset="synthetic")) for name in CATEGORIES}
-    normals = [provision.NormalImages(name, tuple(s.image for s in split.normal_train),
-                                      tuple(cached_file_hash(s.image) for s in split.normal_train))
-               for name, split in splits.items()]
+    splits, normals = smoke_data(CATEGORIES)
     folder, _ = provision.provision("tiny", normals, progress=True)
     method = load_method("anomalydiffusion", "tiny")
     maskgen = importlib.import_module(sys.modules[get_method_info("anomalydiffusion").cls.__module__].__package__

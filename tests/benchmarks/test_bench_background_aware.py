@@ -24,18 +24,16 @@ import torch
 from tabulate import tabulate
 
 from harness.data.images import read_image
-from harness.data.layouts import read_category
-from harness.data.splits import make_split
-from harness.data.synth import SynthConfig, cached
 from harness.diffusion import backbone as backbones
 from harness.diffusion import provision
 from harness.diffusion.latents import decode, encode
 from harness.generation import fit_method
-from harness.io import cached_file_hash
 from harness.methods import load_method
 from harness.metrics.paired import mask_iou, psnr_from_error, squared_error_outside
 from harness.profiles import get_profile
 from harness.tasks import build_request, build_task
+
+from .smoke import smoke_data
 
 pytestmark = pytest.mark.bench
 CATEGORIES = ("weave", "washer", "tray")
@@ -62,11 +60,7 @@ def test_background_aware_on_the_smoke_data(tmp_path, monkeypatch):
     monkeypatch.setenv("DEFECTBENCH_CACHE", str(tmp_path / "cache"))  # pretrain now, not from an earlier cache
     torch.set_num_threads(int(os.environ.get("DEFECTBENCH_BENCH_THREADS", "1")))
     resolution = get_profile("tiny").resolution
-    root = cached(SynthConfig())
-    splits = {name: make_split(read_category(root, name, dataset="synthetic")) for name in CATEGORIES}
-    normals = [provision.NormalImages(name, tuple(s.image for s in split.normal_train),
-                                      tuple(cached_file_hash(s.image) for s in split.normal_train))
-               for name, split in splits.items()]
+    splits, normals = smoke_data(CATEGORIES)
     start = time.perf_counter()
     folder, info = provision.provision("tiny", normals, progress=True)
     pretrain = time.perf_counter() - start
