@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic data set, the real data in ../shared/data, an isolated cache."""
+"""Shared fixtures: a small synthetic data set, the real data in ../shared/data, an isolated cache, and a Ray
+instance started before the first test that must still run after the last one."""
 from __future__ import annotations
 
 import os
@@ -21,6 +22,26 @@ def isolated_cache(tmp_path_factory):
         os.environ.pop("DEFECTBENCH_CACHE", None)
     else:
         os.environ["DEFECTBENCH_CACHE"] = old
+
+
+BYSTANDER_TEST = "test_a_ray_started_before_the_tests_is_alive_after_them"
+
+
+def pytest_collection_modifyitems(config, items):
+    """When the bystander check is among the tests, it runs last, and its Ray starts before the first test."""
+    last = [item for item in items if item.name == BYSTANDER_TEST]
+    if last and len(last) < len(items):
+        items[:] = [item for item in items if item not in last] + last
+        items[0].fixturenames.insert(0, "bystander_ray")
+
+
+@pytest.fixture(scope="session")
+def bystander_ray():
+    """A Ray instance of the machine's that the tests did not start (a user's running suite): its processes."""
+    from tests.ray_nodes import ray_nodes
+
+    with ray_nodes(count=1, cpus=0) as nodes:
+        yield nodes.processes()
 
 
 @pytest.fixture(scope="session")

@@ -263,31 +263,30 @@ def test_leaderboard_markdown_and_latex(serial_run):
 # ---- a two-node Ray cluster on this machine -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_node_cluster_by_address(tmp_path, isolated_cache):
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DEFECTBENCH_CACHE": str(isolated_cache)}
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
-    try:
-        subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                       env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([ray_cli, "start", f"--address=127.0.0.1:{port}", *common], env=env, check=True,
-                       capture_output=True, timeout=120)
-        result = run_suite(load_suite(MINI), executor="ray", address=f"127.0.0.1:{port}", results=tmp_path,
-                           progress=False)
-        assert not result.failed
-        nodes = {json.loads(p.read_text())["node"] for p in result.store.run_dir.glob("jobs/*/status.json")}
-        assert len(nodes) == 2  # jobs ran on both nodes
-    finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    from tests.ray_nodes import ray_nodes
+
+    with ray_nodes(count=2, env={"DEFECTBENCH_CACHE": str(isolated_cache)}) as nodes:
+        result = run_suite(load_suite(MINI), executor="ray", address=nodes.address, results=tmp_path, progress=False)
+    assert not result.failed
+    ran_on = {json.loads(p.read_text())["node"] for p in result.store.run_dir.glob("jobs/*/status.json")}
+    assert len(ran_on) == 2  # jobs ran on both nodes
+
+
+def test_stopping_a_tests_ray_nodes_leaves_other_ray_alone():
+    from tests.ray_nodes import alive, ray_nodes
+
+    with ray_nodes() as other:
+        with ray_nodes() as own:
+            assert own.processes() and not set(p.pid for p in own.processes()) & set(p.pid for p in other.processes())
+        assert alive(other.processes()) and not own.processes()
+
+
+def test_a_ray_started_before_the_tests_is_alive_after_them(bystander_ray):
+    """Runs last (conftest.py): no test may stop a Ray it did not start (`ray stop` stops them all)."""
+    from tests.ray_nodes import alive
+
+    assert alive(bystander_ray)
 
 
 def test_reported_numbers_beside_measured(serial_run, tmp_path):

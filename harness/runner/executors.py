@@ -253,8 +253,9 @@ def run_ray(scheduler: Scheduler, common: dict, progress: Progress, num_cpus: in
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="error")
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False,
-                     logging_level="error")
+            # "local": a new instance of its own, never one found on the machine (RAY_ADDRESS, `ray start`)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
+                     log_to_driver=False, logging_level="error")
     remote = ray.remote(execute_job)
     running: dict[Any, Job] = {}
     announced: dict[str, int] = {}  # lines of JobContext.announce printed so far, per job
