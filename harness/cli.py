@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reported", action="store_true", help="leave out the numbers the papers report")
     p.set_defaults(func=cmd_leaderboard)
 
+    p = sub.add_parser("export", help="per-image values of a run as CSV and JSONL, one pair of files per job")
+    p.add_argument("run", help="a suite (its latest run) or SUITE/RUN_ID")
+    p.add_argument("--results", type=Path, help="results folder (default results/, or $DEFECTBENCH_RESULTS)")
+    p.add_argument("--out", type=Path, help="default: results/exports/SUITE/RUN_ID")
+    p.add_argument("--kinds", nargs="+", default=["score", "segment", "detect"], choices=["score", "segment", "detect"])
+    p.set_defaults(func=cmd_export)
+
     return parser
 
 
@@ -359,6 +366,19 @@ def cmd_leaderboard(args) -> int:
     for suite in suites:
         md, tex = render_leaderboard(suite, args.results, show_reported=not args.no_reported)
         print(f"{suite}: {md} and {tex}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from harness.results import export_per_image
+
+    suite, _, run = args.run.partition("/")
+    summary, out, without = export_per_image(suite, run or None, args.results, args.out, tuple(args.kinds))
+    print(tabulate(summary, headers="keys", tablefmt="simple"))
+    for job in without:
+        print(f"not exported (finished before score jobs wrote per-image files: remove its folder and "
+              f"`defectbench run {suite}` redoes that job alone): {job}")
+    print(f"wrote {sum(r['jobs'] for r in summary)} jobs' CSV and JSONL files to {out}")
     return 0
 
 

@@ -6,6 +6,7 @@ DamagedError naming the file, so no table is ever built from a truncated or half
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -95,3 +96,139 @@ def run_records(store: RunStore, states: dict[str, dict] | None = None) -> pd.Da
 
 def latest(suite: str, results: Path | None = None) -> RunStore | None:
     return latest_run(suite, results)
+
+
+# ---- per image ---------------------------------------------------------------------------------------------
+
+PER_IMAGE_KINDS = ("score", "segment", "detect")
+ALL = "all"  # harness.downstream.data.ALL: the defect_type of a model's job, which covers the whole test part
+SCORE_COLUMNS = ("file", "image", "normal_id", "mask_id", "caption", "nearest_centre", "lpips_to_centre", "bg_psnr",
+                 "bg_squared_error", "bg_count", "bg_lpips", "mask_iou")
+MAP_COLUMNS = ("file", "image_id", "label", "test_defect_type", "image_score", "pixel_auroc", "pixel_ap")
+JOB_COLUMNS = ("suite", "run_id", "job_key", "kind", "method", "model", "dataset", "category", "defect_type",
+               "fold", "seed")
+
+
+def find_run(suite: str, run: str | None = None, results: Path | None = None) -> RunStore:
+    """A run of a suite (its latest by default); an error naming what is missing otherwise."""
+    from harness.errors import DefectBenchError
+
+    store = RunStore(runs_root(results), suite, run) if run else latest_run(suite, results)
+    if store is None or not store.run_dir.is_dir():
+        where = runs_root(results) / suite / (run or "")
+        raise DefectBenchError(f"{where}: no run of suite {suite!r} there; `defectbench run {suite}` makes one")
+    return store
+
+
+def load_per_image(suite: str, run: str | None = None, results: Path | None = None,
+                   kinds: tuple[str, ...] = PER_IMAGE_KINDS) -> pd.DataFrame:
+    """One row per image of a run's finished jobs (its latest run by default), with the job's columns (JOB_COLUMNS).
+
+    score jobs: one row per generated image (its file, normal / mask ids, caption, nearest IC-LPIPS centre and the
+    LPIPS to it, BG-PSNR with the squared error and pixel count it pools, BG-LPIPS, Mask-IoU: harness.metrics.score
+    PER_IMAGE). segment and detect jobs: one row per test image (file, label, defect type, image score, and where
+    the image has defect pixels its own pixel AUROC and AP), from the job's maps.npz and the split's masks.
+    Score jobs finished before they wrote per-image files have no rows; `attrs["without_rows"]` names them."""
+    store = find_run(suite, run, results)
+    states = run_states(store)
+    frames, without, cache = [], [], {}
+    for state in states.values():
+        job = state["job"]
+        if state["state"] != DONE or job["kind"] not in kinds:
+            continue
+        rows = _job_rows(store, job, state["folder"], states, cache)
+        if rows is None:
+            without.append(f"{job['label']} ({state['folder']})")
+            continue
+        head = {"suite": store.suite, "run_id": store.run_id, "job_key": job["key"], "kind": job["kind"],
+                **{k: job["tags"].get(k, job["params"].get(k)) for k in JOB_COLUMNS[4:]}}
+        head["defect_type"] = head["defect_type"] or ALL  # a model's job covers the whole test part
+        frames.append(pd.DataFrame([{**head, **row} for row in rows]))
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(JOB_COLUMNS))
+    table.attrs["without_rows"] = without
+    return table
+
+
+def _job_rows(store: RunStore, job: dict, folder: Path, states: dict, cache: dict) -> list[dict] | None:
+    if job["kind"] == "score":
+        return _score_rows(folder, states[job["deps"][0]]["folder"])
+    return _map_rows(store, job, folder, cache)
+
+
+def _score_rows(folder: Path, generated: Path) -> list[dict] | None:
+    from harness.io import read_jsonl
+    from harness.runner.store import PER_IMAGE_FILE
+
+    if not (folder / PER_IMAGE_FILE).is_file():
+        return None
+    samples = generated / "samples"
+    return [{"file": str(samples / row["image"]), **row} for row in read_jsonl(folder / PER_IMAGE_FILE)]
+
+
+def _map_rows(store: RunStore, job: dict, folder: Path, cache: dict) -> list[dict]:
+    """Per test image: label, defect type, image score, and its own pixel AUROC / AP where it has defect pixels."""
+    import numpy as np
+
+    from harness.downstream.data import GOOD, test_set
+    from harness.metrics import detection
+    from harness.runner.generation_jobs import load_split
+
+    params = job["params"]
+    maps_file = folder / "maps.npz"
+    with np.load(maps_file, allow_pickle=False) as saved:
+        maps, scores, names = saved["maps"].astype(np.float32), saved["image_scores"], list(saved["names"])
+    split = load_split({**params, **_where(store, params["dataset"])}, cache)
+    key = ("test", id(split), params["resolution"])
+    if key not in cache:
+        samples = [*(s for d in sorted(split.defects) for s in split.defects[d].test), *split.normal_test]
+        cache[key] = (samples, test_set(split, params["resolution"]))
+    samples, test = cache[key]
+    if [s.key for s in samples] != names or maps.shape != test.masks.shape:
+        raise DamagedError(f"{maps_file}: its test images are not the split's ({len(names)} maps, "
+                           f"{len(samples)} test images); `defectbench run {store.suite}` redoes the job")
+    rows = []
+    for sample, mask, value_map, score in zip(samples, test.masks, maps, scores):
+        row = {"file": str(sample.image), "image_id": sample.key, "label": int(sample.defect_type != GOOD),
+               "test_defect_type": sample.defect_type, "image_score": float(score),
+               "pixel_auroc": None, "pixel_ap": None}
+        if mask.any() and not mask.all():
+            row.update(pixel_auroc=detection.auroc(mask, value_map), pixel_ap=detection.average_precision(mask, value_map))
+        rows.append(row)
+    return rows
+
+
+def _where(store: RunStore, dataset: str) -> dict:
+    """Where a run's data set lies (its manifest's record), as the job's `where` held it."""
+    manifest = store.read_manifest() or {}
+    entry = next((d for d in manifest.get("config", {}).get("datasets", []) if d.get("name") == dataset), {})
+    root = manifest.get("data", {}).get(dataset)
+    if root is None:
+        raise DamagedError(f"{store.run_dir / 'manifest.json'}: records no root for data set {dataset!r}")
+    return {"root": root, "captions": entry.get("captions")}
+
+
+def export_per_image(suite: str, run: str | None = None, results: Path | None = None, out: Path | None = None,
+                     kinds: tuple[str, ...] = PER_IMAGE_KINDS) -> tuple[list[dict], Path, list[str]]:
+    """`load_per_image`'s rows written per job as `<kind>_<job label>_<key>.csv` and `.jsonl` (pandas reads both
+    as they are) under `out` (default results/exports/SUITE/RUN_ID). Returns a summary per kind, the folder, and the
+    jobs without rows."""
+    from harness.io import atomic_write_text
+    from harness.runner.store import results_root
+
+    table = load_per_image(suite, run, results, kinds)
+    run_id = table["run_id"].iloc[0] if len(table) else find_run(suite, run, results).run_id
+    out = Path(out) if out else results_root(results) / "exports" / suite / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, dict] = {}
+    for key, rows in (table.groupby("job_key", sort=False) if len(table) else []):
+        first = rows.iloc[0]
+        own = JOB_COLUMNS + (SCORE_COLUMNS if first["kind"] == "score" else MAP_COLUMNS)
+        rows = rows[[c for c in own if c in rows]].reset_index(drop=True)
+        stem = "_".join(str(first.get(c, "")) for c in ("kind", "method", "category", "defect_type"))
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{stem}_f{first['fold']}_s{first['seed']}_{key[:8]}")
+        atomic_write_text(out / f"{stem}.csv", rows.to_csv(index=False))
+        atomic_write_text(out / f"{stem}.jsonl", rows.to_json(orient="records", lines=True) + "\n")
+        entry = summary.setdefault(first["kind"], {"kind": first["kind"], "jobs": 0, "rows": 0})
+        entry["jobs"] += 1
+        entry["rows"] += len(rows)
+    return list(summary.values()), out, table.attrs["without_rows"]

@@ -2,6 +2,8 @@
 and a sanity check that the pipeline measures something."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -250,6 +252,7 @@ def test_suite_runs_downstream_and_detectors_and_renders_their_tables(tmp_path):
         assert title in text
     assert "_Unsupervised (anomalib, normal images only)_" in text and "†" not in text
     assert tex.read_text().count(r"\begin{table}") == text.count("\n### ") - text.count("### Figures")
+    _per_image_rows_give_the_records(tmp_path, frame)
 
     # the published practice, selecting the U-Net on the test part, is marked wherever it is used
     raw = yaml.safe_load(suite_file.read_text())
@@ -260,3 +263,32 @@ def test_suite_runs_downstream_and_detectors_and_renders_their_tables(tmp_path):
     assert set(again.states.values()) == {"done"}
     text = render_leaderboard("downstream", results=tmp_path, show_reported=False)[0].read_text()
     assert "| cutpaste †" in text and "selected on the test part" in text
+
+
+def _per_image_rows_give_the_records(results, frame):
+    """The exported rows of the segment and detect jobs give their records: image AUROC from the rows' scores and
+    labels, each image's pixel AUROC from its own map and mask."""
+    import pandas as pd
+
+    from harness.downstream.data import test_set
+    from harness.metrics import detection
+    from harness.results import export_per_image, load_per_image
+
+    rows = load_per_image("downstream", results=results, kinds=("segment", "detect"))
+    assert set(rows["kind"]) == {"segment", "detect"} and not rows.attrs["without_rows"]
+    whole = frame[(frame["defect_type"] == "all") & (frame["metric"] == "image_auroc")].set_index("job_key")["value"]
+    for key, job in rows.groupby("job_key"):
+        assert detection.auroc(job["label"].to_numpy(), job["image_score"].to_numpy()) == pytest.approx(whole[key])
+        defective = job[job["label"] == 1]
+        assert defective["pixel_auroc"].notna().all() and job[job["label"] == 0]["pixel_auroc"].isna().all()
+    one = rows[(rows["label"] == 1)].iloc[0]
+    maps = np.load(next(results.glob(f"runs/downstream/*/jobs/{one['job_key']}/maps.npz")))
+    index = list(maps["names"]).index(one["image_id"])
+    split = make_split(read_category(Path(one["file"]).parents[3], one["category"], dataset="synthetic"))
+    mask = test_set(split, maps["maps"].shape[-1]).masks[index]
+    assert one["pixel_auroc"] == pytest.approx(detection.auroc(mask, maps["maps"][index].astype(np.float32)))
+    summary, out, _ = export_per_image("downstream", results=results, kinds=("segment", "detect"))
+    assert sum(r["jobs"] for r in summary) == rows["job_key"].nunique()
+    read_back = pd.concat([pd.read_csv(f) for f in sorted(out.glob("*.csv"))], ignore_index=True)
+    assert len(read_back) == len(rows) and len(list(out.glob("*.jsonl"))) == len(list(out.glob("*.csv")))
+    assert set(read_back.columns) >= {"file", "label", "test_defect_type", "image_score", "pixel_auroc", "pixel_ap"}

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from harness.errors import ConfigError
@@ -107,6 +108,36 @@ def serial_run(tmp_path_factory, isolated_cache):
     results = tmp_path_factory.mktemp("serial")
     result = run_suite(load_suite(MINI), executor="serial", results=results, progress=False)
     return results, result
+
+
+def test_per_image_rows_give_the_scores_records(serial_run):
+    """Exported per generated image, the scores' values come back: LPIPS-real the mean of the LPIPS to the nearest
+    centre, Mask-IoU the mean, BG-PSNR pooled from the rows' squared errors and counts."""
+    import math
+
+    import pandas as pd
+
+    from harness.metrics.paired import psnr_from_error
+    from harness.results import export_per_image, load_per_image
+
+    results, result = serial_run
+    rows = load_per_image("mini", results=results)
+    records = run_records(result.store).set_index(["job_key", "metric"])["value"]
+    scored = rows[rows["kind"] == "score"]
+    assert scored["job_key"].nunique() == 18 and len(scored) == 18 * 3 and not rows.attrs["without_rows"]
+    for key, job in scored.groupby("job_key"):
+        assert job["lpips_to_centre"].mean() == pytest.approx(records[(key, "lpips_to_real")])
+        assert job["mask_iou"].mean() == pytest.approx(records[(key, "mask_iou")])
+        pooled = psnr_from_error(job["bg_squared_error"].sum(), job["bg_count"].sum())
+        assert pooled == pytest.approx(records[(key, "bg_psnr")])
+        assert all(Path(f).is_file() for f in job["file"]) and job["nearest_centre"].notna().all()
+    assert not math.isnan(scored["bg_psnr"].iloc[0])
+    summary, out, without = export_per_image("mini", results=results)
+    assert summary == [{"kind": "score", "jobs": 18, "rows": 54}] and not without
+    first = sorted(out.glob("score_*.csv"))[0]
+    table, lines = pd.read_csv(first), pd.read_json(first.with_suffix(".jsonl"), lines=True)
+    assert table.shape == lines.shape == (3, len(table.columns))
+    assert np.allclose(table["lpips_to_centre"], lines["lpips_to_centre"])
 
 
 def test_serial_run_completes_and_records(serial_run):

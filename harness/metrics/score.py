@@ -33,6 +33,12 @@ METRIC_GROUPS = {"background_fidelity": ("bg_psnr", "bg_lpips"), "mask_alignment
 # test images of one defect type; IS over its standard 10 splits wants at least 10 images per split.
 MINIMUMS = {"fid": ("real images", 10), "kid": ("real images", 10), "is": ("generated images", 100)}
 IS_SPLITS = 10
+# What `Scorer.score_per_image` measures per generated image. The set's values from them: lpips_to_real = mean of
+# lpips_to_centre; bg_lpips, mask_iou = means (NaN left out); bg_psnr = PSNR of sum(bg_squared_error) /
+# sum(bg_count) (pooled, paired.py); IS, FID, KID and IC-LPIPS are not means over images.
+PER_IMAGE_PAIRED = {"bg_psnr": "bg_psnr", "bg_error": "bg_squared_error", "bg_count": "bg_count",
+                    "bg_lpips": "bg_lpips", "mask_iou": "mask_iou"}
+PER_IMAGE = ("nearest_centre", "lpips_to_centre", *PER_IMAGE_PAIRED.values())
 IMAGE_FOLDERS, MASK_FOLDERS = ("images", "image"), ("masks", "mask")  # ours; the released samples of other projects
 
 
@@ -130,16 +136,21 @@ class Scorer:
 
     def score(self, inputs: ScoreInputs, progress: bool = False) -> list[MetricValue]:
         """One value per requested metric: computed, or not computed with the reason (never silently left out)."""
+        return self.score_per_image(inputs, progress)[0]
+
+    def score_per_image(self, inputs: ScoreInputs, progress: bool = False) -> tuple[list[MetricValue], list[dict]]:
+        """`score`'s values, and one row per generated image with what is measured per image (PER_IMAGE)."""
         if not inputs.generated:
             raise ValueError("no generated images to score")
         values: list[MetricValue] = []
+        rows: list[dict] = [{} for _ in inputs.generated]
         if self.wants("is", "fid", "kid"):
             values += self._fidelity(inputs, progress)
         if self.wants("ic_lpips", "lpips_to_real"):
-            values += self._ic_lpips(inputs, progress)
+            values += self._ic_lpips(inputs, progress, rows)
         if self.wants("bg_psnr", "bg_lpips", "mask_iou"):
-            values += self._paired(inputs)
-        return [v for v in values if v.metric in self.config.metrics]
+            values += self._paired(inputs, rows)
+        return [v for v in values if v.metric in self.config.metrics], rows
 
     def _fidelity(self, inputs: ScoreInputs, progress: bool) -> list[MetricValue]:
         cfg, res = self.config, self.config.resolution
@@ -168,7 +179,7 @@ class Scorer:
                                below_minimum=n_real < MINIMUMS["kid"][1], **sizes))
         return out
 
-    def _ic_lpips(self, inputs: ScoreInputs, progress: bool) -> list[MetricValue]:
+    def _ic_lpips(self, inputs: ScoreInputs, progress: bool, rows: list[dict]) -> list[MetricValue]:
         cfg = self.config.ic_lpips
         n, sizes = len(inputs.generated), {"n_centres": len(inputs.centres)}
         if not inputs.centres:
@@ -176,6 +187,8 @@ class Scorer:
             return [not_computed("ic_lpips", n, reason, **sizes), not_computed("lpips_to_real", n, reason, **sizes)]
         net = self.lpips(cfg.net)
         result = ic_lpips(net, inputs.generated, inputs.centres, cfg, progress=progress)
+        for row, centre, distance in zip(rows, result.assignment, result.nearest):
+            row.update(nearest_centre=inputs.centres[int(centre)].name, lpips_to_centre=float(distance))
         how = {**net.provenance(), "size": cfg.size, "cluster_cap": cfg.cluster_cap, "selection": cfg.selection,
                "seed": cfg.seed, "small_clusters": cfg.small_clusters, "centre_range": cfg.centre_range}
         details = {**how, "cluster_sizes": result.cluster_sizes, "clusters_used": result.clusters_used}
@@ -186,9 +199,9 @@ class Scorer:
             ic = MetricValue("ic_lpips", result.value, n, None, details, **sizes)
         return [ic, MetricValue("lpips_to_real", result.lpips_to_real, n, float(np.std(result.nearest)), how, **sizes)]
 
-    def _paired(self, inputs: ScoreInputs) -> list[MetricValue]:
-        paired = [PairedSample(g, m, nrm) for g, m, nrm in zip(inputs.generated, inputs.masks, inputs.normals)
-                  if m is not None and nrm is not None]
+    def _paired(self, inputs: ScoreInputs, rows: list[dict]) -> list[MetricValue]:
+        which = [i for i, (m, nrm) in enumerate(zip(inputs.masks, inputs.normals)) if m is not None and nrm is not None]
+        paired = [PairedSample(inputs.generated[i], inputs.masks[i], inputs.normals[i]) for i in which]
         n = len(inputs.generated)
         wanted = [m for m in ("bg_psnr", "bg_lpips", "mask_iou") if self.wants(m)]
         if not paired:
@@ -196,6 +209,8 @@ class Scorer:
             return [not_computed(m, n, reason) for m in wanted]
         net = self.lpips(self.config.ic_lpips.net) if self.wants("bg_lpips") else None
         per_sample = paired_metrics(paired, net)
+        for position, i in enumerate(which):
+            rows[i].update({PER_IMAGE_PAIRED[k]: per_sample[k][position] for k in PER_IMAGE_PAIRED if k in per_sample})
         how = {"paired": len(paired), **(net.provenance() if net else {})}
         out = []
         for metric in wanted:

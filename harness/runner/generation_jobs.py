@@ -7,7 +7,7 @@ from harness.data.layouts import read_category
 from harness.data.splits import Split, make_split
 from harness.errors import DataError
 from harness.generation import fit_method, generate_to, read_samples, stand_in_summary
-from harness.io import atomic_write_json, sha256_file, sha256_json
+from harness.io import atomic_write_json, sha256_file, sha256_json, write_jsonl
 from harness.methods import Method, discover
 from harness.metrics.iclpips import PRESETS
 from harness.metrics.score import ScoreConfig, Scorer, ScoreInputs
@@ -16,6 +16,7 @@ from harness.runner.jobs import Job, JobContext, expander, job_kind, job_resourc
 from harness.tasks import build_task
 from harness import weights
 from harness.runner.backbone_jobs import backbone_folder, backbone_job_for
+from harness.runner.store import PER_IMAGE_FILE
 
 SCORE_MEMORY = 4 * 2**30
 
@@ -155,8 +156,19 @@ def run_score(job: Job, ctx: JobContext) -> list[dict]:
     samples = ctx.only_dep(job) / "samples"
     inputs = ScoreInputs.from_folder(samples, [s.image for s in parts.test], [s.image for s in parts.centres],
                                      normals_root=split.category.root)
-    stand_in = stand_in_summary(read_samples(samples))
+    rows = read_samples(samples)
+    stand_in = stand_in_summary(rows)
+    values, per_image = ctx.cache[scorer_key].score_per_image(inputs)
+    write_jsonl(ctx.folder / PER_IMAGE_FILE, _per_image_rows(inputs, rows, per_image))
     return [{"metric": v.metric, "value": v.value, "n": v.n, "std": v.std, "details": v.details,
              "random_weights": bool(v.details.get("random", False)), "missing": v.missing, "n_real": v.n_real,
              "n_centres": v.n_centres, "below_minimum": v.below_minimum, "stand_in": stand_in}
-            for v in ctx.cache[scorer_key].score(inputs)]
+            for v in values]
+
+
+def _per_image_rows(inputs: ScoreInputs, samples: list[dict], measured: list[dict]) -> list[dict]:
+    """One row per generated image: which it is and what it was made from (samples.jsonl), what was measured."""
+    ids = samples or [{} for _ in measured]
+    return [{"image": row.get("image") or path.name, "normal_id": row.get("normal_id"),
+             "mask_id": row.get("mask_id"), "caption": row.get("caption"), **values}
+            for path, row, values in zip(inputs.generated, ids, measured)]

@@ -23,6 +23,7 @@ from harness.paths import RESULTS_DIR
 
 STATUS_FILE = "status.json"
 RECORDS_FILE = "records.jsonl"
+PER_IMAGE_FILE = "per_image.jsonl"  # score jobs: one row per generated image (harness.results.load_per_image)
 DONE, FAILED, SKIPPED = "done", "failed", "skipped"  # skipped: a job it needs failed
 
 
