@@ -124,3 +124,50 @@ def test_values_from_samples_a_stand_in_made_are_marked_and_explained():
     assert _cell_text(table, "a", "x", "fid", False, MARKDOWN) == "<u>10.00<sup>‡</sup></u>"  # second of two
     assert r"\textsuperscript{\ddag}" in _cell_text(table, "a", "x", "fid", False, LATEX)
     assert "‡" not in _cell_text(table, "b", "x", "fid", False, MARKDOWN)
+
+
+def test_two_seeds_give_mean_and_spread_as_pandas_computes_them():
+    """Per cell: each seed's mean over defect types, then their mean and sample std; the Average: each seed's mean
+    over the categories, then their mean and std. Checked against pandas on the same records."""
+    import numpy as np
+
+    from harness.report.render import latex_table, markdown_table
+
+    rng = np.random.default_rng(0)
+    rows = [{"category": c, "method": m, "metric": "ic_lpips", "defect_type": d, "fold": 0, "seed": s,
+             "value": float(rng.uniform(0.2, 0.5)), "random_weights": False}
+            for c in ("a", "b") for m in ("x", "y") for d in ("d1", "d2", "d3") for s in (0, 1)]
+    rows = [r for r in rows if not (r["category"] == "b" and r["defect_type"] == "d3" and r["seed"] == 1)]
+    frame = pd.DataFrame(rows)
+    table = build_table("t", frame, {}, ["ic_lpips"], ["x", "y"], ["a", "b"])
+    per_seed = frame.groupby(["category", "method", "seed"])["value"].mean()  # b, seed 1: over two defect types
+    for (category, method), seeds in per_seed.groupby(level=[0, 1]):
+        cell = table.cell(category, method, "ic_lpips")
+        assert cell.value == pytest.approx(seeds.mean()) and cell.std == pytest.approx(seeds.std())
+    category_means = per_seed.groupby(level=["method", "seed"]).mean()
+    for method, seeds in category_means.groupby(level=0):
+        average = table.cell("Average", method, "ic_lpips")
+        assert average.value == pytest.approx(seeds.mean()) and average.std == pytest.approx(seeds.std())
+    assert table.spread == 2 and any("± the standard deviation" in n for n in table.notes)
+    x = table.cell("a", "x", "ic_lpips")
+    shown = f"{x.value:.3f} ± {x.std:.3f}"
+    assert shown in markdown_table(table, False)
+    assert shown.replace(" ± ", r" $\pm$ ") in latex_table(table, "c", "l", False)
+
+
+def test_one_seed_shows_no_spread_and_ranks_on_the_displayed_means():
+    frame = pd.DataFrame([{"category": "a", "method": m, "metric": "fid", "fold": 0, "seed": s, "value": v,
+                           "random_weights": False}
+                          for m, s, v in (("x", 0, 10.0), ("x", 1, 10.004), ("y", 0, 10.001), ("y", 1, 10.003),
+                                          ("z", 0, 12.0))])
+    table = build_table("t", frame, {}, ["fid"], ["x", "y", "z"], ["a"])
+    assert table.cell("a", "x", "fid").rank == table.cell("a", "y", "fid").rank == 1  # 10.00 ± ... both
+    assert "n=1" in markdown_table_text(table)
+    single = build_table("t", frame[frame["seed"] == 0], {}, ["fid"], ["x", "y", "z"], ["a"])
+    assert single.spread == 0 and "±" not in markdown_table_text(single)
+
+
+def markdown_table_text(table) -> str:
+    from harness.report.render import markdown_table
+
+    return markdown_table(table, False)

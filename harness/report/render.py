@@ -12,14 +12,15 @@ class CellStyle:
     missing: str
     sup: str  # format string of a superscript mark
     random_mark: str
+    plus_minus: str
     best: str  # format strings around the value
     second: str
     differs: str  # a printed average that differs from the mean of the printed rows beyond rounding
     stand_in: str  # inside the superscript: samples partly made by a stand-in
 
 
-MARKDOWN = CellStyle("—", "<sup>{}</sup>", "*", "**{}**", "<u>{}</u>", "<sup>≠</sup>", "‡")
-LATEX = CellStyle("---", r"\textsuperscript{{{}}}", r"$^{*}$", r"\textbf{{{}}}", r"\underline{{{}}}", r"$^{\neq}$",
+MARKDOWN = CellStyle("—", "<sup>{}</sup>", "*", " ± ", "**{}**", "<u>{}</u>", "<sup>≠</sup>", "‡")
+LATEX = CellStyle("---", r"\textsuperscript{{{}}}", r"$^{*}$", r" $\pm$ ", r"\textbf{{{}}}", r"\underline{{{}}}", r"$^{\neq}$",
                   r"\ddag")
 
 
@@ -30,7 +31,10 @@ def _cell_text(table: Table, row: str, method: str, metric: str, mark_random: bo
     if cell.state != "ok":
         return style.missing + (style.sup.format("f") if cell.state == FAILED else "")
     text = format_value(cell.value, metric) + (style.random_mark if mark_random and cell.random else "")
+    if table.spread:
+        text += style.plus_minus + format_value(cell.std, metric) if cell.std is not None else ""
     marks = [f"{'f ' if cell.failed else ''}{cell.count}/{cell.planned}"] if cell.incomplete else []
+    marks += [f"n={len(cell.replicates)}"] if table.spread and len(cell.replicates) != table.spread else []
     marks += ["s"] if cell.small else []
     marks += [style.stand_in] if cell.stand_in else []
     text += style.sup.format(" ".join(marks)) if marks else ""

@@ -2,7 +2,9 @@
 
 A cell is the mean over defect types (and folds and seeds) of one category; the Average row is the mean of the
 category rows that exist, with how many went in (a published average was once wrong because a row was
-missing). In each row, per metric, the best method is bold and the second best underlined (direction from
+missing). With several seeds or folds, a cell is the mean over those runs of each run's mean over defect types,
+shown with the sample standard deviation over the runs (`0.412 ± 0.013`); the Average's spread is that of each
+run's mean over the categories (runs every category has), not a pooled one. In each row, per metric, the best method is bold and the second best underlined (direction from
 `DIRECTION`), judged on the values as displayed, so ties share a mark; numbers reported
 by papers are shown but not ranked.
 
@@ -14,6 +16,7 @@ ranked. Missing cells are '—'; cells whose jobs all failed are '—' marked as
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -43,6 +46,16 @@ class Cell:
     stand_in: bool = False  # some samples behind it were partly made by a stand-in (records' `stand_in`)
     printed_average: float | None = None  # reported Average rows: the paper's printed value, beside our mean
     printed_tolerance: float = 0.0  # how far the printed average may lie from the mean of the rows by rounding
+    replicates: dict[tuple, float] = field(default_factory=dict)  # (fold, seed) -> that run's mean over defect types
+
+    @property
+    def std(self) -> float | None:
+        """The sample standard deviation (n - 1) over the replicates; None with fewer than two."""
+        values = list(self.replicates.values())
+        if len(values) < 2:
+            return None
+        mean = sum(values) / len(values)
+        return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
     @property
     def incomplete(self) -> bool:
@@ -77,6 +90,14 @@ class Table:
     def cell(self, row: str, method: str, metric: str) -> Cell:
         return self.cells.get((row, method, metric), Cell())
 
+    @property
+    def spread(self) -> int:
+        """How many runs (seeds x folds) most measured cells are the mean of, when some cell has more than one
+        (their standard deviation is shown); 0 when every cell comes from one run."""
+        counts = Counter(len(c.replicates) for c in self.cells.values()
+                         if c.state == "ok" and not c.reported and c.replicates)
+        return counts.most_common(1)[0][0] if counts and max(counts) > 1 else 0
+
 
 def build_table(title: str, records: pd.DataFrame, coverage: dict[tuple[str, str], Coverage], metrics: list[str],
                 methods: list[str], categories: list[str], reported: pd.DataFrame | None = None) -> Table:
@@ -97,9 +118,10 @@ def build_table(title: str, records: pd.DataFrame, coverage: dict[tuple[str, str
             made = [str(s) for s in finite.get("stand_in", pd.Series(dtype=object)).dropna() if s]
             for summary in made:
                 stand_ins.setdefault(summary, f"{method}, {category}")
-            cells[(category, method, metric)] = Cell(float(finite["value"].mean()), "ok",
+            replicates = _replicate_means(finite)
+            cells[(category, method, metric)] = Cell(sum(replicates.values()) / len(replicates), "ok",
                                                      bool(finite["random_weights"].fillna(False).any()), len(finite),
-                                                     small=small, stand_in=bool(made))
+                                                     small=small, stand_in=bool(made), replicates=replicates)
     all_methods = list(methods)
     for category in categories:
         for method in methods:
@@ -116,7 +138,24 @@ def build_table(title: str, records: pd.DataFrame, coverage: dict[tuple[str, str
                   stand_ins=stand_ins)
     _averages(table, categories)
     _rank(table)
+    if table.spread:
+        table.notes.append(f"Each cell: the mean ± the standard deviation (n - 1) over {table.spread} runs (seeds x "
+                           "folds), each run's value the mean over its defect types; the Average's spread is that of "
+                           "the runs' category means; n=k marks a cell of another number of runs.")
     return table
+
+
+REPLICATE = ("fold", "seed")
+
+
+def _replicate_means(values: pd.DataFrame) -> dict[tuple, float]:
+    """(fold, seed) -> the mean of that run's values (over defect types); records without folds or seeds are one
+    replicate. A cell's value is the mean of these, its spread their standard deviation."""
+    keys = [k for k in REPLICATE if k in values]
+    if not keys:
+        return {(): float(values["value"].mean())}
+    means = values.groupby([values[k].fillna(-1) for k in keys])["value"].mean()
+    return {(key if isinstance(key, tuple) else (key,)): float(v) for key, v in means.items()}
 
 
 def _reported_cells(cells: dict, reported: pd.DataFrame, metrics: list[str], methods: list[str]) -> list[str]:
@@ -150,6 +189,9 @@ def _averages(table: Table, categories: list[str]) -> None:
                     average.state = FAILED
                 continue
             average.value = sum(c.value for c in ok) / len(ok)
+            # the spread over runs of the category mean: each replicate's mean over the categories that have it all
+            shared = set.intersection(*(set(c.replicates) for c in ok))
+            average.replicates = {r: sum(c.replicates[r] for c in ok) / len(ok) for r in sorted(shared)}
             average.state, average.random, average.small = "ok", any(c.random for c in ok), any(c.small for c in ok)
             average.stand_in = any(c.stand_in for c in ok)
             average.count = sum(c.count for c in present)
