@@ -200,11 +200,10 @@ def _map_rows(store: RunStore, job: dict, folder: Path, cache: dict) -> list[dic
 def _where(store: RunStore, dataset: str) -> dict:
     """Where a run's data set lies (its manifest's record), as the job's `where` held it."""
     manifest = store.read_manifest() or {}
-    entry = next((d for d in manifest.get("config", {}).get("datasets", []) if d.get("name") == dataset), {})
     root = manifest.get("data", {}).get(dataset)
     if root is None:
         raise DamagedError(f"{store.run_dir / 'manifest.json'}: records no root for data set {dataset!r}")
-    return {"root": root, "captions": entry.get("captions")}
+    return {"root": root, "captions": manifest.get("captions", {}).get(dataset)}
 
 
 def export_per_image(suite: str, run: str | None = None, results: Path | None = None, out: Path | None = None,
@@ -223,7 +222,7 @@ def export_per_image(suite: str, run: str | None = None, results: Path | None = 
     for key, rows in (table.groupby("job_key", sort=False) if len(table) else []):
         first = rows.iloc[0]
         own = JOB_COLUMNS + (SCORE_COLUMNS if first["kind"] == "score" else MAP_COLUMNS)
-        rows = rows[[c for c in own if c in rows]].reset_index(drop=True)
+        rows = rows[[c for c in own if c in rows]].reset_index(drop=True).convert_dtypes()  # 1, not 1.0
         stem = "_".join(str(first.get(c, "")) for c in ("kind", "method", "category", "defect_type"))
         stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{stem}_f{first['fold']}_s{first['seed']}_{key[:8]}")
         atomic_write_text(out / f"{stem}.csv", rows.to_csv(index=False))

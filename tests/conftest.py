@@ -27,17 +27,20 @@ def isolated_cache(tmp_path_factory):
 BYSTANDER_TEST = "test_a_ray_started_before_the_tests_is_alive_after_them"
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected
 def pytest_collection_modifyitems(config, items):
-    """When the bystander check is among the tests, it runs last, and its Ray starts before the first test."""
+    """The bystander check runs last."""
     last = [item for item in items if item.name == BYSTANDER_TEST]
-    if last and len(last) < len(items):
-        items[:] = [item for item in items if item not in last] + last
-        items[0].fixturenames.insert(0, "bystander_ray")
+    items[:] = [item for item in items if item not in last] + last
 
 
-@pytest.fixture(scope="session")
-def bystander_ray():
-    """A Ray instance of the machine's that the tests did not start (a user's running suite): its processes."""
+@pytest.fixture(scope="session", autouse=True)
+def bystander_ray(request):
+    """When the bystander check is among the tests: a Ray instance started before the first test runs, as a user's
+    running suite would be (started by none of the tests), whose processes the check finds alive after the last."""
+    if not any(item.name == BYSTANDER_TEST for item in request.session.items):
+        yield None
+        return
     from tests.ray_nodes import ray_nodes
 
     with ray_nodes(count=1, cpus=0) as nodes:

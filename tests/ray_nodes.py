@@ -67,7 +67,7 @@ def processes(folder: str, port: int) -> list[psutil.Process]:
     def ours(process: psutil.Process) -> bool:
         try:
             return any(folder in arg or arg.endswith(f":{port}") for arg in process.cmdline())
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        except psutil.Error:
             return False
 
     found: dict[int, psutil.Process] = {}
@@ -84,9 +84,27 @@ def _descendants(process: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+CORE = ("gcs_server", "raylet")  # what a Ray node is while it lives (helper processes may come and go)
+
+
 def alive(found: list[psutil.Process]) -> bool:
-    """Whether every one of these processes still runs."""
-    return bool(found) and all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in found)
+    """Whether the node processes among these (GCS server, raylets) all still run."""
+    core = [p for p in found if _name(p) in CORE]
+    return bool(core) and all(_running(p) for p in core)
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:
+        return ""
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def stop(found: list[psutil.Process], grace: float = 10.0) -> None:

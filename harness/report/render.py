@@ -34,7 +34,8 @@ def _cell_text(table: Table, row: str, method: str, metric: str, mark_random: bo
     if table.spread:
         text += style.plus_minus + format_value(cell.std, metric) if cell.std is not None else ""
     marks = [f"{'f ' if cell.failed else ''}{cell.count}/{cell.planned}"] if cell.incomplete else []
-    marks += [f"n={len(cell.replicates)}"] if table.spread and len(cell.replicates) != table.spread else []
+    if table.spread and not cell.reported and len(cell.replicates) != table.spread:
+        marks.append(f"n={len(cell.replicates)}")
     marks += ["s"] if cell.small else []
     marks += [style.stand_in] if cell.stand_in else []
     text += style.sup.format(" ".join(marks)) if marks else ""
@@ -122,7 +123,10 @@ def latex_method_rows(table: Table, groups: list[tuple[str, list[str]]], caption
 
 
 def _categories_in(table: Table, row: str, method: str) -> int:
-    return max((table.cell(row, method, k).count for k in table.metrics), default=0)
+    """How many categories a row's values cover (not how many values: several seeds give a category several)."""
+    if row == "Average":
+        return table.average_counts.get(method, 0)
+    return int(any(table.cell(row, method, k).state == "ok" for k in table.metrics))
 
 
 def latex_document(body: list[str]) -> str:

@@ -140,8 +140,9 @@ def build_table(title: str, records: pd.DataFrame, coverage: dict[tuple[str, str
     _rank(table)
     if table.spread:
         table.notes.append(f"Each cell: the mean ± the standard deviation (n - 1) over {table.spread} runs (seeds x "
-                           "folds), each run's value the mean over its defect types; the Average's spread is that of "
-                           "the runs' category means; n=k marks a cell of another number of runs.")
+                           "folds), each run's value the mean over its defect types; the Average: the mean of the "
+                           "category cells, ± the spread of the runs' means over the categories, from the runs every "
+                           "category has; n=k marks a spread from another number of runs.")
     return table
 
 

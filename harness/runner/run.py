@@ -127,7 +127,7 @@ def _run_locked(plan: Plan, store: RunStore, executor: str | None, address: str 
         "suite": suite.name, "run_id": store.run_id, "config": resolved_config(suite),
         "code": code_version(), "host": platform.node(), "python": sys.version.split()[0],
         "created": _previous(store).get("created", now()), "started": now(), "warnings": plan.warnings,
-        "executor": executor or suite.executor.kind, "data": _data_roots(plan),
+        "executor": executor or suite.executor.kind, "data": _data_roots(plan), "captions": _caption_files(plan),
         "jobs": [j.as_dict(where=False) for j in plan.jobs],
     }
     store.write_manifest(manifest)
@@ -154,6 +154,11 @@ def _data_roots(plan: Plan) -> dict:
     """Where this run found each data set (the synthetic one in the cache): the one machine-specific entry of a
     manifest, read by the leaderboard's sample grids; keys, records and the config hold no machine path."""
     return {d.spec.name: str(d.root) for d in plan.datasets}
+
+
+def _caption_files(plan: Plan) -> dict:
+    """Where this run found each data set's caption file (for re-reading its splits: `defectbench export`)."""
+    return {d.spec.name: str(d.spec.captions) for d in plan.datasets if d.spec.captions}
 
 
 def _previous(store: RunStore) -> dict:
