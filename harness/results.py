@@ -169,7 +169,7 @@ def _map_rows(store: RunStore, job: dict, folder: Path, cache: dict) -> list[dic
     """Per test image: label, defect type, image score, and its own pixel AUROC / AP where it has defect pixels."""
     import numpy as np
 
-    from harness.downstream.data import GOOD, test_set
+    from harness.downstream.data import GOOD, test_samples, test_set
     from harness.metrics import detection
     from harness.runner.generation_jobs import load_split
 
@@ -180,8 +180,7 @@ def _map_rows(store: RunStore, job: dict, folder: Path, cache: dict) -> list[dic
     split = load_split({**params, **_where(store, params["dataset"])}, cache)
     key = ("test", id(split), params["resolution"])
     if key not in cache:
-        samples = [*(s for d in sorted(split.defects) for s in split.defects[d].test), *split.normal_test]
-        cache[key] = (samples, test_set(split, params["resolution"]))
+        cache[key] = (test_samples(split), test_set(split, params["resolution"]))
     samples, test = cache[key]
     if [s.key for s in samples] != names or maps.shape != test.masks.shape:
         raise DamagedError(f"{maps_file}: its test images are not the split's ({len(names)} maps, "

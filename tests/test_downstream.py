@@ -244,6 +244,8 @@ def test_suite_runs_downstream_and_detectors_and_renders_their_tables(tmp_path):
                            "pixel_aupro", "pixel_f1max_compat"}, (method, category)
     assert set(whole[whole["metric"] == "accuracy"]["method"]) == {"cutpaste", "draem"}
     assert {"logical_anomalies", "structural_anomalies"} <= set(frame[frame["category"] == "tray"]["defect_type"])
+    spro = frame[(frame["metric"] == "pixel_spro") & frame["value"].notna()]  # MVTec LOCO's own, for tray only
+    assert set(spro["category"]) == {"tray"} and len(spro) == 3 * 4  # logical, structural, all x 4 rows
     md, tex = render_leaderboard("downstream", results=tmp_path, show_reported=False)
     text = md.read_text()
     for title in ("Detection and localisation (all defect types)", "Detection and localisation (logical anomalies)",
@@ -251,6 +253,8 @@ def test_suite_runs_downstream_and_detectors_and_renders_their_tables(tmp_path):
                   "Defect classification accuracy"):
         assert title in text
     assert "_Unsupervised (anomalib, normal images only)_" in text and "†" not in text
+    loco_tables = text.split("### Detection and localisation (logical anomalies)")[1].split("### Localisation per")[0]
+    assert loco_tables.count("AU-sPRO↑") == 2 and "AU-sPRO" not in text.split("(logical anomalies)")[0]
     assert tex.read_text().count(r"\begin{table}") == text.count("\n### ") - text.count("### Figures")
     _per_image_rows_give_the_records(tmp_path, frame)
 

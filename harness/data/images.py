@@ -96,6 +96,17 @@ def save_image(path: Path, image: np.ndarray) -> None:
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path, format="PNG")
 
 
-def save_mask(path: Path, mask: np.ndarray) -> None:
+def save_mask(path: Path, mask: np.ndarray, value: int = 255) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((np.asarray(mask, dtype=bool) * 255).astype(np.uint8)).save(path, format="PNG")
+    Image.fromarray((np.asarray(mask, dtype=bool) * value).astype(np.uint8)).save(path, format="PNG")
+
+
+def read_region(path: Path) -> tuple[np.ndarray, int]:
+    """One MVTec LOCO region mask: its pixels (H, W) bool and the pixel value naming its defect type (the mask holds
+    0 and that one value)."""
+    layer = np.asarray(_open_decoded(Path(path)).convert("L"))
+    values = np.unique(layer[layer > 0])
+    if values.size != 1:
+        raise DataError(path, f"a region mask must hold 0 and one pixel value, not {values.size} values "
+                              f"({', '.join(map(str, values[:5]))})")
+    return layer > 0, int(values[0])

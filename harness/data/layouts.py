@@ -10,12 +10,13 @@ file; otherwise problems are collected and the offending samples skipped.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.data.captions import CaptionSource, JsonCaptions, caption_source
 from harness.data.images import GRAYSCALE_MODES, image_header, image_size, is_image_file, read_mask, verify_image
-from harness.data.model import GOOD, Category, Sample, file_id_sort_key
+from harness.data.model import DEFECTS_CONFIG, GOOD, Category, SaturationRule, Sample, file_id_sort_key
 from harness.errors import DataError
 
 MVTEC_AD = "mvtec_ad"
@@ -104,7 +105,35 @@ def read_category(
         test_good=test_good,
         defects=defects,
         warnings=list(findings.warnings),
+        saturation=read_defects_config(category_dir / DEFECTS_CONFIG) if layout == MVTEC_LOCO else None,
     )
+
+
+def read_defects_config(path: Path) -> dict[int, SaturationRule] | None:
+    """MVTec LOCO's defects_config.json (a list of {defect_name, pixel_value, saturation_threshold,
+    relative_saturation}) by pixel value; None when the category has none (sPRO is then not computed)."""
+    if not path.is_file():
+        return None
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(path, f"unreadable ({err})") from None
+    if not isinstance(entries, list):
+        raise DataError(path, "must be a list of defect entries")
+    rules = {}
+    for i, entry in enumerate(entries):
+        missing = {"defect_name", "pixel_value", "saturation_threshold", "relative_saturation"} - set(entry)
+        if missing:
+            raise DataError(path, f"entry {i}: missing {', '.join(sorted(missing))}")
+        value, threshold, relative = entry["pixel_value"], entry["saturation_threshold"], entry["relative_saturation"]
+        if not isinstance(value, int) or not 0 < value < 256 or value in rules:
+            raise DataError(path, f"entry {i}: pixel_value must be a new integer in 1..255, not {value!r}")
+        if not isinstance(relative, bool) or not isinstance(threshold, (int, float)) or threshold <= 0 or (
+                relative and threshold > 1):
+            raise DataError(path, f"entry {i}: saturation_threshold {threshold!r} with relative_saturation "
+                                  f"{relative!r} (relative: a fraction in (0, 1]; else a pixel count)")
+        rules[value] = SaturationRule(str(entry["defect_name"]), float(threshold), relative)
+    return rules
 
 
 def read_dataset(root: Path, categories: list[str] | None = None, **kwargs) -> list[Category]:

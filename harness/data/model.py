@@ -64,6 +64,19 @@ class Sample:
         return read_mask_levels(self.masks, size) if self.masks else np.zeros((size, size), dtype=np.uint8)
 
 
+DEFECTS_CONFIG = "defects_config.json"  # MVTec LOCO: per defect type its masks' pixel value and sPRO saturation
+
+
+@dataclass(frozen=True)
+class SaturationRule:
+    """An entry of MVTec LOCO's defects_config.json: a region of this defect type (its mask's pixel value) counts
+    as fully found once `threshold` pixels of it are (relative: that fraction of its area)."""
+
+    defect_name: str
+    threshold: float
+    relative: bool
+
+
 @dataclass
 class Category:
     """A category as read from disk. Defect samples are sorted by file id."""
@@ -77,6 +90,7 @@ class Category:
     test_good: list[Sample]
     defects: dict[str, list[Sample]]
     warnings: list[str] = field(default_factory=list)
+    saturation: dict[int, SaturationRule] | None = None  # MVTec LOCO's defects_config.json by pixel value
 
     @property
     def defect_types(self) -> list[str]:

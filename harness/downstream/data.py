@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.data.model import GOOD, Sample
+from harness.data.model import DEFECTS_CONFIG, GOOD, Sample
 from harness.data.splits import Split
 from harness.errors import DataError
-from harness.data.images import read_image, read_mask
+from harness.data.images import read_image, read_mask, read_region, resize_mask
 from harness.generation import read_samples
 from harness.io import atomic_write_bytes
-from harness.metrics import detection
+from harness.metrics import detection, spro
 
 ALL = "all"  # the defect_type of a record computed over the whole test part
 
@@ -64,10 +64,14 @@ def from_samples(samples: list[Sample], resolution: int) -> ImageSet:
     return ImageSet(images, masks, [s.defect_type for s in samples], [s.key for s in samples])
 
 
+def test_samples(split: Split) -> list[Sample]:
+    """The real test part in its fixed order: every defect type's test images, then the normal test images."""
+    return [*(s for d in sorted(split.defects) for s in split.defects[d].test), *split.normal_test]
+
+
 def test_set(split: Split, resolution: int) -> ImageSet:
-    """The real test part: every defect type's test images, then the normal test images (with the masks also as
-    the published evaluation resizes them)."""
-    samples = [*(s for d in sorted(split.defects) for s in split.defects[d].test), *split.normal_test]
+    """The real test part (`test_samples`), with the masks also as the published evaluation resizes them."""
+    samples = test_samples(split)
     test = from_samples(samples, resolution)
     if samples:
         test.mask_levels = np.stack([s.load_mask_levels(resolution) for s in samples])
@@ -106,12 +110,47 @@ def hold_out(samples: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, I
     return samples.subset(train), samples.subset(validation)
 
 
+@dataclass(frozen=True)
+class LocoRegions:
+    """An MVTec LOCO test part's regions for sPRO (harness.metrics.spro), or why there are none."""
+
+    regions: list[spro.Region]
+    missing: str | None = None  # why sPRO cannot be computed
+    dropped: int = 0  # regions too small to keep a pixel at the working resolution
+
+
+def test_regions(split: Split, resolution: int) -> LocoRegions | None:
+    """Each mask file of the test part (`test_samples`' order) as one region with its saturation area at the
+    working resolution (an absolute area scaled by the pixel counts); None for a category not in the LOCO layout."""
+    category = split.category
+    if category.layout != "mvtec_loco":
+        return None
+    if category.saturation is None:
+        return LocoRegions([], f"no {DEFECTS_CONFIG} in {category.root}: sPRO needs its saturation areas")
+    regions, dropped = [], 0
+    for index, sample in enumerate(test_samples(split)):
+        for path in sample.masks:
+            mask, value = read_region(path)
+            rule = category.saturation.get(value)
+            if rule is None:
+                raise DataError(path, f"pixel value {value} is not listed in {category.root / DEFECTS_CONFIG}")
+            small = resize_mask(mask, resolution) if mask.shape != (resolution, resolution) else mask
+            if not small.any():
+                dropped += 1
+                continue
+            threshold = rule.threshold if rule.relative else rule.threshold * small.size / mask.size
+            # a relative rule on a region of a few pixels truncates to 0 (the official code then divides by it)
+            regions.append(spro.Region(index, small, max(1, spro.saturation_area(int(small.sum()), threshold,
+                                                                                  rule.relative))))
+    return LocoRegions(regions, None, dropped)
+
+
 def score_maps(test: ImageSet, maps: np.ndarray, image_scores: np.ndarray,
-               compat_scores: np.ndarray | None = None) -> list[dict]:
+               compat_scores: np.ndarray | None = None, loco: LocoRegions | None = None) -> list[dict]:
     """Records of every detection metric: over the whole test part ('all') and per defect type (that type's
     images with every normal test image). A subset holding one class only gets no record. With `compat_scores`
     (the image scores as the published code makes them) and the test part's mask levels, the published
-    evaluation's metrics (`*_compat`) are recorded too."""
+    evaluation's metrics (`*_compat`) are recorded too; with an MVTec LOCO test part's regions, AU-sPRO."""
     if maps.shape != test.masks.shape:
         raise ValueError(f"anomaly maps {maps.shape} do not match the test masks {test.masks.shape}")
     types = np.array(test.defect_types)
@@ -128,6 +167,29 @@ def score_maps(test: ImageSet, maps: np.ndarray, image_scores: np.ndarray,
         records += [{"metric": metric, "value": value, "n": n, "defect_type": name} for metric, value in values.items()]
         if compat_scores is not None and test.mask_levels is not None:
             records += _compat_records(labels, compat_scores[keep], test.mask_levels[keep], maps[keep], n, name)
+    return records + (_spro_records(groups, maps, loco) if loco is not None else [])
+
+
+def _spro_records(groups: dict[str, np.ndarray], maps: np.ndarray, loco: LocoRegions) -> list[dict]:
+    """AU-sPRO (FPR up to 0.05) per defect type, each with every normal test image; the whole test part's is the
+    mean of those (MVTec LOCO's rule for a category: logical and structural anomalies evaluated apart)."""
+    details = {"fpr_limit": spro.SPRO_FPR_LIMIT, "regions_dropped": loco.dropped}
+    types = {name: keep for name, keep in groups.items() if name != ALL}
+    if loco.missing:
+        return [{"metric": "pixel_spro", "value": None, "missing": loco.missing, "n": int(keep.sum()),
+                 "defect_type": name} for name, keep in groups.items()]
+    records = []
+    for name, keep in types.items():
+        position = np.cumsum(keep) - 1  # an image's index within the group
+        regions = [spro.Region(int(position[r.image]), r.mask, r.saturation) for r in loco.regions if keep[r.image]]
+        if regions:
+            value = spro.au_spro(maps[keep], regions)
+            records.append({"metric": "pixel_spro", "value": value, "n": int(keep.sum()), "defect_type": name,
+                            "details": {**details, "regions": len(regions)}})
+    if records:
+        records.append({"metric": "pixel_spro", "value": float(np.mean([r["value"] for r in records])),
+                        "n": int(groups[ALL].sum()), "defect_type": ALL,
+                        "details": {**details, "regions": len(loco.regions), "mean_of": [r["defect_type"] for r in records]}})
     return records
 
 

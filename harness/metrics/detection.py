@@ -45,6 +45,9 @@ DIRECTION = {m: "up" for m in (*IMAGE_METRICS, *PIXEL_METRICS, *COMPAT_METRICS, 
 LABELS = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max", "pixel_auroc": "P-AUROC",
           "pixel_ap": "P-AP", "pixel_f1max": "P-F1max", "pixel_aupro": "AUPRO", "accuracy": "Acc", "class_accuracy": "Acc"}
 LABELS.update({f"{m}_compat": f"{LABELS[m]}ᵖ" for m in (*IMAGE_METRICS, *PIXEL_METRICS)})  # ᵖ: published rules
+LOCO_METRICS = ("pixel_spro",)  # MVTec LOCO's own (harness.metrics.spro): recorded for LOCO-layout categories only
+DIRECTION.update({m: "up" for m in LOCO_METRICS})
+LABELS["pixel_spro"] = "AU-sPRO"
 
 
 def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

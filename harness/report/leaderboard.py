@@ -147,6 +147,8 @@ def _downstream_tables(frame: pd.DataFrame, states: dict, manifest: dict, store:
     for defect_type, scope, cats in scopes:
         subset = frame[frame["defect_type"] == defect_type] if not frame.empty else frame
         metrics = [m + suffix for m in DETECTION_METRICS]
+        if set(cats) <= set(loco):  # MVTec LOCO's own localisation metric, for its categories
+            metrics += list(detection.LOCO_METRICS)
         extra, sources = table_rows(reported, dataset.get("layout"), cats, metrics,
                                     "all" if defect_type == ALL else defect_type, suffix)
         table = build_table("Detection", subset, failed, metrics, [*detectors, *synthetic], cats, extra)

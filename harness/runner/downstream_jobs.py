@@ -127,8 +127,9 @@ def run_segment(job: Job, ctx: JobContext) -> list[dict]:
                                                       "n_train": len(train), "n_validation": len(validation)})
     published = detection.image_scores_from_maps(maps, config["pool_kernel"], count_include_pad=True)
     stand_in = _stand_in(job, ctx)
-    return [{**r, "selection": selection.on, "details": {"best_epoch": selection.best_epoch}, "stand_in": stand_in}
-            for r in ddata.score_maps(test, maps, scores, published)]
+    loco = ddata.test_regions(split, p["resolution"])
+    return [{**r, "selection": selection.on, "details": {"best_epoch": selection.best_epoch, **r.get("details", {})},
+             "stand_in": stand_in} for r in ddata.score_maps(test, maps, scores, published, loco)]
 
 
 @job_kind("classify")
@@ -167,4 +168,5 @@ def run_detect(job: Job, ctx: JobContext) -> list[dict]:
     common = {"random_weights": bool(resolved and resolved.is_random),
               "weights": resolved.describe() if resolved else "none (trained from scratch)"}
     # the published image-score rule is the U-Net's; a detector keeps its own image score under both evaluations
-    return [{**r, **common} for r in ddata.score_maps(test, maps, scores, scores)]
+    loco = ddata.test_regions(split, p["resolution"])
+    return [{**r, **common} for r in ddata.score_maps(test, maps, scores, scores, loco)]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.data.images import save_image, save_mask
+from harness.data.model import DEFECTS_CONFIG
 from harness.data.synth.base import SynthCategory
 from harness.data.synth.draw import to_uint8
 from harness.data.synth.loco import Tray
@@ -22,7 +23,7 @@ from harness.errors import ConfigError
 from harness.io import atomic_directory, atomic_write_json
 
 CATEGORIES: dict[str, SynthCategory] = {c.name: c for c in (Weave(), Grain(), Washer(), Pill(), Tray())}
-SYNTH_VERSION = 1  # bump when the drawings change, so cached copies are regenerated
+SYNTH_VERSION = 2  # bump when the drawings change, so cached copies are regenerated (2: LOCO masks' pixel values)
 
 
 # The smallest value of each setting the synthetic data set can be drawn with.
@@ -75,22 +76,38 @@ def _write_category(folder: Path, category: SynthCategory, cat_index: int, confi
         for i in range(count):
             scene = category.normal(_rng(config, cat_index, part_index, 0, i), config.size)
             save_image(folder / part / "good" / f"{i:03d}.png", to_uint8(scene.image))
+    if category.layout == "mvtec_loco":
+        atomic_write_json(folder / DEFECTS_CONFIG, loco_defects_config(config.size))
     for defect_index, defect in enumerate(category.defect_types, start=1):
         for i in range(config.n_defect):
             rng = _rng(config, cat_index, 3, defect_index, i)
             scene = category.normal(rng, config.size)
             result = category.defect(defect, rng, scene)
             save_image(folder / "test" / defect / f"{i:03d}.png", to_uint8(result.image))
-            _write_masks(folder / "ground_truth" / defect, i, result.regions, category.layout)
+            _write_masks(folder / "ground_truth" / defect, i, result.regions, category.layout,
+                         LOCO_PIXEL_VALUES.get(defect, 255))
             prompt = folder / "prompt" / defect / f"{i:03d}.txt"
             prompt.parent.mkdir(parents=True, exist_ok=True)
             prompt.write_text(result.caption + "\n", encoding="utf-8")
 
 
-def _write_masks(folder: Path, index: int, regions: list[np.ndarray], layout: str) -> None:
+# MVTec LOCO marks each region's defect type by its mask's pixel value and gives each a saturation rule for sPRO
+# (defects_config.json): here logical regions saturate at an absolute area (an eighth of the image's side,
+# squared), structural ones at their whole area
+LOCO_PIXEL_VALUES = {"logical_anomalies": 254, "structural_anomalies": 255}
+
+
+def loco_defects_config(size: int) -> list[dict]:
+    return [{"defect_name": "synthetic_logical", "pixel_value": LOCO_PIXEL_VALUES["logical_anomalies"],
+             "saturation_threshold": int((size / 8) ** 2), "relative_saturation": False},
+            {"defect_name": "synthetic_structural", "pixel_value": LOCO_PIXEL_VALUES["structural_anomalies"],
+             "saturation_threshold": 1.0, "relative_saturation": True}]
+
+
+def _write_masks(folder: Path, index: int, regions: list[np.ndarray], layout: str, value: int) -> None:
     if layout == "mvtec_loco":
         for r, region in enumerate(regions):
-            save_mask(folder / f"{index:03d}" / f"{r:03d}.png", region)
+            save_mask(folder / f"{index:03d}" / f"{r:03d}.png", region, value)
     else:
         save_mask(folder / f"{index:03d}_mask.png", np.logical_or.reduce(regions))
 
