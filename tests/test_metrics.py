@@ -193,8 +193,12 @@ def test_scorer_reports_every_metric_with_provenance(tmp_path, synth_root):
     out = generate_to(method, task, "crack", 6, 0, tmp_path / "gen", tmp_path / "fit", progress=False)
     parts = split.defects["crack"]
     inputs = ScoreInputs.from_folder(out, [s.image for s in parts.test], [s.image for s in parts.centres])
-    values = {v.metric: v for v in Scorer("tiny", ScoreConfig(resolution=64, ic_lpips=ICLPIPSConfig(size=64))).score(inputs)}
+    scored, rows = Scorer("tiny", ScoreConfig(resolution=64, ic_lpips=ICLPIPSConfig(size=64))).score_per_image(inputs)
+    values = {v.metric: v for v in scored}
     assert set(values) == set(METRICS)
+    for metric, column in (("bg_lpips", "bg_lpips"), ("mask_iou", "mask_iou"), ("lpips_to_real", "lpips_to_centre")):
+        assert np.nanmean([row[column] for row in rows]) == pytest.approx(values[metric].value)  # the per-image rows
+    assert len(rows) == 6 and all(row["nearest_centre"] in {f"crack/{s.image.name}" for s in parts.centres} for row in rows)
     assert values["bg_psnr"].value == PSNR_CAP  # DRAEM leaves the background untouched
     assert values["mask_iou"].value > 0.3
     assert values["fid"].details["random"] and values["ic_lpips"].details["random"]

@@ -188,7 +188,8 @@ class Scorer:
         net = self.lpips(cfg.net)
         result = ic_lpips(net, inputs.generated, inputs.centres, cfg, progress=progress)
         for row, centre, distance in zip(rows, result.assignment, result.nearest):
-            row.update(nearest_centre=inputs.centres[int(centre)].name, lpips_to_centre=float(distance))
+            path = inputs.centres[int(centre)]  # named with its folder: <defect>/<file> in the MVTec layouts
+            row.update(nearest_centre=f"{path.parent.name}/{path.name}", lpips_to_centre=float(distance))
         how = {**net.provenance(), "size": cfg.size, "cluster_cap": cfg.cluster_cap, "selection": cfg.selection,
                "seed": cfg.seed, "small_clusters": cfg.small_clusters, "centre_range": cfg.centre_range}
         details = {**how, "cluster_sizes": result.cluster_sizes, "clusters_used": result.clusters_used}
