@@ -107,7 +107,7 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
-def stop(found: list[psutil.Process], grace: float = 10.0) -> None:
+def stop(found: list[psutil.Process], grace: float = 3.0) -> None:
     for process in found:
         try:
             process.terminate()

@@ -304,15 +304,6 @@ def test_two_node_cluster_by_address(tmp_path, isolated_cache):
     assert len(ran_on) == 2  # jobs ran on both nodes
 
 
-def test_stopping_a_tests_ray_nodes_leaves_other_ray_alone():
-    from tests.ray_nodes import alive, ray_nodes
-
-    with ray_nodes() as other:
-        with ray_nodes() as own:
-            assert own.processes() and not set(p.pid for p in own.processes()) & set(p.pid for p in other.processes())
-        assert alive(other.processes()) and not own.processes()
-
-
 def test_a_ray_started_before_the_tests_is_alive_after_them(bystander_ray):
     """Runs last (conftest.py): no test may stop a Ray it did not start (`ray stop` stops them all)."""
     from tests.ray_nodes import alive
