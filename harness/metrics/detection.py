@@ -157,10 +157,10 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMI
     last_of_value = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
     pro = np.r_[0.0, np.cumsum(weights[order])[last_of_value]]
     fpr = np.r_[0.0, np.cumsum(normal[order])[last_of_value] / normal.sum()]
-    return _partial_area(fpr, pro, fpr_limit) / fpr_limit
+    return partial_area(fpr, pro, fpr_limit) / fpr_limit
 
 
-def _partial_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
+def partial_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
     """Trapezoidal area under y(x) for x in [0, limit], interpolating y linearly at the limit."""
     inside = x <= limit
     xs, ys = x[inside], y[inside]
@@ -192,7 +192,7 @@ def aupro_compat(levels: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_
         pro.append(float(np.mean([1.0 - np.searchsorted(s, threshold, side="right") / s.size for s in region_scores])))
     fpr, pro = np.array(fpr[::-1]), np.array(pro[::-1])
     finite = np.isfinite(fpr) & np.isfinite(pro)
-    return _partial_area(fpr[finite], pro[finite], fpr_limit) / fpr_limit
+    return partial_area(fpr[finite], pro[finite], fpr_limit) / fpr_limit
 
 
 def image_scores_from_maps(maps: np.ndarray, kernel: int = 21, count_include_pad: bool = False) -> np.ndarray:

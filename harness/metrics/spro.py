@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from harness.metrics.detection import partial_area
+
 SPRO_FPR_LIMIT = 0.05
 
 
@@ -106,13 +108,7 @@ def area_under(fpr: np.ndarray, spro: np.ndarray, fpr_limit: float = SPRO_FPR_LI
     """Trapezoidal area under the curve for FPR in [0, limit] (the curve interpolated at the limit), / limit."""
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"the FPR limit must lie in (0, 1], not {fpr_limit}")
-    inside = fpr <= fpr_limit
-    xs, ys = fpr[inside], spro[inside]
-    if xs[-1] < fpr_limit:
-        j = int(np.argmax(~inside))  # the first point beyond the limit
-        y = spro[j - 1] + (spro[j] - spro[j - 1]) * (fpr_limit - fpr[j - 1]) / (fpr[j] - fpr[j - 1])
-        xs, ys = np.r_[xs, fpr_limit], np.r_[ys, y]
-    return float(np.trapezoid(ys, xs) / fpr_limit)
+    return partial_area(fpr, spro, fpr_limit) / fpr_limit
 
 
 def au_spro(maps: np.ndarray, regions: list[Region], fpr_limit: float = SPRO_FPR_LIMIT) -> float:

@@ -4,9 +4,9 @@ A cell is the mean over defect types (and folds and seeds) of one category; the 
 category rows that exist, with how many went in (a published average was once wrong because a row was
 missing). With several seeds or folds, a cell is the mean over those runs of each run's mean over defect types,
 shown with the sample standard deviation over the runs (`0.412 ± 0.013`); the Average's spread is that of each
-run's mean over the categories (runs every category has), not a pooled one. In each row, per metric, the best method is bold and the second best underlined (direction from
-`DIRECTION`), judged on the values as displayed, so ties share a mark; numbers reported
-by papers are shown but not ranked.
+run's mean over the categories (runs every category has), not a pooled one. In each row, per metric, the best
+method is bold and the second best underlined (direction from `DIRECTION`), judged on the values as displayed,
+so ties share a mark; numbers reported by papers are shown but not ranked.
 
 Every cell knows how many values were planned for it (one per job of the run that feeds it) and how many it got.
 A cell, and every average it feeds, that covers fewer values than planned says so (`0.062 f 2/3`: 2 of 3 values,
