@@ -266,6 +266,17 @@ def _load_class(directory: Path) -> type[Method]:
     """Import methods/<name>/ as a package whose top module is method.py, so a method may keep helper modules
     beside it (`from .noise import perlin`) and code that serves one method lives in its directory."""
     source = directory / "method.py"
+    module = _import_package(directory)
+    module_name = module.__name__
+    classes = [obj for obj in vars(module).values()
+               if inspect.isclass(obj) and issubclass(obj, Method) and obj is not Method and obj.__module__ == module_name]
+    if len(classes) != 1:
+        raise MethodError(f"{source}: expected exactly one subclass of harness.Method, found {len(classes)}")
+    return classes[0]
+
+
+def _import_package(directory: Path) -> types.ModuleType:
+    source = directory / "method.py"
     if not source.is_file():
         raise MethodError(f"{source}: missing method.py")
     sys.modules.setdefault(PACKAGE, types.ModuleType(PACKAGE))
@@ -280,11 +291,20 @@ def _load_class(directory: Path) -> type[Method]:
     except Exception:
         sys.modules.pop(module_name, None)
         raise
-    classes = [obj for obj in vars(module).values()
-               if inspect.isclass(obj) and issubclass(obj, Method) and obj is not Method and obj.__module__ == module_name]
-    if len(classes) != 1:
-        raise MethodError(f"{source}: expected exactly one subclass of harness.Method, found {len(classes)}")
-    return classes[0]
+    return module
+
+
+def method_package(name: str) -> types.ModuleType:
+    """The package of another method (`methods/<name>/`, imported as defectbench_methods.<name>), for a method built
+    on it: `method_package("anomalydiffusion").AnomalyDiffusion` is a base class to extend, and its helper modules
+    are importable as `defectbench_methods.anomalydiffusion.<module>` afterwards. Imported once per process."""
+    loaded = sys.modules.get(f"{PACKAGE}.{name}")
+    if loaded is not None:
+        return loaded
+    for root in methods_dirs():
+        if (root / name / "method.py").is_file():
+            return _import_package(root / name)
+    raise MethodError(f"method {name!r} (a base of another method) not found in {[str(r) for r in methods_dirs()]}")
 
 
 def _check_class(cls: type[Method]) -> None:

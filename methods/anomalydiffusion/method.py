@@ -91,24 +91,24 @@ class AnomalyDiffusion(Method):
         backbone = backbones.load_frozen(task.backbone)
         seed = int(task.rng().integers(2**63 - 1))
         defect_types = sorted({a.defect_type for a in task.anomalies})
-        with torch.random.fork_rng():  # the encoder's random initialisation: seeded
-            torch.manual_seed(seed)
-            embedding = self._embedding(backbone, defect_types).to(backbone.device).train()
         size = self._resolution(task.resolution)
+        with torch.random.fork_rng():  # the encoders' random initialisation: seeded
+            torch.manual_seed(seed)
+            embedding = self._new_embedding(backbone, task, defect_types, size, workdir).to(backbone.device).train()
         augment = self.config["augment"]
         images, masks, source = with_pool(task.rng("augment"),
                                           resize_images(np.stack([a.image for a in task.anomalies]), size),
                                           resize_masks(np.stack([a.mask for a in task.anomalies]), size),
                                           int(augment["pool"]), int(augment["max_rotation"]))
         data = LatentData.encode(backbone, images, masks, flips=self.config["flips"])
-        types = [task.anomalies[i].defect_type for i in source]  # per row of the pool
+        rows = [task.anomalies[i] for i in source]  # the training anomaly of each row of the pool
         cfg = self.config
         steps = int(cfg["steps_per_defect_type"]) * len(defect_types)
         lora = self._lora_settings()
         adapter = add_lora(backbone.unet, lora, seed=seed) if lora else []
         settings = FinetuneConfig(steps=steps, batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
                                   weight_decay=0.0, grad_clip=cfg["grad_clip"], seed=seed)
-        history = finetune(list(embedding.parameters()) + adapter, data, self._loss(backbone, embedding, types),
+        history = finetune(list(embedding.parameters()) + adapter, data, self._loss(backbone, embedding, rows),
                            settings, workdir, desc="anomalydiffusion: fine-tune",
                            buffers=list(embedding.buffers()))  # BatchNorm's statistics: a resumed fit keeps them
         from safetensors.torch import save_file
@@ -125,9 +125,9 @@ class AnomalyDiffusion(Method):
             "training_images": [a.id for a in task.anomalies], "history": history, "mask_generator": mask_histories,
             "unet_lora": cfg["unet_lora"], "mask_adapters": self._mask_adapters(defect_types),
             "trained_parameters": sum(p.numel() for p in [*embedding.parameters(), *adapter]),
-            "seconds": round(time.perf_counter() - start, 1)}, indent=2))
+            **self._fit_record(embedding), "seconds": round(time.perf_counter() - start, 1)}, indent=2))
 
-    def _loss(self, backbone: backbones.Backbone, embedding: AnomalyEmbedding, types: list[str]
+    def _loss(self, backbone: backbones.Backbone, embedding: torch.nn.Module, rows: list
               ) -> Callable[[LatentBatch, torch.Generator], torch.Tensor]:
         scheduler, unet = backbone.scheduler, backbone.unet
         text = self._text(backbone, embedding.tokens)
@@ -137,12 +137,42 @@ class AnomalyDiffusion(Method):
             eps = torch.randn(z0.shape, generator=generator).to(z0.device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator).to(z0.device)
             templates = torch.randint(0, text.count, (len(z0),), generator=generator).tolist()
-            vectors = embedding([types[i] for i in batch.index.tolist()], batch.pixel_masks.to(z0.device))
+            vectors = self._training_vectors(embedding, [rows[i] for i in batch.index.tolist()],
+                                             batch.pixel_masks.to(z0.device), t)
             predicted = unet(scheduler.add_noise(z0, eps, t), t,
                              encoder_hidden_states=text(templates, vectors)).sample
             return masked_loss(ddim.training_target(scheduler, z0, eps, t), predicted, m)
 
         return loss
+
+    # -- the hooks a method built on this one overrides (methods/anomalyxfusion) --
+
+    def _new_embedding(self, backbone: backbones.Backbone, task: FewShotTask, defect_types: list[str], size: int,
+                       workdir: Path) -> torch.nn.Module:
+        """The embedding to train, randomly initialised (under the fit's seed)."""
+        return self._embedding(backbone, defect_types)
+
+    def _training_vectors(self, embedding: AnomalyEmbedding, rows: list, masks: torch.Tensor, t: torch.Tensor
+                          ) -> torch.Tensor:
+        """(B, tokens, width) for training rows (their anomalies, pixel masks and timesteps)."""
+        return embedding([row.defect_type for row in rows], masks)
+
+    def _fit_record(self, embedding: torch.nn.Module) -> dict:
+        """What model.json records of the embedding beyond the common fields."""
+        return {}
+
+    def _load_embedding(self, backbone: backbones.Backbone, model: dict, workdir: Path) -> torch.nn.Module:
+        embedding = self._embedding(backbone, model["defect_types"], model["embedding"]).to(backbone.device)
+        from safetensors.torch import load_file
+
+        embedding.load_state_dict(load_file(str(workdir / EMBEDDING_FILE)))
+        return embedding.eval()  # the authors' code leaves it in training mode (batch statistics): see README.md
+
+    def _conditioning(self, embedding: AnomalyEmbedding, text: "TemplateText", defect_type: str, targets: list,
+                      masks: torch.Tensor, templates: list[int]) -> Callable[[int], torch.Tensor]:
+        """The text encoder's states for a batch at denoising step t: here the same at every step."""
+        condition = text(templates, embedding([defect_type] * len(targets), masks))
+        return lambda t: condition
 
     # -- generate: blended sampling inside each target mask on its normal image --
 
@@ -151,11 +181,7 @@ class AnomalyDiffusion(Method):
         if request.defect_type not in model["defect_types"]:
             raise MethodError(f"{workdir / MODEL_FILE}: fitted on {model['defect_types']}, not {request.defect_type!r}")
         backbone = backbones.load_frozen(request.backbone or Path(model["backbone"]))
-        embedding = self._embedding(backbone, model["defect_types"], model["embedding"]).to(backbone.device)
-        from safetensors.torch import load_file
-
-        embedding.load_state_dict(load_file(str(workdir / EMBEDDING_FILE)))
-        embedding.eval()  # the authors' code leaves it in training mode (batch statistics): see README.md
+        embedding = self._load_embedding(backbone, model, workdir)
         if self.config["adaptive_mask"]:
             processors.install(backbone.unet)  # the toolkit's attention, for the re-weighting's per-call map
         text = self._text(backbone, embedding.tokens, model["placeholder"], model["templates"])
@@ -172,6 +198,7 @@ class AnomalyDiffusion(Method):
                     yield GeneratedSample(image=image, mask=resize_masks(mask[None], image.shape[0])[0],
                                           defect_type=request.defect_type, normal_id=target.normal.id,
                                           mask_id=None if source == "generated" else target.mask_source,
+                                          caption=target.caption,
                                           extra={"mask_source": source, **record},
                                           stand_in=f"mask: {source}" if source == SHORTFALL else None)
 
@@ -239,8 +266,8 @@ class AnomalyDiffusion(Method):
         rngs = [request.rng(first + i) for i in range(len(targets))]
         z_T = torch.cat([initial_noise(rng, backbone, size) for rng in rngs]).to(z0.device)
         templates = [int(rng.integers(text.count)) for rng in rngs]
-        vectors = embedding([request.defect_type] * len(targets), torch.from_numpy(masks)[:, None].to(z0.device))
-        condition = text(templates, vectors)
+        condition_at = self._conditioning(embedding, text, request.defect_type, targets,
+                                          torch.from_numpy(masks)[:, None].to(z0.device), templates)
         # each sample's own stream for eta's and the blend's noise: a sample is the same in any batch
         generators = [torch.Generator().manual_seed(int(rng.integers(2**63 - 1))) for rng in rngs]
 
@@ -256,7 +283,7 @@ class AnomalyDiffusion(Method):
                 weights = adaptive.attention_weights(z, z0, mask_at(t))
                 kwargs["cross_attention_kwargs"] = {"context": processors.AttentionContext(
                     reweight=processors.TokenReweight(0, 0, weights, multiply=True, columns=columns))}
-            out = backbone.unet(z, t, encoder_hidden_states=condition, **kwargs).sample
+            out = backbone.unet(z, t, encoder_hidden_states=condition_at(t), **kwargs).sample
             return ddim.predicted_noise(backbone.scheduler, out, z, t)
 
         z_0 = ddim.blended_sample(eps, z_T, z0, mask_at, backbone.scheduler, steps,
