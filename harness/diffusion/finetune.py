@@ -92,13 +92,16 @@ class LatentData:
 def finetune(params: list[torch.nn.Parameter], data: LatentData,
              loss_fn: Callable[[LatentBatch, torch.Generator], torch.Tensor], config: FinetuneConfig,
              workdir: Path | None = None, desc: str = "fine-tune",
-             buffers: list[torch.Tensor] | None = None) -> list[float]:
+             buffers: list[torch.Tensor] | None = None,
+             rates: dict[torch.nn.Parameter, float] | None = None) -> list[float]:
     """Train `params` for config.steps steps of loss_fn on batches of `data`; resumes from workdir's checkpoint.
     Random numbers (batches, noise, timesteps) come from one CPU generator seeded with config.seed, saved in the
     checkpoint, so a resumed fit draws exactly what an uninterrupted one would. Returns the loss history (means
     over tenths of the run). `buffers`: state the training changes besides `params` (BatchNorm's running statistics),
-    kept in the checkpoint too."""
-    optimiser = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    kept in the checkpoint too. `rates`: a learning rate of its own for some of the parameters (the rest:
+    config.learning_rate)."""
+    optimiser = torch.optim.AdamW(_groups(params, rates or {}, config.learning_rate), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     buffers = buffers or []
@@ -117,6 +120,14 @@ def finetune(params: list[torch.nn.Parameter], data: LatentData,
     if workdir is not None:  # finished: the caller saves what it trained; a checkpoint would only take space
         (Path(workdir) / CHECKPOINT).unlink(missing_ok=True)
     return loss_tenths(losses)
+
+
+def _groups(params: list[torch.nn.Parameter], rates: dict[torch.nn.Parameter, float], default: float) -> list[dict]:
+    """AdamW's parameter groups: one per learning rate, in the order of `params` (a checkpoint's order)."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for param in params:
+        groups.setdefault(float(rates.get(param, default)), []).append(param)
+    return [{"params": members, "lr": rate} for rate, members in groups.items()]
 
 
 def _checkpoint(workdir: Path, step: int, params, optimiser, generator: torch.Generator, losses: list[float]) -> None:

@@ -62,6 +62,8 @@ def generation_jobs(plan) -> list[Job]:
             for split in plan.splits[(dataset.spec.name, category.name)]:
                 for seed in suite.seeds:
                     for spec in suite.methods:
+                        if spec.label in plan.left_out.get(dataset.spec.name, ()):
+                            continue
                         info = infos[spec.method]
                         backbone = (backbone_job_for(plan, dataset.spec.name, info.cls.backbone)
                                     if info.cls.uses_backbone else None)

@@ -30,6 +30,8 @@ class Plan:
     splits: dict[tuple[str, str], list[Split]] = field(default_factory=dict)  # (dataset, category) -> folds
     jobs: list[Job] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # what the data or the splits lack, said once per run
+    # data set -> labels of the methods (chosen by `methods: all`) left out of it: they need captions it has none of
+    left_out: dict[str, list[str]] = field(default_factory=dict)
 
     def by_key(self) -> dict[str, Job]:
         return {job.key: job for job in self.jobs}
@@ -38,8 +40,8 @@ class Plan:
 def prepare(suite: Suite) -> Plan:
     """Make the data exist (the synthetic set is written on demand), read it, and split it."""
     methods = discover()
-    needs_captions = any("caption" in methods[m.method].cls.needs for m in suite.methods)
-    datasets = []
+    captioned = [m for m in suite.methods if "caption" in methods[m.method].cls.needs]
+    datasets, left_out, warnings = [], {}, []
     for spec in suite.datasets:
         root = cached_synthetic(SynthConfig(**spec.synth)) if spec.layout == "synthetic" else spec.root
         names = list(spec.categories) if spec.categories else list_categories(root)
@@ -48,6 +50,16 @@ def prepare(suite: Suite) -> Plan:
             if name not in available:
                 raise ConfigError(f"{suite.where()}: dataset {spec.name!r}: no category {name!r} in {root}; "
                                   f"found: {', '.join(sorted(available))}")
+        needs_captions = bool(captioned)
+        if captioned and not _has_captions(spec, root, names):
+            named = [m.label for m in captioned if not m.from_all]
+            if named:
+                raise ConfigError(f"{suite.where()}: methods {named} need captions (MVTec Caption), and dataset "
+                                  f"{spec.name!r} has none: no <category>/prompt/ folder in {root} and no "
+                                  "'captions:' file in the suite's data set")
+            left_out[spec.name], needs_captions = [m.label for m in captioned], False
+            warnings.append(f"{spec.name}: {', '.join(left_out[spec.name])} left out: it needs captions (MVTec "
+                            "Caption) and the data set has none (give 'captions: FILE.json' or prompt folders)")
         categories = [read_category(root, name, captions=spec.captions, require_captions=needs_captions,
                                     dataset=spec.name) for name in names]
         for category in categories:
@@ -56,7 +68,7 @@ def prepare(suite: Suite) -> Plan:
         pretrain = [by_name.get(name) or read_category(root, name, dataset=spec.name)
                     for name in (spec.pretrain_categories or names)]
         datasets.append(PreparedDataset(spec, root, categories, pretrain))
-    plan = Plan(suite, datasets)
+    plan = Plan(suite, datasets, warnings=warnings, left_out=left_out)
     for dataset in datasets:
         for category in dataset.categories:
             splits = make_splits(category, suite.protocol)
@@ -73,6 +85,13 @@ def _check_layout(spec: DatasetSpec, category: Category, suite: Suite) -> None:
     expected = {"mvtec_ad": MVTEC_AD, "mvtec_loco": MVTEC_LOCO}.get(spec.layout)
     if expected and category.layout != expected:
         raise DataError(category.root, f"{suite.where()} says layout {spec.layout!r}, but this category is {category.layout!r}")
+
+
+def _has_captions(spec: DatasetSpec, root: Path, names: list[str]) -> bool:
+    """Whether the data set gives captions at all: a caption file, or a prompt folder in one of its categories."""
+    from harness.data.captions import PROMPT_DIR
+
+    return spec.captions is not None or any((Path(root) / name / PROMPT_DIR).is_dir() for name in names)
 
 
 def expand(plan: Plan) -> list[Job]:

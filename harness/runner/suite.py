@@ -52,6 +52,7 @@ class MethodSpec:
     label: str  # the name shown in leaderboards (a method with settings can appear several times)
     method: str  # the directory under methods/
     config: dict = field(default_factory=dict)
+    from_all: bool = False  # chosen by `methods: all`, not named: left out of a data set it cannot run on
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,8 @@ def _methods(value: Any, where: str, check: bool, profile: str) -> list[MethodSp
     from harness.methods import discover
 
     known = discover() if check else {}
-    if value in (None, "all"):
+    every = value in (None, "all")
+    if every:
         if not check:
             raise ConfigError(f"{where}: 'methods: all' needs method discovery")
         value = [name for name, info in known.items() if info.ok and not info.cls.in_progress]
@@ -230,7 +232,7 @@ def _methods(value: Any, where: str, check: bool, profile: str) -> list[MethodSp
         if label in labels:
             raise ConfigError(f"{where}: {key}: label {label!r} is used twice; give each entry its own 'label'")
         labels.add(label)
-        out.append(MethodSpec(label, name, dict(item.get("config") or {})))
+        out.append(MethodSpec(label, name, dict(item.get("config") or {}), every))
     return out
 
 

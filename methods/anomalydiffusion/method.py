@@ -109,7 +109,7 @@ class AnomalyDiffusion(Method):
         settings = FinetuneConfig(steps=steps, batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
                                   weight_decay=0.0, grad_clip=cfg["grad_clip"], seed=seed)
         history = finetune(list(embedding.parameters()) + adapter, data, self._loss(backbone, embedding, rows),
-                           settings, workdir, desc="anomalydiffusion: fine-tune",
+                           settings, workdir, desc=f"{self.name}: fine-tune", rates=self._learning_rates(embedding),
                            buffers=list(embedding.buffers()))  # BatchNorm's statistics: a resumed fit keeps them
         from safetensors.torch import save_file
 
@@ -156,6 +156,10 @@ class AnomalyDiffusion(Method):
                           ) -> torch.Tensor:
         """(B, tokens, width) for training rows (their anomalies, pixel masks and timesteps)."""
         return embedding([row.defect_type for row in rows], masks)
+
+    def _learning_rates(self, embedding: torch.nn.Module) -> dict[torch.nn.Parameter, float]:
+        """Parameters trained at a rate other than `learning_rate` (none here)."""
+        return {}
 
     def _fit_record(self, embedding: torch.nn.Module) -> dict:
         """What model.json records of the embedding beyond the common fields."""

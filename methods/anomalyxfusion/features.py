@@ -113,7 +113,7 @@ class ClipFeatures(CaptionEncoder):
             network = open_clip.create_model(model, pretrained=str(path), device=device)
         except Exception as error:  # OpenAI's own file is TorchScript: open-clip reads it with load_openai_model
             try:
-                network = open_clip.load_openai_model(str(path), device=device, jit=False)
+                network = open_clip.load_openai_model(str(path), device=device)
             except Exception:
                 raise MethodError(f"{path}: cannot load open-clip {model!r} from it ({error})") from None
         self.network = network.eval().requires_grad_(False)

@@ -91,6 +91,13 @@ class AnomalyXFusion(base.AnomalyDiffusion):
         features = self._features_of([_caption_of(row) for row in rows], masks.device)
         return embedding([row.defect_type for row in rows], features, masks, t)
 
+    def _learning_rates(self, embedding: XEmbedding) -> dict[torch.nn.Parameter, float]:
+        """The X-embedding's networks (projection, E_AE + E_CNN, MIF, DDF) at `embedding.learning_rate`; the textural
+        tokens at the method's rate, as AnomalyDiffusion's e_a."""
+        rate = float(self.config["embedding"]["learning_rate"])
+        tokens = {id(p) for p in embedding.textural.parameters()}
+        return {p: rate for p in embedding.parameters() if id(p) not in tokens}
+
     def _fit_record(self, embedding: XEmbedding) -> dict:
         return {"x_embedding": self._record}
 

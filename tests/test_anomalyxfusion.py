@@ -1,0 +1,432 @@
+"""AnomalyXFusion (methods/anomalyxfusion): the X-embedding's parts against direct computations (Eq. 1-5, 13-14), DDF
+recomputed at every denoising step, captions required and named when missing, fit and generation on the tiny
+backbone with the ablation switches, the paper profile's CLIP path on a tiny open-clip stand-in."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from harness.errors import MethodError
+from harness.methods import get_method_info, load_method
+
+
+@pytest.fixture(scope="module")
+def parts():
+    method = sys.modules[get_method_info("anomalyxfusion").cls.__module__]
+    return method, importlib.import_module(method.__package__ + ".embedding")
+
+
+def test_the_semantic_embedding_is_the_projected_normalised_caption_feature_k_times(parts):
+    _, emb = parts
+    torch.manual_seed(0)
+    semantic = emb.SemanticEmbedding(6, 5, 3)
+    features = torch.randn(2, 6)
+    out = semantic(features)
+    direct = (features / features.norm(dim=1, keepdim=True)) @ semantic.projection.weight.T + semantic.projection.bias
+    assert out.shape == (2, 3, 5)
+    for j in range(3):
+        torch.testing.assert_close(out[:, j], direct)
+    torch.testing.assert_close(semantic(7 * features), out)  # L2-normalised: the scale of the features is gone
+
+
+def test_the_mask_autoencoder_has_istrs_shape_and_its_dice_loss_is_the_formula(parts):
+    _, emb = parts
+    autoencoder = emb.MaskAutoencoder()  # ISTR's: 112 px, 16-32-64-128, 7 x 7 to 256
+    convs = [m for m in autoencoder.encoder if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (1, 16, (4, 4), (2, 2)), (16, 32, (4, 4), (2, 2)), (32, 64, (4, 4), (2, 2)), (64, 128, (4, 4), (2, 2)),
+        (128, 256, (7, 7), (1, 1))]
+    assert sum(isinstance(m, torch.nn.ELU) for m in autoencoder.encoder) == 4
+    masks = torch.zeros(2, 1, 80, 80)
+    masks[:, :, 10:30, 20:60] = 1
+    assert autoencoder.encode(masks).shape == (2, 256, 1, 1)
+    assert autoencoder(masks).shape == (2, 1, 112, 112)
+    x, y = torch.rand(3, 1, 4, 4), (torch.rand(3, 1, 4, 4) > 0.5).float()
+    direct = np.mean([1 - 2 * float((x[i] * y[i]).sum()) / float((x[i] ** 2).sum() + (y[i] ** 2).sum())
+                      for i in range(3)])
+    assert emb.dice_loss(x, y).item() == pytest.approx(direct, rel=1e-5)
+    assert emb.dice_loss(y, y).item() == pytest.approx(0, abs=1e-5)
+
+
+def test_training_the_mask_autoencoder_lowers_its_dice_loss(parts):
+    _, emb = parts
+    fit = importlib.import_module(parts[0].__package__ + ".mask_autoencoder").fit_mask_autoencoder
+    masks = np.zeros((4, 64, 64), bool)
+    for i, (r, c) in enumerate([(10, 10), (30, 20), (20, 40), (40, 40)]):
+        masks[i, r:r + 12, c:c + 16] = True
+    torch.manual_seed(0)
+    history = fit(emb.MaskAutoencoder(64), masks, {"steps": 150, "batch_size": 8, "learning_rate": 1e-3}, seed=0)
+    assert history["dice_loss_after"] < 0.6 * history["dice_loss_before"], history
+
+
+def _attention(layer: torch.nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """Multi-head self-attention written out: per head softmax(q k^T / sqrt(d)) v, then the output projection."""
+    width, heads = layer.embed_dim, layer.num_heads
+    w_q, w_k, w_v = layer.in_proj_weight.split(width)
+    b_q, b_k, b_v = layer.in_proj_bias.split(width)
+    q, k, v = x @ w_q.T + b_q, x @ w_k.T + b_k, x @ w_v.T + b_v
+    d = width // heads
+    out = []
+    for h in range(heads):
+        s = slice(h * d, (h + 1) * d)
+        weights = torch.softmax(q[..., s] @ k[..., s].transpose(-1, -2) / math.sqrt(d), dim=-1)
+        out.append(weights @ v[..., s])
+    return torch.cat(out, -1) @ layer.out_proj.weight.T + layer.out_proj.bias
+
+
+def test_mif_is_e_mul_plus_the_mlp_of_token_self_attention(parts):
+    _, emb = parts
+    torch.manual_seed(0)
+    fusion = emb.MultimodalFusion(8, 2, 16)
+    e_mul = torch.randn(2, 6, 8)
+    torch.testing.assert_close(fusion(e_mul), e_mul)  # the MLP's last layer starts at zero: e_X = e_mul
+    for parameter in fusion.mlp[-1].parameters():
+        torch.nn.init.normal_(parameter)
+    linear1, linear2 = fusion.mlp[0], fusion.mlp[2]
+    hidden = torch.nn.functional.gelu(_attention(fusion.attention, e_mul) @ linear1.weight.T + linear1.bias)
+    direct = e_mul + hidden @ linear2.weight.T + linear2.bias
+    torch.testing.assert_close(fusion(e_mul), direct, rtol=1e-4, atol=1e-5)
+
+
+def test_ddf_concatenates_the_projected_sinusoidal_timestep_with_e_x_and_maps_it_back(parts):
+    _, emb = parts
+    torch.manual_seed(0)
+    dynamic = emb.DynamicFusion(8, 6, 12)
+    e_x = torch.randn(2, 5, 8)
+    t = torch.tensor([10, 700])
+    half = 3
+    frequencies = torch.exp(-math.log(10000) * torch.arange(half) / half)
+    tau = torch.cat([torch.cos(t[:, None] * frequencies), torch.sin(t[:, None] * frequencies)], 1)  # cos first
+    time = tau @ dynamic.time.weight.T + dynamic.time.bias
+    joined = torch.cat([e_x, time[:, None].expand(-1, 5, -1)], -1)
+    l1, l2 = dynamic.mlp[0], dynamic.mlp[2]
+    direct = torch.nn.functional.silu(joined @ l1.weight.T + l1.bias) @ l2.weight.T + l2.bias
+    torch.testing.assert_close(dynamic(e_x, t), direct, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(dynamic(e_x, 10), dynamic(e_x, 11))  # e_t changes with t
+    torch.testing.assert_close(dynamic(e_x, 700)[1], dynamic(e_x, t)[1])  # an int t is every sample's
+
+
+def _embedding(emb, semantic=True, mif=True, ddf=True):
+    torch.manual_seed(0)
+    location = emb.LocationEmbedding(emb.MaskAutoencoder(32), 8, 2, 16)
+    textural = emb.TexturalEmbedding(["a", "b"], torch.randn(2, 2, 8))
+    return emb.XEmbedding(location, textural, emb.SemanticEmbedding(6, 8, 2) if semantic else None,
+                          emb.MultimodalFusion(8, 2, 16) if mif else None,
+                          emb.DynamicFusion(8, 4, 16) if ddf else None).eval()
+
+
+def test_the_x_embedding_is_semantic_location_textural_in_that_order_and_switches_as_table_6(parts):
+    _, emb = parts
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[0, :, 4:12, 4:12] = masks[1, :, 20:30, 10:14] = 1
+    features = torch.randn(2, 6)
+    base = _embedding(emb, semantic=False, mif=False, ddf=False)
+    assert base.tokens == 4
+    e = base(["b", "a"], None, masks, 5)
+    torch.testing.assert_close(e, torch.cat([base.location(masks), base.textural(["b", "a"])], 1))
+    full = _embedding(emb)
+    assert full.tokens == 6
+    e_mul = torch.cat([full.semantic(features), full.location(masks), full.textural(["a", "b"])], 1)
+    torch.testing.assert_close(full.fused(["a", "b"], features, masks), full.fusion(e_mul))
+    torch.testing.assert_close(full(["a", "b"], features, masks, 300), full.dynamic(full.fusion(e_mul), 300))
+    zeroed = full.fused(["a", "b"], None, masks)  # the negative control: e_sem = 0
+    e_mul[:, :2] = 0
+    torch.testing.assert_close(zeroed, full.fusion(e_mul))
+    with pytest.raises(ValueError, match="no textural embedding"):
+        full(["c"], features[:1], masks[:1], 1)
+
+
+def test_the_textural_tokens_start_from_each_types_own_image_features(parts):
+    method, _ = parts
+    features = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 2.0]])
+    table = torch.full((10, 3), 2.0)  # token norms sqrt(12)
+    initial = method.textural_init(features, ["x", "y", "x"], ["x", "y"], 3, table, seed=0)
+    assert initial.shape == (2, 3, 3)
+    scale = math.sqrt(12)
+    torch.testing.assert_close(initial[0], torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [1.0, 0, 0]]) * scale)  # cycled
+    torch.testing.assert_close(initial[1], torch.tensor([[0, 1.0, 0]] * 3) * scale)
+
+
+# -- the method on the tiny backbone --
+
+
+def _task(synth_root, backbone, category="weave", resolution=64):
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.tasks import build_task
+
+    split = make_split(read_category(synth_root, category, dataset="synthetic"))
+    task = build_task(split, sorted(split.defects), resolution, seed=0)
+    task.backbone = backbone
+    return task
+
+
+QUICK = {"steps_per_defect_type": 3, "inference_steps": 4, "generation_batch": 2,
+         "embedding": {"location": {"steps": 5}}}
+
+
+@pytest.fixture(scope="module")
+def fitted(synth_root, pretrained_backbone, tmp_path_factory):
+    from harness.generation import fit_method
+
+    task = _task(synth_root, pretrained_backbone[0])
+    workdir = tmp_path_factory.mktemp("axf")
+    fit_method(load_method("anomalyxfusion", "tiny", QUICK), task, workdir)
+    return task, workdir
+
+
+def test_fit_records_its_stand_ins_and_generation_follows_the_targets(fitted):
+    from harness.tasks import build_request
+
+    task, workdir = fitted
+    model = json.loads((workdir / "model.json").read_text())
+    record = model["x_embedding"]
+    assert record["caption_encoder"]["stand_in"].startswith("tiny text encoder")
+    assert record["caption_encoder"]["unknown_words"] == 0 and record["caption_encoder"]["words_added"] > 0
+    assert "tiny VAE encoder" in record["image_features"]["stand_in"]
+    assert len(record["image_features"]["norms"]) == len(task.anomalies)
+    assert record["mask_autoencoder"]["steps"] == 5
+    method = load_method("anomalyxfusion", "tiny", QUICK)
+    request = build_request(task, method, "hole", 3, seed=0)
+    samples = list(method.generate(request, workdir))
+    assert [s.caption for s in samples] == [t.caption for t in request.targets]
+    assert all(s.caption for s in samples)
+    assert all(np.array_equal(s.mask, t.mask) for s, t in zip(samples, request.targets))
+    assert [s.normal_id for s in samples] == [t.normal.id for t in request.targets]
+
+
+def test_ddf_gives_the_unet_a_new_condition_at_every_denoising_step(fitted, parts, monkeypatch):
+    from harness.tasks import build_request
+
+    _, emb = parts
+    task, workdir = fitted
+    method = load_method("anomalyxfusion", "tiny", QUICK)
+    request = build_request(task, method, "stain", 2, seed=0)
+    calls, conditions = [], []
+    forward = emb.DynamicFusion.forward
+
+    def counted(self, e_x, t):
+        calls.append(int(torch.as_tensor(t).reshape(-1)[0]))
+        return forward(self, e_x, t)
+
+    monkeypatch.setattr(emb.DynamicFusion, "forward", counted)
+    unet = None
+    from harness.diffusion import backbone as backbones
+    load = backbones.load_frozen
+
+    def spied(*args, **kwargs):
+        nonlocal unet
+        loaded = load(*args, **kwargs)
+        original = loaded.unet.forward
+
+        def record(sample, t, encoder_hidden_states=None, **rest):
+            conditions.append(encoder_hidden_states.detach().clone())
+            return original(sample, t, encoder_hidden_states=encoder_hidden_states, **rest)
+
+        loaded.unet.forward = record
+        return loaded
+
+    monkeypatch.setattr(backbones, "load_frozen", spied)
+    list(method.generate(request, workdir))
+    assert len(calls) == QUICK["inference_steps"] and len(set(calls)) == len(calls)  # once per step, each its t
+    assert len(conditions) == QUICK["inference_steps"]
+    assert all(not torch.allclose(a, b) for a, b in zip(conditions, conditions[1:]))
+
+
+@pytest.mark.parametrize("switches,tokens", [({"semantic": False, "mif": False, "ddf": False}, 6),
+                                             ({"semantic": True, "mif": True, "ddf": False}, 9)])
+def test_the_ablation_variants_fit_and_generate(synth_root, pretrained_backbone, tmp_path, switches, tokens):
+    from harness.generation import fit_method
+    from harness.tasks import build_request
+
+    task = _task(synth_root, pretrained_backbone[0])
+    settings = {**QUICK, "embedding": {**QUICK["embedding"], **switches}}
+    method = load_method("anomalyxfusion", "tiny", settings)
+    fit_method(method, task, tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "embedding.safetensors"))
+    assert any(k.startswith("semantic.") for k in saved) == switches["semantic"]
+    assert any(k.startswith("fusion.") for k in saved) == switches["mif"]
+    assert not any(k.startswith("dynamic.") for k in saved)
+    samples = list(load_method("anomalyxfusion", "tiny", settings).generate(
+        build_request(task, method, "thread", 2, seed=0), tmp_path))
+    assert len(samples) == 2
+    from harness.diffusion.backbone import load_frozen
+
+    model = json.loads((tmp_path / "model.json").read_text())
+    assert method._load_embedding(load_frozen(pretrained_backbone[0]), model, tmp_path).tokens == tokens
+
+
+def test_a_missing_caption_is_an_error_naming_the_image(synth_root, pretrained_backbone, tmp_path, fitted):
+    from harness.generation import fit_method
+    from harness.tasks import build_request
+
+    task = _task(synth_root, pretrained_backbone[0])
+    first = task.anomalies[0]
+    task.anomalies[0] = dataclasses.replace(first, caption=None)
+    with pytest.raises(MethodError, match=f"{first.id}.*has no caption"):
+        fit_method(load_method("anomalyxfusion", "tiny", QUICK), task, tmp_path)
+    task, workdir = fitted
+    method = load_method("anomalyxfusion", "tiny", QUICK)
+    request = build_request(task, method, "hole", 2, seed=0)
+    request.targets[1].caption = None
+    with pytest.raises(MethodError, match=f"needs a caption.*{request.targets[1].normal.id}"):
+        list(method.generate(request, workdir))
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(MethodError, match="masks must be 'data'"):
+        load_method("anomalyxfusion", "tiny", {"masks": "generated"})
+    with pytest.raises(MethodError, match="embedding.features"):
+        load_method("anomalyxfusion", "tiny", {"embedding": {"features": "bert"}})
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key 'embedding.text'"):
+        load_method("anomalyxfusion", "tiny", {"embedding": {"text": True}})
+
+
+def test_the_paper_profiles_clip_path_loads_an_open_clip_checkpoint(parts, tmp_path):
+    """The paper profile's features through open-clip's own loader, on a tiny random stand-in of ViT-B/32 saved as a
+    checkpoint (the real weights cannot be downloaded here): text and image features of the right size, and a
+    damaged file named in the error."""
+    open_clip = pytest.importorskip("open_clip")
+    features = importlib.import_module(parts[0].__package__ + ".features")
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "TinyClipStandIn.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "TinyClipStandIn.json")
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny_clip.pt"
+    torch.save(open_clip.create_model("TinyClipStandIn").state_dict(), checkpoint)
+    clip = features.ClipFeatures("TinyClipStandIn", checkpoint, torch.device("cpu"))
+    text = clip(["A dark crack.", "A hole."])
+    assert text.shape == (2, 16) and not torch.allclose(text[0], text[1])
+    images = np.zeros((2, 40, 40, 3), np.uint8)
+    images[1] = 200
+    masks = np.ones((2, 40, 40), bool)
+    assert clip.images.dim == 16 and clip.images(images, masks).shape == (2, 16)
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(MethodError, match="broken.pt"):
+        features.ClipFeatures("TinyClipStandIn", tmp_path / "broken.pt", torch.device("cpu"))
+
+
+def test_the_ablation_suite_is_table_6_with_its_keys_as_labels():
+    import yaml  # noqa: I001
+
+    from harness.runner.suite import load_suite
+
+    suite = load_suite("ablation-anomalyxfusion")
+    switches = {m.label: {k: load_method(m.method, suite.profile, m.config).config["embedding"][k]
+                          for k in ("semantic", "mif", "ddf")} for m in suite.methods}
+    assert switches == {
+        "anomalyxfusion_base": {"semantic": False, "mif": False, "ddf": False},
+        "anomalyxfusion_text": {"semantic": True, "mif": False, "ddf": False},
+        "anomalyxfusion_text_mif": {"semantic": True, "mif": True, "ddf": False},
+        "anomalyxfusion_text_ddf": {"semantic": True, "mif": False, "ddf": True},
+        "anomalyxfusion": {"semantic": True, "mif": True, "ddf": True}}
+    from harness.report.leaderboard import REPORTED_DIR
+
+    table = yaml.safe_load((REPORTED_DIR / "anomalyxfusion-table6.yaml").read_text())
+    assert set(table["values"]) == set(switches)
+
+
+# -- the paper's claims on the tiny profile (tests/claims.py's measures) --
+
+CAPTION_TYPES = ["stain", "thread"]  # weave's dark stains and light threads: told apart by colour at 64 px
+CAPTION_STEPS = 150  # fine-tuning steps per defect type
+
+
+def _with_captions(request, captions: list[str]):
+    """The request with the same normal images, masks and seed, and caption i % len(captions) on target i."""
+    targets = [dataclasses.replace(t, caption=captions[i % len(captions)]) for i, t in enumerate(request.targets)]
+    return dataclasses.replace(request, targets=targets)
+
+
+@pytest.fixture(scope="module")
+def caption_claims(synth_root, pretrained_backbone, tmp_path_factory):
+    """AnomalyXFusion fitted on weave's stains and threads; then, for each defect type's textural tokens, the same
+    normal images, masks and seed generated with each type's training captions, by the working method and by the
+    negative control (e_sem zeroed at generation). A classifier trained on the real training anomalies says which
+    type each sample shows; a sample follows its caption when that is the captioned type."""
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.generation import fit_method
+    from harness.tasks import build_request, build_task
+
+    from .claims import DefectTypeClassifier, measure
+
+    task = build_task(make_split(read_category(synth_root, "weave", dataset="synthetic")), CAPTION_TYPES, 64, seed=0)
+    task.backbone = pretrained_backbone[0]
+    workdir = tmp_path_factory.mktemp("axf_claims")
+    fit_method(load_method("anomalyxfusion", "tiny", {"steps_per_defect_type": CAPTION_STEPS}), task, workdir)
+    classifier = DefectTypeClassifier(task.anomalies)
+    out = {}
+    for variant, zeroed in (("working", False), ("e_sem zeroed", True)):
+        method = load_method("anomalyxfusion", "tiny", {"embedding": {"semantic_zeroed": zeroed}})
+        follows, picks, kept = [], {}, {}
+        for textural in CAPTION_TYPES:
+            request = build_request(task, method, textural, 4, seed=5)
+            for captioned in CAPTION_TYPES:
+                asked = _with_captions(request, [a.caption for a in task.anomalies_of(captioned)])
+                samples = list(method.generate(asked, workdir))
+                chosen = classifier.predict([s.image for s in samples], [t.mask for t in asked.targets])
+                picks[(textural, captioned)] = chosen
+                follows += [c == captioned for c in chosen]
+                if textural == captioned:
+                    kept[textural] = measure(task, samples, asked)
+        out[variant] = {"follows": float(np.mean(follows)), "picks": picks, "measures": kept}
+        print(variant, out[variant]["follows"], picks, kept)  # (-s shows them)
+    return out
+
+
+CHANCE = 1 / len(CAPTION_TYPES)
+
+
+def test_the_sample_follows_its_caption_and_not_with_the_semantic_embedding_zeroed(caption_claims):
+    """Captions matter (Sec. 3, Eq. 1): the classifier picks the captioned type clearly more often than chance; with
+    e_sem zeroed (negative control) the caption cannot change the sample, so exactly half of them follow it."""
+    assert caption_claims["working"]["follows"] >= CHANCE + 0.25, caption_claims["working"]
+    assert caption_claims["e_sem zeroed"]["follows"] < CHANCE + 0.25, caption_claims["e_sem zeroed"]
+
+
+def test_defects_are_drawn_in_the_mask_on_a_kept_background(caption_claims):
+    """The diffusion base's targets (tests/test_anomalydiffusion.py's AD_CLAIMS) on the stains made with stain
+    captions."""
+    from .test_anomalydiffusion import AD_CLAIMS
+
+    stains = caption_claims["working"]["measures"]["stain"]
+    assert all(claim(stains) for claim in AD_CLAIMS.values()), stains
+
+
+def test_a_data_set_without_captions_leaves_the_method_out_of_methods_all_and_fails_it_when_named(synth_root, tmp_path):
+    """MVTec AD without MVTec Caption: `methods: all` runs every other method and says why anomalyxfusion is left
+    out; a suite that names it fails, saying where captions are looked for; with captions it is planned."""
+    import shutil
+
+    from harness.runner.plan import expand, prepare
+    from harness.runner.suite import parse_suite
+
+    root = tmp_path / "ad"
+    shutil.copytree(synth_root / "washer", root / "washer")
+    shutil.rmtree(root / "washer" / "prompt")
+    raw = {"datasets": [{"name": "plain", "layout": "mvtec_ad", "root": str(root), "categories": ["washer"]}],
+           "protocol": "clean-thirds", "profile": "tiny", "generate": {"n": 2}, "metrics": ["fid"],
+           "seeds": [0], "executor": {"kind": "serial"}}
+    plan = prepare(parse_suite({**raw, "methods": "all"}, None))
+    assert plan.left_out == {"plain": ["anomalyxfusion"]}
+    assert any("anomalyxfusion left out" in w for w in plan.warnings)
+    methods = {j.tags.get("method") for j in expand(plan) if j.kind == "fit"}
+    assert "anomalyxfusion" not in methods and "anomalydiffusion" in methods
+    with pytest.raises(Exception, match="need captions.*'plain' has none"):
+        prepare(parse_suite({**raw, "methods": ["anomalyxfusion", "cutpaste"]}, None))
+    shutil.copytree(synth_root / "washer" / "prompt", root / "washer" / "prompt")
+    plan = prepare(parse_suite({**raw, "methods": ["anomalyxfusion"]}, None))
+    assert not plan.left_out and any(j.kind == "fit" for j in expand(plan))
