@@ -368,3 +368,29 @@ def test_jobs_start_in_critical_path_order(tmp_path):
     assert heights[backbone.key] == 10 + 2 + 1 and heights[detect.key] == 3
     order = [j.label for j in Scheduler(jobs, {}, lambda key: tmp_path / key).pending()]
     assert order == ["backbone", "detect", "fit", "generate"]  # equal heights keep the plan order
+
+
+def test_loco_categories_get_logical_and_structural_generation_tables(tmp_path, isolated_cache):
+    """MVTec LOCO's logical and structural anomalies are separate defect types and get separate generation tables
+    (AnomalyXFusion Table 2), each holding only its own defect type's records."""
+    import yaml
+
+    from harness.report.leaderboard import render_leaderboard
+
+    raw = mini(datasets=[{"name": "synthetic", "layout": "synthetic", "categories": ["tray"],
+                          "synth": {"seed": 0, "size": 48, "n_train": 8, "n_validation": 2, "n_test_good": 2,
+                                    "n_defect": 4}}], methods=["cutpaste"], metrics=["fid", "mask_iou"])
+    path = tmp_path / "loco.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run_suite(load_suite(path), executor="serial", results=tmp_path, progress=False)
+    text = render_leaderboard("loco", tmp_path)[0].read_text()
+    records = load("loco", results=tmp_path)
+    values = {}
+    for kind in ("logical", "structural"):
+        section = text.split(f"### Closeness to the real defects: FID, KID and LPIPS to the nearest training defect "
+                             f"({kind} anomalies)")[1].split("###")[0]
+        value = records.loc[(records["metric"] == "fid") & (records["defect_type"] == f"{kind}_anomalies"),
+                            "value"].mean()
+        values[kind] = f"{value:.2f}"
+        assert values[kind] in section.split("| tray |")[1].split("\n")[0], (values, section)
+    assert values["logical"] != values["structural"]  # each table its own defect type's

@@ -84,19 +84,10 @@ def render_leaderboard(suite: str, results: Path | None = None, out_dir: Path | 
         md += [f"## Data set `{name}` ({len(categories)} categories)", ""]
         warned = [w.split(": ", 1)[1] for w in manifest.get("warnings", []) if w.startswith(f"{name}: ")]
         md += [f"- Data warning: {w}" for w in warned] + ([""] if warned else [])
-        for key, title, metrics, shape in TABLE_GROUPS:
-            wanted = [m for m in metrics if m in config["metrics"]]
-            if not wanted:
-                continue
-            extra, sources = table_rows(reported, dataset.get("layout"), categories, wanted)
-            table = build_table(title, frame, _coverage(states, name, ("score",)), wanted, methods, categories, extra)
-            notes = _notes(table, manifest, sources, store)
-            mark_random = _mark(table)
-            md += [f"### {title}", f"_{shape}; mean over defect types per category._", "",
-                   markdown_table(table, mark_random), ""] + [f"- {n}" for n in notes] + [""]
-            tex.append(latex_table(table, tex_escape(f"{title} ({name}). ") + tex_escape(caption.replace("`", "")) + "." +
-                                   ("" if not notes else " " + tex_escape(" ".join(notes))),
-                                   f"tab:{suite}-{name}-{key}", mark_random))
+        gen_md, gen_tex = _generation_tables(frame, states, manifest, store, dataset, categories, methods, caption,
+                                             suite, reported)
+        md += gen_md
+        tex += gen_tex
         down_md, down_tex = _downstream_tables(frame, states, manifest, store, dataset, categories, methods, caption,
                                                suite, reported)
         md += down_md
@@ -121,6 +112,37 @@ def _coverage(states: dict, dataset: str, kinds: tuple[str, ...]) -> dict[tuple[
             planned[cell] += 1
             failed[cell] += state["state"] in (FAILED_STATE, SKIPPED)
     return {cell: Coverage(n, failed[cell]) for cell, n in planned.items()}
+
+
+def _generation_tables(frame: pd.DataFrame, states: dict, manifest: dict, store: RunStore, dataset: dict,
+                       categories: list[str], methods: list[str], caption: str, suite: str,
+                       reported: list) -> tuple[list[str], list[str]]:
+    """The generation metrics per category (mean over defect types); MVTec LOCO-style categories also get a table
+    of their logical and one of their structural anomalies (AnomalyXFusion Table 2)."""
+    config, name = manifest["config"], dataset["name"]
+    loco = [c for c in categories if _is_loco(frame, c)]
+    scopes = [(ALL, "", categories)] + [(kind, title, loco) for kind, title in LOCO_KINDS if loco]
+    md, tex = [], []
+    for key, title, metrics, shape in TABLE_GROUPS:
+        wanted = [m for m in metrics if m in config["metrics"]]
+        if not wanted:
+            continue
+        for defect_type, scope, cats in scopes:
+            subset = frame if defect_type == ALL or frame.empty else frame[frame["defect_type"] == defect_type]
+            extra, sources = table_rows(reported, dataset.get("layout"), cats, wanted,
+                                        "all" if defect_type == ALL else defect_type)
+            table = build_table(title, subset, _coverage(states, name, ("score",)), wanted, methods, cats, extra)
+            named = f"{title} ({scope})" if scope else title
+            notes = _notes(table, manifest, sources, store)
+            mark_random = _mark(table)
+            per = "mean over defect types per category" if not scope else f"{scope} only"
+            md += [f"### {named}", f"_{shape}; {per}._", "",
+                   markdown_table(table, mark_random), ""] + [f"- {n}" for n in notes] + [""]
+            tex.append(latex_table(table, tex_escape(f"{named} ({name}). ") + tex_escape(caption.replace("`", "")) +
+                                   "." + ("" if not notes else " " + tex_escape(" ".join(notes))),
+                                   f"tab:{suite}-{name}-{key}" + ("" if defect_type == ALL else f"-{defect_type}"),
+                                   mark_random))
+    return md, tex
 
 
 def _downstream_tables(frame: pd.DataFrame, states: dict, manifest: dict, store: RunStore, dataset: dict,
