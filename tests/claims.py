@@ -1,4 +1,4 @@
-"""What the methods' claim tests measure on generated samples (tests/test_background_aware.py,
+"""What the methods' claim tests measure on generated samples (tests/test_background_aware.py, test_anomalyxfusion.py,
 tests/test_anomalydiffusion.py): one definition, so that the claims of two methods read the same numbers."""
 from __future__ import annotations
 

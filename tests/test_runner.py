@@ -394,3 +394,4 @@ def test_loco_categories_get_logical_and_structural_generation_tables(tmp_path, 
         values[kind] = f"{value:.2f}"
         assert values[kind] in section.split("| tray |")[1].split("\n")[0], (values, section)
     assert values["logical"] != values["structural"]  # each table its own defect type's
+    assert "<sup>1/2" not in text  # a scope's cells are complete with its own defect type's jobs

@@ -99,13 +99,17 @@ def render_leaderboard(suite: str, results: Path | None = None, out_dir: Path | 
     return md_path, tex_path
 
 
-def _coverage(states: dict, dataset: str, kinds: tuple[str, ...]) -> dict[tuple[str, str], Coverage]:
+def _coverage(states: dict, dataset: str, kinds: tuple[str, ...], defect_type: str | None = None
+              ) -> dict[tuple[str, str], Coverage]:
     """(category, row label) -> how many jobs of these kinds feed the cell and how many failed (or were skipped
-    because a job they need failed); a U-Net selected on the test part is labelled as its records are."""
+    because a job they need failed); a U-Net selected on the test part is labelled as its records are. With
+    `defect_type`, only the jobs of that defect type (a LOCO table of one kind of anomaly)."""
     planned: Counter = Counter()
     failed: Counter = Counter()
     for state in states.values():
         job, tags = state["job"], state["job"]["tags"]
+        if defect_type is not None and tags.get("defect_type") != defect_type:
+            continue
         if job["kind"] in kinds and tags.get("dataset") == dataset:
             marked = job["kind"] == "segment" and tags.get("selection") == "test"
             cell = (tags.get("category"), tags.get("method") + (TEST_SELECTED if marked else ""))
@@ -131,7 +135,8 @@ def _generation_tables(frame: pd.DataFrame, states: dict, manifest: dict, store:
             subset = frame if defect_type == ALL or frame.empty else frame[frame["defect_type"] == defect_type]
             extra, sources = table_rows(reported, dataset.get("layout"), cats, wanted,
                                         "all" if defect_type == ALL else defect_type)
-            table = build_table(title, subset, _coverage(states, name, ("score",)), wanted, methods, cats, extra)
+            coverage = _coverage(states, name, ("score",), None if defect_type == ALL else defect_type)
+            table = build_table(title, subset, coverage, wanted, methods, cats, extra)
             named = f"{title} ({scope})" if scope else title
             notes = _notes(table, manifest, sources, store)
             mark_random = _mark(table)
