@@ -62,7 +62,7 @@ KNOWN: dict[str, WeightSpec] = {s.name: s for s in (
                "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
                "torchvision Wide-ResNet-50-2 ImageNet weights (anomalib backbones)",
                "95faca4d11227dddf8633dbb5ff6c8a9003c1aa5b8945c73834b8007b10950b8"),
-    WeightSpec("clip-vit-b-32", "ViT-B-32.pt",
+    WeightSpec("clip-vit-b-32", "ViT-B-32-40d36571.pt",  # OpenAI's ViT-B-32.pt, renamed with its hash's tag as the rest
                "https://openaipublic.azureedge.net/clip/models/"
                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
                "OpenAI CLIP ViT-B/32 (read by open-clip), AnomalyXFusion's caption and image features",
