@@ -138,6 +138,9 @@ class Method:
     # non-empty: what the method still lacks. `methods: all` leaves it out (so no leaderboard shows an unfinished
     # method by default) and `defectbench methods` says why; a suite that names it runs it.
     in_progress: ClassVar[str] = ""
+    # the methods (directories under methods/) whose code this one extends (method_package): their files count in
+    # its job keys, so that editing a base recomputes the methods built on it
+    builds_on: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

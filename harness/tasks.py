@@ -88,7 +88,8 @@ def build_request(task: FewShotTask, method: Method, defect_type: str, n: int, s
             if not captioned:
                 raise DataError(Path(task.category) / defect_type,
                                 f"method '{method.name}' needs captions but no training anomaly of '{defect_type}' has one")
-            source = captioned[rng.integers(len(captioned))]
+            paired = [a for a in captioned if a.id == target.mask_source]  # the caption of the mask's own anomaly
+            source = paired[0] if paired else captioned[rng.integers(len(captioned))]
             target.caption, target.caption_source = source.caption, source.id
         targets.append(target)
     return GenerationRequest(defect_type=defect_type, n=n, seed=seed, targets=targets, dataset=task.dataset,

@@ -21,10 +21,15 @@ from harness.runner.store import PER_IMAGE_FILE
 SCORE_MEMORY = 4 * 2**30
 
 
-def method_hash(directory: Path) -> str:
-    """Content hash of a method directory: editing a method recomputes its jobs, and only its jobs."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    return sha256_json({str(p.relative_to(directory)): sha256_file(p) for p in files})[:16]
+def method_hash(directory: Path, bases: list[Path] = ()) -> str:
+    """Content hash of a method directory and of the methods it builds on: editing a method recomputes its jobs (and
+    those of the methods built on it), and only those."""
+    out = {}
+    for root in [directory, *bases]:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        prefix = "" if root == directory else f"{root.name}:"
+        out.update({prefix + str(p.relative_to(root)): sha256_file(p) for p in files})
+    return sha256_json(out)[:16]
 
 
 def source_params(dataset, category, split: Split, require_captions: bool) -> dict:
@@ -54,7 +59,9 @@ def generation_jobs(plan) -> list[Job]:
     needed = ("inception-v3-fid", "vgg16" if preset.net == "vgg" else "alexnet")
     score_params = {"metrics": list(suite.metrics), "ic_lpips": suite.ic_lpips, "profile": profile.name,
                     "resolution": profile.resolution, "weights_used": weights_used(suite, needed)}
-    method_hashes = {spec.method: method_hash(infos[spec.method].directory) for spec in suite.methods}
+    method_hashes = {spec.method: method_hash(infos[spec.method].directory,
+                                              [infos[base].directory for base in infos[spec.method].cls.builds_on])
+                     for spec in suite.methods}
     configs = {spec.label: infos[spec.method].config(profile, spec.config) for spec in suite.methods}
     jobs = []
     for dataset in plan.datasets:

@@ -167,11 +167,12 @@ class XEmbedding(nn.Module):
               ) -> torch.Tensor:
         """e_X (B, tokens, width), or e_mul where MIF is off. `caption_features` None with the semantic part on:
         its tokens are zero (the caption claim's negative control)."""
+        e_loc = self.location(masks)
         parts = []
         if self.semantic is not None:
             parts = [self.semantic(caption_features) if caption_features is not None else
-                     masks.new_zeros(masks.shape[0], self.semantic.tokens, self.semantic.projection.out_features)]
-        e_mul = torch.cat([*parts, self.location(masks), self.textural(defect_types)], dim=1)
+                     e_loc.new_zeros(masks.shape[0], self.semantic.tokens, self.semantic.projection.out_features)]
+        e_mul = torch.cat([*parts, e_loc, self.textural(defect_types)], dim=1)
         return self.fusion(e_mul) if self.fusion is not None else e_mul
 
     def at_step(self, e_x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:

@@ -67,7 +67,8 @@ class TinyCaptionEncoder(CaptionEncoder):
         self.record = {"stand_in": "tiny text encoder pooled at its end token (no CLIP)", "words_added": len(added)}
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
-        encoded = self.tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt",
+        words = [" ".join(split_words(c)) for c in captions]  # punctuation would take tokens as <unk>
+        encoded = self.tokenizer(words, padding="max_length", truncation=True, return_tensors="pt",
                                  max_length=self.tokenizer.model_max_length)
         device = next(self.encoder.parameters()).device
         with torch.no_grad():
@@ -113,7 +114,7 @@ class ClipFeatures(CaptionEncoder):
             network = open_clip.create_model(model, pretrained=str(path), device=device)
         except Exception as error:  # OpenAI's own file is TorchScript: open-clip reads it with load_openai_model
             try:
-                network = open_clip.load_openai_model(str(path), device=device)
+                network = open_clip.load_openai_model(str(path), precision="fp32", device=device)
             except Exception:
                 raise MethodError(f"{path}: cannot load open-clip {model!r} from it ({error})") from None
         self.network = network.eval().requires_grad_(False)

@@ -34,6 +34,7 @@ class AnomalyXFusion(base.AnomalyDiffusion):
     name = "anomalyxfusion"
     paper = "Hu, Jiang, Wang, Xie, Zhang, et al. AnomalyXFusion: Multi-modal Anomaly Synthesis with Diffusion. 2024"
     needs = frozenset({"target_normal", "target_mask", "caption"})
+    builds_on = ("anomalydiffusion",)
 
     def __init__(self, config, profile):
         inherited = get_method_info("anomalydiffusion").config(profile)
@@ -72,11 +73,11 @@ class AnomalyXFusion(base.AnomalyDiffusion):
                         "image_features": {**image_features.record, "dim": image_features.dim,
                                            "norms": [round(float(n), 4) for n in features.norm(dim=1)]},
                         "mask_autoencoder": self._mask_history}
-        return self._build(defect_types, self._captions.dim, table.shape[1], autoencoder, initial)
+        return self._build(settings, defect_types, self._captions.dim, table.shape[1], autoencoder, initial)
 
-    def _build(self, defect_types: list[str], caption_dim: int, width: int, autoencoder: MaskAutoencoder,
+    @staticmethod
+    def _build(settings: dict, defect_types: list[str], caption_dim: int, width: int, autoencoder: MaskAutoencoder,
                initial: torch.Tensor) -> XEmbedding:
-        settings = self.config["embedding"]
         k = int(settings["tokens"])
         fusion, dynamic = settings["fusion"], settings["dynamic"]
         return XEmbedding(
@@ -99,6 +100,7 @@ class AnomalyXFusion(base.AnomalyDiffusion):
         return {p: rate for p in embedding.parameters() if id(p) not in tokens}
 
     def _fit_record(self, embedding: XEmbedding) -> dict:
+        self._captions, self._caption_features = None, {}  # the fit is over: its frozen encoder is not kept
         return {"x_embedding": self._record}
 
     def _mask_autoencoder(self, masks: np.ndarray, seed: int) -> tuple[MaskAutoencoder, dict]:
@@ -122,12 +124,12 @@ class AnomalyXFusion(base.AnomalyDiffusion):
         record = model["x_embedding"]
         self._captions = self._caption_encoder(backbone, record["caption_words"], record["caption_seed"])
         self._caption_features = {}
-        settings = self.config["embedding"]["location"]
-        autoencoder = MaskAutoencoder(int(settings["size"]), tuple(settings["channels"]), int(settings["code"]))
+        settings = model["embedding"]  # as fitted (the switches and sizes of this fit, whatever the config now)
+        location = settings["location"]
+        autoencoder = MaskAutoencoder(int(location["size"]), tuple(location["channels"]), int(location["code"]))
         width = backbone.text_encoder.get_input_embeddings().weight.shape[1]
-        k = int(self.config["embedding"]["tokens"])
-        embedding = self._build(model["defect_types"], record["caption_feature_dim"], width, autoencoder,
-                                torch.zeros(len(model["defect_types"]), k, width))
+        embedding = self._build(settings, model["defect_types"], record["caption_feature_dim"], width, autoencoder,
+                                torch.zeros(len(model["defect_types"]), int(settings["tokens"]), width))
         from safetensors.torch import load_file
 
         embedding.load_state_dict(load_file(str(workdir / EMBEDDING_FILE)))
@@ -163,7 +165,8 @@ class AnomalyXFusion(base.AnomalyDiffusion):
     def _image_features(self, backbone: backbones.Backbone):
         if self.config["embedding"]["features"] == "tiny":
             return TinyImageFeatures(backbone)
-        return self._clip(backbone).images
+        clip = self._captions if isinstance(self._captions, ClipFeatures) else self._clip(backbone)
+        return clip.images
 
     def _clip(self, backbone: backbones.Backbone) -> ClipFeatures:
         from harness import weights
