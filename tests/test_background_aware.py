@@ -342,16 +342,25 @@ def test_paper_profile_path_with_a_tiny_stand_in(washer_task, tmp_path):
 # ---- in the job graph --------------------------------------------------------------------------------------------
 
 
+def _suite_methods() -> list[dict]:
+    return [{"method": "background_aware", "config": {"steps": 2, "inference_steps": 2}},
+            {"method": "background_aware", "label": "bg-aware init: random",
+             "config": {"steps": 2, "inference_steps": 2, "init": "random"}}]
+
+
+def _mini_dataset() -> dict:
+    import yaml
+
+    return yaml.safe_load((Path(__file__).parent / "suites" / "mini.yaml").read_text())["datasets"][0]
+
+
 def _suite(tmp_path, **changes):
     import yaml
 
     from harness.runner.suite import parse_suite
 
     raw = yaml.safe_load((Path(__file__).parent / "suites" / "mini.yaml").read_text())
-    raw.update(methods=[{"method": "background_aware", "config": {"steps": 2, "inference_steps": 2}},
-                        {"method": "background_aware", "label": "bg-aware init: random",
-                         "config": {"steps": 2, "inference_steps": 2, "init": "random"}}],
-               metrics=["bg_psnr", "mask_iou"], backbone={"vae_steps": 3, "unet_steps": 3})
+    raw.update(methods=_suite_methods(), metrics=["bg_psnr", "mask_iou"], backbone={"vae_steps": 3, "unet_steps": 3})
     raw.update(changes)
     return parse_suite(raw, tmp_path / "bg.yaml")
 
@@ -376,8 +385,12 @@ def test_the_backbone_job_runs_once_and_is_reused(tmp_path, isolated_cache):
     assert set(records["metric"]) == {"bg_psnr", "mask_iou"}
     assert set(records["method"]) == {"background_aware", "bg-aware init: random"}
     assert set(records["backbone"]) == {backbone[0].tags["backbone"]}
-    # another results folder: the backbone comes from results/cache/backbones, not trained again
-    second = run_suite(suite, executor="serial", results=tmp_path / "b", progress=False)
+    # another results folder: the backbone comes from results/cache/backbones, not trained again (a smaller suite
+    # with the same pretraining images: one category, pretrained on both, and one method entry)
+    smaller = _suite(tmp_path, methods=_suite_methods()[:1], datasets=[{
+        **_mini_dataset(), "categories": ["washer"], "pretrain_categories": ["weave", "washer"]}])
+    assert [j.key for j in expand(prepare(smaller)) if j.kind == "backbone"] == [backbone[0].key]
+    second = run_suite(smaller, executor="serial", results=tmp_path / "b", progress=False)
     again = json.loads((second.store.job_dir(backbone[0].key) / "backbone.json").read_text())
     assert again["reused"] is True and again["key"] == info["key"]
     # other pretraining settings are another backbone, and another key for every fit
@@ -417,6 +430,8 @@ def test_backbone_settings_and_weights_errors_are_named(tmp_path, pretrained_bac
         _suite(tmp_path, backbone={"vae_step": 3})
     with pytest.raises(ConfigError, match="backbone.prediction_type: 'x0' is not one of"):
         _suite(tmp_path, backbone={"prediction_type": "x0"})
+    with pytest.raises(ConfigError, match="backbone.vae_autocast: 'int8' is not one of"):
+        _suite(tmp_path, backbone={"vae_autocast": "int8"})
     with pytest.raises(WeightsError, match="not a diffusers folder"):
         weights.resolve_pipeline("stable-diffusion-v1-5", tmp_path)
     # the paper profile resolves SD 1.5 from the suite's weights: here the tiny stand-in's folder

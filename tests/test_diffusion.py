@@ -293,6 +293,29 @@ def test_a_v_prediction_backbone_is_pretrained_on_v_and_says_so(tmp_path):
         backbones.build_tiny(["a"], 32, prediction_type="sample")
 
 
+def test_the_autoencoder_stage_in_bfloat16_learns_as_in_float32():
+    """`vae_autocast` (bfloat16 by default: 1.8x faster per step on this machine's CPU) runs the autoencoder's
+    forward pass in bf16; its weights, optimiser and loss stay in float32. It changes the arithmetic (another loss
+    history) but not what is learned: the loss falls as far as in float32."""
+    from harness.diffusion import pretrain as pre
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 32)
+    images = np.stack([np.stack([np.add.outer(ramp * a, ramp * (1 - a)) / 2] * 3, -1) for a in rng.random(6)])
+    settings = dict(resolution=32, vae_steps=40, unet_steps=0, vae_batch=4, vae_crop=16, vae_augment=False,
+                    checkpoint_every=0)
+    histories = {}
+    for kind in ("float32", "bfloat16"):
+        _, history = pre.pretrain(images.astype(np.uint8), ["a"] * 6, pre.PretrainConfig(**settings, vae_autocast=kind))
+        histories[kind] = history["vae"]
+    assert histories["bfloat16"] != histories["float32"]  # autocast is on
+    for history in histories.values():
+        assert history[-1] < 0.5 * history[0], histories
+    assert histories["bfloat16"][-1] < 1.5 * histories["float32"][-1], histories
+    with pytest.raises(ValueError, match="vae_autocast must be"):
+        pre._autocast_dtype("int8")
+
+
 def test_a_killed_pretraining_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """Checkpoints every 2 steps; a run killed in the VAE stage and one killed in the UNet stage each resume to
     exactly the weights and loss history of a run that was never stopped (on a GPU: to round-off), and an estimate

@@ -50,6 +50,8 @@ class PretrainConfig:
     vae_lr: float = 3e-3  # peak rates of a one-cycle schedule (5% warm-up, cosine decay): short runs converge further
     unet_lr: float = 1e-3
     vae_augment: bool = True  # generic content in the VAE's crops (see generic_content)
+    vae_autocast: str = "bfloat16"  # the VAE stage's forward pass under autocast to this type ("float32": none);
+    #                                 1.8x faster per step on a CPU with bf16 instructions (README.md)
     empty_prompt_rate: float = 0.1
     prediction_type: str = "v_prediction"  # the UNet's target: v (SD 2.x) or epsilon, the noise (SD 1.5); README.md
     seed: int = 0
@@ -210,7 +212,17 @@ def _load_checkpoint(folder: Path | None) -> dict | None:
 def _vae_loss(backbone: Backbone, images: np.ndarray, config: PretrainConfig, rng) -> torch.Tensor:
     crops = _crops(rng, images[_batch(rng, len(images), config.vae_batch)], config.vae_crop)
     x = to_model_input(generic_content(rng, crops) if config.vae_augment else crops).to(backbone.device)
-    return F.mse_loss(backbone.vae.decode(unscaled_latents(backbone.vae, x)).sample, x)
+    # mixed precision: the weights, the optimiser and the loss stay in float32
+    with torch.autocast(backbone.device.type, dtype=_autocast_dtype(config.vae_autocast),
+                        enabled=config.vae_autocast != "float32"):
+        reconstruction = backbone.vae.decode(unscaled_latents(backbone.vae, x)).sample
+    return F.mse_loss(reconstruction.float(), x)
+
+
+def _autocast_dtype(name: str) -> torch.dtype:
+    if name not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"vae_autocast must be bfloat16, float16 or float32, not {name!r}")
+    return getattr(torch, name)
 
 
 def _train_vae(backbone: Backbone, images: np.ndarray, config: PretrainConfig, rng, generator, progress,
