@@ -11,3 +11,14 @@ def default_device() -> torch.device:
     if forced:
         return torch.device(forced)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+AUTOCAST_TYPES = ("float32", "bfloat16", "float16")
+
+
+def autocast(device: torch.device, name: str) -> torch.autocast:
+    """A forward pass in mixed precision: ops autocast runs in `name` ("float32": none). Weights, optimiser and
+    losses stay in float32 (compute the loss on a float32 copy of the output)."""
+    if name not in AUTOCAST_TYPES:
+        raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_TYPES)}, not {name!r}")
+    return torch.autocast(device.type, dtype=getattr(torch, name), enabled=name != "float32")

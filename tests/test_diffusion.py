@@ -312,8 +312,8 @@ def test_the_autoencoder_stage_in_bfloat16_learns_as_in_float32():
     for history in histories.values():
         assert history[-1] < 0.5 * history[0], histories
     assert histories["bfloat16"][-1] < 1.5 * histories["float32"][-1], histories
-    with pytest.raises(ValueError, match="vae_autocast must be"):
-        pre._autocast_dtype("int8")
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        pre.pretrain(images.astype(np.uint8), ["a"] * 6, pre.PretrainConfig(**settings, vae_autocast="int8"))
 
 
 def test_a_killed_pretraining_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):

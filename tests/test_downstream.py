@@ -115,6 +115,25 @@ def test_model_selection_uses_the_configured_part(weave, select_on, monkeypatch)
     assert selection.best_epoch in (1, 2) and len(selection.history) == 2
 
 
+def test_the_tiny_u_net_trains_in_mixed_precision_and_the_paper_one_in_float32(weave):
+    """`autocast`: bf16 in `tiny` (1.6x faster per step here), float32 in `paper` (DRAEM's); the weights stay in
+    float32 and the arithmetic differs; a wrong type is an error naming the key."""
+    assert model_config("segmentation", "paper")["autocast"] == "float32"
+    assert model_config("segmentation", "tiny")["autocast"] == "bfloat16"
+    generated = data.from_samples([s for p in weave.defects.values() for s in p.train], RES)
+    normal = data.normal_set(weave, "train", RES)
+    nets = {}
+    for kind in ("float32", "bfloat16"):
+        config = model_config("segmentation", "tiny", {"epochs": 1, "base_width": 4, "autocast": kind})
+        nets[kind], _ = segmentation.train(normal, generated, config, seed=0)
+    weights = {k: torch.cat([p.detach().flatten() for p in net.parameters()]) for k, net in nets.items()}
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert not torch.equal(weights["float32"], weights["bfloat16"])
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        segmentation.train(normal, generated, model_config("segmentation", "tiny", {"epochs": 1, "base_width": 4,
+                                                                                   "autocast": "int8"}), seed=0)
+
+
 def _noise_defects(normal: data.ImageSet, n: int, seed: int) -> data.ImageSet:
     """Random-noise 'defects': uniform noise in random rectangles of normal images."""
     rng = np.random.default_rng(seed)
@@ -138,7 +157,7 @@ def test_sanity_real_defects_train_a_better_unet_than_noise(tmp_path):
     test = data.test_set(split, RES)
     normal, normal_val = data.normal_set(split, "train", RES), data.normal_set(split, "validation", RES)
     real = data.from_samples([s for p in split.defects.values() for s in p.train], RES)
-    config = model_config("segmentation", "tiny", {"epochs": 8})  # measured: real 0.243 vs noise 0.075 pixel AP
+    config = model_config("segmentation", "tiny", {"epochs": 8})  # measured: real 0.258 vs noise 0.080 pixel AP (bf16; float32: 0.243 vs 0.075)
     results = {}
     for name, generated in (("real", real), ("noise", _noise_defects(normal, len(real), 0))):
         train, validation = data.hold_out(generated, config["validation_fraction"], 0)

@@ -204,8 +204,10 @@ def _plugin(tmp_path, monkeypatch, name: str, failure: str, **suite_changes) -> 
     return suite
 
 
-@pytest.mark.parametrize("failure", ['raise RuntimeError("no cracks here")', "sys.exit(3)"])
-def test_a_method_failing_on_one_defect_type_marks_its_cells(tmp_path, monkeypatch, isolated_cache, failure):
+@pytest.mark.parametrize("failure, through_the_cli", [('raise RuntimeError("no cracks here")', False),
+                                                      ("sys.exit(3)", True)])
+def test_a_method_failing_on_one_defect_type_marks_its_cells(tmp_path, monkeypatch, isolated_cache, failure,
+                                                             through_the_cli):
     suite = _plugin(tmp_path, monkeypatch, "flaky", failure)
     result = run(tmp_path / "results", suite)  # sys.exit in the serial executor must not end the run
     states = list(result.states.values())
@@ -224,6 +226,8 @@ def test_a_method_failing_on_one_defect_type_marks_its_cells(tmp_path, monkeypat
     assert len(flaky_cells) == 8  # 4 metrics x (washer, Average)
     assert all("<sup>f 2/3" in c and "**" not in c and "<u>" not in c for c in flaky_cells), flaky_cells
     assert "the jobs of the others failed" in md
+    if not through_the_cli:
+        return
     done = subprocess.run(CLI + ["run", str(suite), "--results", str(tmp_path / "results2"), "--executor", "serial"],
                           capture_output=True, text=True, env={**os.environ})
     assert done.returncode == 1 and "FAILED" in done.stdout

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from harness.diffusion import ddim
 from harness.diffusion.backbone import Backbone, build_tiny, unscaled_latents
-from harness.device import default_device
+from harness.device import autocast, default_device
 from harness.diffusion.latents import to_tensor as to_model_input
 from harness.io import atomic_write_bytes
 
@@ -212,17 +212,9 @@ def _load_checkpoint(folder: Path | None) -> dict | None:
 def _vae_loss(backbone: Backbone, images: np.ndarray, config: PretrainConfig, rng) -> torch.Tensor:
     crops = _crops(rng, images[_batch(rng, len(images), config.vae_batch)], config.vae_crop)
     x = to_model_input(generic_content(rng, crops) if config.vae_augment else crops).to(backbone.device)
-    # mixed precision: the weights, the optimiser and the loss stay in float32
-    with torch.autocast(backbone.device.type, dtype=_autocast_dtype(config.vae_autocast),
-                        enabled=config.vae_autocast != "float32"):
+    with autocast(backbone.device, config.vae_autocast):
         reconstruction = backbone.vae.decode(unscaled_latents(backbone.vae, x)).sample
     return F.mse_loss(reconstruction.float(), x)
-
-
-def _autocast_dtype(name: str) -> torch.dtype:
-    if name not in ("bfloat16", "float16", "float32"):
-        raise ValueError(f"vae_autocast must be bfloat16, float16 or float32, not {name!r}")
-    return getattr(torch, name)
 
 
 def _train_vae(backbone: Backbone, images: np.ndarray, config: PretrainConfig, rng, generator, progress,

@@ -53,8 +53,10 @@ def pretrain_config(overrides: dict, resolution: int, where: str = "backbone"):
 
     if overrides.get("prediction_type", PREDICTION_TYPES[0]) not in PREDICTION_TYPES:
         raise ConfigError(f"{where}.prediction_type: {overrides['prediction_type']!r} is not one of {PREDICTION_TYPES}")
-    if overrides.get("vae_autocast", "bfloat16") not in ("bfloat16", "float16", "float32"):
-        raise ConfigError(f"{where}.vae_autocast: {overrides['vae_autocast']!r} is not one of bfloat16, float16, float32")
+    from harness.device import AUTOCAST_TYPES
+
+    if overrides.get("vae_autocast", "bfloat16") not in AUTOCAST_TYPES:
+        raise ConfigError(f"{where}.vae_autocast: {overrides['vae_autocast']!r} is not one of {AUTOCAST_TYPES}")
     return PretrainConfig(**{**overrides, "resolution": resolution})
 
 

@@ -4,7 +4,8 @@ and generated images, evaluated on the real test part.
 - Network: DRAEM's discriminative U-Net (anomalib's `DiscriminativeSubNetwork`), RGB in, 2 classes out, base
   width 64 (`paper`) or 16 (`tiny`).
 - Loss: focal loss (gamma 2) on the softmax of the two logits, per pixel, averaged.
-- Optimiser: Adam (lr 1e-4); the learning rate is multiplied by 0.2 at 80 % and at 90 % of the steps.
+- Optimiser: Adam (lr 1e-4); the learning rate is multiplied by 0.2 at 80 % and at 90 % of the steps. The
+  `tiny` profile runs the training forward pass under bf16 autocast (`autocast` in models.yaml; `paper`: float32).
 - Data: each sample of a batch is, with probability 1/2, a normal training image (empty mask), else a generated
   sample (its mask; an empty generated mask makes it a normal sample). An epoch is as many steps as it takes to
   draw (normal + generated training images) samples.
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from harness.device import default_device
+from harness.device import autocast, default_device
 from harness.downstream.config import SELECTIONS
 from harness.downstream.data import ImageSet
 from harness.metrics import detection
@@ -116,8 +117,9 @@ def train(normal: ImageSet, generated: ImageSet, config: dict, seed: int,
     for epoch in range(1, config["epochs"] + 1):
         for _ in range(steps_per_epoch):
             images, masks = _draw(rng, normal, generated, batch, config["p_generated"])
-            logits = net(to_input(images, device))
-            loss = focal_loss(logits, torch.from_numpy(masks).to(device), config["focal_gamma"])
+            with autocast(device, config["autocast"]):
+                logits = net(to_input(images, device))
+            loss = focal_loss(logits.float(), torch.from_numpy(masks).to(device), config["focal_gamma"])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
