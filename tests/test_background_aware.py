@@ -377,7 +377,11 @@ def test_the_backbone_job_runs_once_and_is_reused(tmp_path, isolated_cache):
     fits = [j for j in jobs if j.kind == "fit"]
     assert fits and all(j.deps == (backbone[0].key,) for j in fits)
     assert {j.tags["backbone"] for j in fits} == {backbone[0].tags["backbone"]}
-    first = run_suite(suite, executor="serial", results=tmp_path / "a", progress=False)
+    # runs on washer alone, pretrained on both categories: the same backbone job, a third of the fits
+    washer = [{**_mini_dataset(), "categories": ["washer"], "pretrain_categories": ["weave", "washer"]}]
+    assert [j.key for j in expand(prepare(_suite(tmp_path, datasets=washer))) if j.kind == "backbone"] == [
+        backbone[0].key]
+    first = run_suite(_suite(tmp_path, datasets=washer), executor="serial", results=tmp_path / "a", progress=False)
     assert set(first.states.values()) == {"done"}, first.states
     info = json.loads((first.store.job_dir(backbone[0].key) / "backbone.json").read_text())
     assert info["reused"] is False and (isolated_cache / "backbones" / info["key"]).is_dir()
@@ -385,12 +389,9 @@ def test_the_backbone_job_runs_once_and_is_reused(tmp_path, isolated_cache):
     assert set(records["metric"]) == {"bg_psnr", "mask_iou"}
     assert set(records["method"]) == {"background_aware", "bg-aware init: random"}
     assert set(records["backbone"]) == {backbone[0].tags["backbone"]}
-    # another results folder: the backbone comes from results/cache/backbones, not trained again (a smaller suite
-    # with the same pretraining images: one category, pretrained on both, and one method entry)
-    smaller = _suite(tmp_path, methods=_suite_methods()[:1], datasets=[{
-        **_mini_dataset(), "categories": ["washer"], "pretrain_categories": ["weave", "washer"]}])
-    assert [j.key for j in expand(prepare(smaller)) if j.kind == "backbone"] == [backbone[0].key]
-    second = run_suite(smaller, executor="serial", results=tmp_path / "b", progress=False)
+    # another results folder: the backbone comes from results/cache/backbones, not trained again (one method entry)
+    second = run_suite(_suite(tmp_path, methods=_suite_methods()[:1], datasets=washer), executor="serial",
+                       results=tmp_path / "b", progress=False)
     again = json.loads((second.store.job_dir(backbone[0].key) / "backbone.json").read_text())
     assert again["reused"] is True and again["key"] == info["key"]
     # other pretraining settings are another backbone, and another key for every fit
@@ -399,7 +400,7 @@ def test_the_backbone_job_runs_once_and_is_reused(tmp_path, isolated_cache):
 
 
 def test_the_backbone_can_be_pretrained_on_more_categories_than_the_suite_runs(tmp_path, isolated_cache):
-    """`pretrain_categories` (suites/demo.yaml): the tiny backbone learns from those categories' normal training
+    """`pretrain_categories`: the tiny backbone learns from those categories' normal training
     images, the methods fit and generate on the suite's categories alone; an unknown category is named."""
     from harness.errors import ConfigError
     from harness.runner.plan import expand, prepare

@@ -294,9 +294,10 @@ def test_a_v_prediction_backbone_is_pretrained_on_v_and_says_so(tmp_path):
 
 
 def test_the_autoencoder_stage_in_bfloat16_learns_as_in_float32():
-    """`vae_autocast` (bfloat16 by default: 1.8x faster per step on this machine's CPU) runs the autoencoder's
-    forward pass in bf16; its weights, optimiser and loss stay in float32. It changes the arithmetic (another loss
-    history) but not what is learned: the loss falls as far as in float32."""
+    """`vae_autocast: bfloat16` (1.8x faster per step on this machine's CPU; the demo's backbone) runs the
+    autoencoder's forward pass in bf16; its weights, optimiser and loss stay in float32. It changes the arithmetic
+    (another loss history) and the loss falls as far as in float32. (Not the default: the backbone it makes is
+    another one, harness/diffusion/README.md.)"""
     from harness.diffusion import pretrain as pre
 
     rng = np.random.default_rng(0)

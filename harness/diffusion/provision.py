@@ -55,7 +55,7 @@ def pretrain_config(overrides: dict, resolution: int, where: str = "backbone"):
         raise ConfigError(f"{where}.prediction_type: {overrides['prediction_type']!r} is not one of {PREDICTION_TYPES}")
     from harness.device import AUTOCAST_TYPES
 
-    if overrides.get("vae_autocast", "bfloat16") not in AUTOCAST_TYPES:
+    if overrides.get("vae_autocast", "float32") not in AUTOCAST_TYPES:
         raise ConfigError(f"{where}.vae_autocast: {overrides['vae_autocast']!r} is not one of {AUTOCAST_TYPES}")
     return PretrainConfig(**{**overrides, "resolution": resolution})
 
