@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED := 1
 .PHONY: install demo smoke test bench leaderboard suite-mvtec-ad suite-mvtec-loco suite-mvtec-caption clean-cache help
 
 help:
-	@echo "make demo                 every method, downstream model and detector on one synthetic category, on Ray"
+	@echo "make demo                 every method, downstream model and four detectors on one synthetic category, on Ray"
 	@echo "make smoke                the same on all three synthetic categories (the smoke suite)"
 	@echo "make test                 install if needed, run the test suite"
 	@echo "make suite-mvtec-ad DATA=/path/to/mvtec_anomaly_detection     (also suite-mvtec-loco, suite-mvtec-caption)"
