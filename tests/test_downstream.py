@@ -132,6 +132,11 @@ def test_the_tiny_u_net_trains_in_mixed_precision_and_the_paper_one_in_float32(w
     with pytest.raises(ValueError, match="autocast must be one of"):
         segmentation.train(normal, generated, model_config("segmentation", "tiny", {"epochs": 1, "base_width": 4,
                                                                                    "autocast": "int8"}), seed=0)
+    from harness.downstream.config import parse_models
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"downstream\[0\]\.config\.autocast: 'float16'; choose from"):
+        parse_models([{"name": "segmentation", "config": {"autocast": "float16"}}], "suite.yaml", "downstream", "tiny")
 
 
 def _noise_defects(normal: data.ImageSet, n: int, seed: int) -> data.ImageSet:

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from harness.device import AUTOCAST_TYPES
 from harness.errors import ConfigError
 from harness.methods import merge_config
 from harness.profiles import Profile, get_profile
@@ -68,5 +69,8 @@ def parse_models(value, where: str, key: str, profile: str) -> tuple[dict, ...]:
         if config.get("select_on", "validation") not in SELECTIONS:
             raise ConfigError(f"{where}: {key}[{i}].config.select_on: {config['select_on']!r}; choose from "
                               f"{', '.join(SELECTIONS)}")
+        if config.get("autocast", "float32") not in AUTOCAST_TYPES:
+            raise ConfigError(f"{where}: {key}[{i}].config.autocast: {config['autocast']!r}; choose from "
+                              f"{', '.join(AUTOCAST_TYPES)}")
         out.append({"name": name, "config": dict(item.get("config") or {})})
     return tuple(out)

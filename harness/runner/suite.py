@@ -42,8 +42,8 @@ class DatasetSpec:
     captions: Path | None = None
     categories: tuple[str, ...] | None = None  # None: every category found
     synth: dict = field(default_factory=dict)
-    # whose normal training images pretrain the tiny backbone; None: the categories above (a demo on one category
-    # can pretrain on several: a one-category backbone is a poorer stand-in for a general one)
+    # whose normal training images pretrain the tiny backbone; None: the categories above (a run on one category
+    # can pretrain on several: a one-category backbone can be a poorer stand-in for a general one)
     pretrain_categories: tuple[str, ...] | None = None
 
 
