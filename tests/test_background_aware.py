@@ -348,18 +348,16 @@ def _suite_methods() -> list[dict]:
              "config": {"steps": 2, "inference_steps": 2, "init": "random"}}]
 
 
-def _mini_dataset() -> dict:
+def _mini() -> dict:
     import yaml
 
-    return yaml.safe_load((Path(__file__).parent / "suites" / "mini.yaml").read_text())["datasets"][0]
+    return yaml.safe_load((Path(__file__).parent / "suites" / "mini.yaml").read_text())
 
 
 def _suite(tmp_path, **changes):
-    import yaml
-
     from harness.runner.suite import parse_suite
 
-    raw = yaml.safe_load((Path(__file__).parent / "suites" / "mini.yaml").read_text())
+    raw = _mini()
     raw.update(methods=_suite_methods(), metrics=["bg_psnr", "mask_iou"], backbone={"vae_steps": 3, "unet_steps": 3})
     raw.update(changes)
     return parse_suite(raw, tmp_path / "bg.yaml")
@@ -378,7 +376,7 @@ def test_the_backbone_job_runs_once_and_is_reused(tmp_path, isolated_cache):
     assert fits and all(j.deps == (backbone[0].key,) for j in fits)
     assert {j.tags["backbone"] for j in fits} == {backbone[0].tags["backbone"]}
     # runs on washer alone, pretrained on both categories: the same backbone job, half the fits
-    washer = [{**_mini_dataset(), "categories": ["washer"], "pretrain_categories": ["weave", "washer"]}]
+    washer = [{**_mini()["datasets"][0], "categories": ["washer"], "pretrain_categories": ["weave", "washer"]}]
     assert [j.key for j in expand(prepare(_suite(tmp_path, datasets=washer))) if j.kind == "backbone"] == [
         backbone[0].key]
     first = run_suite(_suite(tmp_path, datasets=washer), executor="serial", results=tmp_path / "a", progress=False)
