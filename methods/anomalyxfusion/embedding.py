@@ -134,18 +134,23 @@ def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 class DynamicFusion(nn.Module):
     """DDF, Eq. 13-14: e_t = MLP([e_X ; Linear(τ(t))]), the timestep's features broadcast over the tokens and
-    concatenated on channels, an MLP back to the width."""
+    concatenated on channels, an MLP back to the width. `residual` (the tiny profile's deviation, README.md):
+    e_t = e_X + MLP(...), the MLP's last layer starting at zero, so e_t starts as e_X and learns the timestep's share."""
 
-    def __init__(self, width: int, time_dim: int, hidden: int):
+    def __init__(self, width: int, time_dim: int, hidden: int, residual: bool = False):
         super().__init__()
-        self.time_dim = time_dim
+        self.time_dim, self.residual = time_dim, residual
         self.time = nn.Linear(time_dim, width)
         self.mlp = nn.Sequential(nn.Linear(2 * width, hidden), nn.SiLU(), nn.Linear(hidden, width))
+        if residual:
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, e_x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         t = torch.as_tensor(t, device=e_x.device).reshape(-1).expand(e_x.shape[0])
         time = self.time(timestep_features(t, self.time_dim).to(e_x.dtype))
-        return self.mlp(torch.cat([e_x, time[:, None, :].expand_as(e_x)], dim=-1))
+        out = self.mlp(torch.cat([e_x, time[:, None, :].expand_as(e_x)], dim=-1))
+        return e_x + out if self.residual else out
 
 
 class XEmbedding(nn.Module):

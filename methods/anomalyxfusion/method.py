@@ -85,7 +85,8 @@ class AnomalyXFusion(base.AnomalyDiffusion):
             TexturalEmbedding(defect_types, initial),
             SemanticEmbedding(caption_dim, width, k) if settings["semantic"] else None,
             MultimodalFusion(width, int(fusion["heads"]), int(fusion["mlp_ratio"]) * width) if settings["mif"] else None,
-            DynamicFusion(width, int(dynamic["time_dim"]), int(dynamic["mlp_ratio"]) * width) if settings["ddf"] else None)
+            DynamicFusion(width, int(dynamic["time_dim"]), int(dynamic["mlp_ratio"]) * width,
+                          bool(dynamic.get("residual", False))) if settings["ddf"] else None)
 
     def _training_vectors(self, embedding: XEmbedding, rows: list, masks: torch.Tensor, t: torch.Tensor
                           ) -> torch.Tensor:
@@ -93,11 +94,15 @@ class AnomalyXFusion(base.AnomalyDiffusion):
         return embedding([row.defect_type for row in rows], features, masks, t)
 
     def _learning_rates(self, embedding: XEmbedding) -> dict[torch.nn.Parameter, float]:
-        """The X-embedding's networks (projection, E_AE + E_CNN, MIF, DDF) at `embedding.learning_rate`; the textural
-        tokens at the method's rate, as AnomalyDiffusion's e_a."""
-        rate = float(self.config["embedding"]["learning_rate"])
+        """The X-embedding's networks at `embedding.learning_rate`, MIF and DDF at their own where set (`fusion.` /
+        `dynamic.learning_rate`); the textural tokens at the method's rate, as AnomalyDiffusion's e_a."""
+        settings = self.config["embedding"]
+        rate = float(settings["learning_rate"])
+        own = {id(p): float(settings[key]["learning_rate"] or rate)
+               for key, part in (("fusion", embedding.fusion), ("dynamic", embedding.dynamic)) if part is not None
+               for p in part.parameters()}
         tokens = {id(p) for p in embedding.textural.parameters()}
-        return {p: rate for p in embedding.parameters() if id(p) not in tokens}
+        return {p: own.get(id(p), rate) for p in embedding.parameters() if id(p) not in tokens}
 
     def _fit_record(self, embedding: XEmbedding) -> dict:
         self._captions, self._caption_features = None, {}  # the fit is over: its frozen encoder is not kept

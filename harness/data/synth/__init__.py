@@ -59,7 +59,7 @@ def synthesize(out: Path, config: SynthConfig = SynthConfig(), overwrite: bool =
         raise ConfigError(f"unknown synthetic categories {unknown}; known: {', '.join(CATEGORIES)}")
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         for index, name in enumerate(config.categories):
-            _write_category(tmp / name, CATEGORIES[name], index, config)
+            write_category(tmp / name, CATEGORIES[name], index, config)
         atomic_write_json(tmp / "synth.json", config.as_dict())
     return Path(out)
 
@@ -68,7 +68,9 @@ def _rng(config: SynthConfig, *keys: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, *keys])
 
 
-def _write_category(folder: Path, category: SynthCategory, cat_index: int, config: SynthConfig) -> None:
+def write_category(folder: Path, category: SynthCategory, cat_index: int, config: SynthConfig) -> None:
+    """One category's images, masks and captions under `folder`, drawn from the streams of (config.seed, cat_index);
+    also for categories outside the data set (a test's own: tests/test_anomalyxfusion.py)."""
     parts = [("train", config.n_train, 0), ("test", config.n_test_good, 1)]
     if category.layout == "mvtec_loco":
         parts.append(("validation", config.n_validation, 2))
