@@ -178,6 +178,39 @@ def _task(synth_root, backbone, category="weave", resolution=64):
     return task
 
 
+def test_the_tiny_caption_features_are_the_mean_of_the_captions_word_rows(parts, pretrained_backbone):
+    """The tiny stand-in of CLIP's text features: a bag of words over the tiny text encoder's table, new words as
+    seeded random rows, unknown words (and an empty caption) the <unk> row."""
+    from harness.diffusion.backbone import load_frozen
+
+    features = importlib.import_module(parts[0].__package__ + ".features")
+    backbone = load_frozen(pretrained_backbone[0])
+    encoder = features.TinyCaptionEncoder(backbone, ["photo", "umbral", "blotch"], seed=3)
+    assert encoder.words == ["umbral", "blotch"]  # "photo" is a prompt word: no new row
+    table = backbone.text_encoder.get_input_embeddings().weight.detach().cpu()
+    vocab = backbone.tokenizer.get_vocab()
+    out = encoder(["A umbral blotch.", "blotch, UMBRAL a", "photo", "", "a sooty photo"])
+    torch.testing.assert_close(out[0], out[1])  # a bag: order, case and punctuation do not matter
+    torch.testing.assert_close(out[2], table[vocab["photo"]])
+    torch.testing.assert_close(out[3], table[vocab["<unk>"]])
+    torch.testing.assert_close(out[4], (table[vocab["a"]] + table[vocab["<unk>"]] + table[vocab["photo"]]) / 3)
+    again = features.TinyCaptionEncoder(backbone, ["photo", "umbral", "blotch"], seed=3)
+    torch.testing.assert_close(again(["A umbral blotch."]), out[:1])  # the new rows come from the seed
+    assert encoder.coverage(["A umbral blotch.", "a sooty photo"])["unknown_words"] == 1
+
+
+def test_mif_and_ddf_train_at_their_own_rate_where_set(parts):
+    _, emb = parts
+    embedding = _embedding(emb)
+    rates = load_method("anomalyxfusion", "tiny")._learning_rates(embedding)
+    by_part = {name: {rates[p] for p in getattr(embedding, name).parameters()}
+               for name in ("semantic", "location", "fusion", "dynamic")}
+    assert by_part == {"semantic": {1e-3}, "location": {1e-3}, "fusion": {1e-4}, "dynamic": {1e-4}}
+    assert not any(id(p) in map(id, rates) for p in embedding.textural.parameters())  # the method's rate
+    paper = load_method("anomalyxfusion", "paper")._learning_rates(embedding)  # null: embedding.learning_rate
+    assert set(paper.values()) == {1e-4}
+
+
 QUICK = {"steps_per_defect_type": 3, "inference_steps": 4, "generation_batch": 2,
          "embedding": {"location": {"steps": 5}}}
 
@@ -210,6 +243,22 @@ def test_fit_records_its_stand_ins_and_generation_follows_the_targets(fitted):
     assert all(s.caption for s in samples)
     assert all(np.array_equal(s.mask, t.mask) for s, t in zip(samples, request.targets))
     assert [s.normal_id for s in samples] == [t.normal.id for t in request.targets]
+
+
+def test_a_fit_made_with_other_caption_features_is_refused(fitted, tmp_path):
+    import shutil
+
+    from harness.tasks import build_request
+
+    task, workdir = fitted
+    old = tmp_path / "old"
+    shutil.copytree(workdir, old)
+    model = json.loads((old / "model.json").read_text())
+    model["x_embedding"]["caption_encoder"]["stand_in"] = "tiny text encoder pooled at its end token (no CLIP)"
+    (old / "model.json").write_text(json.dumps(model))
+    method = load_method("anomalyxfusion", "tiny", QUICK)
+    with pytest.raises(MethodError, match="fitted with other caption features.*fit it again"):
+        list(method.generate(build_request(task, method, "hole", 1, seed=0), old))
 
 
 def test_ddf_gives_the_unet_a_new_condition_at_every_denoising_step(fitted, parts, monkeypatch):
@@ -505,6 +554,6 @@ CHANCE = 1 / 2
 def test_the_sample_follows_its_caption_and_not_with_the_semantic_embedding_zeroed(caption_claims):
     """Captions matter (Eq. 1): the classifier picks the captioned colour clearly more often than chance; with e_sem
     zeroed (negative control) the caption cannot change the sample, so exactly half the samples follow it. About
-    5 minutes on 2 threads: `pytest -m slow`."""
+    6 minutes on 2 threads: `pytest -m slow`."""
     assert caption_claims["working"]["follows"] >= CHANCE + 0.25, caption_claims["working"]
     assert caption_claims["e_sem zeroed"]["follows"] < CHANCE + 0.25, caption_claims["e_sem zeroed"]

@@ -90,17 +90,13 @@ def unscaled_latents(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor
     raise TypeError(f"{type(vae).__name__}.encode returned {type(encoded).__name__}: no latents in it")
 
 
-def word_level_tokenizer(words: list[str], max_length: int = 16, vocabulary: list[str] | None = None):
-    """A fast tokenizer over a fixed vocabulary: specials, base prompt words, rare tokens, then `words`; or exactly
-    `vocabulary` (ids in its order; it must start with the special tokens), e.g. an existing one extended."""
+def word_level_tokenizer(words: list[str], max_length: int = 16):
+    """A fast tokenizer over a fixed vocabulary: specials, base prompt words, rare tokens, then `words`."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    if vocabulary is not None and tuple(vocabulary[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-        raise ValueError(f"a vocabulary must start with {SPECIAL_TOKENS}")
-    for word in vocabulary or (*SPECIAL_TOKENS, *BASE_WORDS, *RARE_TOKENS,
-                               *sorted({w for p in words for w in split_words(p)})):
+    for word in (*SPECIAL_TOKENS, *BASE_WORDS, *RARE_TOKENS, *sorted({w for p in words for w in split_words(p)})):
         vocab.setdefault(word, len(vocab))
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace("_", " ")])  # as split_words

@@ -98,7 +98,7 @@ class AnomalyXFusion(base.AnomalyDiffusion):
         `dynamic.learning_rate`); the textural tokens at the method's rate, as AnomalyDiffusion's e_a."""
         settings = self.config["embedding"]
         rate = float(settings["learning_rate"])
-        own = {id(p): float(settings[key]["learning_rate"] or rate)
+        own = {id(p): rate if settings[key]["learning_rate"] is None else float(settings[key]["learning_rate"])
                for key, part in (("fusion", embedding.fusion), ("dynamic", embedding.dynamic)) if part is not None
                for p in part.parameters()}
         tokens = {id(p) for p in embedding.textural.parameters()}
@@ -128,6 +128,10 @@ class AnomalyXFusion(base.AnomalyDiffusion):
     def _load_embedding(self, backbone: backbones.Backbone, model: dict, workdir: Path) -> XEmbedding:
         record = model["x_embedding"]
         self._captions = self._caption_encoder(backbone, record["caption_words"], record["caption_seed"])
+        fitted_with = record.get("caption_encoder", {}).get("stand_in")
+        if fitted_with != self._captions.record.get("stand_in"):
+            raise MethodError(f"anomalyxfusion: {workdir} was fitted with other caption features ({fitted_with}); "
+                              "fit it again")
         self._caption_features = {}
         settings = model["embedding"]  # as fitted (the switches and sizes of this fit, whatever the config now)
         location = settings["location"]
