@@ -135,7 +135,8 @@ def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
 class DynamicFusion(nn.Module):
     """DDF, Eq. 13-14: e_t = MLP([e_X ; Linear(τ(t))]), the timestep's features broadcast over the tokens and
     concatenated on channels, an MLP back to the width. `residual` (the tiny profile's deviation, README.md):
-    e_t = e_X + MLP(...), the MLP's last layer starting at zero, so e_t starts as e_X and learns the timestep's share."""
+    e_t = e_X + MLP(...), the MLP's last layer starting at zero, so e_t starts as e_X and learns the timestep's
+    share."""
 
     def __init__(self, width: int, time_dim: int, hidden: int, residual: bool = False):
         super().__init__()
