@@ -5,9 +5,9 @@
   matching `model` name).
 - `tiny` (no CLIP on these machines): a bag of words over the tiny backbone's word embeddings (the mean of the
   caption's rows), its vocabulary extended by the words of the fit's training captions (new rows drawn at random,
-  seeded: the tiny tokenizer knows only prompt words), and the tiny VAE encoder's latents of image ⊙ mask pooled
-  over the mask. Both are stand-ins, recorded in model.json with what they produced (`CaptionEncoder.record`,
-  `ImageFeatures.record`).
+  seeded: the tiny tokenizer knows only prompt words) and centred on the fit's training captions, and the tiny VAE
+  encoder's latents of image ⊙ mask pooled over the mask. Both are stand-ins, recorded in model.json with what
+  they produced (`CaptionEncoder.record`, `ImageFeatures.record`).
 """
 from __future__ import annotations
 
@@ -48,11 +48,14 @@ class ImageFeatures:
 class TinyCaptionEncoder(CaptionEncoder):
     """A bag of words over the tiny text encoder's word embeddings: the mean of the caption's words' rows, `words`
     (the training captions' words that the tiny tokenizer lacks) added as new rows, N(0, std of the table), from
-    `seed`. Not the encoder's output: pooled at its end token (or averaged over its positions) it is nearly the same
-    vector for every caption (cosine >= 0.95 between captions that differ in their defect; README.md), its two layers
-    having been trained on "a photo of a <category>" alone."""
+    `seed`, centred on `centre_on` (the fit's training captions): minus their mean feature. Not the encoder's
+    output: pooled at its end token (or averaged over its positions) it is nearly the same vector for every caption
+    (cosine >= 0.95 between captions that differ in their defect; README.md), its two layers having been trained on
+    "a photo of a <category>" alone. Centred, because the words every caption shares ("a", "stain", "of the", the
+    object's name) are most of an uncentred mean, so that normalised (Eq. 1) the word that tells two captions apart
+    is a small part of it: uncentred, the tiny model drew the same stain whatever the caption (README.md)."""
 
-    def __init__(self, backbone: Backbone, words: list[str], seed: int):
+    def __init__(self, backbone: Backbone, words: list[str], seed: int, centre_on: list[str]):
         vocab = dict(backbone.tokenizer.get_vocab())
         added = [w for w in dict.fromkeys(words) if w not in vocab]
         table = backbone.text_encoder.get_input_embeddings().weight.detach().float().cpu()
@@ -62,12 +65,17 @@ class TinyCaptionEncoder(CaptionEncoder):
         self.unknown = vocab.get(getattr(backbone.tokenizer, "unk_token", None) or "<unk>", 0)
         self.dim = table.shape[1]
         self.words, self.seed = added, seed
-        self.record = {"stand_in": "mean of the caption's word embeddings in the tiny text encoder's table (no CLIP)",
-                       "words_added": len(added)}
+        self.centre = self._mean_rows(centre_on).mean(0) if centre_on else torch.zeros(self.dim)
+        self.record = {"stand_in": "mean of the caption's word embeddings in the tiny text encoder's table, centred on "
+                                   "the fit's training captions (no CLIP)",
+                       "words_added": len(added), "centred_on": len(centre_on)}
 
-    def __call__(self, captions: list[str]) -> torch.Tensor:
+    def _mean_rows(self, captions: list[str]) -> torch.Tensor:
         rows = [[self.vocab.get(w, self.unknown) for w in split_words(c)] or [self.unknown] for c in captions]
         return torch.stack([self.table[ids].mean(0) for ids in rows])
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        return self._mean_rows(captions) - self.centre
 
     def coverage(self, captions: list[str]) -> dict:
         """How much of the captions the encoder reads: words it has no row for (every word is read: no length cut)."""

@@ -57,7 +57,7 @@ class AnomalyXFusion(base.AnomalyDiffusion):
         captions = [_caption_of(a) for a in task.anomalies]
         seed = int(task.rng("captions").integers(2**31 - 1))
         words = sorted({w for c in captions for w in split_words(c)})
-        self._captions = self._caption_encoder(backbone, words, seed)
+        self._captions = self._caption_encoder(backbone, words, seed, captions)
         self._caption_features = dict(zip(captions, self._captions(captions)))
         images = resize_images(np.stack([a.image for a in task.anomalies]), size)
         masks = resize_masks(np.stack([a.mask for a in task.anomalies]), size)
@@ -69,6 +69,7 @@ class AnomalyXFusion(base.AnomalyDiffusion):
                                 int(settings["tokens"]), table, seed)
         self._record = {"caption_words": self._captions.words if hasattr(self._captions, "words") else [],
                         "caption_seed": seed, "caption_feature_dim": self._captions.dim,
+                        "training_captions": captions,
                         "caption_encoder": {**self._captions.record, **_coverage(self._captions, captions)},
                         "image_features": {**image_features.record, "dim": image_features.dim,
                                            "norms": [round(float(n), 4) for n in features.norm(dim=1)]},
@@ -127,7 +128,8 @@ class AnomalyXFusion(base.AnomalyDiffusion):
 
     def _load_embedding(self, backbone: backbones.Backbone, model: dict, workdir: Path) -> XEmbedding:
         record = model["x_embedding"]
-        self._captions = self._caption_encoder(backbone, record["caption_words"], record["caption_seed"])
+        self._captions = self._caption_encoder(backbone, record["caption_words"], record["caption_seed"],
+                                               record.get("training_captions", []))
         fitted_with = record.get("caption_encoder", {}).get("stand_in")
         if fitted_with != self._captions.record.get("stand_in"):
             raise MethodError(f"anomalyxfusion: {workdir} was fitted with other caption features ({fitted_with}); "
@@ -166,9 +168,11 @@ class AnomalyXFusion(base.AnomalyDiffusion):
             self._caption_features.update(zip(unseen, self._captions(unseen)))
         return torch.stack([self._caption_features[c] for c in captions]).to(device)
 
-    def _caption_encoder(self, backbone: backbones.Backbone, words: list[str], seed: int):
+    def _caption_encoder(self, backbone: backbones.Backbone, words: list[str], seed: int, captions: list[str]):
+        """The frozen caption encoder; the tiny one is rebuilt at generation from what the fit recorded (its added
+        words, their seed, and the training captions it is centred on)."""
         if self.config["embedding"]["features"] == "tiny":
-            return TinyCaptionEncoder(backbone, words, seed)
+            return TinyCaptionEncoder(backbone, words, seed, captions)
         return self._clip(backbone)
 
     def _image_features(self, backbone: backbones.Backbone):
