@@ -37,6 +37,29 @@ def test_the_semantic_embedding_is_the_projected_normalised_caption_feature_k_ti
     for j in range(3):
         torch.testing.assert_close(out[:, j], direct)
     torch.testing.assert_close(semantic(7 * features), out)  # L2-normalised: the scale of the features is gone
+    scaled = emb.SemanticEmbedding(6, 5, 3, scale=0.2)
+    scaled.load_state_dict(semantic.state_dict())
+    torch.testing.assert_close(scaled(features), direct[:, None].expand(-1, 3, -1) / direct.norm(dim=1)[:, None, None]
+                               * 0.2)  # normalise_tokens: each token at the word embeddings' norm
+
+
+def test_normalised_tokens_are_at_the_word_embeddings_norm_in_tiny_and_as_the_equations_in_paper(fitted):
+    """`normalise_tokens` (tiny): e_sem's and e_loc's tokens at the mean norm of the backbone's word embeddings;
+    `paper`: as Eq. 1-2 give them."""
+    from harness.diffusion.backbone import load_frozen
+
+    task, workdir = fitted
+    method = load_method("anomalyxfusion", "tiny", QUICK)
+    backbone = load_frozen(task.backbone)
+    model = json.loads((workdir / "model.json").read_text())
+    embedding = method._load_embedding(backbone, model, workdir)
+    scale = float(backbone.text_encoder.get_input_embeddings().weight.norm(dim=1).mean())
+    masks = torch.from_numpy(np.stack([a.mask for a in task.anomalies[:2]]))[:, None].float()
+    with torch.no_grad():
+        tokens = torch.cat([embedding.location(masks), embedding.semantic(torch.randn(2, model["x_embedding"]
+                                                                                      ["caption_feature_dim"]))], 1)
+    torch.testing.assert_close(tokens.norm(dim=-1), torch.full(tokens.shape[:2], scale))
+    assert load_method("anomalyxfusion", "paper").config["embedding"]["normalise_tokens"] is False
 
 
 def test_the_mask_autoencoder_has_istrs_shape_and_its_dice_loss_is_the_formula(parts):
@@ -614,7 +637,7 @@ CHANCE = 1 / 2
 def test_the_sample_follows_its_caption_and_not_with_the_semantic_embedding_zeroed(caption_claims):
     """Captions matter (Eq. 1): the classifier picks the captioned colour clearly more often than chance. Negative
     controls: with e_sem zeroed the caption cannot change the sample (exactly half follow it); with uncentred tiny
-    caption features the sample hardly changes with its caption. About 10 minutes on 2 threads: `pytest -m slow`."""
+    caption features the sample hardly changes with its caption. About 16 minutes on one thread: `pytest -m slow`."""
     assert caption_claims["working"]["follows"] >= CHANCE + 0.25, caption_claims["working"]
     assert caption_claims["e_sem zeroed"]["follows"] < CHANCE + 0.25, caption_claims["e_sem zeroed"]
     assert caption_claims["uncentred features"]["follows"] < CHANCE + 0.25, caption_claims["uncentred features"]

@@ -22,16 +22,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class SemanticEmbedding(nn.Module):
-    """Eq. 1: caption features (B, d) -> (B, k, width): L2-normalised, projected (trained), replicated to k tokens."""
+def at_scale(tokens: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Each token L2-normalised and multiplied by `scale` (the word embeddings' mean norm: `normalise_tokens`), or
+    as it is where `scale` is None (the paper's equations)."""
+    return tokens if scale is None else F.normalize(tokens, dim=-1) * scale
 
-    def __init__(self, feature_dim: int, width: int, tokens: int):
+
+class SemanticEmbedding(nn.Module):
+    """Eq. 1: caption features (B, d) -> (B, k, width): L2-normalised, projected (trained), replicated to k tokens;
+    brought to `scale` where one is given (`at_scale`)."""
+
+    def __init__(self, feature_dim: int, width: int, tokens: int, scale: float | None = None):
         super().__init__()
-        self.tokens = tokens
+        self.tokens, self.scale = tokens, scale
         self.projection = nn.Linear(feature_dim, width)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.projection(F.normalize(features.float(), dim=-1))[:, None, :].expand(-1, self.tokens, -1)
+        projected = at_scale(self.projection(F.normalize(features.float(), dim=-1)), self.scale)
+        return projected[:, None, :].expand(-1, self.tokens, -1)
 
 
 class MaskAutoencoder(nn.Module):
@@ -77,18 +85,18 @@ def dice_loss(predicted: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) 
 
 class LocationEmbedding(nn.Module):
     """Eq. 2: e_loc = E_CNN(E_AE(mask)). The code has no spatial extent, so E_CNN's convolutions are 1 x 1; a linear
-    layer writes k tokens of the backbone's width."""
+    layer writes k tokens of the backbone's width, brought to `scale` where one is given (`at_scale`)."""
 
-    def __init__(self, autoencoder: MaskAutoencoder, width: int, tokens: int, hidden: int):
+    def __init__(self, autoencoder: MaskAutoencoder, width: int, tokens: int, hidden: int, scale: float | None = None):
         super().__init__()
         self.autoencoder_encoder, self.resize = autoencoder.encoder, autoencoder.resize
-        self.tokens, self.width = tokens, width
+        self.tokens, self.width, self.scale = tokens, width, scale
         self.cnn = nn.Sequential(nn.Conv2d(autoencoder.code, hidden, 1), nn.ELU(), nn.Conv2d(hidden, hidden, 1), nn.ELU())
         self.linear = nn.Linear(hidden, tokens * width)
 
     def forward(self, masks: torch.Tensor) -> torch.Tensor:
         code = self.autoencoder_encoder(self.resize(masks))
-        return self.linear(self.cnn(code).flatten(1)).view(-1, self.tokens, self.width)
+        return at_scale(self.linear(self.cnn(code).flatten(1)).view(-1, self.tokens, self.width), self.scale)
 
 
 class TexturalEmbedding(nn.Module):

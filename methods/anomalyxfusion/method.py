@@ -74,17 +74,20 @@ class AnomalyXFusion(base.AnomalyDiffusion):
                         "image_features": {**image_features.record, "dim": image_features.dim,
                                            "norms": [round(float(n), 4) for n in features.norm(dim=1)]},
                         "mask_autoencoder": self._mask_history}
-        return self._build(settings, defect_types, self._captions.dim, table.shape[1], autoencoder, initial)
+        return self._build(settings, defect_types, self._captions.dim, table, autoencoder, initial)
 
     @staticmethod
-    def _build(settings: dict, defect_types: list[str], caption_dim: int, width: int, autoencoder: MaskAutoencoder,
-               initial: torch.Tensor) -> XEmbedding:
-        k = int(settings["tokens"])
+    def _build(settings: dict, defect_types: list[str], caption_dim: int, table: torch.Tensor,
+               autoencoder: MaskAutoencoder, initial: torch.Tensor) -> XEmbedding:
+        """The X-embedding for the backbone whose word-embedding `table` it writes into: its width, and the tokens'
+        scale where `normalise_tokens` (the table's mean norm, as the textural tokens start)."""
+        k, width = int(settings["tokens"]), table.shape[1]
+        scale = float(table.norm(dim=1).mean()) if settings.get("normalise_tokens") else None
         fusion, dynamic = settings["fusion"], settings["dynamic"]
         return XEmbedding(
-            LocationEmbedding(autoencoder, width, k, int(settings["location"]["hidden"])),
+            LocationEmbedding(autoencoder, width, k, int(settings["location"]["hidden"]), scale),
             TexturalEmbedding(defect_types, initial),
-            SemanticEmbedding(caption_dim, width, k) if settings["semantic"] else None,
+            SemanticEmbedding(caption_dim, width, k, scale) if settings["semantic"] else None,
             MultimodalFusion(width, int(fusion["heads"]), int(fusion["mlp_ratio"]) * width) if settings["mif"] else None,
             DynamicFusion(width, int(dynamic["time_dim"]), int(dynamic["mlp_ratio"]) * width,
                           bool(dynamic.get("residual", False))) if settings["ddf"] else None)
@@ -138,9 +141,9 @@ class AnomalyXFusion(base.AnomalyDiffusion):
         settings = model["embedding"]  # as fitted (the switches and sizes of this fit, whatever the config now)
         location = settings["location"]
         autoencoder = MaskAutoencoder(int(location["size"]), tuple(location["channels"]), int(location["code"]))
-        width = backbone.text_encoder.get_input_embeddings().weight.shape[1]
-        embedding = self._build(settings, model["defect_types"], record["caption_feature_dim"], width, autoencoder,
-                                torch.zeros(len(model["defect_types"]), int(settings["tokens"]), width))
+        table = backbone.text_encoder.get_input_embeddings().weight.detach().cpu()
+        embedding = self._build(settings, model["defect_types"], record["caption_feature_dim"], table, autoencoder,
+                                torch.zeros(len(model["defect_types"]), int(settings["tokens"]), table.shape[1]))
         from safetensors.torch import load_file
 
         embedding.load_state_dict(load_file(str(workdir / EMBEDDING_FILE)))
