@@ -82,7 +82,7 @@ class AnomalyXFusion(base.AnomalyDiffusion):
         """The X-embedding for the backbone whose word-embedding `table` it writes into: its width, and the tokens'
         scale where `normalise_tokens` (the table's mean norm, as the textural tokens start)."""
         k, width = int(settings["tokens"]), table.shape[1]
-        scale = float(table.norm(dim=1).mean()) if settings.get("normalise_tokens") else None
+        scale = word_norm(table) if settings.get("normalise_tokens") else None
         fusion, dynamic = settings["fusion"], settings["dynamic"]
         return XEmbedding(
             LocationEmbedding(autoencoder, width, k, int(settings["location"]["hidden"]), scale),
@@ -205,6 +205,12 @@ def _coverage(encoder, captions: list[str]) -> dict:
     return encoder.coverage(captions) if hasattr(encoder, "coverage") else {}
 
 
+def word_norm(table: torch.Tensor) -> float:
+    """The mean norm of the text encoder's word embeddings: the scale every token of the X-embedding starts at (the
+    textural ones) or is kept at (`normalise_tokens`)."""
+    return float(table.norm(dim=1).mean())
+
+
 def textural_init(features: torch.Tensor, types: list[str], defect_types: list[str], tokens: int,
                   table: torch.Tensor, seed: int) -> torch.Tensor:
     """Eq. 3's start: token j of a defect type from the image features of its j-th training image (cycled), mapped
@@ -214,7 +220,7 @@ def textural_init(features: torch.Tensor, types: list[str], defect_types: list[s
     generator = torch.Generator().manual_seed(seed)
     projection = (torch.eye(width) if features.shape[1] == width else
                   torch.randn(features.shape[1], width, generator=generator) / features.shape[1] ** 0.5)
-    scale = table.norm(dim=1).mean()
+    scale = word_norm(table)
     out = []
     for defect in defect_types:
         own = features[[i for i, t in enumerate(types) if t == defect]]
