@@ -226,13 +226,13 @@ def test_the_tiny_caption_features_are_the_mean_of_the_captions_word_rows_centre
     assert encoder.coverage(["A umbral blotch.", "a sooty photo"])["unknown_words"] == 1
 
 
-def test_mif_and_ddf_train_at_their_own_rate_where_set(parts):
+def test_the_caption_projection_mif_and_ddf_train_at_their_own_rate_where_set(parts):
     _, emb = parts
     embedding = _embedding(emb)
     rates = load_method("anomalyxfusion", "tiny")._learning_rates(embedding)
     by_part = {name: {rates[p] for p in getattr(embedding, name).parameters()}
                for name in ("semantic", "location", "fusion", "dynamic")}
-    assert by_part == {"semantic": {1e-3}, "location": {1e-3}, "fusion": {1e-4}, "dynamic": {1e-4}}
+    assert by_part == {"semantic": {5e-3}, "location": {1e-3}, "fusion": {1e-4}, "dynamic": {1e-4}}
     assert not any(id(p) in map(id, rates) for p in embedding.textural.parameters())  # the method's rate
     paper = load_method("anomalyxfusion", "paper")._learning_rates(embedding)  # null: embedding.learning_rate
     assert set(paper.values()) == {1e-4}
@@ -634,10 +634,6 @@ CHANCE = 1 / 2
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "not reliable on the tiny profile: 0.625 on a clean clone at 2 threads, 0.875 at 1 thread (the backbone and the "
-    "fit differ with the thread count; 3 of 4 fits measured passed); the samples follow their captions in 7-8 of 8 "
-    "pairs, but a fit's stains can all lean to one colour (README.md)"))
 def test_the_sample_follows_its_caption_and_not_with_the_semantic_embedding_zeroed(caption_claims):
     """Captions matter (Eq. 1): the classifier picks the captioned colour clearly more often than chance. Negative
     controls: with e_sem zeroed the caption cannot change the sample (exactly half follow it); with uncentred tiny

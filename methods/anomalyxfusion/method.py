@@ -98,13 +98,16 @@ class AnomalyXFusion(base.AnomalyDiffusion):
         return embedding([row.defect_type for row in rows], features, masks, t)
 
     def _learning_rates(self, embedding: XEmbedding) -> dict[torch.nn.Parameter, float]:
-        """The X-embedding's networks at `embedding.learning_rate`, MIF and DDF at their own where set (`fusion.` /
-        `dynamic.learning_rate`); the textural tokens at the method's rate, as AnomalyDiffusion's e_a."""
+        """The X-embedding's networks at `embedding.learning_rate`; e_sem's projection, MIF and DDF at their own where
+        set (`semantic_learning_rate`, `fusion.` / `dynamic.learning_rate`); the textural tokens at the method's rate,
+        as AnomalyDiffusion's e_a."""
         settings = self.config["embedding"]
         rate = float(settings["learning_rate"])
-        own = {id(p): rate if settings[key]["learning_rate"] is None else float(settings[key]["learning_rate"])
-               for key, part in (("fusion", embedding.fusion), ("dynamic", embedding.dynamic)) if part is not None
-               for p in part.parameters()}
+        own_rates = ((embedding.semantic, settings["semantic_learning_rate"]),
+                     (embedding.fusion, settings["fusion"]["learning_rate"]),
+                     (embedding.dynamic, settings["dynamic"]["learning_rate"]))
+        own = {id(p): rate if own_rate is None else float(own_rate)
+               for part, own_rate in own_rates if part is not None for p in part.parameters()}
         tokens = {id(p) for p in embedding.textural.parameters()}
         return {p: own.get(id(p), rate) for p in embedding.parameters() if id(p) not in tokens}
 
