@@ -637,7 +637,7 @@ CHANCE = 1 / 2
 def test_the_sample_follows_its_caption_and_not_with_the_semantic_embedding_zeroed(caption_claims):
     """Captions matter (Eq. 1): the classifier picks the captioned colour clearly more often than chance. Negative
     controls: with e_sem zeroed the caption cannot change the sample (exactly half follow it); with uncentred tiny
-    caption features the sample hardly changes with its caption. About 12 minutes on 2 threads: `pytest -m slow`."""
+    caption features the sample hardly changes with its caption. About 13 minutes on 2 threads: `pytest -m slow`."""
     assert caption_claims["working"]["follows"] >= CHANCE + 0.25, caption_claims["working"]
     assert caption_claims["e_sem zeroed"]["follows"] < CHANCE + 0.25, caption_claims["e_sem zeroed"]
     assert caption_claims["uncentred features"]["follows"] < CHANCE + 0.25, caption_claims["uncentred features"]
