@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", nargs="+", default=["score", "segment", "detect"], choices=["score", "segment", "detect"])
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("backbone", help="the shipped tiny backbone: train it, measure it, render its card")
+    backbone = p.add_subparsers(dest="action", required=True)
+    q = backbone.add_parser("train", help="train it from the recipe in harness/diffusion/shipped.py (resumable)")
+    q.add_argument("--out", type=Path, default=None, help="default: backbones/defectbench-tiny")
+    q.set_defaults(func=cmd_backbone_train)
     return parser
 
 
@@ -333,6 +338,14 @@ def cmd_run(args) -> int:
         md, tex = render_leaderboard(suite.name, args.results)
         print(f"leaderboard: {md} and {tex}")
     return 1 if result.failed else 0
+
+
+def cmd_backbone_train(args) -> int:
+    from harness.diffusion import shipped
+
+    folder = shipped.train(args.out or shipped.SHIPPED)
+    print(f"trained: {folder}")
+    return 0
 
 
 def cmd_reported(args) -> int:

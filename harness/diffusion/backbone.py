@@ -90,13 +90,23 @@ def unscaled_latents(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor
     raise TypeError(f"{type(vae).__name__}.encode returned {type(encoded).__name__}: no latents in it")
 
 
-def word_level_tokenizer(words: list[str], max_length: int = 16):
-    """A fast tokenizer over a fixed vocabulary: specials, base prompt words, rare tokens, then `words`."""
+TOKENS = 32  # the tiny tokenizer's context: a corpus caption ("a photo of a small red circle in the upper left
+#             and a ... on a grey metal surface") is up to 26 words
+
+
+def word_level_tokenizer(words: list[str], max_length: int = TOKENS):
+    """A fast tokenizer over a fixed vocabulary: specials, base prompt words, rare tokens, then `words`' words sorted."""
+    return tokenizer_over((*SPECIAL_TOKENS, *BASE_WORDS, *RARE_TOKENS, *sorted({w for p in words for w in split_words(p)})),
+                          max_length)
+
+
+def tokenizer_over(words: tuple[str, ...] | list[str], max_length: int = TOKENS):
+    """The word-level tokenizer whose token i is words[i] (duplicates keep their first id); the specials among them."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    for word in (*SPECIAL_TOKENS, *BASE_WORDS, *RARE_TOKENS, *sorted({w for p in words for w in split_words(p)})):
+    for word in words:
         vocab.setdefault(word, len(vocab))
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace("_", " ")])  # as split_words
@@ -105,6 +115,27 @@ def word_level_tokenizer(words: list[str], max_length: int = 16):
                                                         special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
                                    eos_token="<eos>", model_max_length=max_length)
+
+
+def extend_vocabulary(backbone: "Backbone", words: list[str]) -> list[str]:
+    """Give a word-level tiny backbone the words of `words` it lacks: appended to its tokenizer (earlier ids stay)
+    and to its text encoder's embedding table, each new row the mean of the trained ones (then fine-tuned). Returns
+    the words added. A backbone with a subword tokenizer (CLIP's BPE) spells every word already: nothing to add."""
+    vocab = backbone.tokenizer.get_vocab()
+    if "<unk>" not in vocab:
+        return []
+    added = [w for w in dict.fromkeys(w for text in words for w in split_words(text)) if w not in vocab]
+    if not added:
+        return []
+    ordered = sorted(vocab, key=vocab.get)
+    tokenizer = tokenizer_over(ordered + added, backbone.tokenizer.model_max_length)
+    table = backbone.text_encoder.get_input_embeddings().weight
+    mean = table.detach().mean(0)
+    backbone.text_encoder.resize_token_embeddings(len(tokenizer))
+    with torch.no_grad():
+        backbone.text_encoder.get_input_embeddings().weight[len(ordered):] = mean
+    backbone.tokenizer = tokenizer
+    return added
 
 
 def split_words(text: str) -> list[str]:

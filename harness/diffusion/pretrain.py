@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness.diffusion import ddim
-from harness.diffusion.backbone import Backbone, build_tiny, unscaled_latents
+from harness.diffusion.backbone import Backbone, build_tiny, extend_vocabulary, split_words, unscaled_latents
 from harness.device import autocast, default_device
 from harness.diffusion.latents import to_tensor as to_model_input
 from harness.io import atomic_write_bytes
@@ -50,10 +50,12 @@ class PretrainConfig:
     vae_lr: float = 3e-3  # peak rates of a one-cycle schedule (5% warm-up, cosine decay): short runs converge further
     unet_lr: float = 1e-3
     vae_augment: bool = True  # generic content in the VAE's crops (see generic_content)
-    vae_autocast: str = "float32"  # float32 | bfloat16: the VAE stage's forward pass under autocast (bf16: 1.8x faster
-    #                                per step on a CPU with bf16 instructions, but another backbone: README.md)
+    vae_autocast: str = "float32"  # float32 | bfloat16: the VAE stage's forward pass under autocast where the CPU or
+    #                                GPU computes bf16 natively (harness/device.py); another backbone: README.md
     empty_prompt_rate: float = 0.1
     prediction_type: str = "v_prediction"  # the UNet's target: v (SD 2.x) or epsilon, the noise (SD 1.5); README.md
+    generic_share: float = 0.5  # of each batch, drawn from the images whose source is "generic" (where there are any)
+    clip_grad: float = 0.0  # the gradients' norm is clipped to this (0: not clipped)
     seed: int = 0
     checkpoint_every: int = 100  # steps between checkpoints of a stage (0: none)
 
@@ -65,35 +67,60 @@ def prompt_for(category: str) -> str:
     return f"a photo of a {category.replace('_', ' ')}"
 
 
-def pretrain(images: np.ndarray, categories: list[str], config: PretrainConfig = PretrainConfig(),
+def pretrain(images: np.ndarray, captions: list[str], config: PretrainConfig = PretrainConfig(),
              progress: bool = False, checkpoints: Path | None = None,
-             announce: Callable[[str], None] | None = None) -> tuple[Backbone, dict]:
-    """A tiny backbone trained on `images` (uint8 (N, H, W, 3) at config.resolution), image i showing a
-    `categories[i]`. Returns the backbone and the loss history (mean over each tenth of each stage).
+             announce: Callable[[str], None] | None = None, *, words: list[str] | None = None,
+             sources: list[str] | None = None, start_from: Backbone | None = None) -> tuple[Backbone, dict]:
+    """A tiny backbone trained on `images` (uint8 (N, H, W, 3) at config.resolution), image i captioned
+    `captions[i]`. Returns the backbone and the loss history (mean over each tenth of each stage).
 
+    `words`: the tokenizer's vocabulary beyond its reserved words (default: the captions' words). `sources`: where
+    each image comes from; batches draw config.generic_share of their images from those of source "generic".
+    `start_from`: a trained backbone to fine-tune instead of a new one (its vocabulary extended by the captions'
+    new words; with vae_steps 0 its autoencoder and latent scale are kept, as SD's are when it is fine-tuned).
     With `checkpoints` (a folder), each stage saves its state there every config.checkpoint_every steps and a
     killed pretraining resumes from the last one, drawing the same random numbers as an uninterrupted run.
     `announce` receives a one-line estimate of the time it will take, measured on a few steps first."""
-    if len(images) != len(categories) or len(images) == 0:
-        raise ValueError(f"need one category per image and at least one image (got {len(images)}, {len(categories)})")
+    if len(images) != len(captions) or len(images) == 0:
+        raise ValueError(f"need one caption per image and at least one image (got {len(images)}, {len(captions)})")
+    if sources is not None and len(sources) != len(images):
+        raise ValueError(f"need one source per image (got {len(sources)} for {len(images)} images)")
+    vocabulary = sorted({w for c in (words or captions) for w in split_words(c)})
+    if start_from is None:
+        backbone = build_tiny(vocabulary, config.resolution, config.seed, config.prediction_type)
+    else:
+        backbone = start_from
+        extend_vocabulary(backbone, vocabulary)
     # random numbers are drawn on the CPU (the same stream on every device), the networks train on the GPU if any
-    backbone = build_tiny(sorted(set(categories)), config.resolution, config.seed,
-                          config.prediction_type).to(default_device())
+    backbone.to(default_device())
+    weights = _draw_weights(sources, config.generic_share)
     if announce is not None:
-        announce(_estimate(backbone, images, categories, config))
+        announce(_estimate(backbone, images, captions, config))
     saved = _load_checkpoint(checkpoints)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    vae_history = _train_vae(backbone, images, config, rng, generator, progress, checkpoints, saved)
-    history = {"vae": vae_history, "unet": _train_unet(backbone, images, categories, config, rng, generator, progress,
-                                                       checkpoints, saved, vae_history)}
+    vae_history = _train_vae(backbone, images, config, rng, generator, progress, checkpoints, saved, weights)
+    keep_scale = start_from is not None and config.vae_steps == 0
+    history = {"vae": vae_history, "unet": _train_unet(backbone, images, captions, config, rng, generator, progress,
+                                                       checkpoints, saved, vae_history, weights, keep_scale)}
     for module in (backbone.vae, backbone.unet, backbone.text_encoder):
         module.eval().requires_grad_(False)
     return backbone.to(torch.device("cpu")), history
 
 
-def _batch(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
-    return rng.integers(0, n, size)
+def _draw_weights(sources: list[str] | None, generic_share: float) -> np.ndarray | None:
+    """Each image's probability of being drawn into a batch: `generic_share` spread over the generic images, the
+    rest over the others (None: uniform, when there are not both)."""
+    if sources is None:
+        return None
+    generic = np.array([s == "generic" for s in sources])
+    if generic.all() or not generic.any():
+        return None
+    return np.where(generic, generic_share / generic.sum(), (1 - generic_share) / (~generic).sum())
+
+
+def _batch(rng: np.random.Generator, n: int, size: int, weights: np.ndarray | None = None) -> np.ndarray:
+    return rng.integers(0, n, size) if weights is None else rng.choice(n, size, p=weights)
 
 
 def _crops(rng: np.random.Generator, images: np.ndarray, size: int) -> np.ndarray:
@@ -159,13 +186,15 @@ class _Stage:
     generator: torch.Generator
     checkpoints: Path | None
     every: int
+    clip_grad: float = 0.0
     extra: dict = field(default_factory=dict)  # saved with every checkpoint (the UNet stage: the finished VAE)
 
     def run(self, step_loss: Callable[[], torch.Tensor], saved: dict | None, progress: bool) -> list[float]:
         params = [p for m in self.modules.values() for p in m.parameters()]
         optimiser = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        # 5% warm-up; at least two steps of it (torch's schedule divides by zero where the warm-up ends on step 0)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=self.lr, total_steps=max(self.steps, 1),
-                                                       pct_start=0.05)
+                                                       pct_start=min(0.5, max(0.05, 2 / max(self.steps, 1))))
         losses: list[float] = []
         start = 0
         if saved is not None and saved["stage"] == self.name:
@@ -175,6 +204,8 @@ class _Stage:
             loss = step_loss()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+            if self.clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
             optimiser.step()
             schedule.step()
             losses.append(loss.item())
@@ -209,8 +240,9 @@ def _load_checkpoint(folder: Path | None) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _vae_loss(backbone: Backbone, images: np.ndarray, config: PretrainConfig, rng) -> torch.Tensor:
-    crops = _crops(rng, images[_batch(rng, len(images), config.vae_batch)], config.vae_crop)
+def _vae_loss(backbone: Backbone, images: np.ndarray, config: PretrainConfig, rng,
+              weights: np.ndarray | None) -> torch.Tensor:
+    crops = _crops(rng, images[_batch(rng, len(images), config.vae_batch, weights)], config.vae_crop)
     x = to_model_input(generic_content(rng, crops) if config.vae_augment else crops).to(backbone.device)
     with autocast(backbone.device, config.vae_autocast):
         reconstruction = backbone.vae.decode(unscaled_latents(backbone.vae, x)).sample
@@ -218,32 +250,36 @@ def _vae_loss(backbone: Backbone, images: np.ndarray, config: PretrainConfig, rn
 
 
 def _train_vae(backbone: Backbone, images: np.ndarray, config: PretrainConfig, rng, generator, progress,
-               checkpoints: Path | None, saved: dict | None) -> list[float]:
+               checkpoints: Path | None, saved: dict | None, weights: np.ndarray | None = None) -> list[float]:
     if saved is not None and saved["stage"] == "UNet":  # the VAE stage had finished before the kill
         backbone.vae.load_state_dict(saved["extra"]["vae"])
         backbone.vae.eval().requires_grad_(False)
         return saved["extra"]["vae_history"]
+    if config.vae_steps == 0:
+        backbone.vae.eval().requires_grad_(False)
+        return []
     backbone.vae.train().requires_grad_(True)
     stage = _Stage("VAE", {"vae": backbone.vae}, config.vae_steps, config.vae_lr, rng, generator, checkpoints,
-                   config.checkpoint_every)
-    history = stage.run(lambda: _vae_loss(backbone, images, config, rng), saved, progress)
+                   config.checkpoint_every, config.clip_grad)
+    history = stage.run(lambda: _vae_loss(backbone, images, config, rng, weights), saved, progress)
     backbone.vae.eval().requires_grad_(False)
     return history
 
 
-def _train_unet(backbone: Backbone, images: np.ndarray, categories: list[str], config: PretrainConfig, rng,
-                generator, progress, checkpoints: Path | None, saved: dict | None, vae_history: list[float]
-                ) -> list[float]:
+def _train_unet(backbone: Backbone, images: np.ndarray, captions: list[str], config: PretrainConfig, rng,
+                generator, progress, checkpoints: Path | None, saved: dict | None, vae_history: list[float],
+                weights: np.ndarray | None = None, keep_scale: bool = False) -> list[float]:
     unet, text_encoder = backbone.unet.train().requires_grad_(True), backbone.text_encoder.train().requires_grad_(True)
-    prompts = np.array([prompt_for(c) for c in categories])
+    prompts = np.array(captions, dtype=object)
     steps_total = backbone.scheduler.config.num_train_timesteps
     latents = _encode_all(backbone, images, config.batch_size)
-    # SD's latent scale (0.18215) is one over the standard deviation of its VAE's latents: the same rule here
-    backbone.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    if not keep_scale:
+        # SD's latent scale (0.18215) is one over the standard deviation of its VAE's latents: the same rule here
+        backbone.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     latents = latents * backbone.latent_scale
 
     def step_loss() -> torch.Tensor:
-        chosen = _batch(rng, len(images), config.batch_size)
+        chosen = _batch(rng, len(images), config.batch_size, weights)
         z0 = latents[torch.from_numpy(chosen).to(latents.device)]
         text = [p if rng.random() >= config.empty_prompt_rate else "" for p in prompts[chosen]]
         noise = _randn(z0.shape, generator, z0.device)
@@ -254,11 +290,11 @@ def _train_unet(backbone: Backbone, images: np.ndarray, categories: list[str], c
 
     finished_vae = {"vae": {n: t.cpu() for n, t in backbone.vae.state_dict().items()}, "vae_history": vae_history}
     stage = _Stage("UNet", {"unet": unet, "text_encoder": text_encoder}, config.unet_steps, config.unet_lr, rng,
-                   generator, checkpoints, config.checkpoint_every, finished_vae)
+                   generator, checkpoints, config.checkpoint_every, config.clip_grad, finished_vae)
     return stage.run(step_loss, saved, progress)
 
 
-def _estimate(backbone: Backbone, images: np.ndarray, categories: list[str], config: PretrainConfig) -> str:
+def _estimate(backbone: Backbone, images: np.ndarray, captions: list[str], config: PretrainConfig) -> str:
     """A one-line estimate of the pretraining's time from timed steps of each stage on copies of the networks
     (random numbers of their own: the real run's stream is not touched). Each stage runs one untimed step first,
     so a GPU's start-up (kernel selection, lazy loading) does not count as training time."""
@@ -276,12 +312,12 @@ def _estimate(backbone: Backbone, images: np.ndarray, categories: list[str], con
             if stage == "vae":
                 _train_vae(probe, images[:timed.batch_size], timed, rng, generator, False, None, None)
             else:
-                _train_unet(probe, images[:timed.batch_size], categories[:timed.batch_size], timed, rng, generator,
-                            False, None, None, [])
+                _train_unet(probe, images[:timed.batch_size], captions[:timed.batch_size], timed, rng, generator,
+                            False, None, None, [], keep_scale=True)
             durations.append(time.perf_counter() - clock)
         seconds[stage] = durations[-1] / 3
     total = seconds["vae"] * config.vae_steps + seconds["unet"] * config.unet_steps
-    return (f"pretraining the tiny backbone on {len(images)} normal images ({config.vae_steps} autoencoder + "
+    return (f"training the tiny backbone on {len(images)} images ({config.vae_steps} autoencoder + "
             f"{config.unet_steps} UNet steps on {backbone.device.type}, {torch.get_num_threads()} threads): "
             f"about {total / 60:.1f} min")
 

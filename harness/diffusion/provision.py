@@ -79,7 +79,7 @@ def tiny_backbone(normals: list[NormalImages], config, progress: bool = False,
     if (folder / INFO_FILE).is_file():
         return folder, {**json.loads((folder / INFO_FILE).read_text()), "reused": True}
     from harness.data.images import read_image
-    from harness.diffusion.pretrain import CHECKPOINT, pretrain
+    from harness.diffusion.pretrain import CHECKPOINT, pretrain, prompt_for
 
     images, categories = [], []
     for entry in normals:
@@ -98,8 +98,8 @@ def tiny_backbone(normals: list[NormalImages], config, progress: bool = False,
 
     if (partial / CHECKPOINT).is_file():
         announce(f"resuming the pretraining from its checkpoint in {partial}")
-    backbone, history = pretrain(np.stack(images), categories, config, progress=progress, checkpoints=partial,
-                                 announce=say)
+    backbone, history = pretrain(np.stack(images), [prompt_for(c) for c in categories], config, progress=progress,
+                                 checkpoints=partial, announce=say)
     info = {"kind": "tiny-pretrained", "config": dataclasses.asdict(config), "code": code_hash(),
             "images": {n.category: len(n.paths) for n in normals}, "history": history,
             "seconds": round(time.perf_counter() - start, 1), "estimate": estimate[0] if estimate else None}
