@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--backbone", type=Path, default=None,
                    help="diffusion backbone folder (diffusers layout) for methods that fine-tune one; default: the "
-                        "tiny backbone pretrained on this category's normal images (cached), or SD 1.5 in 'paper'")
+                        "shipped tiny backbone (fine-tuned first on this category's normal images where it has not "
+                        "seen them; cached), or SD 1.5 in 'paper'")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("score", help="score a folder of generated images")
@@ -142,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     q = backbone.add_parser("train", help="train it from the recipe in harness/diffusion/shipped.py (resumable)")
     q.add_argument("--out", type=Path, default=None, help="default: backbones/defectbench-tiny")
     q.set_defaults(func=cmd_backbone_train)
+    q = backbone.add_parser("measure", help="measure it (and the per-run backbone of before) and draw its sample grid")
+    q.add_argument("--folder", type=Path, default=None, help="default: backbones/defectbench-tiny")
+    q.add_argument("--no-baseline", action="store_true", help="leave out the per-run backbone of before")
+    q.add_argument("--samples", type=int, default=64, help="samples per category from pure noise (KID)")
+    q.set_defaults(func=cmd_backbone_measure)
+    q = backbone.add_parser("card", help="render its README.md from training.json, corpus.json and measures.json")
+    q.add_argument("--folder", type=Path, default=None, help="default: backbones/defectbench-tiny")
+    q.set_defaults(func=cmd_backbone_card)
     return parser
 
 
@@ -270,7 +279,7 @@ def _backbone_for(split, profile, name: str | None) -> Path:
     paths = tuple(s.image for s in split.normal_train)
     normals = [provision.NormalImages(split.category.name, paths, tuple(cached_file_hash(p) for p in paths))]
     folder, info = provision.provision(profile, normals, progress=True, name=name)
-    print(f"diffusion backbone: {folder} ({'reused' if info['reused'] else 'pretrained now'})")
+    print(f"diffusion backbone: {folder} ({'reused' if info['reused'] else 'fine-tuned now'})")
     return folder
 
 
@@ -345,6 +354,22 @@ def cmd_backbone_train(args) -> int:
 
     folder = shipped.train(args.out or shipped.SHIPPED)
     print(f"trained: {folder}")
+    return 0
+
+
+def cmd_backbone_measure(args) -> int:
+    from harness.diffusion import shipped
+
+    folder = args.folder or shipped.SHIPPED
+    shipped.measure_folder(folder, baseline=not args.no_baseline, n_samples=args.samples)
+    print(f"measured: {folder / shipped.MEASURES_FILE}; card: {shipped.render_card(folder)}")
+    return 0
+
+
+def cmd_backbone_card(args) -> int:
+    from harness.diffusion import shipped
+
+    print(f"card: {shipped.render_card(args.folder or shipped.SHIPPED)}")
     return 0
 
 

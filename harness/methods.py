@@ -131,7 +131,7 @@ class Method:
     # profile name ({"tiny": {...}, "paper": {...}}); see resources_for.
     resources: ClassVar[dict] = {"num_cpus": 1, "num_gpus": 0}
     # the diffusion backbone it fine-tunes, by its name in harness/weights.py (PIPELINES), e.g.
-    # "stable-diffusion-v1-5"; the `paper` profile loads it, the `tiny` profile hands the tiny pretrained stand-in
+    # "stable-diffusion-v1-5"; the `paper` profile loads it, the `tiny` profile hands the shipped tiny stand-in
     # (FewShotTask.backbone). None: the method uses no backbone.
     backbone: ClassVar[str | None] = None
     uses_backbone: ClassVar[bool] = False  # set from `backbone`

@@ -215,7 +215,7 @@ def resolve_pipeline(name: str, explicit: str | Path | None = None) -> ResolvedW
     """A diffusion backbone folder: the configured folder, the Hugging Face cache ($HF_HOME), or a download.
 
     There is no random fallback: a randomly initialised Stable Diffusion means nothing (the `tiny` profile
-    pretrains its own backbone instead)."""
+    has its own, shipped backbone instead)."""
     repo_id = PIPELINES.get(name)
     if repo_id is None:
         raise WeightsError(f"unknown diffusion backbone {name!r}; known: {', '.join(PIPELINES)}")

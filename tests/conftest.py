@@ -65,17 +65,10 @@ def shared(*parts: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pretrained_backbone(synth_root) -> tuple[Path, dict]:
-    """A tiny backbone pretrained (harness/diffusion/provision.py, cached in the session's cache) on the normal
-    training images of weave and washer at 64 px: (folder, info with the loss history)."""
-    from harness.data.layouts import read_category
-    from harness.data.splits import make_split
-    from harness.diffusion import provision
+def pretrained_backbone() -> tuple[Path, dict]:
+    """The shipped tiny backbone (backbones/defectbench-tiny): (folder, its training record)."""
+    import json
 
-    normals = []
-    for name in ("weave", "washer"):
-        split = make_split(read_category(synth_root, name, dataset="synthetic"))
-        paths = tuple(s.image for s in split.normal_train)
-        normals.append(provision.NormalImages(name, paths, tuple(str(p) for p in paths)))
-    config = provision.pretrain_config({"vae_steps": 400, "unet_steps": 300}, 64)
-    return provision.tiny_backbone(normals, config)
+    from harness.diffusion import shipped
+
+    return shipped.SHIPPED, json.loads((shipped.SHIPPED / shipped.TRAINING_FILE).read_text())

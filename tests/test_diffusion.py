@@ -214,7 +214,7 @@ def test_tiny_backbone_shapes_tokens_and_the_from_pretrained_path(tmp_path):
         latents = tiny.encode_images(torch.rand(2, 3, 64, 64) * 2 - 1)
         eps = tiny.unet(latents, 10, encoder_hidden_states=text).sample
         images = tiny.decode_latents(latents)
-    assert text.shape == (2, 16, 64) and latents.shape == (2, 16, 16, 16) and eps.shape == latents.shape
+    assert text.shape == (2, 32, 64) and latents.shape == (2, 16, 16, 16) and eps.shape == latents.shape
     # cross-attention at the latent resolution (16 x 16 here), as in SD
     attention_sizes = set()
     hooks = [m.register_forward_hook(lambda mod, i, o: attention_sizes.add(i[0].shape[1]))
@@ -233,41 +233,6 @@ def test_tiny_backbone_shapes_tokens_and_the_from_pretrained_path(tmp_path):
     # the same network; built, its UNet is channels-last, loaded plainly, so its sums run in another order (1e-5)
     assert torch.allclose(again, eps, atol=1e-4)
     assert not torch.allclose(again, eps + 1e-3, atol=1e-4)
-
-
-def _stats(images: torch.Tensor) -> torch.Tensor:
-    """Pixel statistics of a set of images in [-1, 1]: channel means and stds, mean gradient magnitudes."""
-    dx = (images[..., 1:] - images[..., :-1]).abs().mean()
-    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().mean()
-    return torch.cat([images.mean((0, 2, 3)), images.std((0, 2, 3)), dx[None], dy[None]])
-
-
-def test_pretraining_brings_samples_closer_to_the_normal_images(synth_root, pretrained_backbone):
-    from harness.data.layouts import read_category
-    from harness.diffusion import backbone as backbones
-    from harness.diffusion.pretrain import prompt_for, to_model_input
-
-    folder, info = pretrained_backbone
-    history = info["history"]
-    assert history["vae"][-1] < history["vae"][0] and history["unet"][-1] < history["unet"][0]
-    assert info["images"] == {"weave": 10, "washer": 10}  # train/good minus the normal validation tenth
-    images = np.stack([s.load_image(64) for name in ("weave", "washer")
-                       for s in read_category(synth_root, name, dataset="synthetic").train_good])
-    trained = backbones.load(folder)
-    untrained = backbones.build_tiny(["washer", "weave"], 64, seed=0)
-    real = _stats(to_model_input(images))
-    distances = {}
-    for name, model in (("trained", trained), ("untrained", untrained)):
-        with torch.no_grad():
-            text = model.encode_text([prompt_for(c) for c in ("weave", "washer") for _ in range(4)])
-            channels = model.unet.config.in_channels
-            noise = torch.randn(8, channels, 16, 16, generator=torch.Generator().manual_seed(0))
-            z0 = ddim.sample(lambda z, t, c: ddim.predicted_noise(model.scheduler,
-                                                                  model.unet(z, t, encoder_hidden_states=c).sample, z, t),
-                             noise, model.scheduler, 20, text)
-            distances[name] = (_stats(model.decode_latents(z0)) - real).norm().item()
-    # measured: trained 0.20, untrained 0.74
-    assert distances["trained"] < 0.5 * distances["untrained"]
 
 
 def test_a_v_prediction_backbone_is_pretrained_on_v_and_says_so(tmp_path):
@@ -293,12 +258,14 @@ def test_a_v_prediction_backbone_is_pretrained_on_v_and_says_so(tmp_path):
         backbones.build_tiny(["a"], 32, prediction_type="sample")
 
 
-def test_the_autoencoder_stage_in_bfloat16_learns_as_in_float32():
-    """`vae_autocast: bfloat16` (1.8x faster per step on this machine's CPU; the demo's backbone) runs the
-    autoencoder's forward pass in bf16; its weights, optimiser and loss stay in float32. It changes the arithmetic
-    (another loss history) and the loss falls as far as in float32. (Not the default: the backbone it makes is
-    another one, harness/diffusion/README.md.)"""
+def test_the_autoencoder_stage_in_bfloat16_learns_as_in_float32(monkeypatch):
+    """`vae_autocast: bfloat16` runs the autoencoder's forward pass in bf16 where the machine computes bf16
+    natively (here pretended, so the test runs on any CPU); its weights, optimiser and loss stay in float32. It
+    changes the arithmetic (another loss history) and the loss falls as far as in float32."""
+    from harness import device
     from harness.diffusion import pretrain as pre
+
+    monkeypatch.setattr(device, "cpu_computes_bf16", lambda: True)
 
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 255, 32)
@@ -352,7 +319,8 @@ def test_a_killed_pretraining_resumes_to_the_uninterrupted_result(tmp_path, monk
         monkeypatch.setattr(pre._Stage, "run", real_run)
         assert (folder / pre.CHECKPOINT).is_file()
         resumed, resumed_history = pre.pretrain(images, categories, config, checkpoints=folder)
-        assert same(resumed_history, history), (stage, resumed_history, history)
+        assert resumed_history.pop("seconds").keys() == history["seconds"].keys()  # time spent: not the same
+        assert same(resumed_history, {k: v for k, v in history.items() if k != "seconds"}), (stage, resumed_history)
         for name in ("vae", "unet", "text_encoder"):
             for (key, a), b in zip(getattr(whole, name).state_dict().items(),
                                    getattr(resumed, name).state_dict().values()):

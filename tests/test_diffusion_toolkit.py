@@ -400,7 +400,7 @@ def test_the_example_diffusion_method_runs_in_a_suite(tmp_path, monkeypatch, iso
 
     monkeypatch.setenv("DEFECTBENCH_METHODS_PATH", str(Path(__file__).parent / "methods"))
     raw = yaml.safe_load((Path(__file__).parent / "suites" / "faults.yaml").read_text())
-    raw.update(name="example", metrics=["bg_psnr", "mask_iou"], backbone={"vae_steps": 3, "unet_steps": 3},
+    raw.update(name="example", metrics=["bg_psnr", "mask_iou"], backbone={"unet_steps": 3, "batch_size": 2},
                methods=[{"method": "lora_inpaint", "config": {"steps": 3, "inference_steps": 2}}],
                generate={"n": 2})
     result = run_suite(parse_suite(raw, tmp_path / "example.yaml"), executor="serial", results=tmp_path,

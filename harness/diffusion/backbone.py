@@ -119,7 +119,7 @@ def tokenizer_over(words: tuple[str, ...] | list[str], max_length: int = TOKENS)
 
 def extend_vocabulary(backbone: "Backbone", words: list[str]) -> list[str]:
     """Give a word-level tiny backbone the words of `words` it lacks: appended to its tokenizer (earlier ids stay)
-    and to its text encoder's embedding table, each new row the mean of the trained ones (then fine-tuned). Returns
+    and to its text encoder's embedding table, each new row the mean of the table's rows (then fine-tuned). Returns
     the words added. A backbone with a subword tokenizer (CLIP's BPE) spells every word already: nothing to add."""
     vocab = backbone.tokenizer.get_vocab()
     if "<unk>" not in vocab:
@@ -129,9 +129,9 @@ def extend_vocabulary(backbone: "Backbone", words: list[str]) -> list[str]:
         return []
     ordered = sorted(vocab, key=vocab.get)
     tokenizer = tokenizer_over(ordered + added, backbone.tokenizer.model_max_length)
-    table = backbone.text_encoder.get_input_embeddings().weight
-    mean = table.detach().mean(0)
-    backbone.text_encoder.resize_token_embeddings(len(tokenizer))
+    mean = backbone.text_encoder.get_input_embeddings().weight.detach().mean(0)
+    with torch.random.fork_rng(devices=[]):  # the new rows' random start (overwritten) draws from no one's stream
+        backbone.text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
         backbone.text_encoder.get_input_embeddings().weight[len(ordered):] = mean
     backbone.tokenizer = tokenizer

@@ -81,14 +81,8 @@ def corpus_id(config: CorpusConfig) -> str:
 
 def build(config: CorpusConfig = CorpusConfig(), progress: bool = False) -> Corpus:
     """The corpus: `config.generic` procedural scenes, then every synthetic category's normal training images."""
-    from tqdm.auto import tqdm
-
-    images, captions = [], []
-    for i in tqdm(range(config.generic), desc="corpus", disable=not progress, leave=False):
-        image, caption = generic_scene(np.random.default_rng([config.seed, i]), config.size, config.photo_rate)
-        images.append(image)
-        captions.append(caption)
-    sources = ["generic"] * len(images)
+    images, captions = generic_scenes(config, config.generic, progress)
+    images, sources = list(images), ["generic"] * len(captions)
     normals, hashes = synthetic_normals(config)
     for category, (arrays, prompt) in normals.items():
         images += arrays
@@ -97,20 +91,36 @@ def build(config: CorpusConfig = CorpusConfig(), progress: bool = False) -> Corp
     return Corpus(np.stack(images), captions, sources, hashes)
 
 
+def generic_scenes(config: CorpusConfig, count: int, progress: bool = False) -> tuple[np.ndarray, list[str]]:
+    """The corpus's first `count` generic scenes (uint8 (count, size, size, 3)) and their captions."""
+    from tqdm.auto import tqdm
+
+    drawn = [generic_scene(np.random.default_rng([config.seed, i]), config.size, config.photo_rate)
+             for i in tqdm(range(count), desc="corpus", disable=not progress, leave=False)]
+    if not drawn:
+        return np.zeros((0, config.size, config.size, 3), np.uint8), []
+    return np.stack([image for image, _ in drawn]), [caption for _, caption in drawn]
+
+
+def synthetic_splits(categories: tuple[str, ...], synth_seed: int = 0) -> dict:
+    """The default split of each synthetic category of the synthetic data set of `synth_seed` (as a run makes it)."""
+    from harness.data import synth
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+
+    root = synth.cached(synth.SynthConfig(seed=synth_seed))
+    return {name: make_split(read_category(root, name, dataset="synthetic")) for name in categories}
+
+
 def synthetic_normals(config: CorpusConfig) -> tuple[dict[str, tuple[list[np.ndarray], str]], dict[str, list[str]]]:
     """The normal training images (the default split's `normal_train`) of each synthetic category, read from the
     synthetic data set's files at config.size, with their prompts and their files' hashes."""
-    from harness.data import synth
     from harness.data.images import read_image
-    from harness.data.layouts import read_category
-    from harness.data.splits import make_split
     from harness.diffusion.pretrain import prompt_for
     from harness.io import sha256_file
 
-    root = synth.cached(synth.SynthConfig(seed=config.synth_seed))
     normals, hashes = {}, {}
-    for category in config.categories:
-        split = make_split(read_category(root, category, dataset="synthetic"))
+    for category, split in synthetic_splits(config.categories, config.synth_seed).items():
         paths = [sample.image for sample in split.normal_train]
         normals[category] = ([read_image(p, config.size) for p in paths], prompt_for(category))
         hashes[category] = [sha256_file(p) for p in paths]

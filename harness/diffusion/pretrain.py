@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness.diffusion import ddim
-from harness.diffusion.backbone import Backbone, build_tiny, extend_vocabulary, split_words, unscaled_latents
+from harness.diffusion.backbone import (CONV_LAYOUT, Backbone, build_tiny, extend_vocabulary, split_words,
+                                       unscaled_latents)
 from harness.device import autocast, default_device
 from harness.diffusion.latents import to_tensor as to_model_input
 from harness.io import atomic_write_bytes
@@ -90,6 +91,7 @@ def pretrain(images: np.ndarray, captions: list[str], config: PretrainConfig = P
         backbone = build_tiny(vocabulary, config.resolution, config.seed, config.prediction_type)
     else:
         backbone = start_from
+        backbone.unet.to(memory_format=CONV_LAYOUT)  # as build_tiny's: faster steps on a CPU
         extend_vocabulary(backbone, vocabulary)
     # random numbers are drawn on the CPU (the same stream on every device), the networks train on the GPU if any
     backbone.to(default_device())
@@ -99,10 +101,12 @@ def pretrain(images: np.ndarray, captions: list[str], config: PretrainConfig = P
     saved = _load_checkpoint(checkpoints)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    vae_history = _train_vae(backbone, images, config, rng, generator, progress, checkpoints, saved, weights)
+    vae = _train_vae(backbone, images, config, rng, generator, progress, checkpoints, saved, weights)
     keep_scale = start_from is not None and config.vae_steps == 0
-    history = {"vae": vae_history, "unet": _train_unet(backbone, images, captions, config, rng, generator, progress,
-                                                       checkpoints, saved, vae_history, weights, keep_scale)}
+    unet = _train_unet(backbone, images, captions, config, rng, generator, progress, checkpoints, saved, vae, weights,
+                       keep_scale)
+    history = {"vae": vae["history"], "unet": unet["history"],
+               "seconds": {"vae": round(vae["seconds"], 1), "unet": round(unet["seconds"], 1)}}
     for module in (backbone.vae, backbone.unet, backbone.text_encoder):
         module.eval().requires_grad_(False)
     return backbone.to(torch.device("cpu")), history
@@ -188,15 +192,17 @@ class _Stage:
     every: int
     clip_grad: float = 0.0
     extra: dict = field(default_factory=dict)  # saved with every checkpoint (the UNet stage: the finished VAE)
+    seconds_before: float = 0.0  # spent before a resume
+    seconds: float = 0.0
 
     def run(self, step_loss: Callable[[], torch.Tensor], saved: dict | None, progress: bool) -> list[float]:
         params = [p for m in self.modules.values() for p in m.parameters()]
         optimiser = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
-        # 5% warm-up; at least two steps of it (torch's schedule divides by zero where the warm-up ends on step 0)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=self.lr, total_steps=max(self.steps, 1),
-                                                       pct_start=min(0.5, max(0.05, 2 / max(self.steps, 1))))
+        total = max(self.steps, 1)  # 5% warm-up (10% for 20 steps: torch divides by zero where it ends on step 0)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=self.lr, total_steps=total,
+                                                       pct_start=0.1 if round(0.05 * total, 9) == 1 else 0.05)
         losses: list[float] = []
-        start = 0
+        start, self.clock = 0, time.perf_counter()
         if saved is not None and saved["stage"] == self.name:
             start = self._restore(saved, optimiser, schedule, losses)
         for step in tqdm(range(start, self.steps), desc=f"pretrain {self.name}", initial=start, total=self.steps,
@@ -211,11 +217,16 @@ class _Stage:
             losses.append(loss.item())
             if self.checkpoints is not None and self.every and (step + 1) % self.every == 0 and step + 1 < self.steps:
                 self._save(step + 1, optimiser, schedule, losses)
+        self.seconds = self.elapsed()
         return loss_tenths(losses)
+
+    def elapsed(self) -> float:
+        """Seconds spent in this stage, over every start of a resumed training."""
+        return self.seconds_before + time.perf_counter() - self.clock
 
     def _save(self, step: int, optimiser, schedule, losses: list[float]) -> None:
         buffer = io.BytesIO()
-        torch.save({"stage": self.name, "step": step, "losses": losses,
+        torch.save({"stage": self.name, "step": step, "losses": losses, "seconds": self.elapsed(),
                     "modules": {k: {n: t.cpu() for n, t in m.state_dict().items()} for k, m in self.modules.items()},
                     "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
                     "rng": json.dumps(self.rng.bit_generator.state), "generator": self.generator.get_state(),
@@ -230,6 +241,7 @@ class _Stage:
         self.rng.bit_generator.state = json.loads(saved["rng"])
         self.generator.set_state(saved["generator"])
         losses += saved["losses"]
+        self.seconds_before = float(saved.get("seconds", 0.0))
         return int(saved["step"])
 
 
@@ -250,25 +262,27 @@ def _vae_loss(backbone: Backbone, images: np.ndarray, config: PretrainConfig, rn
 
 
 def _train_vae(backbone: Backbone, images: np.ndarray, config: PretrainConfig, rng, generator, progress,
-               checkpoints: Path | None, saved: dict | None, weights: np.ndarray | None = None) -> list[float]:
+               checkpoints: Path | None, saved: dict | None, weights: np.ndarray | None = None) -> dict:
+    """The autoencoder stage: {"history": losses, "seconds": spent}."""
     if saved is not None and saved["stage"] == "UNet":  # the VAE stage had finished before the kill
         backbone.vae.load_state_dict(saved["extra"]["vae"])
         backbone.vae.eval().requires_grad_(False)
-        return saved["extra"]["vae_history"]
+        return {"history": saved["extra"]["vae_history"], "seconds": saved["extra"].get("vae_seconds", 0.0)}
     if config.vae_steps == 0:
         backbone.vae.eval().requires_grad_(False)
-        return []
+        return {"history": [], "seconds": 0.0}
     backbone.vae.train().requires_grad_(True)
     stage = _Stage("VAE", {"vae": backbone.vae}, config.vae_steps, config.vae_lr, rng, generator, checkpoints,
                    config.checkpoint_every, config.clip_grad)
     history = stage.run(lambda: _vae_loss(backbone, images, config, rng, weights), saved, progress)
     backbone.vae.eval().requires_grad_(False)
-    return history
+    return {"history": history, "seconds": stage.seconds}
 
 
 def _train_unet(backbone: Backbone, images: np.ndarray, captions: list[str], config: PretrainConfig, rng,
-                generator, progress, checkpoints: Path | None, saved: dict | None, vae_history: list[float],
-                weights: np.ndarray | None = None, keep_scale: bool = False) -> list[float]:
+                generator, progress, checkpoints: Path | None, saved: dict | None, vae: dict,
+                weights: np.ndarray | None = None, keep_scale: bool = False) -> dict:
+    """The UNet + text encoder stage on the frozen autoencoder's latents: {"history": losses, "seconds": spent}."""
     unet, text_encoder = backbone.unet.train().requires_grad_(True), backbone.text_encoder.train().requires_grad_(True)
     prompts = np.array(captions, dtype=object)
     steps_total = backbone.scheduler.config.num_train_timesteps
@@ -288,10 +302,12 @@ def _train_unet(backbone: Backbone, images: np.ndarray, captions: list[str], con
         return F.mse_loss(unet(z_t, t, encoder_hidden_states=backbone.encode_text(text)).sample,
                           ddim.training_target(backbone.scheduler, z0, noise, t))
 
-    finished_vae = {"vae": {n: t.cpu() for n, t in backbone.vae.state_dict().items()}, "vae_history": vae_history}
+    finished_vae = {"vae": {n: t.cpu() for n, t in backbone.vae.state_dict().items()}, "vae_history": vae["history"],
+                    "vae_seconds": vae["seconds"]}
     stage = _Stage("UNet", {"unet": unet, "text_encoder": text_encoder}, config.unet_steps, config.unet_lr, rng,
                    generator, checkpoints, config.checkpoint_every, config.clip_grad, finished_vae)
-    return stage.run(step_loss, saved, progress)
+    history = stage.run(step_loss, saved, progress)
+    return {"history": history, "seconds": stage.seconds}
 
 
 def _estimate(backbone: Backbone, images: np.ndarray, captions: list[str], config: PretrainConfig) -> str:
@@ -302,8 +318,8 @@ def _estimate(backbone: Backbone, images: np.ndarray, captions: list[str], confi
 
     probe = copy.deepcopy(backbone)
     rng, generator = np.random.default_rng(config.seed + 1), torch.Generator().manual_seed(config.seed + 1)
-    seconds = {}
-    for stage in ("vae", "unet"):
+    seconds = {"vae": 0.0}
+    for stage in ("vae", "unet") if config.vae_steps else ("unet",):
         durations = []
         for steps in (1, 3):  # the warm-up, then three timed steps
             timed = PretrainConfig(**{**dataclasses.asdict(config), "vae_steps": steps if stage == "vae" else 0,
@@ -313,7 +329,7 @@ def _estimate(backbone: Backbone, images: np.ndarray, captions: list[str], confi
                 _train_vae(probe, images[:timed.batch_size], timed, rng, generator, False, None, None)
             else:
                 _train_unet(probe, images[:timed.batch_size], captions[:timed.batch_size], timed, rng, generator,
-                            False, None, None, [], keep_scale=True)
+                            False, None, None, {"history": [], "seconds": 0.0}, keep_scale=True)
             durations.append(time.perf_counter() - clock)
         seconds[stage] = durations[-1] / 3
     total = seconds["vae"] * config.vae_steps + seconds["unet"] * config.unet_steps

@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -26,8 +24,9 @@ import torch
 from harness.diffusion.corpus import CORPUS_VERSION, Corpus, CorpusConfig, build, corpus_id, vocabulary
 from harness.diffusion.pretrain import PretrainConfig
 from harness.errors import ConfigError
-from harness.io import atomic_directory, atomic_write_json
+from harness.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_json
 from harness.paths import REPO_ROOT
+from harness.provenance import code_version, machine, package_version
 
 SHIPPED = REPO_ROOT / "backbones" / "defectbench-tiny"
 TRAINING_FILE = "training.json"
@@ -55,22 +54,33 @@ class Recipe:
 RECIPE = Recipe()
 
 
+def scene_hash(image, caption: str) -> str:
+    return hashlib.sha256(image.tobytes() + caption.encode()).hexdigest()[:16]
+
+
+def corpus_content(scenes: list[str], normals: dict[str, list[str]]) -> str:
+    """The corpus's content hash, from its scenes' hashes and its normal images' file hashes."""
+    return hashlib.sha256(json.dumps([scenes, normals], sort_keys=True).encode()).hexdigest()
+
+
 def corpus_record(corpus: Corpus, config: CorpusConfig) -> dict:
     """What the backbone saw, by content: one hash per generic scene (image and caption), the normals' file hashes."""
-    scenes = [hashlib.sha256(image.tobytes() + caption.encode()).hexdigest()[:16]
+    scenes = [scene_hash(image, caption)
               for image, caption, source in zip(corpus.images, corpus.captions, corpus.sources) if source == "generic"]
-    content = hashlib.sha256(json.dumps([scenes, corpus.normal_hashes], sort_keys=True).encode()).hexdigest()
-    return {"version": CORPUS_VERSION, "id": corpus_id(config), "content": content, "config": dataclasses.asdict(config),
-            "generic_scenes": scenes, "normals": corpus.normal_hashes}
+    return {"version": CORPUS_VERSION, "id": corpus_id(config), "content": corpus_content(scenes, corpus.normal_hashes),
+            "config": dataclasses.asdict(config), "generic_scenes": scenes, "normals": corpus.normal_hashes}
 
 
 def model_index() -> dict:
     """diffusers' pipeline index, so the folder also opens as a StableDiffusionPipeline."""
-    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _version("diffusers"),
+    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": package_version("diffusers"),
             "vae": ["diffusers", "AutoencoderTiny"], "unet": ["diffusers", "UNet2DConditionModel"],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
             "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}
+
+
+RECIPE_FILE = "recipe.json"  # in the .partial folder: a resumed training must be the same recipe
 
 
 def train(out: Path = SHIPPED, recipe: Recipe = RECIPE, progress: bool = True,
@@ -83,7 +93,7 @@ def train(out: Path = SHIPPED, recipe: Recipe = RECIPE, progress: bool = True,
         raise ConfigError(f"{out} already holds a trained backbone; remove it (or give another --out) to train again")
     partial = out.with_name(out.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
-    start, code = time.perf_counter(), git_version()
+    started = _resume_record(partial, recipe)
     announce(f"drawing the corpus ({recipe.corpus.generic} generic scenes and the synthetic normals)")
     corpus = build(recipe.corpus, progress=progress)
     record = corpus_record(corpus, recipe.corpus)
@@ -92,9 +102,9 @@ def train(out: Path = SHIPPED, recipe: Recipe = RECIPE, progress: bool = True,
                                  sources=corpus.sources)
     training = {"recipe": recipe.as_dict(), "corpus": {k: record[k] for k in ("version", "id", "content")},
                 "images": {"generic": recipe.corpus.generic, **{c: len(h) for c, h in corpus.normal_hashes.items()}},
-                "vocabulary": len(backbone.tokenizer), "history": history,
-                "seconds": round(time.perf_counter() - start, 1), "machine": machine(),
-                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "code": code,
+                "vocabulary": len(backbone.tokenizer), "latent_scale": backbone.latent_scale, "history": history,
+                "seconds": round(sum(history["seconds"].values()), 1), "machine": machine(),
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "code": started["code"],
                 "date": time.strftime("%Y-%m-%d %H:%M %Z")}
     with atomic_directory(out, overwrite=True) as tmp:
         backbone.save(tmp)
@@ -103,6 +113,22 @@ def train(out: Path = SHIPPED, recipe: Recipe = RECIPE, progress: bool = True,
         atomic_write_json(tmp / TRAINING_FILE, training)
     shutil.rmtree(partial, ignore_errors=True)
     return out
+
+
+def _resume_record(partial: Path, recipe: Recipe) -> dict:
+    """The training's record in its .partial folder: the recipe (a different one is refused, not mixed in), the
+    code version of its first start, and when each start began."""
+    path = partial / RECIPE_FILE
+    now = {"started": time.time(), "code": code_version()["git"]}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["recipe"] != json.loads(json.dumps(recipe.as_dict())):
+            raise ConfigError(f"{partial} holds the checkpoints of another recipe; remove it to start again")
+        saved["starts"].append(now["started"])
+    else:
+        saved = {"recipe": recipe.as_dict(), "code": now["code"], "starts": [now["started"]]}
+    atomic_write_json(path, saved)
+    return saved
 
 
 def read_json(folder: Path, name: str) -> dict:
@@ -116,32 +142,188 @@ def read_json(folder: Path, name: str) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
 
 
-def machine() -> dict:
-    """Where it ran: what the numbers and the time depend on."""
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch, "cpu") else {}
-    return {"cpu": capabilities.get("cpu_name") or platform.processor(), "cpu_capability":
-            torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "diffusers": _version("diffusers"), "transformers": _version("transformers"),
-            "python": platform.python_version(), "os": platform.platform()}
+# --- measures and card ------------------------------------------------------------------------------------------
+
+# prompts of the grid's last row: the general vocabulary, drawn from noise
+GENERIC_PROMPTS = ("a photo of a red circle on a grey metal surface", "a photo of a blue striped surface",
+                   "a photo of a large yellow star in the centre on a black plastic surface",
+                   "a photo of a brown wood surface with a dark crack", "a photo of a white paper surface",
+                   "a photo of a green checkered surface", "a photo of a small pink square on a teal fabric surface",
+                   "a photo of a grey stone surface with a large dark stain")
 
 
-def git_version() -> str:
-    """The commit the code was at (with `+dirty` where the tree had changes)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+def per_run_baseline(categories: tuple[str, ...], announce: Callable[[str], None] = print) -> Path:
+    """The backbone a run pretrained for itself before the shipped one: PretrainConfig's defaults (the smoke suite's
+    recipe: 1,400 autoencoder + 600 UNet steps), from scratch, on the categories' normal training images prompted "a
+    photo of a <category>" (cached under results/cache/backbones by the images, the settings and the code)."""
+    import numpy as np
 
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "") if commit else "?"
-    except (OSError, subprocess.SubprocessError):
-        return "?"
+    from harness.diffusion import provision
+    from harness.diffusion.pretrain import pretrain, prompt_for
+    from harness.diffusion.quality import synthetic_images
+    from harness.paths import cache_dir
+
+    config = PretrainConfig()
+    references = synthetic_images(categories, config.resolution)
+    key = sha256_json({"images": {r.category: hashlib.sha256(r.train.tobytes()).hexdigest() for r in references},
+                       "config": dataclasses.asdict(config), "code": provision.code_hash()})[:20]
+    folder = cache_dir("backbones") / f"per-run-{key}"
+    if not (folder / "unet").is_dir():
+        images = np.concatenate([r.train for r in references])
+        captions = [prompt_for(r.category) for r in references for _ in r.train]
+        backbone, _ = pretrain(images, captions, config, progress=True, announce=announce)
+        with atomic_directory(folder, overwrite=True) as tmp:
+            backbone.save(tmp)
+    return folder
 
 
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
+def measure_folder(folder: Path = SHIPPED, baseline: bool = True, n_samples: int = 64, write: bool = True,
+                   announce: Callable[[str], None] = print) -> dict:
+    """Measure the backbone in `folder` (and the per-run baseline); with `write`, write measures.json and the
+    sample grid into the folder."""
+    from harness.diffusion import quality
+    from harness.diffusion.backbone import load_frozen
 
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "?"
+    folder = Path(folder)
+    training = read_json(folder, TRAINING_FILE)
+    categories = tuple(training["recipe"]["corpus"]["categories"])
+    references = quality.synthetic_images(categories, training["recipe"]["pretrain"]["resolution"])
+    start = time.perf_counter()
+    backbone = load_frozen(folder)
+    result = {"backbone": quality.measure(backbone, references, n_samples), "n_samples": n_samples,
+              "machine": machine(), "code": code_version()["git"], "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    if write:
+        write_grid(backbone, folder / GRID_FILE, categories)
+    if baseline:
+        announce("measuring the per-run backbone of before (PretrainConfig's defaults, pretrained now if not cached)")
+        result["per_run"] = quality.measure(load_frozen(per_run_baseline(categories, announce)), references, n_samples)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    if write:
+        atomic_write_json(folder / MEASURES_FILE, result)
+    return result
+
+
+def write_grid(backbone, path: Path, categories: tuple[str, ...], per_row: int = 8, seed: int = 1) -> None:
+    """One row per category (samples from pure noise), then one of the generic prompts, 4 px apart."""
+    import numpy as np
+
+    from harness.diffusion.pretrain import prompt_for
+    from harness.diffusion.quality import samples_from_noise
+
+    rows = [samples_from_noise(backbone, prompt_for(c), per_row, seed=seed) for c in categories]
+    rows.append(np.concatenate([samples_from_noise(backbone, p, 1, seed=seed) for p in GENERIC_PROMPTS[:per_row]]))
+    side = rows[0].shape[1]
+    grid = np.full((len(rows) * (side + 4) - 4, per_row * (side + 4) - 4, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid[r * (side + 4):r * (side + 4) + side, c * (side + 4):c * (side + 4) + side] = image
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(grid).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def render_card(folder: Path = SHIPPED) -> str:
+    """The folder's README.md, from training.json, corpus.json and measures.json."""
+    from tabulate import tabulate
+
+    folder = Path(folder)
+    training, corpus = read_json(folder, TRAINING_FILE), read_json(folder, CORPUS_FILE)
+    measures = read_json(folder, MEASURES_FILE) if (folder / MEASURES_FILE).is_file() else None
+    pre, machine_ = training["recipe"]["pretrain"], training["machine"]
+    sizes = {name: _megabytes(folder / name) for name in ("unet", "vae", "text_encoder", "tokenizer")}
+    lines = [
+        "# defectbench-tiny: the tiny text-to-image backbone DefectBench ships", "",
+        "A miniature of Stable Diffusion 1.5 in diffusers' folder layout (`model_index.json`, `unet/`, `vae/`, "
+        "`text_encoder/`, `tokenizer/`, `scheduler/`; weights as safetensors), opened with `from_pretrained` by the "
+        "same loader as SD 1.5 (`harness/diffusion/backbone.py: load`). The `tiny` profile's diffusion methods "
+        "fine-tune it few-shot, as the papers fine-tune SD; a run on categories it has not seen fine-tunes it on "
+        "their normal images first (`harness/diffusion/provision.py`).", "",
+        "## What it is", "",
+        tabulate([["UNet", "`UNet2DConditionModel`, channels 32-64-64-64, one layer per block, cross-attention "
+                   "at 32/16/8 px latents, predicts v", sizes["unet"]],
+                  ["autoencoder", "TAESD's architecture (`AutoencoderTiny`), 4x down, 16 latent channels, "
+                   f"latent scale {training.get('latent_scale', '1/std of the latents')}", sizes["vae"]],
+                  ["text encoder", "`CLIPTextModel`, 2 layers, width 64, 32 tokens", sizes["text_encoder"]],
+                  ["tokenizer", f"word-level, {training['vocabulary']} words (below)", sizes["tokenizer"]],
+                  ["scheduler", "DDIM, scaled-linear betas 0.00085-0.012, 1000 steps, v-prediction", ""]],
+                 headers=["part", "what", "MB"], tablefmt="github"), "",
+        "**Tokenizer: word-level, over the corpus's words.** Every word of a corpus caption is one token, its row "
+        "trained as that word. The reserved words are not trained: the rare words (`sks`, `ktn`, `pll`, ...), "
+        "which DreamBooth-style prompts bind new concepts to, and the base prompt words the methods use that the "
+        "corpus does not (`defect`, `mask`, `normal`, `good`). CLIP's BPE vocabulary "
+        "(49,408 tokens) at width 64 would be a 12.6 MB table, half this folder, with nearly every row untrained. A "
+        "run that meets a word the tokenizer lacks (a new category's name) appends it, with a new row "
+        "(`backbone.extend_vocabulary`), and fine-tunes.", "",
+        "## What it was trained on", "",
+        f"Corpus version {corpus['version']} (`harness/diffusion/corpus.py`, id `{corpus['id']}`, content "
+        f"`{corpus['content'][:16]}`): {training['images']['generic']} procedural captioned scenes (surfaces of a "
+        "material or pattern in a colour, shapes on them, marks on them: scratches, spots, stains, cracks, dots, "
+        "streaks; captions such as \"a photo of a small red circle in the upper left on a grey metal surface\"), and "
+        "the normal training images of the synthetic categories, prompted \"a photo of a <category>\": " +
+        ", ".join(f"{c} {n}" for c, n in training["images"].items() if c != "generic") + ".", "",
+        "**No defect leaks in.** The synthetic categories contribute their normal training images only (the default "
+        "split's `normal_train`, read from the data set's files; `corpus.json` lists their hashes), never a test "
+        "image; the marks are drawn by the corpus's own code on generic surfaces, never on a benchmark category's "
+        "image and never by the synthetic data set's defect code. A few-shot method learns a benchmark defect from "
+        "its few shots.", "",
+        "## How it was made", "",
+        f"`{training['command']}` at code `{training['code']}`, {training['date']}: "
+        f"{pre['vae_steps']} autoencoder steps (batches of {pre['vae_batch']} crops of {pre['vae_crop']} px, peak "
+        f"rate {pre['vae_lr']}), then {pre['unet_steps']} UNet + text encoder steps (batches of {pre['batch_size']}"
+        f" latents, peak rate {pre['unet_lr']}, {pre['empty_prompt_rate']:.0%} empty prompts), one-cycle schedules, "
+        f"gradients clipped at {pre['clip_grad']}, {pre['generic_share']:.0%} of each batch from the generic "
+        f"scenes, seed {pre['seed']}; {training['seconds'] / 60:.0f} min on {machine_['threads']} threads of "
+        f"{machine_['cpu']} ({machine_['cpu_capability']}; torch {machine_['torch']}, diffusers "
+        f"{machine_['diffusers']}). The whole recipe is `Recipe` in `harness/diffusion/shipped.py`; `training.json` "
+        "holds it with the loss history. `make backbone` trains it again (resumable: a killed run continues from "
+        "`<folder>.partial`); a GPU takes minutes (the device tool, where one is lent).", ""]
+    if measures:
+        lines += _measure_lines(measures)
+    path = folder / "README.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return str(path)
+
+
+def _megabytes(path: Path) -> str:
+    return f"{sum(f.stat().st_size for f in path.rglob('*') if f.is_file()) / 1e6:.1f}"
+
+
+def _measure_lines(measures: dict) -> list[str]:
+    from tabulate import tabulate
+
+    shipped, before = measures["backbone"], measures.get("per_run", {})
+    rows = []
+    for category, m in shipped.items():
+        old = before.get(category, {})
+        errors = m["clean_latent_error"]
+        rows.append([category, f"{m['autoencoder_psnr']:.2f}",
+                     " / ".join(f"{errors[t]['unet']:.3f}" for t in errors),
+                     " / ".join(f"{errors[t]['linear']:.3f}" for t in errors),
+                     f"{m['kid']['value']:.4f}", f"{old['kid']['value']:.4f}" if old else "—",
+                     f"{old['kid']['value'] / m['kid']['value']:.1f}x" if old else "—",
+                     f"{m['recognised']:.0%}", f"{old['recognised']:.0%}" if old else "—"])
+    timesteps = " / ".join(next(iter(shipped.values()))["clean_latent_error"])
+    random = next(iter(shipped.values()))["kid"]["random_inception"]
+    return [
+        "## Measures", "",
+        f"`defectbench backbone measure` ({measures['date']}, code `{measures['code']}`; "
+        f"{measures['n_samples']} samples per category from pure noise, 25 DDIM steps, guidance 3; "
+        "`harness/diffusion/quality.py`). *Per-run* is the backbone a run pretrained for itself before this one, "
+        "with PretrainConfig's defaults (the smoke suite's recipe: 1,400 autoencoder + 600 UNet steps of 8, "
+        "from scratch) on the five categories' normal training images.", "",
+        tabulate(rows, headers=["category", "autoencoder PSNR (dB, held-out normals)",
+                                f"clean-latent error, t = {timesteps}", "linear 5x5 denoiser",
+                                "KID", "KID per-run", "KID per-run / KID", "recognised", "recognised per-run"],
+                 tablefmt="github"), "",
+        "Clean-latent error: the RMSE of the UNet's estimate of the clean latent over the latents' standard "
+        "deviation, on the held-out normals (test/good) noised to t; the linear 5x5 denoiser is fitted per category "
+        "and t on the training normals' latents. KID: the benchmark's own, "
+        + ("with a **random-weight Inception** (no weights on the machine), so it ranks backbones against each "
+           "other only; " if random else "") + "against the category's normal training images. Recognised: the "
+        "share of samples whose 16 x 16 thumbnail is nearest to the prompted category's mean.", "",
+        "One row per category from pure noise (\"a photo of a <category>\"), then one sample per generic prompt "
+        f"({'; '.join(GENERIC_PROMPTS)}):", "", f"![samples]({GRID_FILE})", ""]

@@ -112,6 +112,7 @@ def _stand_in(job: Job, ctx: JobContext) -> str | None:
 
 @job_kind("segment")
 def run_segment(job: Job, ctx: JobContext) -> list[dict]:
+    from harness.device import autocast_type, default_device
     from harness.downstream import segmentation
 
     p, config = job.inputs, job.params["config"]
@@ -128,7 +129,10 @@ def run_segment(job: Job, ctx: JobContext) -> list[dict]:
     published = detection.image_scores_from_maps(maps, config["pool_kernel"], count_include_pad=True)
     stand_in = _stand_in(job, ctx)
     loco = ddata.test_regions(split, p["resolution"])
-    return [{**r, "selection": selection.on, "details": {"best_epoch": selection.best_epoch, **r.get("details", {})},
+    # the precision the U-Net trained in here: bf16 only where this machine computes it natively (harness/device.py)
+    precision = autocast_type(default_device(), config["autocast"])
+    return [{**r, "selection": selection.on, "details": {"best_epoch": selection.best_epoch, "autocast": precision,
+                                                         **r.get("details", {})},
              "stand_in": stand_in} for r in ddata.score_maps(test, maps, scores, published, loco)]
 
 

@@ -15,7 +15,7 @@ from harness.profiles import get_profile
 from harness.runner.jobs import Job, JobContext, expander, job_kind, job_resources, make_job
 from harness.tasks import build_task
 from harness import weights
-from harness.runner.backbone_jobs import backbone_folder, backbone_job_for
+from harness.runner.backbone_jobs import backbone_folder, backbone_for
 from harness.runner.store import PER_IMAGE_FILE
 
 SCORE_MEMORY = 4 * 2**30
@@ -72,13 +72,14 @@ def generation_jobs(plan) -> list[Job]:
                         if spec.label in plan.left_out.get(dataset.spec.name, ()):
                             continue
                         info = infos[spec.method]
-                        backbone = (backbone_job_for(plan, dataset.spec.name, info.cls.backbone)
+                        backbone = (backbone_for(plan, dataset.spec.name, info.cls.backbone)
                                     if info.cls.uses_backbone else None)
                         requires = "caption" in info.cls.needs
                         source = source_params(dataset, category, split, requires)
                         where = source_where(dataset)
                         if backbone is not None:
                             where["backbone_weights"] = suite.weights.get(info.cls.backbone)
+                            where["backbone_folder"] = backbone.folder  # the shipped one, where no job makes it
                         declared = info.cls.resources_for(profile.name)
                         resources = job_resources(profile, int(declared["num_cpus"]), gpu=bool(declared["num_gpus"]))
                         groups = ([category.defect_types] if info.cls.granularity == "category"
@@ -88,13 +89,15 @@ def generation_jobs(plan) -> list[Job]:
                                     "method_name": spec.method, "fold": split.fold, "seed": seed,
                                     "protocol": split.protocol, "split_hash": split.manifest_hash}
                             if backbone is not None:
-                                tags["backbone"] = backbone.tags["backbone"]
+                                tags["backbone"] = backbone.provenance
                             at = f"{dataset.spec.name}/{category.name}"
                             fit = make_job("fit", f"fit {spec.label} {at}/{defects[0] if len(defects) == 1 else '*'} f{split.fold} s{seed}",
                                            {**source, "method": spec.method, "config": configs[spec.label],
                                             "method_hash": method_hashes[spec.method], "profile": profile.name,
-                                            "resolution": profile.resolution, "defect_types": defects, "seed": seed},
-                                           (backbone.key,) if backbone else (), resources, tags, where)
+                                            "resolution": profile.resolution, "defect_types": defects, "seed": seed,
+                                            **({"backbone": backbone.provenance} if backbone and not backbone.job else {})},
+                                           (backbone.job.key,) if backbone and backbone.job else (), resources, tags,
+                                           where)
                             jobs.append(fit)
                             for defect in defects:
                                 defect_tags = {**tags, "defect_type": defect}

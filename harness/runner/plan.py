@@ -20,7 +20,7 @@ class PreparedDataset:
     spec: DatasetSpec
     root: Path
     categories: list[Category]
-    pretrain: list[Category] = field(default_factory=list)  # whose normal images pretrain the tiny backbone
+    pretrain: list[Category] = field(default_factory=list)  # whose normal images fine-tune the tiny backbone
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Plan:
     suite: Suite
     datasets: list[PreparedDataset]
     splits: dict[tuple[str, str], list[Split]] = field(default_factory=dict)  # (dataset, category) -> folds
+    backbones: dict = field(default_factory=dict)  # (dataset, backbone name) -> BackboneRef (backbone_jobs.py)
     jobs: list[Job] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # what the data or the splits lack, said once per run
     # data set -> labels of the methods (chosen by `methods: all`) left out of it: they need captions it has none of

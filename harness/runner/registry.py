@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 JOB_MODULES = (
-    "harness.runner.backbone_jobs",  # backbone (pretrained once per data set) -> fit of diffusion methods
+    "harness.runner.backbone_jobs",  # backbone (found, or fine-tuned once per data set) -> fit of diffusion methods
     "harness.runner.generation_jobs",  # fit -> generate -> score
     "harness.runner.downstream_jobs",  # generate -> segment, classify; detect
 )

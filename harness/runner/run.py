@@ -5,7 +5,6 @@ import dataclasses
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import warnings
 from collections import Counter
@@ -14,10 +13,9 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-import harness
 from harness.errors import DataWarning
 from harness.io import sha256_json
-from harness.paths import REPO_ROOT
+from harness.provenance import code_version
 from harness.runner.executors import Progress, Scheduler, now, run_ray, run_serial
 from harness.runner.plan import Plan, expand, prepare
 from harness.runner.jobs import Job
@@ -35,19 +33,6 @@ class RunResult:
     @property
     def failed(self) -> list[str]:
         return [k for k, s in self.states.items() if s in (FAILED, SKIPPED)]
-
-
-def code_version() -> dict:
-    """The git commit of the code (with a dirty flag), and the package version."""
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    sha = git("rev-parse", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if sha else False
-    return {"git": sha[:12] + ("+dirty" if dirty else "") if sha else "unknown", "package": harness.__version__}
 
 
 def resolved_config(suite: Suite) -> dict:

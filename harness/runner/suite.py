@@ -42,8 +42,8 @@ class DatasetSpec:
     captions: Path | None = None
     categories: tuple[str, ...] | None = None  # None: every category found
     synth: dict = field(default_factory=dict)
-    # whose normal training images pretrain the tiny backbone; None: the categories above (a run on one category
-    # can pretrain on several: a one-category backbone can be a poorer stand-in for a general one)
+    # whose normal training images the shipped tiny backbone is fine-tuned on where it has not seen them; None: the
+    # categories above (a run on one category can fine-tune on several)
     pretrain_categories: tuple[str, ...] | None = None
 
 
@@ -79,7 +79,7 @@ class Suite:
     detectors: tuple[dict, ...] = ()  # {name: patchcore | ..., config: {...}}
     executor: ExecutorSpec = ExecutorSpec()
     weights: dict = field(default_factory=dict)
-    backbone: dict = field(default_factory=dict)  # the tiny backbone's pretraining settings (harness/diffusion/pretrain.py)
+    backbone: dict = field(default_factory=dict)  # the shipped tiny backbone's fine-tuning (provision.FINETUNE)
     description: str = ""
 
     def where(self) -> str:
@@ -140,10 +140,11 @@ def parse_suite(raw: dict, path: Path | None, data: str | Path | None = None, ch
 
 
 def _backbone(value: Any, where: str, profile: str) -> dict:
-    from harness.diffusion.provision import pretrain_config
+    """The fine-tuning settings of the shipped tiny backbone on unseen categories (provision.FINETUNE)."""
+    from harness.diffusion.provision import finetune_config
 
     _mapping(value, where, "backbone")
-    pretrain_config(value, PROFILES[profile].resolution, f"{where}: backbone")  # unknown keys fail here
+    finetune_config(value, PROFILES[profile].resolution, f"{where}: backbone")  # unknown keys, bad values fail here
     return dict(value)
 
 

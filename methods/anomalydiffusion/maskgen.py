@@ -9,8 +9,8 @@ continues until enough masks pass. Here sampling stops after `max_batches` batch
 from the harness's target masks, and every sample records where its mask came from.
 
 `unet_lora` (null in `paper`, the authors' frozen UNet): the tiny profile also trains a LoRA on the UNet with the
-vectors, one per defect type, as it does for the images (README.md): a tiny backbone pretrained on photographs of
-the category redraws the category from the vectors alone (grey washer rings, never a white shape on black).
+vectors, one per defect type, as it does for the images (README.md): a tiny backbone that had seen only photographs
+of the category (the per-run one, before the shipped backbone) redrew the category from the vectors alone (grey washer rings, never a white shape on black).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
   matching `model` name).
 - `tiny` (no CLIP on these machines): a bag of words over the tiny backbone's word embeddings (the mean of the
   caption's rows), its vocabulary extended by the words of the fit's training captions (new rows drawn at random,
-  seeded: the tiny tokenizer knows only prompt words) and centred on the fit's training captions, and the tiny VAE
+  seeded: the tiny tokenizer knows only its corpus's words) and centred on the fit's training captions, and the tiny VAE
   encoder's latents of image ⊙ mask pooled over the mask. Both are stand-ins, recorded in model.json with what
   they produced (`CaptionEncoder.record`, `ImageFeatures.record`).
 """
@@ -50,8 +50,8 @@ class TinyCaptionEncoder(CaptionEncoder):
     (the training captions' words that the tiny tokenizer lacks) added as new rows, N(0, std of the table), from
     `seed`, centred on `centre_on` (the fit's training captions): minus their mean feature. Not the encoder's
     output: pooled at its end token (or averaged over its positions) it is nearly the same vector for every caption
-    (cosine >= 0.95 between captions that differ in their defect; README.md), its two layers having been trained on
-    "a photo of a <category>" alone. Centred, because the words every caption shares ("a", "stain", "of the", the
+    (cosine >= 0.95 between captions that differ in their defect; README.md), as measured on the per-run backbone whose two
+    layers had been trained on "a photo of a <category>" alone. Centred, because the words every caption shares ("a", "stain", "of the", the
     object's name) are most of an uncentred mean, so that normalised (Eq. 1) the word that tells two captions apart
     is a small part of it: uncentred, the tiny model drew the same stain whatever the caption (README.md)."""
 

@@ -1,5 +1,5 @@
 """The smoke suite's data as the benchmarks read it: splits of its categories and their normal training images,
-ready for the tiny backbone's pretraining."""
+as provision.provision takes them (the shipped tiny backbone has seen them)."""
 from __future__ import annotations
 
 from harness.data.layouts import read_category

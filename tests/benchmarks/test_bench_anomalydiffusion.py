@@ -1,5 +1,5 @@
 """Benchmark: AnomalyDiffusion in the tiny profile on the smoke suite's data (weave, washer, tray; 128 px; the
-backbone the demo and the smoke suite pretrain, taken from the cache when it is there), one thread as one Ray job:
+shipped tiny backbone, as the demo and the smoke suite use it), one thread as one Ray job:
 
 - per category: the fit (one per category, `masks: data` as the tiny default), generation time per image and the
   peak resident memory of both; per defect type BG-PSNR (pooled) and Mask-IoU as the leaderboard computes them,

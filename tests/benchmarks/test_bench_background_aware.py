@@ -1,7 +1,7 @@
 """Benchmark: the tiny diffusion base and background_aware on the smoke suite's data (weave, washer, tray; 128 px;
 the embedded default settings), as `make demo` runs them. It measures what issue 13 set as targets and prints them:
 
-- the backbone: pretraining time, and the autoencoder's reconstruction PSNR on held-out normal images per category
+- the backbone (the shipped one): the autoencoder's reconstruction PSNR on held-out normal images per category
   (target >= 32 dB);
 - per defect type: fit and generation times, BG-PSNR (pooled) and Mask-IoU as the leaderboard computes them (with
   each sample's own, refined mask), and the mean |sample - normal| inside that mask over the mean outside (target
@@ -9,7 +9,7 @@ the embedded default settings), as `make demo` runs them. It measures what issue
 - a sample grid (target normal | target mask | sample | refined mask, per row) written to
   $DEFECTBENCH_BENCH_OUT (default: results/bench/background_aware_smoke.png) for a person to look at.
 
-Times are printed in seconds and relative to the pretraining of the same run, so runs on other machines compare.
+Times are printed in seconds and relative to the first fit of the same run, so runs on other machines compare.
 Set DEFECTBENCH_BENCH_THREADS to change the thread count (default 1, as one Ray job of the demo).
 """
 from __future__ import annotations
@@ -57,13 +57,10 @@ def _tile(normal, target_mask, sample, refined) -> np.ndarray:
 
 
 def test_background_aware_on_the_smoke_data(tmp_path, monkeypatch):
-    monkeypatch.setenv("DEFECTBENCH_CACHE", str(tmp_path / "cache"))  # pretrain now, not from an earlier cache
     torch.set_num_threads(int(os.environ.get("DEFECTBENCH_BENCH_THREADS", "1")))
     resolution = get_profile("tiny").resolution
     splits, normals = smoke_data(CATEGORIES)
-    start = time.perf_counter()
-    folder, info = provision.provision("tiny", normals, progress=True)
-    pretrain = time.perf_counter() - start
+    folder, _ = provision.provision("tiny", normals, progress=True)
     backbone = backbones.load_frozen(folder)
     vae_rows = []
     for name, split in splits.items():
@@ -92,11 +89,11 @@ def test_background_aware_on_the_smoke_data(tmp_path, monkeypatch):
     by_category = [[c, *np.mean([r[4:] for r in rows if r[0] == c], axis=0)] for c in CATEGORIES]
     average = np.mean([r[1:] for r in by_category], axis=0)
     print()
-    print(f"pretraining: {pretrain:.0f} s on {torch.get_num_threads()} thread(s)  ({info.get('estimate')})")
+    print(f"{torch.get_num_threads()} thread(s)")
     print(tabulate(vae_rows, headers=["category", "held-out normals", "autoencoder PSNR (dB), target >= 32"],
                    floatfmt=".2f"))
-    print(tabulate([[*r[:2], r[2], r[2] / pretrain, r[3], *r[4:]] for r in rows],
-                   headers=["category", "defect", "fit (s)", "x pretraining", "s / image", "BG-PSNR", "Mask-IoU",
+    print(tabulate([[*r[:2], r[2], r[2] / rows[0][2], r[3], *r[4:]] for r in rows],
+                   headers=["category", "defect", "fit (s)", "x first fit", "s / image", "BG-PSNR", "Mask-IoU",
                             "in/out"], floatfmt=".3f"))
     print(tabulate(by_category + [["average", *average]],
                    headers=["category", "BG-PSNR (>= 32)", "Mask-IoU (>= 0.30)", "in/out (>= 5)"], floatfmt=".3f"))
