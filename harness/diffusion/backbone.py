@@ -2,10 +2,10 @@
 DDIM scheduler.
 
 - `paper`: Stable Diffusion 1.5 through diffusers / transformers `from_pretrained`, on a local folder or a hub id.
-- `tiny`: the same classes built from small configs (`build_tiny`; sizes and measurements in README.md) and a
-  word-level tokenizer over a fixed vocabulary (prompt words, category and defect names, and rare placeholder
-  words for DreamBooth-style tokens). It runs on a CPU; the harness pretrains it on normal images
-  (pretrain.py) before methods fine-tune it few-shot, as the papers fine-tune SD.
+- `tiny`: the same classes built from small configs (`build_tiny`; sizes and reasons in README.md) and a
+  word-level tokenizer over a fixed vocabulary (base prompt words, rare placeholder words for DreamBooth-style
+  tokens, and the training captions' words). It runs on a CPU; trained once on a captioned corpus and shipped
+  (shipped.py), it is what methods fine-tune few-shot, as the papers fine-tune SD.
 
 Either way a backbone folder holds `vae/`, `unet/`, `text_encoder/`, `tokenizer/`, `scheduler/` in diffusers'
 layout, so `load(folder)` is the one code path for both.

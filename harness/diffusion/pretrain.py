@@ -1,11 +1,14 @@
-"""Pretraining of the tiny backbone on normal images: the stand-in for Stable Diffusion's pretraining.
+"""Training of the tiny backbone on captioned images: the stand-in for Stable Diffusion's pretraining (the shipped
+backbone, shipped.py), and the fine-tuning of a trained one on a run's normal images (provision.py).
 
 Two stages, as latent diffusion is trained: the autoencoder first (reconstruction, MSE; SD's perceptual and
 adversarial terms are left out because their networks would need pretrained weights; the tiny autoencoder is
 deterministic, as TAESD, so there is no KL term), then the latent scale (one over the latents' standard deviation,
 SD's rule), then the UNet and the text encoder on the frozen autoencoder's latents with DDPM's loss in the
 backbone's parametrization (the noise, or v as SD 2.x: `prediction_type`, `ddim.training_target`), conditioned on
-prompts "a photo of a <category>" and, one time in ten, on the empty prompt (so classifier-free guidance works).
+each image's caption and, one time in ten, on the empty prompt (so classifier-free guidance works). A fine-tuning
+(`start_from`) extends the vocabulary by the captions' new words, skips the autoencoder (vae_steps 0) and keeps its
+latent scale.
 Both stages use AdamW with a one-cycle schedule (5% warm-up, cosine decay), which takes short runs much further
 than a constant rate.
 
@@ -13,9 +16,8 @@ The VAE sees generic content too (random shapes and colours drawn on its crops, 
 stays a general autoencoder as SD's is, rather than one that can only reconstruct normal images.
 The VAE is fully convolutional, so it trains on random `vae_crop` px crops (more crops per step for the same cost
 than whole 128 px images, as SD's VAE trained on 256 px crops); the images are encoded once for the UNet stage.
-With a checkpoint folder, both stages save their state every `checkpoint_every` steps, and a killed pretraining
+With a checkpoint folder, both stages save their state every `checkpoint_every` steps, and a killed training
 resumes where it stopped with the same random numbers (tested).
-The methods then fine-tune this backbone few-shot, as the papers fine-tune SD.
 """
 from __future__ import annotations
 

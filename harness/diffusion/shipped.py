@@ -102,7 +102,7 @@ def train(out: Path = SHIPPED, recipe: Recipe = RECIPE, progress: bool = True,
                                  sources=corpus.sources)
     training = {"recipe": recipe.as_dict(), "corpus": {k: record[k] for k in ("version", "id", "content")},
                 "images": {"generic": recipe.corpus.generic, **{c: len(h) for c, h in corpus.normal_hashes.items()}},
-                "vocabulary": len(backbone.tokenizer), "latent_scale": backbone.latent_scale, "history": history,
+                "vocabulary": len(backbone.tokenizer), "history": history,
                 "seconds": round(sum(history["seconds"].values()), 1), "machine": machine(),
                 "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "code": started["code"],
                 "date": time.strftime("%Y-%m-%d %H:%M %Z")}
@@ -235,6 +235,7 @@ def render_card(folder: Path = SHIPPED) -> str:
     measures = read_json(folder, MEASURES_FILE) if (folder / MEASURES_FILE).is_file() else None
     pre, machine_ = training["recipe"]["pretrain"], training["machine"]
     sizes = {name: _megabytes(folder / name) for name in ("unet", "vae", "text_encoder", "tokenizer")}
+    scale = json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
     lines = [
         "# defectbench-tiny: the tiny text-to-image backbone DefectBench ships", "",
         "A miniature of Stable Diffusion 1.5 in diffusers' folder layout (`model_index.json`, `unet/`, `vae/`, "
@@ -246,7 +247,7 @@ def render_card(folder: Path = SHIPPED) -> str:
         tabulate([["UNet", "`UNet2DConditionModel`, channels 32-64-64-64, one layer per block, cross-attention "
                    "at 32/16/8 px latents, predicts v", sizes["unet"]],
                   ["autoencoder", "TAESD's architecture (`AutoencoderTiny`), 4x down, 16 latent channels, "
-                   f"latent scale {training.get('latent_scale', '1/std of the latents')}", sizes["vae"]],
+                   f"latent scale {scale:.4f} (1 / std of the training latents)", sizes["vae"]],
                   ["text encoder", "`CLIPTextModel`, 2 layers, width 64, 32 tokens", sizes["text_encoder"]],
                   ["tokenizer", f"word-level, {training['vocabulary']} words (below)", sizes["tokenizer"]],
                   ["scheduler", "DDIM, scaled-linear betas 0.00085-0.012, 1000 steps, v-prediction", ""]],
@@ -296,34 +297,50 @@ def _measure_lines(measures: dict) -> list[str]:
     from tabulate import tabulate
 
     shipped, before = measures["backbone"], measures.get("per_run", {})
-    rows = []
+    first = next(iter(shipped.values()))
+    scales = list(first["samples"])
+    timesteps = list(first["clean_latent_error"])
+    quality_rows, sample_rows = [], []
     for category, m in shipped.items():
-        old = before.get(category, {})
-        errors = m["clean_latent_error"]
-        rows.append([category, f"{m['autoencoder_psnr']:.2f}",
-                     " / ".join(f"{errors[t]['unet']:.3f}" for t in errors),
-                     " / ".join(f"{errors[t]['linear']:.3f}" for t in errors),
-                     f"{m['kid']['value']:.4f}", f"{old['kid']['value']:.4f}" if old else "—",
-                     f"{old['kid']['value'] / m['kid']['value']:.1f}x" if old else "—",
-                     f"{m['recognised']:.0%}", f"{old['recognised']:.0%}" if old else "—"])
-    timesteps = " / ".join(next(iter(shipped.values()))["clean_latent_error"])
-    random = next(iter(shipped.values()))["kid"]["random_inception"]
+        old = before.get(category)
+        errors, old_errors = m["clean_latent_error"], old["clean_latent_error"] if old else None
+        quality_rows.append([category, f"{m['autoencoder_psnr']:.2f}", f"{old['autoencoder_psnr']:.2f}" if old else "—",
+                             *(f"{errors[t]['unet']:.3f}" for t in timesteps),
+                             *(f"{errors[t]['linear']:.3f}" for t in timesteps),
+                             *((f"{old_errors[t]['unet']:.3f}" for t in timesteps) if old else ["—"] * len(timesteps))])
+        for scale in scales:
+            now, then = m["samples"][scale], old["samples"][scale] if old else None
+            sample_rows.append([category, scale, f"{now['kid']['value']:.4f}", f"{then['kid']['value']:.4f}" if then
+                                else "—", _ratio(then, now), f"{now['recognised']:.0%}",
+                                f"{then['recognised']:.0%}" if then else "—"])
+    random = first["samples"][scales[0]]["kid"]["random_inception"]
+    t_heads = [f"t = {t}" for t in timesteps]
     return [
         "## Measures", "",
         f"`defectbench backbone measure` ({measures['date']}, code `{measures['code']}`; "
-        f"{measures['n_samples']} samples per category from pure noise, 25 DDIM steps, guidance 3; "
         "`harness/diffusion/quality.py`). *Per-run* is the backbone a run pretrained for itself before this one, "
         "with PretrainConfig's defaults (the smoke suite's recipe: 1,400 autoencoder + 600 UNet steps of 8, "
         "from scratch) on the five categories' normal training images.", "",
-        tabulate(rows, headers=["category", "autoencoder PSNR (dB, held-out normals)",
-                                f"clean-latent error, t = {timesteps}", "linear 5x5 denoiser",
-                                "KID", "KID per-run", "KID per-run / KID", "recognised", "recognised per-run"],
+        "**Autoencoder PSNR** (dB, on the held-out normals, test/good) and **clean-latent error**: the RMSE of the "
+        "UNet's estimate of the clean latent over the latents' standard deviation, on the held-out normals noised "
+        "to t and prompted with their category; beside it a linear 5x5 denoiser fitted per category and t on the "
+        "training normals' latents (its own autoencoder's).", "",
+        tabulate(quality_rows, headers=["category", "PSNR", "PSNR per-run", *(f"UNet {h}" for h in t_heads),
+                                        *(f"linear {h}" for h in t_heads), *(f"per-run UNet {h}" for h in t_heads)],
                  tablefmt="github"), "",
-        "Clean-latent error: the RMSE of the UNet's estimate of the clean latent over the latents' standard "
-        "deviation, on the held-out normals (test/good) noised to t; the linear 5x5 denoiser is fitted per category "
-        "and t on the training normals' latents. KID: the benchmark's own, "
+        f"**Samples from pure noise**: {measures['n_samples']} per category, 25 DDIM steps, classifier-free guidance "
+        "at SD's pipeline default (7.5) and at 3. KID: the benchmark's own, "
         + ("with a **random-weight Inception** (no weights on the machine), so it ranks backbones against each "
            "other only; " if random else "") + "against the category's normal training images. Recognised: the "
         "share of samples whose 16 x 16 thumbnail is nearest to the prompted category's mean.", "",
-        "One row per category from pure noise (\"a photo of a <category>\"), then one sample per generic prompt "
-        f"({'; '.join(GENERIC_PROMPTS)}):", "", f"![samples]({GRID_FILE})", ""]
+        tabulate(sample_rows, headers=["category", "guidance", "KID", "KID per-run", "per-run / this",
+                                       "recognised", "recognised per-run"], tablefmt="github"), "",
+        "One row per category from pure noise (\"a photo of a <category>\", guidance 7.5), then one sample per "
+        f"generic prompt ({'; '.join(GENERIC_PROMPTS)}):", "", f"![samples]({GRID_FILE})", ""]
+
+
+def _ratio(then: dict | None, now: dict) -> str:
+    if then is None:
+        return "—"
+    a, b = then["kid"]["value"], now["kid"]["value"]
+    return f"{a / b:.1f}x" if b > 0 else ("∞ (KID ≤ 0)" if a > 0 else "—")
