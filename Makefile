@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo smoke test bench backbone leaderboard suite-mvtec-ad suite-mvtec-loco suite-mvtec-caption clean-cache help
+.PHONY: install demo smoke test test-slow bench backbone leaderboard suite-mvtec-ad suite-mvtec-loco suite-mvtec-caption clean-cache help
 
 help:
 	@echo "make demo                 every method, downstream model and four detectors on one synthetic category, on Ray"
 	@echo "make smoke                the same on all three synthetic categories (the smoke suite)"
 	@echo "make test                 install if needed, run the test suite"
+	@echo "make test-slow            the claim tests too slow for make test"
 	@echo "make suite-mvtec-ad DATA=/path/to/mvtec_anomaly_detection     (also suite-mvtec-loco, suite-mvtec-caption)"
 	@echo "make leaderboard          re-render results/leaderboard/*.md and *.tex from the records"
 	@echo "make bench                speed benchmarks in tests/benchmarks (slow; prints ratios)"
@@ -37,6 +38,10 @@ leaderboard: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# the claim tests too slow for `make test` (pytest -m slow)
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -o addopts="-q" -p no:cacheprovider -s tests/benchmarks

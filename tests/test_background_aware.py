@@ -199,23 +199,19 @@ def _generate(task, workdir, n=6, **overrides):
     return list(method.generate(request, workdir)), request
 
 
-# The claims on the test backbone (64 px, minutes of pretraining, v-prediction as the tiny default), with the values
-# measured for the working method and the broken variants (weave/hole, 150 steps, 25 DDIM steps; 2026-11-26; the
-# backbone pretrained on 2 threads as in `make test`, ranges: also on 1 thread):
-#   working              background 42.7-43.4 dB  contrast 1.36-1.57  defect 0.15-0.26
-#   no fine-tuning       44.0-45.1                1.11-1.12           -0.07-0.02
-#   C1/C2 swapped        42.8-43.4                1.19-1.22           0.00-0.07
-#   no background path   39.2-39.6                1.41-1.62           0.16-0.31
-#   no inversion         26.8-27.0                1.37-1.64           0.15-0.36
-# (outside the target mask itself, without the grown cell, the backgrounds are 40.1-41.1,
-# 37.9 without the background path). The swap fails because a v-predicting UNet reads its prompts: on the
-# noise-predicting tiny backbone it drew the same defect with either prompt (harness/diffusion/README.md).
-# `defect` (tests/claims.py) is printed, not a claim here: its controls come too close to the working method's.
-# At 64 px the drawn defects are faint, hence the low contrast bound (a fit at 3e-3 drew no stronger ones: 1.33);
-# the smoke suite's 128 px backbone draws them at 4-14x (tests/benchmarks/test_bench_background_aware.py).
+# The claims on the shipped backbone (trained at 128 px, used here at 64 px), with the values measured for the working
+# method and the broken variants (weave/hole, 150 steps, 25 DDIM steps, 2 threads):
+#   working              background 37.35 dB  contrast 1.90  defect  0.12
+#   no fine-tuning       39.73                2.62           -0.56
+#   C1/C2 swapped        37.44                1.64           -0.28
+#   no background path   33.70                2.09            0.07
+#   no inversion         24.83                1.96            0.45
+# The shipped backbone draws a change in the mask even untuned, so contrast no longer tells a fitted model from an
+# untuned one; the colour does: only the fitted one, with its prompts in place, moves the mask's colour towards the
+# training defects' (`defect` > 0). The background bound sits between the working method and no background path.
 CLAIMS = {
-    "background kept (Prop. 1)": lambda m: m["background"] >= 41.0,
-    "defect drawn in the mask": lambda m: m["contrast"] >= 1.28,
+    "background kept (Prop. 1)": lambda m: m["background"] >= 36.0,
+    "defect drawn in the mask": lambda m: m["contrast"] >= 1.28 and m["defect"] > 0.0,
 }
 
 
