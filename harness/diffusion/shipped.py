@@ -314,6 +314,9 @@ def _measure_lines(measures: dict) -> list[str]:
                                 else "—", _ratio(then, now), f"{now['recognised']:.0%}",
                                 f"{then['recognised']:.0%}" if then else "—"])
     random = first["samples"][scales[0]]["kid"]["random_inception"]
+    not_below = [f"{category} at t = {t} ({m['clean_latent_error'][t]['unet']:.3f} against "
+                 f"{m['clean_latent_error'][t]['linear']:.3f})" for category, m in shipped.items() for t in timesteps
+                 if round(m["clean_latent_error"][t]["unet"], 3) >= round(m["clean_latent_error"][t]["linear"], 3)]
     t_heads = [f"t = {t}" for t in timesteps]
     return [
         "## Measures", "",
@@ -328,6 +331,9 @@ def _measure_lines(measures: dict) -> list[str]:
         tabulate(quality_rows, headers=["category", "PSNR", "PSNR per-run", *(f"UNet {h}" for h in t_heads),
                                         *(f"linear {h}" for h in t_heads), *(f"per-run UNet {h}" for h in t_heads)],
                  tablefmt="github"), "",
+        ("The UNet's error is below the linear denoiser's everywhere." if not not_below else
+         "The UNet's error is not below the linear denoiser's for " + "; ".join(not_below) + "; everywhere else it "
+         "is below."), "",
         f"**Samples from pure noise**: {measures['n_samples']} per category, 25 DDIM steps, classifier-free guidance "
         "at SD's pipeline default (7.5) and at 3. KID: the benchmark's own, "
         + ("with a **random-weight Inception** (no weights on the machine), so it ranks backbones against each "
