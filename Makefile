@@ -11,7 +11,7 @@ help:
 	@echo "make demo                 every method, downstream model and four detectors on one synthetic category, on Ray"
 	@echo "make smoke                the same on all three synthetic categories (the smoke suite)"
 	@echo "make test                 install if needed, run the test suite"
-	@echo "make test-slow            the claim tests too slow for make test"
+	@echo "make test-slow            the tests too slow for make test (CI runs them as its second step)"
 	@echo "make suite-mvtec-ad DATA=/path/to/mvtec_anomaly_detection     (also suite-mvtec-loco, suite-mvtec-caption)"
 	@echo "make leaderboard          re-render results/leaderboard/*.md and *.tex from the records"
 	@echo "make bench                speed benchmarks in tests/benchmarks (slow; prints ratios)"
@@ -39,7 +39,7 @@ leaderboard: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# the claim tests too slow for `make test` (pytest -m slow)
+# the tests too slow for `make test` (pytest -m slow): CI's second step
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 

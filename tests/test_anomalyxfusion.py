@@ -634,6 +634,8 @@ CHANCE = 1 / 2
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 36: on the shipped backbone every sample comes out pale whatever its "
+                   "caption (follows 0.50, chance 0.50)")
 def test_the_sample_follows_its_caption_and_not_with_the_semantic_embedding_zeroed(caption_claims):
     """Captions matter (Eq. 1): the classifier picks the captioned colour clearly more often than chance. Negative
     controls: with e_sem zeroed the caption cannot change the sample (exactly half follow it); with uncentred tiny

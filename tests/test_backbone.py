@@ -51,6 +51,7 @@ def test_the_shipped_backbone_is_safetensors_within_25_mb_and_opens_as_a_pipelin
     assert (shipped.SHIPPED / "README.md").is_file() and (shipped.SHIPPED / shipped.GRID_FILE).is_file()
 
 
+@pytest.mark.slow
 def test_the_shipped_backbone_draws_its_categories_from_noise():
     """A few samples per category from pure noise sit nearest their own category; with the prompt of another
     category (the negative control) they do not."""

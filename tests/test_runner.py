@@ -297,6 +297,7 @@ def test_leaderboard_markdown_and_latex(serial_run):
 # ---- a two-node Ray cluster on this machine -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_node_cluster_by_address(tmp_path, isolated_cache):
     from tests.ray_nodes import ray_nodes
 
