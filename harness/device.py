@@ -14,7 +14,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-AUTOCAST_TYPES = ("float32", "bfloat16")  # no float16: it would need a gradient scaler
+AUTOCAST_TYPES = ("auto", "float32")  # auto: bf16 where computed natively; no float16: it needs a gradient scaler
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,14 +34,14 @@ def cpu_computes_bf16() -> bool:
 
 
 def autocast_type(device: torch.device, name: str) -> str:
-    """The type a forward pass asked to run in `name` actually runs in on `device`: bf16 only where it is computed
-    natively (any CUDA GPU that supports it; a CPU with bf16 instructions), else float32."""
+    """The type a forward pass set to `name` runs in on `device`: "auto" is bf16 where the device computes it
+    natively (a CUDA GPU that supports it; a CPU with bf16 instructions) and float32 elsewhere, never an emulated
+    bf16; "float32" is float32."""
     if name not in AUTOCAST_TYPES:
         raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_TYPES)}, not {name!r}")
-    if name == "bfloat16":
+    if name == "auto":
         native = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_computes_bf16()
-        if not native:
-            return "float32"
+        return "bfloat16" if native else "float32"
     return name
 
 

@@ -266,22 +266,22 @@ def test_bf16_autocast_runs_only_where_the_cpu_computes_bf16(monkeypatch, capabi
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     device.cpu_computes_bf16.cache_clear()
     try:
-        assert device.autocast_type(torch.device("cpu"), "bfloat16") == expected
+        assert device.autocast_type(torch.device("cpu"), "auto") == expected
         assert device.autocast_type(torch.device("cpu"), "float32") == "float32"
-        with device.autocast(torch.device("cpu"), "bfloat16"):
+        with device.autocast(torch.device("cpu"), "auto"):
             out = torch.nn.Linear(4, 4)(torch.ones(2, 4))
         assert out.dtype == getattr(torch, expected)
     finally:
         device.cpu_computes_bf16.cache_clear()
 
 
-def test_a_cpu_capped_at_avx2_runs_bf16_requests_in_float32():
+def test_a_cpu_capped_at_avx2_runs_auto_in_float32():
     """The real check, as on an AVX2-only CPU: torch's kernels capped at AVX2 (ATEN_CPU_CAPABILITY) and oneDNN's too."""
     import subprocess
     import sys
 
     code = ("import torch; from harness.device import autocast_type; "
-            "print(torch.backends.cpu.get_cpu_capability(), autocast_type(torch.device('cpu'), 'bfloat16'))")
+            "print(torch.backends.cpu.get_cpu_capability(), autocast_type(torch.device('cpu'), 'auto'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=shipped.REPO_ROOT,
                          env={**__import__("os").environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert out.stdout.split() == ["AVX2", "float32"]

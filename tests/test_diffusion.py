@@ -259,7 +259,7 @@ def test_a_v_prediction_backbone_is_pretrained_on_v_and_says_so(tmp_path):
 
 
 def test_the_autoencoder_stage_in_bfloat16_learns_as_in_float32(monkeypatch):
-    """`vae_autocast: bfloat16` runs the autoencoder's forward pass in bf16 where the machine computes bf16
+    """`vae_autocast: auto` runs the autoencoder's forward pass in bf16 where the machine computes bf16
     natively (here pretended, so the test runs on any CPU); its weights, optimiser and loss stay in float32. It
     changes the arithmetic (another loss history) and the loss falls as far as in float32."""
     from harness import device
@@ -273,13 +273,13 @@ def test_the_autoencoder_stage_in_bfloat16_learns_as_in_float32(monkeypatch):
     settings = dict(resolution=32, vae_steps=40, unet_steps=0, vae_batch=4, vae_crop=16, vae_augment=False,
                     checkpoint_every=0)
     histories = {}
-    for kind in ("float32", "bfloat16"):
+    for kind in ("float32", "auto"):
         _, history = pre.pretrain(images.astype(np.uint8), ["a"] * 6, pre.PretrainConfig(**settings, vae_autocast=kind))
         histories[kind] = history["vae"]
-    assert histories["bfloat16"] != histories["float32"]  # autocast is on
+    assert histories["auto"] != histories["float32"]  # autocast is on
     for history in histories.values():
         assert history[-1] < 0.5 * history[0], histories
-    assert histories["bfloat16"][-1] < 1.5 * histories["float32"][-1], histories
+    assert histories["auto"][-1] < 1.5 * histories["float32"][-1], histories
     with pytest.raises(ValueError, match="autocast must be one of"):
         pre.pretrain(images.astype(np.uint8), ["a"] * 6, pre.PretrainConfig(**settings, vae_autocast="int8"))
 

@@ -53,8 +53,8 @@ class PretrainConfig:
     vae_lr: float = 3e-3  # peak rates of a one-cycle schedule (5% warm-up, cosine decay): short runs converge further
     unet_lr: float = 1e-3
     vae_augment: bool = True  # generic content in the VAE's crops (see generic_content)
-    vae_autocast: str = "float32"  # float32 | bfloat16: the VAE stage's forward pass under autocast where the CPU or
-    #                                GPU computes bf16 natively (harness/device.py); another backbone: README.md
+    vae_autocast: str = "float32"  # float32 | auto: the VAE stage's forward pass in bf16 where the CPU or GPU
+    #                                computes bf16 natively (harness/device.py); another backbone: README.md
     empty_prompt_rate: float = 0.1
     prediction_type: str = "v_prediction"  # the UNet's target: v (SD 2.x) or epsilon, the noise (SD 1.5); README.md
     generic_share: float = 0.5  # of each batch, drawn from the images whose source is "generic" (where there are any)

@@ -6,7 +6,8 @@ and generated images, evaluated on the real test part.
 - Loss: focal loss (gamma 2) on the softmax of the two logits, per pixel, averaged.
 - Optimiser: Adam (lr 1e-4); the learning rate is multiplied by 0.2 at 80 % and at 90 % of the steps. The
   `tiny` profile runs the training forward pass under bf16 autocast where the machine computes bf16 natively
-  (`autocast` in models.yaml, harness/device.py; elsewhere float32, and the record says which; `paper`: float32).
+  (`autocast: auto` in models.yaml, harness/device.py; elsewhere float32, and the record says which; `paper`:
+  float32).
 - Data: each sample of a batch is, with probability 1/2, a normal training image (empty mask), else a generated
   sample (its mask; an empty generated mask makes it a normal sample). An epoch is as many steps as it takes to
   draw (normal + generated training images) samples.
