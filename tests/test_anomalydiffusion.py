@@ -480,8 +480,8 @@ def claim_variants(synth_root, pretrained_backbone, tmp_path_factory, modules):
 #   no blend                    15.40              1.37           1.19   (the defect's colour anywhere)
 #   e_s zeroed                  39.83              2.41           0.48
 # At 300 steps the tiny model draws the stains without the mask's tokens too, and unblended it draws them anywhere:
-# blending alone puts the defect in the mask. The slow test below checks a longer fit, where e_s should carry the
-# mask (measured on the per-run backbone of before: README.md).
+# blending alone puts the defect in the mask. The slow test below checks a longer fit, where e_s carried the mask on
+# the per-run backbone of before (README.md); on the shipped one it does not yet (a strict xfail until issue 36).
 AD_CLAIMS = {
     "background kept (blended sampling)": lambda m: m["background"] >= 36.0,
     "defect drawn in the mask": lambda m: m["contrast"] >= 1.45 and m["defect"] >= 0.25,
@@ -519,8 +519,10 @@ def test_after_a_longer_fit_zeroing_e_s_fails_a_claim(synth_root, pretrained_bac
 MASK_STEPS = 300  # the mask generator's inversion steps (tiny: 100 per defect type in a suite)
 
 
-@pytest.mark.parametrize("steps", [pytest.param(MASK_STEPS, marks=pytest.mark.slow), pytest.param(0, marks=pytest.mark.xfail(
-    strict=True, reason="negative control: an untrained mask generator draws the category, no mask passes"))])
+@pytest.mark.parametrize("steps", [
+    pytest.param(MASK_STEPS, marks=pytest.mark.slow),  # about 70 s: make test-slow
+    pytest.param(0, marks=pytest.mark.xfail(
+        strict=True, reason="negative control: an untrained mask generator draws the category, no mask passes"))])
 def test_the_mask_generators_masks_resemble_the_training_masks(modules, synth_root, pretrained_backbone, steps):
     """Sec. 3.4 on the tiny profile (weave/stain, 64 px): the masks drawn by the mask generator (with the tiny
     profile's LoRA and guidance) are closer to the training masks, in the distributions of area and position, than

@@ -112,7 +112,8 @@ def test_unseen_normal_images_are_fine_tuned_on_once_and_reused(tmp_path, isolat
     assert set(first.states.values()) == {"done"}, first.states
     info = json.loads((first.store.job_dir(backbone.key) / "backbone.json").read_text())
     assert info["kind"] == "tiny-finetuned" and info["reused"] is False
-    assert info["words_added"] == [] and info["images"] == {"weave": 7, "washer": 7}  # clean-thirds keeps 7 of 8 for training
+    # clean-thirds keeps 7 of each category's 8 normal training images for training
+    assert info["words_added"] == [] and info["images"] == {"weave": 7, "washer": 7}
     assert (isolated_cache / "backbones" / info["key"] / "unet").is_dir()
     assert set(run_records(first.store)["backbone"]) == {backbone.tags["backbone"]}
     second = run_suite(_suite(tmp_path), executor="serial", results=tmp_path / "b", progress=False)

@@ -38,8 +38,8 @@ def test_the_shipped_backbone_against_the_per_run_one():
             then = old["samples"][scale]
             rows.append([category, m["autoencoder_psnr"], *(errors[t]["unet"] for t in errors),
                          *(errors[t]["linear"] for t in errors), scale, drawn["kid"]["value"], then["kid"]["value"],
-                         then["kid"]["value"] / max(drawn["kid"]["value"], 1e-9), drawn["recognised"],
-                         then["recognised"]])
+                         then["kid"]["value"] / drawn["kid"]["value"] if drawn["kid"]["value"] > 0 else float("nan"),
+                         drawn["recognised"], then["recognised"]])
     print()
     print(tabulate(rows, headers=["category", "AE PSNR", "err t10", "t100", "t300", "linear t10", "t100", "t300",
                                   "guidance", "KID", "KID per-run", "ratio", "recognised", "per-run"], floatfmt=".3f"))
@@ -48,5 +48,5 @@ def test_the_shipped_backbone_against_the_per_run_one():
     for row in rows:
         assert row[1] >= 32, row
         assert all(unet < linear for unet, linear in zip(row[2:5], row[5:8])), row
-        if float(row[8]) == quality.GUIDANCE[0]:  # KID at SD's pipeline default guidance
-            assert row[11] >= 2, row
+        if float(row[8]) == quality.GUIDANCE[0]:  # KID at SD's pipeline default guidance: at least 2x lower
+            assert row[10] >= 2 * row[9], row  # (a KID <= 0, indistinguishable from the reals, has no ratio)
