@@ -259,12 +259,13 @@ def cmd_generate(args) -> int:
     category = _read(args, args.data, require_captions="caption" in method.needs)
     split = make_split(category, args.protocol, args.fold)
     defects = category.defect_types if method.granularity == "category" else [args.defect]
-    task = build_task(split, defects, method.profile.resolution, args.seed)
+    task = build_task(split, defects, method.working_resolution(method.profile.resolution), args.seed)
     if method.uses_backbone:
         task.backbone = args.backbone or _backbone_for(split, method.profile, method.backbone)
     workdir = args.out.parent / f".{args.out.name}.fit"
     seconds = fit_method(method, task, workdir)
     generate_to(method, task, args.defect, args.n, args.seed, args.out, workdir, overwrite=args.overwrite,
+                resolution=method.profile.resolution,
                 meta={"split": split.manifest_hash, "protocol": args.protocol, "fold": args.fold,
                       "data": str(args.data), "fit_seconds": round(seconds, 3)})
     print(f"{args.n} samples of {args.category}/{args.defect} by {args.method} in {args.out} "

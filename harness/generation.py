@@ -4,6 +4,7 @@ The output folder appears only when generation finished: a killed or failing run
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Iterable
 import numpy as np
 from tqdm.auto import tqdm
 
-from harness.data.images import save_image, save_mask
+from harness.data.images import resize_image, resize_mask, save_image, save_mask
 from harness.errors import MethodError
 from harness.io import atomic_directory, atomic_write_json, read_jsonl, write_jsonl
 from harness.methods import FewShotTask, GeneratedSample, GenerationRequest, Method
@@ -31,8 +32,12 @@ def fit_method(method: Method, task: FewShotTask, workdir: Path) -> float:
 
 
 def generate_to(method: Method, task: FewShotTask, defect_type: str, n: int, seed: int, out: Path,
-                workdir: Path, meta: dict | None = None, overwrite: bool = False, progress: bool = True) -> Path:
-    """Generate n samples of `defect_type` with an already fitted method and write them to `out`."""
+                workdir: Path, meta: dict | None = None, overwrite: bool = False, progress: bool = True,
+                resolution: int | None = None) -> Path:
+    """Generate n samples of `defect_type` with an already fitted method and write them to `out`, at `resolution`
+    (the profile's; None: the task's). A task loaded at the method's own working resolution (e.g. 512) gives
+    samples at that size: they are resized as the loader resizes (image bicubic, mask bilinear at 1/2)."""
+    resolution = resolution or task.resolution
     if not isinstance(n, int) or n < 1:
         raise MethodError(f"the number of samples to generate must be a positive integer, not {n!r}")
     request = build_request(task, method, defect_type, n, seed)
@@ -40,14 +45,23 @@ def generate_to(method: Method, task: FewShotTask, defect_type: str, n: int, see
     start = time.perf_counter()
     with atomic_directory(out, overwrite=overwrite) as tmp:
         samples = method.generate(request, workdir)
+        if resolution != task.resolution:
+            samples = (_resized(sample, resolution) for sample in samples)
         rows = write_samples(samples, request, tmp, normal_paths, method.name, progress)
         atomic_write_json(tmp / META_FILE, {
             **(meta or {}), "method": method.name, "config": method.config, "profile": method.profile.name,
             "defect_type": defect_type, "n": n, "seed": seed, "category": task.category, "dataset": task.dataset,
-            "resolution": task.resolution, "seconds": round(time.perf_counter() - start, 3), "count": len(rows),
+            "resolution": resolution, "working_resolution": task.resolution, "seconds": round(time.perf_counter() - start, 3), "count": len(rows),
             "category_root": str(task.root) if task.root else None,  # where normal_path is relative to (this machine)
         })
     return out
+
+
+def _resized(sample: GeneratedSample, size: int) -> GeneratedSample:
+    image, mask = np.asarray(sample.image), np.asarray(sample.mask)
+    if image.ndim != 3 or mask.shape != image.shape[:2]:
+        return sample  # malformed: write_samples names what is wrong
+    return dataclasses.replace(sample, image=resize_image(image, size), mask=resize_mask(mask.astype(bool), size))
 
 
 def _relative(path: Path | None, root: Path | None) -> str | None:

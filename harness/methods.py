@@ -157,6 +157,12 @@ class Method:
         self.config = config
         self.profile = profile
 
+    def working_resolution(self, profile_resolution: int) -> int:
+        """The size (px) of the images this method works on: its config's `resolution` where it has one (e.g. 512
+        for Stable Diffusion 1.5), else the profile's. The harness loads the task at this size, so the method sees
+        content at its own resolution, not an upsampled copy, and brings the samples back to the profile's size."""
+        return int(self.config.get("resolution") or profile_resolution)
+
     def fit(self, task: FewShotTask, workdir: Path) -> None:
         """Learn from the few training anomalies and the normal images; save what generate needs in workdir."""
 

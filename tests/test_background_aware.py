@@ -14,7 +14,8 @@ import torch
 
 from harness.data.layouts import read_category
 from harness.data.splits import make_split
-from harness.generation import fit_method
+from harness.data.images import read_image, read_mask
+from harness.generation import fit_method, generate_to
 from harness.methods import get_method_info, load_method
 from harness.tasks import build_request, build_task
 
@@ -326,14 +327,25 @@ def test_the_ablations_sample_plain_ddim_and_bad_settings_are_named(washer_task,
         method.fit(dataclasses.replace(washer_task, backbone=None), tmp_path / "none")
 
 
-def test_paper_profile_path_with_a_tiny_stand_in(washer_task, tmp_path):
+def test_paper_profile_path_with_a_tiny_stand_in(synth_root, pretrained_backbone, tmp_path):
     """The paper profile loads its backbone with from_pretrained and works at its own resolution (512 there; 96
-    here with the tiny stand-in), returning samples at the task's resolution."""
+    here with the tiny stand-in): the harness loads the task at that size, the method fits and generates on it, and
+    the written samples come back at the profile's size."""
     method = load_method("background_aware", "paper", {"steps": 2, "inference_steps": 3, "resolution": 96})
     assert method.config["learning_rate"] == 1e-4 and method.config["steps"] == 2 and method.config["lora"]["rank"] == 16
-    fit_method(method, washer_task, tmp_path)
-    samples = list(method.generate(build_request(washer_task, method, "stain", 2, seed=0), tmp_path))
-    assert [s.image.shape for s in samples] == [(64, 64, 3)] * 2 and all(s.mask.shape == (64, 64) for s in samples)
+    assert method.working_resolution(64) == 96 and load_method("background_aware", "tiny").working_resolution(64) == 64
+    task = build_task(make_split(read_category(synth_root, "washer", dataset="synthetic")), ["stain"],
+                      method.working_resolution(64), seed=0)
+    task.backbone = pretrained_backbone[0]
+    assert task.anomalies[0].image.shape == (96, 96, 3)
+    fit_method(method, task, tmp_path / "fit")
+    assert json.loads((tmp_path / "fit" / "model.json").read_text())["resolution"] == 96
+    out = generate_to(method, task, "stain", 2, 0, tmp_path / "samples", tmp_path / "fit", progress=False,
+                      resolution=64)
+    meta = json.loads((out / "generation.json").read_text())
+    assert (meta["resolution"], meta["working_resolution"]) == (64, 96)
+    assert all(read_image(path).shape == (64, 64, 3) for path in sorted((out / "images").glob("*.png")))
+    assert all(read_mask(path).shape == (64, 64) for path in sorted((out / "masks").glob("*.png")))
 
 
 # ---- in the job graph --------------------------------------------------------------------------------------------

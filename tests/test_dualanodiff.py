@@ -236,11 +236,16 @@ def test_the_stand_in_segments_the_part_and_flags_empty_ones(dual):
     truth = np.zeros((64, 64), bool)
     truth[20:30, 10:40] = True
     assert not found.empty and (found.mask == truth).all()
-    values = segment.distance_from_grey(part)
+    values = segment.distance_from_background(part)
     assert abs(segment.otsu_threshold(values) - threshold_otsu(values, nbins=256)) < 1.0
     noise_only = np.clip(127.5 + rng.normal(0, 3, (64, 64, 3)), 0, 255).astype(np.uint8)
     empty = segment.segment_part(noise_only)
     assert empty.empty and not empty.mask.any()  # min-max normalisation would have made it a full-frame mask
+    shift = np.array([-40, -25, -15])  # a whole field off mid-grey (guidance's pull): still no object, the same one
+    assert segment.segment_part(np.clip(noise_only + shift, 0, 255).astype(np.uint8)).empty
+    shifted = np.clip(part.astype(int) + shift, 0, 255).astype(np.uint8)
+    shifted[20:30, 10:40] = (40, 200, 90)
+    assert (segment.segment_part(shifted, min_area=0.002).mask == truth).all()
 
 
 def test_u2net_segments_the_parts_when_its_weights_are_given_and_the_stand_in_otherwise(dual, monkeypatch, tmp_path):
@@ -314,7 +319,8 @@ def test_bcm_fits_and_generates_on_normal_images(dual, synth_root, pretrained_ba
     task.backbone = folder
     settings = {"steps": 2, "inference_steps": 2, "bcm": {"enabled": True}}
     method = load_method("dualanodiff", "tiny", settings)
-    assert method.needs == {"target_normal"} and load_method("dualanodiff", "tiny").needs == set()
+    assert method.needs == {"target_normal"} == load_method("dualanodiff", "tiny").needs  # on: the paper's
+    assert load_method("dualanodiff", "tiny", {"bcm": {"enabled": False}}).needs == set()
     fit_method(method, task, tmp_path)
     module, _, _ = dual
     saved = load_file(str(tmp_path / module.DUAL_FILE))
@@ -323,9 +329,58 @@ def test_bcm_fits_and_generates_on_normal_images(dual, synth_root, pretrained_ba
     samples = list(method.generate(request, tmp_path))
     assert [s.extra["background"] for s in samples] == [t.normal.id for t in request.targets]
     assert all(s.normal_id is None for s in samples)  # not drawn on that image: no BG-PSNR against it
-    plain = load_method("dualanodiff", "tiny", {"steps": 2, "inference_steps": 2})
+    plain = load_method("dualanodiff", "tiny", {"steps": 2, "inference_steps": 2, "bcm": {"enabled": False}})
     with pytest.raises(MethodError, match="BCM"):  # a request without normal images for a fit with BCM
         list(plain.generate(build_request(task, plain, "stain", 2, seed=0), tmp_path))
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
+def test_the_loss_is_eq_4_one_t_for_both_branches_independent_noises_the_backbones_target(dual, pretrained_backbone,
+                                                                                          prediction):
+    """`_loss` (through `dual_loss`) against Eq. 4 computed directly: both branches noised at one t with
+    independent noises, each branch's prediction (one joint pass: SAIM couples them) against its own target in the
+    backbone's parametrization (the noise, or v = sqrt(a_t) eps - sqrt(1 - a_t) z_0), the mean of the two terms.
+    The same draws with one noise for both branches, or another t for the part, give another loss."""
+    from harness.diffusion.finetune import LatentBatch
+
+    _, saim, _ = dual
+    method = load_method("dualanodiff", "tiny", {"bcm": {"enabled": False}})  # Eq. 4 alone (BCM: the tests above)
+    torch.manual_seed(0)
+    backbone, params = method._prepare(pretrained_backbone[0], method.config, train=True)
+    backbone.scheduler = DDIMScheduler.from_config(backbone.scheduler.config, prediction_type=prediction)
+    with torch.no_grad():
+        for param in params:  # every adapter and SAIM non-zero, so each branch's path is its own
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 0.05)
+    prompts = {"whole": "a vfx with sks", "part": "sks"}
+    channels = backbone.unet.config.in_channels
+    z, z_part = torch.randn(3, channels, 8, 8), torch.randn(3, channels, 8, 8)
+    batch = LatentBatch(latents=z, masks=torch.ones(3, 1, 8, 8), index=torch.arange(3), companions={"part": z_part})
+    with torch.no_grad():
+        loss = method._loss(backbone, prompts)(batch, torch.Generator().manual_seed(7))
+
+        def direct(same_noise: bool = False, other_t: bool = False) -> torch.Tensor:
+            generator = torch.Generator().manual_seed(7)  # the draws in the loss's order: eps, eps*, t
+            eps = torch.randn(z.shape, generator=generator)
+            eps_part = eps if same_noise else torch.randn(z.shape, generator=generator)
+            t = torch.randint(0, 1000, (3,), generator=generator)
+            t_part = (t + 300) % 1000 if other_t else t
+            alpha = backbone.scheduler.alphas_cumprod
+
+            def noised(z_0, noise, steps):
+                a = alpha[steps].view(-1, 1, 1, 1)
+                target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z_0
+                return a.sqrt() * z_0 + (1 - a).sqrt() * noise, target
+
+            (z_t, target), (z_part_t, target_part) = noised(z, eps, t), noised(z_part, eps_part, t_part)
+            text = backbone.encode_text([prompts["whole"], prompts["part"]]).repeat(3, 1, 1)
+            out = backbone.unet(torch.stack([z_t, z_part_t], 1).flatten(0, 1), torch.stack([t, t_part], 1).flatten(),
+                                encoder_hidden_states=text,
+                                cross_attention_kwargs={"context": saim.context_for(3, True)}).sample
+            return (F.mse_loss(out[0::2], target) + F.mse_loss(out[1::2], target_part)) / 2
+
+        assert torch.allclose(loss, direct(), rtol=1e-5, atol=1e-7), (float(loss), float(direct()))
+        assert not torch.allclose(loss, direct(same_noise=True), rtol=1e-3)
+        assert not torch.allclose(loss, direct(other_t=True), rtol=1e-3)
 
 
 def test_class_word_prompts_are_filled_in_and_a_bad_placeholder_is_named(dual):

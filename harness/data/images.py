@@ -58,6 +58,13 @@ def read_image(path: Path, size: int | None = None) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).copy()
 
 
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """An RGB uint8 array resized to size x size as `read_image` resizes (PIL's antialiased bicubic filter)."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((size, size), Image.BICUBIC))
+
+
 def read_mask(paths: Sequence[Path] | Path, size: int | None = None) -> np.ndarray:
     """A boolean (H, W) mask: the union of the given mask files (LOCO has one file per region)."""
     if isinstance(paths, (str, Path)):

@@ -135,9 +135,11 @@ def _method(params: dict) -> Method:
 @job_kind("fit")
 def run_fit(job: Job, ctx: JobContext) -> list[dict]:
     p = job.inputs
-    task = build_task(load_split(p, ctx.cache), p["defect_types"], p["resolution"], p["seed"])
+    method = _method(p)
+    task = build_task(load_split(p, ctx.cache), p["defect_types"], method.working_resolution(p["resolution"]),
+                      p["seed"])
     task.backbone = backbone_folder(job, ctx)
-    seconds = fit_method(_method(p), task, ctx.folder / "work")
+    seconds = fit_method(method, task, ctx.folder / "work")
     atomic_write_json(ctx.folder / "fit.json", {"seconds": round(seconds, 3)})
     return []
 
@@ -146,11 +148,12 @@ def run_fit(job: Job, ctx: JobContext) -> list[dict]:
 def run_generate(job: Job, ctx: JobContext) -> list[dict]:
     p = job.inputs
     split = load_split(p, ctx.cache)
-    task = build_task(split, p["defect_types"], p["resolution"], p["seed"])
+    method = _method(p)
+    task = build_task(split, p["defect_types"], method.working_resolution(p["resolution"]), p["seed"])
     task.backbone = backbone_folder(job, ctx)  # generate depends on the backbone job too: this machine's folder
-    generate_to(_method(p), task, p["defect_type"], p["n"], p["seed"], ctx.folder / "samples",
+    generate_to(method, task, p["defect_type"], p["n"], p["seed"], ctx.folder / "samples",
                 ctx.deps[p["fit"]] / "work", meta={"split": split.manifest_hash, "protocol": split.protocol},
-                progress=False)
+                progress=False, resolution=p["resolution"])
     return []
 
 

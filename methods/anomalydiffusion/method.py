@@ -91,7 +91,7 @@ class AnomalyDiffusion(Method):
         backbone = backbones.load_frozen(task.backbone)
         seed = int(task.rng().integers(2**63 - 1))
         defect_types = sorted({a.defect_type for a in task.anomalies})
-        size = self._resolution(task.resolution)
+        size = task.resolution  # the method's working resolution (Method.working_resolution)
         with torch.random.fork_rng():  # the encoders' random initialisation: seeded
             torch.manual_seed(seed)
             embedding = self._new_embedding(backbone, task, defect_types, size, workdir).to(backbone.device).train()
@@ -324,5 +324,3 @@ class AnomalyDiffusion(Method):
     def _lora_settings(self) -> LoraSettings | None:
         return LoraSettings.from_config(self.config["unet_lora"])
 
-    def _resolution(self, task_resolution: int) -> int:
-        return int(self.config["resolution"] or task_resolution)

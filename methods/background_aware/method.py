@@ -183,7 +183,7 @@ class BackgroundAware(Method):
         seed = int(task.rng().integers(2**63 - 1))
         params = add_lora(backbone.unet, settings, seed=seed)
         processors.install(backbone.unet, processor=MaskedTwoPromptProcessor)
-        size = self._resolution(task.resolution)
+        size = task.resolution  # the method's working resolution (Method.working_resolution)
         data = LatentData.encode(backbone, resize_images(np.stack([a.image for a in task.anomalies]), size),
                                  resize_masks(np.stack([a.mask for a in task.anomalies]), size),
                                  flips=self.config["flips"])
@@ -284,5 +284,3 @@ class BackgroundAware(Method):
     def _lora_settings(self) -> LoraSettings:
         return LoraSettings.from_config(self.config["lora"])
 
-    def _resolution(self, task_resolution: int) -> int:
-        return int(self.config["resolution"] or task_resolution)

@@ -65,8 +65,9 @@ def dual_loss(target: torch.Tensor, target_part: torch.Tensor, predicted: torch.
 
 class DualAnoDiff(Method):
     name = "dualanodiff"
-    paper = ("Jin, Peng, Xie, Chen, Sun, Chen, Shen. DualAnoDiff: Dual-Interrelated Diffusion Model for Few-Shot "
-             "Anomaly Image Generation. CVPR 2025")
+    paper = ("Ying Jin, Jinlong Peng, Qingdong He, Teng Hu, Jiafu Wu, Hao Chen, Haoxuan Wang, Wenbing Zhu, Mingmin Chi, "
+             "Jun Liu, Yabiao Wang. DualAnoDiff: Dual-Interrelated Diffusion Model for Few-Shot Anomaly Image "
+             "Generation. CVPR 2025 (arXiv 2408.13509)")
     granularity = "defect_type"
     needs = frozenset()
     backbone = "stable-diffusion-v1-5"
@@ -96,7 +97,7 @@ class DualAnoDiff(Method):
         with torch.random.fork_rng():  # the adapters' and SAIM's starting weights: seeded, as everything else
             torch.manual_seed(seed)
             backbone, params = self._prepare(task.backbone, self.config, train=True)
-        size = self._resolution(task.resolution)
+        size = task.resolution  # the method's working resolution (Method.working_resolution)
         images = resize_images(np.stack([a.image for a in task.anomalies]), size)
         masks = resize_masks(np.stack([a.mask for a in task.anomalies]), size)
         flips = self.config["flips"] and task.category not in NO_FLIP_CATEGORIES
@@ -112,7 +113,7 @@ class DualAnoDiff(Method):
             desc="dualanodiff: fine-tune")
         self._save(backbone, workdir)
         (workdir / MODEL_FILE).write_text(json.dumps({
-            "backbone": str(task.backbone), "resolution": size, "output_resolution": task.resolution,
+            "backbone": str(task.backbone), "resolution": size,
             "prompts": prompts, "trained": {key: cfg[key] for key in TRAINED},
             "training_images": [a.id for a in task.anomalies], "flips": flips, "history": history,
             "trained_parameters": sum(p.numel() for p in params),
@@ -154,7 +155,7 @@ class DualAnoDiff(Method):
         trained = {**self.config, **model["trained"]}  # the fit's adapters, whatever this config says
         backbone, _ = self._prepare(request.backbone or Path(model["backbone"]), trained, train=False)
         self._load(backbone, workdir, trained)
-        size, out_size = model["resolution"], model["output_resolution"]
+        size = model["resolution"]
         segmenter = make_segmenter(self.config["mask"], backbone.device)
         with torch.no_grad():
             condition = self._condition(backbone, model["prompts"])
@@ -168,7 +169,7 @@ class DualAnoDiff(Method):
                 background = (self._backgrounds(backbone, targets, size, noise[:, 2]) if trained["bcm"]["enabled"]
                               else None)
                 z_0 = self._sample(backbone, condition, noise[:, :2].flatten(0, 1), trained["saim"], background)
-                images = resize_images(decode(backbone, z_0), out_size)
+                images = decode(backbone, z_0)
                 for target, whole, found in zip(targets, images[0::2], segmenter.segment(images[1::2])):
                     extra = {"segmenter": segmenter.name, "part_empty": found.empty,
                              **({"segmenter_weights": segmenter.weights} if segmenter.weights else {})}
@@ -265,8 +266,6 @@ class DualAnoDiff(Method):
         if trained["text_lora"]:
             load_lora(backbone.text_encoder, workdir / TEXT_ADAPTER)
 
-    def _resolution(self, task_resolution: int) -> int:
-        return int(self.config["resolution"] or task_resolution)
 
 
 def _background_features(unet, z_b: torch.Tensor, t, text: torch.Tensor) -> bcm.BackgroundFeatures:

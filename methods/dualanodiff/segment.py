@@ -6,11 +6,13 @@ at 0.5): `u2net.py`. Its weights (u2net.pth, 173.6 MB, `harness/weights.py`: the
 `mask.u2net_weights`) are the user's to provide; without them the recorded stand-in below segments the part
 (`mask.segmenter: auto`), and each sample says which did (`extra.segmenter`).
 
-Stand-in: the part image's background is mid-grey (the anomaly image times its mask, in [-1, 1]), so a pixel
-belongs to the part where it is far from mid-grey: the distance max_c |part_c - 127.5|, Otsu's threshold on it,
-then connected components smaller than `min_area` of the image dropped.
+Stand-in: the part image's background is uniform (mid-grey in training: the anomaly image times its mask, in
+[-1, 1]; a generated part's background may be shifted off mid-grey by guidance, as a whole field), so a pixel
+belongs to the part where it is far from the background's colour, the part's per-channel median: the distance
+max_c |part_c - median_c|, Otsu's threshold on it, then connected components smaller than `min_area` of the image
+dropped. Like U2-Net's saliency, it does not see a uniform field as an object, whatever its colour.
 
-A part that is near-uniform (no pixel of `min_area` of the image further than `empty_distance` from mid-grey)
+A part that is near-uniform (no pixel of `min_area` of the image further than `empty_distance` from its background)
 has no anomaly to segment; min-max normalisation, as in U2-Net's script, would stretch its noise into a
 full-frame mask. Such a part gets an empty mask and is flagged (`extra.part_empty`), so it can be counted.
 """
@@ -26,7 +28,7 @@ from scipy import ndimage
 from harness import weights
 from harness.errors import MethodError
 
-STAND_IN = "stand-in: distance from mid-grey, Otsu, components >= min_area"
+STAND_IN = "stand-in: distance from the part's background colour, Otsu, components >= min_area"
 U2NET = "u2net"
 SEGMENTERS = ("auto", U2NET, "stand-in")
 
@@ -37,9 +39,11 @@ class PartMask:
     empty: bool  # the part was near-uniform: no anomaly drawn
 
 
-def distance_from_grey(part: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, 3) -> float (H, W): the largest channel distance from mid-grey (0 .. 127.5)."""
-    return np.abs(part.astype(np.float64) - 127.5).max(axis=2)
+def distance_from_background(part: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> float (H, W): the largest channel distance from the part's background colour, its
+    per-channel median (mid-grey for a part drawn as trained)."""
+    values = part.astype(np.float64)
+    return np.abs(values - np.median(values.reshape(-1, 3), axis=0)).max(axis=2)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -58,7 +62,7 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
 def segment_part(part: np.ndarray, empty_distance: float = 16.0, min_area: float = 0.001) -> PartMask:
     """The stand-in segmenter (module docstring). `min_area` is a fraction of the image's pixels."""
-    distance = distance_from_grey(part)
+    distance = distance_from_background(part)
     smallest = max(1, int(round(min_area * distance.size)))
     if near_uniform(part, empty_distance, min_area):
         return PartMask(np.zeros(distance.shape, dtype=bool), empty=True)
@@ -71,8 +75,8 @@ def segment_part(part: np.ndarray, empty_distance: float = 16.0, min_area: float
 
 
 def near_uniform(part: np.ndarray, empty_distance: float = 16.0, min_area: float = 0.001) -> bool:
-    """No `min_area` of the part's pixels are further than `empty_distance` from mid-grey: nothing drawn."""
-    distance = distance_from_grey(part)
+    """No `min_area` of the part's pixels are further than `empty_distance` from its background: nothing drawn."""
+    distance = distance_from_background(part)
     return int((distance > empty_distance).sum()) < max(1, int(round(min_area * distance.size)))
 
 
