@@ -132,3 +132,30 @@ class DefectTypeClassifier:
 
     def predict(self, images, masks) -> list[str]:
         return list(self.model.predict(np.array([region_features(i, m) for i, m in zip(images, masks)])))
+
+
+def outlier_map(image: np.ndarray, normals: np.ndarray, k: int = 5, sample: int = 4000, seed: int = 0) -> np.ndarray:
+    """Per pixel of `image` (H, W, 3): how unlike the normal images' pixels its colour is, the mean distance to its
+    `k` nearest colours among `sample` pixels of `normals` (N, H, W, 3), both smoothed 3 x 3 (a defect is a region,
+    not a pixel's noise). A map of where an image is anomalous that needs no normal image under it."""
+    import cv2
+    from scipy.spatial import cKDTree
+
+    def smooth(x):
+        return cv2.blur(x.astype(np.float32), (3, 3)).reshape(-1, 3)
+
+    pixels = np.concatenate([smooth(n) for n in normals])
+    pixels = pixels[np.random.default_rng(seed).choice(len(pixels), min(sample, len(pixels)), replace=False)]
+    distances, _ = cKDTree(pixels).query(smooth(image), k=k)
+    return distances.mean(1).reshape(image.shape[:2])
+
+
+def mask_agreement(images, masks, normals) -> float:
+    """Whether each image's anomaly lies where its mask says: the pixel AUROC of `outlier_map` against the mask,
+    averaged over the images (0.5: no relation; an empty or full mask counts 0.5)."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = []
+    for image, mask in zip(images, masks):
+        scores.append(roc_auc_score(mask.ravel(), outlier_map(image, normals).ravel()) if 0 < mask.mean() < 1 else 0.5)
+    return float(np.mean(scores))

@@ -458,3 +458,98 @@ def test_an_unfinished_method_stays_out_of_methods_all():
     assert get_method_info("dualanodiff").cls.in_progress
     assert "dualanodiff" not in {m.method for m in load_suite("smoke").methods}
     assert "background_aware" in {m.method for m in load_suite("smoke").methods}
+
+
+# ---- the paper's claims after fitting, each with broken variants that must fail it ------------------------------
+# weave/hole at 64 px on the shipped backbone, the tiny profile's settings (200 steps, BCM on, DDIM 25, guidance 2.5);
+# about 100 s on 2 threads: `make test-slow` (CI's second step). Measured (8 samples, seed 3):
+#                            non-empty  shape  agreement
+#   working                  1.00       0.81   0.86
+#   no fine-tuning           1.00       2.59   0.54     (no hole drawn; the masks are the untuned part's blotches)
+#   no SAIM                  1.00       0.74   0.59     (holes in both branches, each in its own place)
+#   parts of another sample  1.00       0.81   0.51
+#   prompts swapped          1.00       3.09   0.53     (the part's speckle covers 19-30 % of each image)
+# The bounds sit between the working method and the nearest broken variant on each claim.
+
+CLAIM_SAMPLES = 8
+
+
+@pytest.fixture(scope="module")
+def claim_variants(dual, synth_root, pretrained_backbone, tmp_path_factory):
+    """The working method and its broken variants on weave/hole, with what the claims read: the share of non-empty
+    masks, the masks' shape distance from the training masks (claims.shape_distance, non-empty masks only) and the
+    whole images' agreement with their masks (claims.mask_agreement)."""
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.generation import fit_method
+    from harness.tasks import build_request, build_task
+
+    from .claims import mask_agreement, shape_distance
+
+    task = build_task(make_split(read_category(synth_root, "weave", dataset="synthetic")), ["hole"], 64, seed=0)
+    task.backbone = pretrained_backbone[0]
+    normals = np.stack([n.image for n in task.normals])
+    training_masks = [a.mask for a in task.anomalies]
+
+    def fitted(name, **settings):
+        workdir = tmp_path_factory.mktemp(name)
+        fit_method(load_method("dualanodiff", "tiny", settings), task, workdir)
+        return workdir
+
+    def measured(samples, masks=None):
+        masks = [s.mask for s in samples] if masks is None else masks
+        drawn = [m for m in masks if m.any()]
+        return {"non_empty": len(drawn) / len(masks), "largest": max(float(m.mean()) for m in masks),
+                "shape": shape_distance(drawn, training_masks) if drawn else float("inf"),
+                "agreement": mask_agreement([s.image for s in samples], masks, normals),
+                "samples": samples}
+
+    def generated(workdir, **settings):
+        method = load_method("dualanodiff", "tiny", settings)
+        return list(method.generate(build_request(task, method, "hole", CLAIM_SAMPLES, seed=3), workdir))
+
+    working = fitted("working")
+    out = {"working": measured(generated(working)),
+           "no fine-tuning": measured(generated(fitted("untuned", steps=0))),
+           "no SAIM": measured(generated(fitted("no_saim", saim=False), saim=False))}
+    samples = out["working"]["samples"]
+    out["parts of another sample"] = measured(samples, [s.mask for s in samples[1:] + samples[:1]])
+    mp = pytest.MonkeyPatch()
+    try:  # the branches' prompts swapped at sampling: the whole image drawn from "sks", the part from the sentence
+        original = type(load_method("dualanodiff", "tiny"))._condition
+        mp.setattr(type(load_method("dualanodiff", "tiny")), "_condition",
+                   lambda self, backbone, prompts: original(self, backbone, {"whole": prompts["part"],
+                                                                             "part": prompts["whole"]}))
+        out["prompts swapped"] = measured(generated(working))
+    finally:
+        mp.undo()
+    for name, m in out.items():  # (-s shows them)
+        print(f"{name:24s} non-empty {m['non_empty']:.2f}  largest {m['largest']:.2f}  shape {m['shape']:.3f}  agreement {m['agreement']:.3f}")
+    return out
+
+
+CLAIMS = {
+    "part masks like the training masks": lambda m: (m["non_empty"] >= 0.8 and m["shape"] <= 1.6
+                                                     and m["largest"] <= 0.5),
+    "whole image and part agree": lambda m: m["agreement"] >= 0.72,
+}
+
+
+@pytest.mark.slow
+def test_the_working_method_holds_every_claim(claim_variants):
+    working = claim_variants["working"]
+    assert all(claim(working) for claim in CLAIMS.values()), {k: c(working) for k, c in CLAIMS.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broken, claims", [
+    ("no fine-tuning", ["part masks like the training masks", "whole image and part agree"]),
+    ("prompts swapped", ["part masks like the training masks"]),
+    ("no SAIM", ["whole image and part agree"]),
+    ("parts of another sample", ["whole image and part agree"]),
+])
+def test_each_broken_variant_fails_its_claims(claim_variants, broken, claims):
+    """Negative controls: each breaks the mechanism a claim rests on (the fit, the branches' prompts, SAIM's
+    interaction, the pairing of a whole image with its own part) and must fail that claim."""
+    passed = [name for name in claims if CLAIMS[name](claim_variants[broken])]
+    assert not passed, f"{broken} passes {passed}: {claim_variants[broken]}"
