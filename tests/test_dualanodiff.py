@@ -452,12 +452,12 @@ def test_bad_settings_are_named():
         load_method("dualanodiff", "tiny", {"saim_init": "ones"})
 
 
-def test_an_unfinished_method_stays_out_of_methods_all():
+def test_the_finished_method_is_in_methods_all():
     from harness.runner.suite import load_suite
 
-    assert get_method_info("dualanodiff").cls.in_progress
-    assert "dualanodiff" not in {m.method for m in load_suite("smoke").methods}
-    assert "background_aware" in {m.method for m in load_suite("smoke").methods}
+    assert not get_method_info("dualanodiff").cls.in_progress
+    assert "dualanodiff" in {m.method for m in load_suite("smoke").methods}
+    assert "dualanodiff" in {m.method for m in load_suite("demo").methods}
 
 
 # ---- the paper's claims after fitting, each with broken variants that must fail it ------------------------------
@@ -526,6 +526,24 @@ def claim_variants(dual, synth_root, pretrained_backbone, tmp_path_factory):
     for name, m in out.items():  # (-s shows them)
         print(f"{name:24s} non-empty {m['non_empty']:.2f}  largest {m['largest']:.2f}  shape {m['shape']:.3f}  agreement {m['agreement']:.3f}")
     return out
+
+
+def test_the_agreement_measure_sees_a_drawn_defect_under_its_mask_only():
+    """The instrument on a known answer: textured normal images, one with a dark blob. Its own mask scores near 1, a
+    mask elsewhere near 0.5 or below, and a blob-free image near 0.5 whatever the mask."""
+    from .claims import mask_agreement
+
+    rng = np.random.default_rng(0)
+    normals = np.clip(rng.normal(120, 12, (4, 64, 64, 3)), 0, 255)
+    image = np.clip(rng.normal(120, 12, (64, 64, 3)), 0, 255)
+    yy, xx = np.mgrid[:64, :64]
+    blob, elsewhere = (yy - 20) ** 2 + (xx - 20) ** 2 < 36, (yy - 44) ** 2 + (xx - 44) ** 2 < 36
+    defective = image.copy()
+    defective[blob] = 30
+    assert mask_agreement([defective], [blob], normals) > 0.95
+    assert mask_agreement([defective], [elsewhere], normals) < 0.6
+    assert 0.35 < mask_agreement([image], [blob], normals) < 0.65
+    assert mask_agreement([defective], [np.zeros((64, 64), bool)], normals) == 0.5  # nothing to compare
 
 
 CLAIMS = {

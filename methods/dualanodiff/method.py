@@ -72,9 +72,6 @@ class DualAnoDiff(Method):
     needs = frozenset()
     backbone = "stable-diffusion-v1-5"
     resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
-    in_progress = ("on the shipped backbone (tiny, class-word prompt) it draws recognisable whole images and, on defects "
-                   "of a few latent cells (weave/hole, tray/logical), a part with the defect; thin ones (tray/structural) "
-                   "are not drawn; the claim tests, the demo and the leaderboard are missing (README.md)")
 
     def __init__(self, config, profile):
         super().__init__(config, profile)
