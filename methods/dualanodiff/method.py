@@ -69,7 +69,7 @@ class DualAnoDiff(Method):
              "Jun Liu, Yabiao Wang. DualAnoDiff: Dual-Interrelated Diffusion Model for Few-Shot Anomaly Image "
              "Generation. CVPR 2025 (arXiv 2408.13509)")
     granularity = "defect_type"
-    needs = frozenset()
+    needs = frozenset({"target_normal"})  # BCM's background (on by default); nothing with bcm.enabled: false
     backbone = "stable-diffusion-v1-5"
     resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
 
@@ -82,8 +82,8 @@ class DualAnoDiff(Method):
             ddim.scheduler_class(config["scheduler"])
         except ValueError as error:
             raise MethodError(f"dualanodiff: scheduler: {error}") from None
-        if config["bcm"]["enabled"]:
-            self.needs = frozenset({"target_normal"})  # BCM's background at generation: a normal image's
+        if not config["bcm"]["enabled"]:
+            self.needs = frozenset()  # no background to compensate: nothing of a normal image is read
 
     # -- fit: Eq. 4 on the few training anomalies of one defect type --
 

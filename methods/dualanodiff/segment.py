@@ -9,8 +9,10 @@ at 0.5): `u2net.py`. Its weights (u2net.pth, 173.6 MB, `harness/weights.py`: the
 Stand-in: the part image's background is uniform (mid-grey in training: the anomaly image times its mask, in
 [-1, 1]; a generated part's background may be shifted off mid-grey by guidance, as a whole field), so a pixel
 belongs to the part where it is far from the background's colour, the part's per-channel median: the distance
-max_c |part_c - median_c|, Otsu's threshold on it, then connected components smaller than `min_area` of the image
-dropped. Like U2-Net's saliency, it does not see a uniform field as an object, whatever its colour.
+max_c |part_c - median_c|, Otsu's threshold on it, a morphological opening (a (2r+1)-px square, r = `opening`),
+then connected components smaller than `min_area` of the image dropped. Like U2-Net's saliency, it does not see a
+uniform field as an object, whatever its colour, nor a line or dot one pixel wide (a generated part's faint texture
+crosses the threshold in such specks: on tray they outlined the image's border).
 
 A part that is near-uniform (no pixel of `min_area` of the image further than `empty_distance` from its background)
 has no anomaly to segment; min-max normalisation, as in U2-Net's script, would stretch its noise into a
@@ -28,7 +30,7 @@ from scipy import ndimage
 from harness import weights
 from harness.errors import MethodError
 
-STAND_IN = "stand-in: distance from the part's background colour, Otsu, components >= min_area"
+STAND_IN = "stand-in: distance from the part's background colour, Otsu, opening, components >= min_area"
 U2NET = "u2net"
 SEGMENTERS = ("auto", U2NET, "stand-in")
 
@@ -60,13 +62,17 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def segment_part(part: np.ndarray, empty_distance: float = 16.0, min_area: float = 0.001) -> PartMask:
-    """The stand-in segmenter (module docstring). `min_area` is a fraction of the image's pixels."""
+def segment_part(part: np.ndarray, empty_distance: float = 16.0, min_area: float = 0.001,
+                 opening: int = 1) -> PartMask:
+    """The stand-in segmenter (module docstring). `min_area` is a fraction of the image's pixels; `opening` a radius
+    in pixels (0: none)."""
     distance = distance_from_background(part)
     smallest = max(1, int(round(min_area * distance.size)))
     if near_uniform(part, empty_distance, min_area):
         return PartMask(np.zeros(distance.shape, dtype=bool), empty=True)
     mask = distance > max(otsu_threshold(distance), empty_distance)
+    if opening:
+        mask = ndimage.binary_opening(mask, structure=np.ones((2 * opening + 1,) * 2, bool))
     labels, count = ndimage.label(mask)
     if count:
         sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
@@ -94,12 +100,13 @@ def make_segmenter(mask_config: dict, device: torch.device | str = "cpu") -> Seg
     if choice not in SEGMENTERS:
         raise MethodError(f"dualanodiff: mask.segmenter must be one of {SEGMENTERS}, not {choice!r}")
     empty, area = float(mask_config["empty_distance"]), float(mask_config["min_area"])
+    opening = int(mask_config.get("opening", 1))
     found = weights.find(U2NET, mask_config.get("u2net_weights")) if choice != "stand-in" else None
     if found is None:
         if choice == U2NET:
             raise MethodError(f"dualanodiff: mask.segmenter is u2net but {weights.KNOWN[U2NET].filename} is neither in "
                               f"{weights.cache_dir()} nor set as mask.u2net_weights")
-        return Segmenter(STAND_IN, None, lambda parts: [segment_part(p, empty, area) for p in parts])
+        return Segmenter(STAND_IN, None, lambda parts: [segment_part(p, empty, area, opening) for p in parts])
     from .u2net import U2Net, part_mask, saliency
 
     model = U2Net()
