@@ -72,3 +72,12 @@ def pretrained_backbone() -> tuple[Path, dict]:
     from harness.diffusion import shipped
 
     return shipped.SHIPPED, json.loads((shipped.SHIPPED / shipped.TRAINING_FILE).read_text())
+
+
+@pytest.fixture(scope="session")
+def sd15_rehearsal(tmp_path_factory) -> Path:
+    """A random model in Stable Diffusion 1.5's layout, widths reduced, saved as the hub's folder (tests/rehearsal.py):
+    what the `paper` profile's code paths are rehearsed on."""
+    from tests.rehearsal import stable_diffusion_15
+
+    return stable_diffusion_15(tmp_path_factory.mktemp("sd15") / "model")

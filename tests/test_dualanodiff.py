@@ -3,6 +3,7 @@ branches' separate adapters, guidance that keeps pairs, the part image and its s
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import sys
 
@@ -573,3 +574,83 @@ def test_each_broken_variant_fails_its_claims(claim_variants, broken, claims):
     interaction, the pairing of a whole image with its own part) and must fail that claim."""
     passed = [name for name in claims if CLAIMS[name](claim_variants[broken])]
     assert not passed, f"{broken} passes {passed}: {claim_variants[broken]}"
+
+
+# ---- the `paper` profile rehearsed end to end on a model in SD 1.5's layout (tests/rehearsal.py) ------------------
+
+def test_the_paper_profile_fits_and_generates_on_sd15s_layout(dual, synth_root, sd15_rehearsal, tmp_path,
+                                                              monkeypatch):
+    """Every branch of the paper configuration (BCM, SAIM, the text LoRA, PNDM, U2-Net masks: a narrow random
+    U2-Net with the real one's layer names) once, with only the step counts cut: 512-px content, what trains and
+    what stays frozen, counted, and the adapters' saved size against their ranks."""
+    from functools import partial
+
+    from safetensors.torch import load_file
+
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.diffusion import ddim
+    from harness.diffusion.backbone import load_frozen
+    from harness.generation import fit_method
+    from harness.profiles import get_profile
+    from harness.tasks import build_request, build_task
+
+    module, saim, segment = dual
+    u2net = importlib.import_module(module.__package__ + ".u2net")
+    narrow = partial(u2net.U2Net, width=0.125)
+    torch.save(narrow().state_dict(), tmp_path / "u2net.pth")
+    monkeypatch.setattr(u2net, "U2Net", narrow)
+    method = load_method("dualanodiff", "paper", {"steps": 2, "inference_steps": 2,
+                                                  "mask": {"segmenter": "u2net", "u2net_weights": str(tmp_path / "u2net.pth")}})
+    config = method.config
+    assert (config["lora"]["rank"], config["text_lora"]["rank"], config["bcm"]["enabled"], config["bcm"]["hidden"],
+            config["saim"], config["scheduler"], config["guidance_scale"], config["learning_rate"],
+            config["batch_size"]) == (32, 32, True, 320, True, "PNDMScheduler", 2.5, 2e-5, 4)
+    assert config["prompts"] == {"whole": "a vfx with sks", "part": "sks"}
+    size = method.working_resolution(get_profile("paper").resolution)
+    assert size == 512 and get_profile("paper").resolution == 256
+    task = build_task(make_split(read_category(synth_root, "washer", dataset="synthetic")), ["stain"], size, seed=0)
+    task.backbone = sd15_rehearsal
+    work = tmp_path / "fit"
+    fit_method(method, task, work)
+
+    record = json.loads((work / module.MODEL_FILE).read_text())
+    backbone = load_frozen(sd15_rehearsal, torch.device("cpu"))
+    frozen = sum(p.numel() for m in (backbone.unet, backbone.vae, backbone.text_encoder) for p in m.parameters())
+    saim.install(backbone.unet, 32, None, False, 320)
+    dual_parameters = sum(p.numel() for n, p in backbone.unet.named_parameters() if ".processor." in n)
+    saved = load_file(str(work / module.DUAL_FILE))
+    assert sum(t.numel() for t in saved.values()) == dual_parameters  # branch LoRAs, SAIM, BCM: all of them, only
+    text_lora = record["trained_parameters"] - dual_parameters
+    layers = backbone.text_encoder.config.num_hidden_layers
+    width = backbone.text_encoder.config.hidden_size
+    assert text_lora == layers * 4 * 2 * 32 * width  # q, k, v, out of every layer: A (32 x w) and B (w x 32)
+    from diffusers.models.attention_processor import Attention
+
+    attentions = [m for m in backbone.unet.modules() if isinstance(m, Attention)]
+    expected_lora = sum(2 * 32 * (layer.in_features + layer.out_features) for attn in attentions
+                        for layer in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]))  # 2 branches, rank 32
+    assert sum(t.numel() for n, t in saved.items() if ".lora." in n) == expected_lora
+    assert all(t.shape[:2] == (2, 32) for n, t in saved.items() if n.endswith(".down"))
+    assert all(t.shape[0] == 2 and t.shape[2] == 32 for n, t in saved.items() if n.endswith(".up"))
+    assert (work / module.DUAL_FILE).stat().st_size < 4 * dual_parameters + 200_000  # float32 tensors and a header
+    assert record["resolution"] == 512 and len(attentions) == 32  # SD 1.5: 16 transformer blocks, 2 attentions each
+    rebuilt, trained = method._prepare(sd15_rehearsal, config, train=True)  # what a fit trains, and nothing else
+    trainable = [p for m in (rebuilt.unet, rebuilt.vae, rebuilt.text_encoder) for p in m.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in trained}
+    assert sum(p.numel() for p in trained) == record["trained_parameters"]
+    assert sum(p.numel() for m in (rebuilt.unet, rebuilt.vae, rebuilt.text_encoder) for p in m.parameters()
+               if not p.requires_grad) == frozen  # the whole SD 1.5 layout stays frozen
+    print(f"rehearsal: frozen {frozen:,} parameters, trained {record['trained_parameters']:,} "
+          f"(dual {dual_parameters:,}, text LoRA {text_lora:,}); saved {(work / module.DUAL_FILE).stat().st_size:,} B")
+
+    schedulers = []
+    real = ddim.sample_with
+    monkeypatch.setattr(ddim, "sample_with", lambda scheduler, *a, **k: schedulers.append(scheduler) or
+                        real(scheduler, *a, **k))
+    request = build_request(task, method, "stain", 2, seed=0)
+    samples = list(method.generate(request, work))
+    assert [type(s).__name__ for s in schedulers] == ["PNDMScheduler"]
+    assert len(samples) == 2 and all(s.image.shape == (512, 512, 3) and s.mask.shape == (512, 512) for s in samples)
+    assert all(s.extra["segmenter"] == "u2net" and s.stand_in is None for s in samples)
+    assert [s.extra["background"] for s in samples] == [t.normal.id for t in request.targets]  # BCM's background

@@ -134,8 +134,14 @@ class ToolkitAttnProcessor(torch.nn.Module):
         value = attn.head_to_batch_dim(self._project("v", attn.to_v, source, context))
         if not is_cross and context is not None and context.kv is not None:
             key, value = self._store(context.kv, key, value)
+        recording = is_cross and record and context is not None and context.record is not None
+        reweighting = is_cross and context is not None and context.reweight is not None
+        upcast = (attn.upcast_attention or attn.upcast_softmax) and query.dtype != torch.float32
+        if not (recording or reweighting or upcast):  # no map to keep or change: the fused kernel, which never holds
+            return attn.batch_to_head_dim(F.scaled_dot_product_attention(  # the queries x keys matrix (SD's 64 x 64
+                query, key, value, attn_mask=attention_mask, scale=attn.scale))  # latents: 4096 x 4096 per head)
         probabilities = self._probabilities(attn, query, key, attention_mask, context if is_cross else None, batch)
-        if is_cross and record and context is not None and context.record is not None:
+        if recording:
             self._record(context.record, probabilities, batch)
         return attn.batch_to_head_dim(torch.bmm(probabilities, value))
 

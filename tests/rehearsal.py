@@ -1,0 +1,83 @@
+"""Rehearsal models: randomly initialised networks in the exact layout of a paper's backbone, only the widths reduced,
+saved with `save_pretrained` into diffusers' folder layout, so that the real loader (`harness.diffusion.backbone.load`)
+reads them as it reads a downloaded Stable Diffusion 1.5. The `paper` profile's code paths then run on a CPU in
+seconds: the same block types, depths, attention placement, latent channels and downsampling factor, the same
+schedulers, and CLIP's real BPE tokenizer (its merges as open-clip-torch ships them, 49,408 tokens).
+
+SD 1.5's configuration facts (runwayml/stable-diffusion-v1-5's model_index and configs): UNet block widths 320, 640,
+1280, 1280 (here 32, 64, 64, 64), 8 heads, cross-attention 768 (here 32); autoencoder widths 128, 256, 512, 512
+(here 32, 32, 64, 64), 4 latent channels, f = 8, scaling 0.18215; CLIP ViT-L/14's text tower, 12 layers, width 768
+(here 32), quick-GELU, 77 positions; PNDM (the pipeline's) and DDIM over the scaled-linear betas 0.00085-0.012.
+"""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import torch
+
+SD15_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
+SD15_UNET_LAYOUT = {
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "layers_per_block": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 4, "sample_size": 64,
+    "norm_num_groups": 32, "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1,
+}
+SD15_VAE_LAYOUT = {
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2, "latent_channels": 4, "in_channels": 3, "out_channels": 3, "sample_size": 512,
+    "norm_num_groups": 32, "act_fn": "silu", "scaling_factor": 0.18215,
+}
+CLIP_TEXT_LAYOUT = {"vocab_size": 49408, "num_hidden_layers": 12, "max_position_embeddings": 77,
+                    "hidden_act": "quick_gelu", "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+WIDTHS = {"unet": (32, 64, 64, 64), "cross_attention": 32, "vae": (32, 32, 64, 64), "text": 32, "text_heads": 4}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible map from bytes to printable characters, in CLIP's order (which fixes the token
+    ids): the printable Latin-1 bytes first, mapped to themselves, then the others, mapped to code points from 256 on."""
+    kept = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    others = [byte for byte in range(256) if byte not in kept]
+    return {**{byte: chr(byte) for byte in kept}, **{byte: chr(256 + i) for i, byte in enumerate(others)}}
+
+
+def clip_tokenizer(folder: Path):
+    """CLIP's BPE tokenizer from open-clip-torch's merges file (the first 48,894 merges, as CLIP uses): the vocabulary
+    is the 256 byte characters, the same with the end-of-word mark, one token per merge, then <|startoftext|> and
+    <|endoftext|>; 77 tokens, padded with <|endoftext|> as SD 1.5's tokenizer. Saved into `folder`."""
+    import json
+
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    lines = gzip.open(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz").read().decode("utf-8")
+    merges = lines.split("\n")[1:49152 - 256 - 2 + 1]
+    characters = list(bytes_to_unicode().values())
+    vocabulary = characters + [c + "</w>" for c in characters] + ["".join(m.split()) for m in merges]
+    vocabulary += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocabulary)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def stable_diffusion_15(folder: Path, seed: int = 0) -> Path:
+    """A random model in SD 1.5's layout (module docstring) saved into `folder` (vae/, unet/, text_encoder/,
+    tokenizer/, scheduler/ with PNDM's config, as the hub's; DDIM reads the same file)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    AutoencoderKL(block_out_channels=WIDTHS["vae"], **SD15_VAE_LAYOUT).save_pretrained(folder / "vae")
+    UNet2DConditionModel(block_out_channels=WIDTHS["unet"], cross_attention_dim=WIDTHS["cross_attention"],
+                         **SD15_UNET_LAYOUT).save_pretrained(folder / "unet")
+    text = CLIPTextConfig(hidden_size=WIDTHS["text"], intermediate_size=4 * WIDTHS["text"],
+                          num_attention_heads=WIDTHS["text_heads"], projection_dim=WIDTHS["text"], **CLIP_TEXT_LAYOUT)
+    CLIPTextModel(text).save_pretrained(folder / "text_encoder")
+    clip_tokenizer(folder / "tokenizer")
+    PNDMScheduler(skip_prk_steps=True, **{k: v for k, v in SD15_SCHEDULER.items() if k != "clip_sample"}
+                  ).save_pretrained(folder / "scheduler")
+    return folder
