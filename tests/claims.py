@@ -134,19 +134,27 @@ class DefectTypeClassifier:
         return list(self.model.predict(np.array([region_features(i, m) for i, m in zip(images, masks)])))
 
 
-def outlier_map(image: np.ndarray, normals: np.ndarray, k: int = 5, sample: int = 4000, seed: int = 0) -> np.ndarray:
-    """Per pixel of `image` (H, W, 3): how unlike the normal images' pixels its colour is, the mean distance to its
-    `k` nearest colours among `sample` pixels of `normals` (N, H, W, 3), both smoothed 3 x 3 (a defect is a region,
-    not a pixel's noise). A map of where an image is anomalous that needs no normal image under it."""
+def _smoothed_colours(image: np.ndarray) -> np.ndarray:
+    """(H * W, 3) colours after a 3 x 3 mean: a defect is a region, not a pixel's noise."""
     import cv2
+
+    return cv2.blur(image.astype(np.float32), (3, 3)).reshape(-1, 3)
+
+
+def normal_colours(normals: np.ndarray, sample: int = 4000, seed: int = 0):
+    """A k-d tree over `sample` smoothed pixel colours of the normal images (N, H, W, 3): what `outlier_map` measures
+    against, built once per set of normals."""
     from scipy.spatial import cKDTree
 
-    def smooth(x):
-        return cv2.blur(x.astype(np.float32), (3, 3)).reshape(-1, 3)
+    pixels = np.concatenate([_smoothed_colours(n) for n in normals])
+    return cKDTree(pixels[np.random.default_rng(seed).choice(len(pixels), min(sample, len(pixels)), replace=False)])
 
-    pixels = np.concatenate([smooth(n) for n in normals])
-    pixels = pixels[np.random.default_rng(seed).choice(len(pixels), min(sample, len(pixels)), replace=False)]
-    distances, _ = cKDTree(pixels).query(smooth(image), k=k)
+
+def outlier_map(image: np.ndarray, colours, k: int = 5) -> np.ndarray:
+    """Per pixel of `image` (H, W, 3): how unlike the normal images' pixels its colour is, the mean distance to its `k`
+    nearest colours in `colours` (`normal_colours`). A map of where an image is anomalous that needs no normal image
+    under it."""
+    distances, _ = colours.query(_smoothed_colours(image), k=k)
     return distances.mean(1).reshape(image.shape[:2])
 
 
@@ -155,7 +163,8 @@ def mask_agreement(images, masks, normals) -> float:
     averaged over the images (0.5: no relation; an empty or full mask counts 0.5)."""
     from sklearn.metrics import roc_auc_score
 
+    colours = normal_colours(normals)
     scores = []
     for image, mask in zip(images, masks):
-        scores.append(roc_auc_score(mask.ravel(), outlier_map(image, normals).ravel()) if 0 < mask.mean() < 1 else 0.5)
+        scores.append(roc_auc_score(mask.ravel(), outlier_map(image, colours).ravel()) if 0 < mask.mean() < 1 else 0.5)
     return float(np.mean(scores))
