@@ -168,3 +168,20 @@ def mask_agreement(images, masks, normals) -> float:
     for image, mask in zip(images, masks):
         scores.append(roc_auc_score(mask.ravel(), outlier_map(image, colours).ravel()) if 0 < mask.mean() < 1 else 0.5)
     return float(np.mean(scores))
+
+
+def variant_measures(task, runs, classifier, cell: int) -> dict[str, float]:
+    """The claim tests' measures of one variant over `runs`, [(samples, request, label)]: the lowest background and
+    the mean contrast and defect over the runs (`measure`; each run's request names the defect type its colour move
+    is measured towards), the share of samples `classifier` calls their run's label (`type`), and how well the
+    defects fill their masks (`fills mask`: `mask_agreement` over every sample)."""
+    measured = [measure(task, samples, request, cell=cell) for samples, request, _ in runs]
+    samples = [(s, t) for run_samples, request, _ in runs for s, t in zip(run_samples, request.targets)]
+    images, masks = [s.image for s, _ in samples], [t.mask for _, t in samples]
+    labels = [label for run_samples, _, label in runs for _ in run_samples]
+    picks = classifier.predict(images, masks)
+    return {"background": min(m["background"] for m in measured),
+            "contrast": float(np.mean([m["contrast"] for m in measured])),
+            "defect": float(np.mean([m["defect"] for m in measured])),
+            "type": float(np.mean([p == label for p, label in zip(picks, labels)])),
+            "fills mask": mask_agreement(images, masks, np.stack([t.normal.image for _, t in samples]))}

@@ -68,6 +68,18 @@ class Placeholders:
             handle.remove()
 
 
+def word_norm(table: torch.Tensor) -> float:
+    """The mean norm of a text encoder's word embeddings (its input table): the scale a placeholder's vectors start at
+    when initialised from a word, and where `at_scale` keeps an encoder's tokens."""
+    return float(table.detach().norm(dim=1).mean())
+
+
+def at_scale(tokens: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Each token (last dimension) L2-normalised and multiplied by `scale` (`word_norm`), or as it is where `scale` is
+    None: an encoder's output written into a prompt, kept at the scale of the words beside it."""
+    return tokens if scale is None else torch.nn.functional.normalize(tokens, dim=-1) * scale
+
+
 def repeated(prompt: str, word: str, times: int) -> str:
     """`prompt` with the placeholder `word` written `times` times in a row (each occurrence takes one vector)."""
     if prompt.split().count(word) != 1:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.diffusion.placeholders import at_scale
+
 
 @dataclass(frozen=True)
 class EncoderShape:
@@ -123,12 +125,14 @@ def _upsample_add(coarse: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
 
 
 class AnomalyEmbedding(nn.Module):
-    """e = [e_a ; e_s]: per sample, its defect type's `anomaly_vectors` learned vectors, then E_s of its mask."""
+    """e = [e_a ; e_s]: per sample, its defect type's `anomaly_vectors` learned vectors, then E_s of its mask; E_s's
+    tokens brought to `scale` where one is given (`at_scale`: the tiny profile's `normalise_tokens`), as the paper
+    where it is None."""
 
     def __init__(self, defect_types: list[str], initial: torch.Tensor, mask_tokens: int = 4,
-                 anomaly_vectors: int = 4, shape: EncoderShape = EncoderShape()):
+                 anomaly_vectors: int = 4, shape: EncoderShape = EncoderShape(), scale: float | None = None):
         super().__init__()
-        self.defect_types = list(defect_types)
+        self.defect_types, self.scale = list(defect_types), scale
         # ParameterDict keys may not hold dots; indices keep any defect type's name safe
         self.anomaly = nn.ParameterList(nn.Parameter(initial.detach().clone().expand(anomaly_vectors, -1).clone())
                                         for _ in self.defect_types)
@@ -144,4 +148,4 @@ class AnomalyEmbedding(nn.Module):
         if unknown:
             raise ValueError(f"no anomaly embedding for defect types {unknown}; trained on {self.defect_types}")
         e_a = torch.stack([self.anomaly[self.defect_types.index(d)] for d in defect_types])
-        return torch.cat([e_a, self.encoder(masks)], dim=1)
+        return torch.cat([e_a, at_scale(self.encoder(masks), self.scale)], dim=1)

@@ -19,7 +19,7 @@ from harness.diffusion import ddim, processors
 from harness.diffusion.finetune import FinetuneConfig, LatentBatch, LatentData, finetune
 from harness.diffusion.latents import decode, encode, initial_noise, latent_mask, resize_images, resize_masks
 from harness.diffusion.lora import LoraSettings, add_lora, load_lora, save_lora
-from harness.diffusion.placeholders import Placeholders, repeated, single_token_id
+from harness.diffusion.placeholders import Placeholders, repeated, single_token_id, word_norm
 from harness.errors import MethodError
 
 from . import adaptive, maskgen
@@ -29,6 +29,7 @@ from .embedding import AnomalyEmbedding, EncoderShape
 MODEL_FILE, EMBEDDING_FILE, MASK_FILE = "model.json", "embedding.safetensors", "mask_generator.safetensors"
 ADAPTER = "unet_lora"  # the tiny profile's LoRA on the UNet (`unet_lora`), saved alone
 MASK_ADAPTERS = "mask_lora"  # the tiny profile's mask generator LoRAs (`mask_generator.unet_lora`): one per defect type
+ADAPTIVE = (True, False, "textures")  # re-weighting always, never, or on texture categories (the authors' rule)
 MASK_SOURCES = ("generated", "data")  # the mask generator's (maskgen.py), or the harness's target masks (ablation)
 SHORTFALL = "data (the mask generator gave too few)"  # a target's mask where the generator's was planned: a stand-in
 
@@ -60,8 +61,8 @@ def masked_loss(target: torch.Tensor, predicted: torch.Tensor, m: torch.Tensor) 
 
 class AnomalyDiffusion(Method):
     name = "anomalydiffusion"
-    paper = ("Hu, Jiang, Xie, Zhang, Liang, Chen, Wang, Zhang. AnomalyDiffusion: Few-Shot Anomaly Image Generation "
-             "with Diffusion Model. AAAI 2024")
+    paper = ("Teng Hu, Jiangning Zhang, Ran Yi, Yuzhen Du, Xu Chen, Liang Liu, Yabiao Wang, Chengjie Wang. "
+             "AnomalyDiffusion: Few-Shot Anomaly Image Generation with Diffusion Model. AAAI 2024")
     granularity = "category"
     needs = frozenset({"target_normal", "target_mask"})
     backbone = "ldm-text2im-large-256"  # CompVis' LDM text2img-large (LDMBert, 256 px), as the authors
@@ -71,6 +72,9 @@ class AnomalyDiffusion(Method):
         super().__init__(config, profile)
         if config["masks"] not in MASK_SOURCES:
             raise MethodError(f"anomalydiffusion: masks must be one of {MASK_SOURCES}, not {config['masks']!r}")
+        if config["adaptive_mask"] not in ADAPTIVE:
+            raise MethodError(f"anomalydiffusion: adaptive_mask must be one of {ADAPTIVE}, "
+                              f"not {config['adaptive_mask']!r}")
         if config["blend"] not in ddim.BLENDS:
             raise MethodError(f"anomalydiffusion: blend must be one of {ddim.BLENDS}, not {config['blend']!r}")
         if not config["templates"]:
@@ -121,6 +125,7 @@ class AnomalyDiffusion(Method):
         mask_histories = self._fit_mask_generators(task, defect_types, size, seed, workdir, frozen)
         (workdir / MODEL_FILE).write_text(json.dumps({
             "backbone": str(task.backbone), "resolution": size, "defect_types": defect_types, "steps": steps,
+            "texture": task.texture,
             "embedding": cfg["embedding"], "placeholder": cfg["placeholder"], "templates": cfg["templates"],
             "training_images": [a.id for a in task.anomalies], "history": history, "mask_generator": mask_histories,
             "unet_lora": cfg["unet_lora"], "mask_adapters": self._mask_adapters(defect_types),
@@ -186,7 +191,8 @@ class AnomalyDiffusion(Method):
             raise MethodError(f"{workdir / MODEL_FILE}: fitted on {model['defect_types']}, not {request.defect_type!r}")
         backbone = backbones.load_frozen(request.backbone or Path(model["backbone"]))
         embedding = self._load_embedding(backbone, model, workdir)
-        if self.config["adaptive_mask"]:
+        adaptive_on = self._adaptive(model)
+        if adaptive_on:
             processors.install(backbone.unet)  # the toolkit's attention, for the re-weighting's per-call map
         text = self._text(backbone, embedding.tokens, model["placeholder"], model["templates"])
         size, batch = model["resolution"], self.config["generation_batch"]
@@ -197,13 +203,14 @@ class AnomalyDiffusion(Method):
             for first in range(0, request.n, batch):
                 targets = request.targets[first:first + batch]
                 chosen = masks[first:first + batch]
-                images = self._generate_batch(backbone, embedding, text, request, first, targets, chosen, size)
+                images = self._generate_batch(backbone, embedding, text, request, first, targets, chosen, size,
+                                              adaptive_on)
                 for target, image, mask, source in zip(targets, images, chosen, sources[first:first + batch]):
                     yield GeneratedSample(image=image, mask=resize_masks(mask[None], image.shape[0])[0],
                                           defect_type=request.defect_type, normal_id=target.normal.id,
                                           mask_id=None if source == "generated" else target.mask_source,
                                           caption=target.caption,
-                                          extra={"mask_source": source, **record},
+                                          extra={"mask_source": source, "adaptive_mask": adaptive_on, **record},
                                           stand_in=f"mask: {source}" if source == SHORTFALL else None)
 
     def _masks(self, backbone: backbones.Backbone, request: GenerationRequest, workdir: Path, model: dict
@@ -261,8 +268,14 @@ class AnomalyDiffusion(Method):
         return {**self.config["mask_generator"], "placeholder": self.config["placeholder"],
                 "templates": self.config["templates"]}
 
+    def _adaptive(self, model: dict) -> bool:
+        """Whether this generation re-weights attention (`adaptive_mask`): `textures` follows the authors' run-mvtec.py,
+        on for texture anomalies, off for structural ones (by the fitted category's kind; an unknown kind: off)."""
+        setting = self.config["adaptive_mask"]
+        return bool(model.get("texture")) if setting == "textures" else bool(setting)
+
     def _generate_batch(self, backbone: backbones.Backbone, embedding: AnomalyEmbedding, text, request, first: int,
-                        targets: list, chosen: list[np.ndarray], size: int) -> np.ndarray:
+                        targets: list, chosen: list[np.ndarray], size: int, adaptive_on: bool) -> np.ndarray:
         out_size = targets[0].normal.image.shape[0]
         masks = np.stack(chosen)
         z0 = encode(backbone, resize_images(np.stack([t.normal.image for t in targets]), size))
@@ -275,7 +288,7 @@ class AnomalyDiffusion(Method):
         # each sample's own stream for eta's and the blend's noise: a sample is the same in any batch
         generators = [torch.Generator().manual_seed(int(rng.integers(2**63 - 1))) for rng in rngs]
 
-        steps, adaptive_on = self.config["inference_steps"], bool(self.config["adaptive_mask"])
+        steps = self.config["inference_steps"]
         columns = text.columns(templates) if adaptive_on else None
 
         def mask_at(t: int) -> torch.Tensor:  # the adaptive option also dilates the blend's mask
@@ -308,8 +321,9 @@ class AnomalyDiffusion(Method):
         encoder = settings["encoder"]
         shape = EncoderShape(int(encoder["input_size"]), tuple(encoder["channels"]), tuple(encoder["units"]),
                              int(encoder["pyramid"]))
+        scale = word_norm(table) if settings.get("normalise_tokens") else None
         return AnomalyEmbedding(defect_types, initial, int(settings["mask_tokens"]), int(settings["anomaly_vectors"]),
-                                shape)
+                                shape, scale)
 
     def _text(self, backbone: backbones.Backbone, tokens: int, placeholder: str | None = None,
               templates: list[str] | None = None) -> "TemplateText":

@@ -21,11 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def at_scale(tokens: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Each token L2-normalised and multiplied by `scale` (the word embeddings' mean norm: `normalise_tokens`), or
-    as it is where `scale` is None (the paper's equations)."""
-    return tokens if scale is None else F.normalize(tokens, dim=-1) * scale
+from harness.diffusion.placeholders import at_scale
 
 
 class SemanticEmbedding(nn.Module):

@@ -16,6 +16,7 @@ from harness import FewShotTask
 from harness.diffusion import backbone as backbones
 from harness.diffusion.backbone import split_words
 from harness.diffusion.latents import resize_images, resize_masks
+from harness.diffusion.placeholders import word_norm
 from harness.errors import MethodError
 from harness.methods import get_method_info, method_package
 
@@ -32,7 +33,8 @@ FEATURES = ("clip", "tiny")
 
 class AnomalyXFusion(base.AnomalyDiffusion):
     name = "anomalyxfusion"
-    paper = "Hu, Jiang, Wang, Xie, Zhang, et al. AnomalyXFusion: Multi-modal Anomaly Synthesis with Diffusion. 2024"
+    paper = ("Jie Hu, Yawen Huang, Yilin Lu, Guoyang Xie, Guannan Jiang, Yefeng Zheng, Zhichao Lu. "
+             "AnomalyXFusion: Multi-modal Anomaly Synthesis with Diffusion. arXiv 2404.19444, 2024")
     needs = frozenset({"target_normal", "target_mask", "caption"})
     builds_on = ("anomalydiffusion",)
 
@@ -158,8 +160,6 @@ class AnomalyXFusion(base.AnomalyDiffusion):
         if missing:
             raise MethodError(f"anomalyxfusion needs a caption for every target; none for the targets on {missing}")
         features = self._features_of([t.caption for t in targets], masks.device)
-        if self.config["embedding"]["semantic_zeroed"]:  # the caption claim's negative control (README.md)
-            features = None
         e_x = embedding.fused([defect_type] * len(targets), features, masks)
         if embedding.dynamic is None:
             condition = text(templates, e_x)
@@ -206,12 +206,6 @@ def _caption_of(item) -> str:
 
 def _coverage(encoder, captions: list[str]) -> dict:
     return encoder.coverage(captions) if hasattr(encoder, "coverage") else {}
-
-
-def word_norm(table: torch.Tensor) -> float:
-    """The mean norm of the text encoder's word embeddings: the scale every token of the X-embedding starts at (the
-    textural ones) or is kept at (`normalise_tokens`)."""
-    return float(table.norm(dim=1).mean())
 
 
 def textural_init(features: torch.Tensor, types: list[str], defect_types: list[str], tokens: int,
