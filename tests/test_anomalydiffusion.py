@@ -427,11 +427,19 @@ CLAIM_SAMPLES = 12  # per defect type
 CONTROLS = ("no fine-tuning", "no blend", "e_a swapped", "e_a zeroed", "e_s zeroed")
 
 
+def blend_margin(method) -> int:
+    """Pixels to grow a mask by before measuring the background: the re-weighting's blend radius at the last step
+    (latent cells of the shipped backbone's 4x autoencoder) and one cell more, the decoder's reach."""
+    package = sys.modules[get_method_info("anomalydiffusion").cls.__module__].__package__
+    adaptive = importlib.import_module(package + ".adaptive")  # AnomalyXFusion's sampler is AnomalyDiffusion's
+    return 4 * (1 + adaptive.radius(1, method.config["inference_steps"]))
+
+
 @pytest.fixture(scope="module")
 def claim_variants(pretrained_backbone, tmp_path_factory, modules):
     """AnomalyDiffusion's tiny profile (the UNet frozen; e_a and E_s trained) fitted on SpottedWeave's dark and pale
     stains as two defect types: each its own e_a, and the same masks, so E_s cannot tell them apart and only e_a can.
-    Then 8 samples of each type on the same normal images and masks (tests/claims.py's measures, a classifier trained
+    Then CLAIM_SAMPLES of each type on the same normal images and masks (tests/claims.py's measures, a classifier trained
     on the real training stains for the type), by the working method and by controls that each break one of the
     method's parts: no fine-tuning; plain DDIM from noise (no blend); each type drawn with the other type's e_a; e_a
     zeroed; e_s zeroed. The re-weighting is on, as the authors' rule for a texture anomaly (a stain on a weave; the
@@ -443,7 +451,7 @@ def claim_variants(pretrained_backbone, tmp_path_factory, modules):
     from .claims import DefectTypeClassifier, variant_measures
     from .spotted import COLOURS, spotted_split
 
-    method_module, embedding = modules
+    _, embedding = modules
     task = build_task(spotted_split(tmp_path_factory.mktemp("ad_spotted"), CLAIM_SIZE), COLOURS, CLAIM_SIZE, seed=0)
     task.backbone = pretrained_backbone[0]
     settings = {"masks": "data", "adaptive_mask": True}
@@ -473,9 +481,7 @@ def claim_variants(pretrained_backbone, tmp_path_factory, modules):
     def no_blend(eps, z_T, known, mask, scheduler, steps, condition=None, eta=0.0, generator=None, blend="before"):
         return plain(eps, z_T, scheduler, steps, condition, eta=eta, generator=generator)
 
-    # the background outside the sampler's last blend region (the mask grown by the re-weighting's last radius, one
-    # latent cell) and one cell more (the decoder's reach)
-    cell = 4 * (1 + method_module.adaptive.radius(1, method.config["inference_steps"]))
+    cell = blend_margin(method)
     out = {}
     for name in ("working", *CONTROLS):
         runs = []

@@ -515,6 +515,7 @@ def caption_claims(parts, pretrained_backbone, tmp_path_factory):
     from harness.tasks import build_request, build_task
 
     from .claims import DefectTypeClassifier, variant_measures
+    from .test_anomalydiffusion import blend_margin
 
     _, emb = parts
     task = build_task(spotted_split(tmp_path_factory.mktemp("axf_spotted"), CLAIM_SIZE), COLOURS, CLAIM_SIZE, seed=0)
@@ -555,9 +556,8 @@ def caption_claims(parts, pretrained_backbone, tmp_path_factory):
                     patch.setattr(emb.XEmbedding, "at_step", lambda self, e_x, t: e_x)
                 samples = list(method.generate(asked, fits.get(name, fits["working"])))
             runs.append((samples, dataclasses.replace(asked, defect_type=colour), colour))
-        # as AnomalyDiffusion's claims: the background outside the last blend region and one latent cell more;
         # "type" is the captioned colour the sample was asked for
-        out[name] = variant_measures(task, runs, classifier, cell=8)
+        out[name] = variant_measures(task, runs, classifier, blend_margin(method))
         inside = [np.array([s.image[t.mask].mean() for s, t in zip(samples, asked.targets)])
                   for samples, asked, _ in runs]  # the same targets in both runs: twins
         out[name]["pale twin brighter"] = float(np.mean(inside[COLOURS.index("pale")] > inside[COLOURS.index("dark")]))
