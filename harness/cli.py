@@ -335,9 +335,12 @@ def cmd_run(args) -> int:
         os.environ["DEFECTBENCH_RESULTS"] = str(args.results)
     suite = load_suite(args.suite, data=args.data)
     if args.dry_run:
-        plan = prepare(suite)
-        expand(plan)
-        print(dry_run(plan))
+        from harness import weights
+
+        with weights.no_downloads() as pending:  # a dry run downloads nothing
+            plan = prepare(suite)
+            expand(plan)
+        print(dry_run(plan, pending))
         return 0
     result = run_suite(suite, executor=args.executor, address=args.address, num_cpus=args.num_cpus,
                        results=args.results, fresh=args.fresh)

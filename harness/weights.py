@@ -11,17 +11,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
 from harness.errors import WeightsError
-from harness.io import cached_file_hash
+from harness.io import cached_file_hash, sha256_json
 from harness.profiles import Profile, get_profile
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ KNOWN: dict[str, WeightSpec] = {s.name: s for s in (
 
 @dataclass(frozen=True)
 class ResolvedWeights:
-    """What a network was built with: `source` is config | cache | download | random."""
+    """What a network was built with: `source` is config | cache | download | random, or pending (a download that a
+    dry run did not make; see no_downloads)."""
 
     name: str
     source: str
@@ -92,16 +94,20 @@ class ResolvedWeights:
         return f"{self.source}:{self.path.name if self.path else '?'}"
 
     def identity(self) -> str:
-        """What the weights are, whatever their location: the published file's hash (checked when resolved), a
-        configured file's content hash, or the random seed. Part of job keys."""
+        """What the weights are, whatever their location or how they got there: the published file's hash (checked
+        when resolved; also for a pending download, which is checked against it), a configured file's content hash,
+        a diffusers folder's (pipeline_identity: the files its loader reads), or the random seed. Part of job keys."""
         if self.is_random:
             return f"random(seed={self.seed})"
         spec = KNOWN.get(self.name)
-        if spec is not None and spec.sha256 and self.path is not None and self.path.name == spec.filename:
+        if spec is not None and spec.sha256 and (self.source == "pending" or
+                                                 (self.path is not None and self.path.name == spec.filename)):
             return f"sha256:{spec.sha256[:16]}"
         if self.path is not None and self.path.is_file():
             return f"sha256:{cached_file_hash(self.path)[:16]}"
-        return self.describe()  # a folder (a diffusion backbone): by name and source
+        if self.path is not None and self.path.is_dir():
+            return f"sha256:{pipeline_identity(self.path)}"
+        return f"{self.source}:{self.name}"  # a pending pipeline: its content is known once it is downloaded
 
     def as_record(self) -> dict:
         return {"name": self.name, "source": self.source, "path": str(self.path) if self.path else None,
@@ -110,6 +116,29 @@ class ResolvedWeights:
 
 _warned: set[str] = set()
 _reachable: dict[str, bool] = {}
+_pending: list[str] | None = None  # while no_downloads is active: what a run would download
+
+
+@contextlib.contextmanager
+def no_downloads() -> Iterator[list[str]]:
+    """Resolve without downloading anything (a dry run): what would be downloaded resolves as `pending`, with the
+    identity the download would have where that is known in advance (a published hash), and is listed in the
+    yielded list."""
+    global _pending
+    outer, _pending = _pending, []
+    try:
+        yield _pending
+    finally:
+        _pending = outer
+
+
+def _hold(what: str) -> bool:
+    """Whether downloads are held back (no_downloads); notes `what` would have been downloaded."""
+    if _pending is None:
+        return False
+    if what not in _pending:
+        _pending.append(what)
+    return True
 
 
 def cache_dir() -> Path:
@@ -149,6 +178,8 @@ def find(name: str, explicit: str | Path | None = None) -> ResolvedWeights | Non
     if cached.is_file():
         return ResolvedWeights(name, "cache", verify(spec, cached))
     downloaded = _download(spec, cached)
+    if isinstance(downloaded, ResolvedWeights):  # held back by no_downloads
+        return downloaded
     if downloaded is not None:
         return ResolvedWeights(name, "download", verify(spec, downloaded))
     return None
@@ -182,9 +213,11 @@ def verify(spec: WeightSpec, path: Path) -> Path:
     return path
 
 
-def _download(spec: WeightSpec, target: Path) -> Path | None:
+def _download(spec: WeightSpec, target: Path) -> Path | ResolvedWeights | None:
     if spec.url is None or not is_reachable(spec.url):
         return None
+    if _hold(f"{spec.name}: {spec.url}"):
+        return ResolvedWeights(spec.name, "pending", None)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(spec.url, str(target), hash_prefix=spec.sha256, progress=False)
@@ -207,12 +240,60 @@ PIPELINES: dict[str, str] = {
     "ldm-text2im-large-256": "CompVis/ldm-text2im-large-256",  # AnomalyDiffusion's: LDMBert, 256 px
 }
 PIPELINE_HOST = "https://huggingface.co"
-PIPELINE_PARTS = ("vae/*", "unet/*", "text_encoder/*", "tokenizer/*", "scheduler/*", "model_index.json",
-                  "vqvae/*", "bert/*")  # the last two: LDM text2img-large's names for the autoencoder and text encoder
+# What harness/diffusion/backbone.load reads of such a folder: each network's config and one weights file, and the
+# tokenizer's and scheduler's (small) files. LDM text2img-large names its autoencoder and text encoder vqvae/, bert/
+PIPELINE_NETWORKS = {"vae": ("vae", "vqvae"), "unet": ("unet",), "text_encoder": ("text_encoder", "bert")}
+PIPELINE_SMALL_PARTS = ("tokenizer", "scheduler")
+# from_pretrained's choice: the full-precision safetensors file where there is one, else the pickled one
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
+                "pytorch_model.bin")
+
+
+def loader_files(listing: Iterable[str]) -> list[str]:
+    """The files of a diffusers folder (or hub repository) that the backbone's loader reads, from its listing (paths
+    relative to it): per network its config.json and the first of WEIGHT_FILES listed (never the fp16 or non-EMA
+    variants, the single-file checkpoints or the safety checker), and every file of tokenizer/ and scheduler/."""
+    listing = set(listing)
+    chosen = []
+    for part in {folder for folders in PIPELINE_NETWORKS.values() for folder in folders}:
+        weights_file = next((f"{part}/{name}" for name in WEIGHT_FILES if f"{part}/{name}" in listing), None)
+        if f"{part}/config.json" in listing and weights_file:
+            chosen += [f"{part}/config.json", weights_file]
+    chosen += [f for f in listing if f.split("/")[0] in PIPELINE_SMALL_PARTS and f.count("/") == 1]
+    return sorted(chosen)
+
+
+def missing_parts(files: Iterable[str]) -> list[str]:
+    """What the loader needs and `files` (loader_files' answer) lack: a network, a tokenizer or a scheduler."""
+    present = {f.split("/")[0] for f in files}
+    missing = [" or ".join(f"{f}/" for f in folders) for folders in PIPELINE_NETWORKS.values()
+               if not present & set(folders)]
+    return missing + [f"{part}/" for part in PIPELINE_SMALL_PARTS if part not in present]
+
+
+def _listing(folder: Path) -> list[str]:
+    return [str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()]
+
+
+def _content_hash(path: Path) -> str:
+    """A file's SHA-256. In the Hugging Face cache a large (LFS) file is a link to a blob named by its SHA-256, so
+    that name is its hash, read without reading the file."""
+    target = path.resolve()
+    if path.is_symlink() and target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", target.name):
+        return target.name
+    return cached_file_hash(path)
+
+
+def pipeline_identity(folder: Path) -> str:
+    """A diffusers folder by content: the hash of the SHA-256s of the files its loader reads (loader_files), so
+    the same weights have the same identity in the hub's cache, after a download or copied to a folder of one's own."""
+    files = loader_files(_listing(folder))
+    return sha256_json({f: _content_hash(folder / f) for f in files})[:16]
 
 
 def resolve_pipeline(name: str, explicit: str | Path | None = None) -> ResolvedWeights:
-    """A diffusion backbone folder: the configured folder, the Hugging Face cache ($HF_HOME), or a download.
+    """A diffusion backbone folder: the configured folder, the Hugging Face cache ($HF_HOME), or a download of the
+    files its loader reads (loader_files; under no_downloads: pending).
 
     There is no random fallback: a randomly initialised Stable Diffusion means nothing (the `tiny` profile
     has its own, shipped backbone instead)."""
@@ -221,19 +302,27 @@ def resolve_pipeline(name: str, explicit: str | Path | None = None) -> ResolvedW
         raise WeightsError(f"unknown diffusion backbone {name!r}; known: {', '.join(PIPELINES)}")
     if explicit:
         path = Path(explicit).expanduser()
-        if not (path / "unet" / "config.json").is_file():  # SD's and LDM's layouts alike
-            raise WeightsError(f"weights for {name!r}: {path} is not a diffusers folder (no unet/config.json)")
+        missing = missing_parts(loader_files(_listing(path))) if path.is_dir() else ["the folder itself"]
+        if missing:
+            raise WeightsError(f"weights for {name!r}: {path} is not a diffusers folder (missing {', '.join(missing)}; "
+                               f"each network needs its config.json and weights)")
         return ResolvedWeights(name, "config", path)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
     try:
-        return ResolvedWeights(name, "cache", Path(snapshot_download(repo_id, allow_patterns=list(PIPELINE_PARTS),
-                                                                     local_files_only=True)))
+        cached = Path(snapshot_download(repo_id, local_files_only=True))
+        if not missing_parts(loader_files(_listing(cached))):
+            return ResolvedWeights(name, "cache", cached)
     except Exception:  # not in the cache: try the hub
         pass
     if is_reachable(PIPELINE_HOST):
+        if _hold(f"{name}: {PIPELINE_HOST}/{repo_id} (the files its loader reads)"):
+            return ResolvedWeights(name, "pending", None)
         try:
-            return ResolvedWeights(name, "download", Path(snapshot_download(repo_id, allow_patterns=list(PIPELINE_PARTS))))
+            files = loader_files(HfApi().list_repo_files(repo_id))
+            if missing_parts(files):
+                raise WeightsError(f"{repo_id} lacks {', '.join(missing_parts(files))}")
+            return ResolvedWeights(name, "download", Path(snapshot_download(repo_id, allow_patterns=files)))
         except Exception as err:
             log.warning("download of %s failed: %s", repo_id, err)
     raise WeightsError(f"weights for {name!r} ({repo_id}) are not in the Hugging Face cache and cannot be downloaded. "

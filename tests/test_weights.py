@@ -4,6 +4,7 @@ from __future__ import annotations
 import socket
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +175,167 @@ def test_a_network_without_published_weights_is_found_only_where_the_user_put_it
     torch.save({"w": torch.zeros(2)}, path)
     found = weights.find("u2net")
     assert found.source == "cache" and found.identity().startswith("sha256:")  # its own content hash
+
+
+# ---- diffusion backbones from the hub: what is downloaded, and the job keys ------------------------------------
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5's public file listing (the hub's "Files" tab)
+SD15_LISTING = """
+.gitattributes README.md model_index.json v1-inference.yaml
+v1-5-pruned-emaonly.ckpt v1-5-pruned-emaonly.safetensors v1-5-pruned.ckpt v1-5-pruned.safetensors
+feature_extractor/preprocessor_config.json
+safety_checker/config.json safety_checker/model.fp16.safetensors safety_checker/model.safetensors
+safety_checker/pytorch_model.bin safety_checker/pytorch_model.fp16.bin
+scheduler/scheduler_config.json
+text_encoder/config.json text_encoder/model.fp16.safetensors text_encoder/model.safetensors
+text_encoder/pytorch_model.bin text_encoder/pytorch_model.fp16.bin
+tokenizer/merges.txt tokenizer/special_tokens_map.json tokenizer/tokenizer_config.json tokenizer/vocab.json
+unet/config.json unet/diffusion_pytorch_model.bin unet/diffusion_pytorch_model.fp16.bin
+unet/diffusion_pytorch_model.fp16.safetensors unet/diffusion_pytorch_model.non_ema.bin
+unet/diffusion_pytorch_model.non_ema.safetensors unet/diffusion_pytorch_model.safetensors
+vae/config.json vae/diffusion_pytorch_model.bin vae/diffusion_pytorch_model.fp16.bin
+vae/diffusion_pytorch_model.fp16.safetensors vae/diffusion_pytorch_model.safetensors
+""".split()
+SD15_READ = ["scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+             "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+             "tokenizer/vocab.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+             "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+# CompVis/ldm-text2im-large-256's (LDM text2img-large: AnomalyDiffusion's backbone)
+LDM_LISTING = """
+.gitattributes README.md model_index.json
+bert/config.json bert/pytorch_model.bin
+scheduler/scheduler_config.json
+tokenizer/special_tokens_map.json tokenizer/tokenizer_config.json tokenizer/vocab.txt
+unet/config.json unet/diffusion_pytorch_model.bin
+vqvae/config.json vqvae/diffusion_pytorch_model.bin
+""".split()
+LDM_READ = ["bert/config.json", "bert/pytorch_model.bin", "scheduler/scheduler_config.json",
+            "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.txt",
+            "unet/config.json", "unet/diffusion_pytorch_model.bin", "vqvae/config.json",
+            "vqvae/diffusion_pytorch_model.bin"]
+
+
+def test_the_download_takes_only_the_files_the_loader_reads():
+    """Not the fp16 or non-EMA variants, the pickled copies, the single-file checkpoints or the safety checker:
+    11 of SD 1.5's 36 files (about 4.3 GB instead of about 44 GB)."""
+    assert weights.loader_files(SD15_LISTING) == SD15_READ
+    assert weights.loader_files(LDM_LISTING) == LDM_READ  # no safetensors there: the pickled weights
+    assert weights.missing_parts(SD15_READ) == [] and weights.missing_parts(LDM_READ) == []
+    assert weights.missing_parts([f for f in SD15_READ if not f.startswith("unet/")]) == ["unet/"]
+    assert weights.missing_parts(["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]) == [
+        "vae/ or vqvae/", "text_encoder/ or bert/", "tokenizer/", "scheduler/"]
+
+
+def _git_blob_sha1(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _into_hub_cache(source: Path, cache: Path, repo_id: str, files: list[str], revision: str = "f" * 40) -> Path:
+    """`files` of `source` laid out as huggingface_hub's cache holds a download: blobs named by their SHA-256
+    (large, LFS files) or their git blob id (the others), linked from snapshots/<revision>/, refs/main."""
+    import hashlib
+    import os
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    for name in files:
+        data = (source / name).read_bytes()
+        large = name.endswith((".safetensors", ".bin"))
+        blob = repo / "blobs" / (hashlib.sha256(data).hexdigest() if large else _git_blob_sha1(data))
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path, sd15_rehearsal):
+    """A Hugging Face hub that serves the SD 1.5 rehearsal model under SD 1.5's listing, into an empty cache; the
+    calls that download are recorded."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    real = huggingface_hub.snapshot_download
+    downloads = []
+
+    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False, **kwargs):
+        if local_files_only:
+            return real(repo_id, local_files_only=True, cache_dir=str(cache), **kwargs)
+        downloads.append(sorted(allow_patterns))
+        served = set(weights.loader_files(SD15_LISTING)) & set(allow_patterns)
+        return str(_into_hub_cache(sd15_rehearsal, cache, repo_id, sorted(served & set(weights._listing(sd15_rehearsal)))))
+
+    class Api:
+        def list_repo_files(self, repo_id, **kwargs):
+            return list(SD15_LISTING)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(weights, "is_reachable", lambda url: True)
+    return downloads
+
+
+def test_resolve_pipeline_downloads_those_files_and_then_finds_them_in_the_cache(hub):
+    first = weights.resolve_pipeline("stable-diffusion-v1-5")
+    assert first.source == "download" and hub == [SD15_READ]
+    second = weights.resolve_pipeline("stable-diffusion-v1-5")
+    assert second.source == "cache" and len(hub) == 1 and second.path == first.path
+    from harness.diffusion.backbone import load
+
+    assert type(load(second.path).unet).__name__ == "UNet2DConditionModel"  # the loader finds what it reads
+
+
+def _paper_backbone_key(tmp_path: Path, folder: Path | None = None) -> tuple[str, str]:
+    """The backbone job's key and provenance of a paper-profile suite with background_aware (SD 1.5) on synthetic
+    data: the fits' keys follow it (it is their dependency)."""
+    from harness.runner.backbone_jobs import backbone_jobs
+    from harness.runner.plan import prepare
+    from harness.runner.suite import parse_suite
+    from tests.test_runner import mini
+
+    suite = parse_suite(mini(profile="paper", methods=["background_aware"],
+                             weights={"stable-diffusion-v1-5": str(folder)} if folder else {}), tmp_path / "s.yaml")
+    jobs = backbone_jobs(prepare(suite))
+    return jobs[0].key, jobs[0].tags["backbone"]
+
+
+def test_the_backbone_key_follows_the_weights_content_not_where_they_were_found(hub, tmp_path):
+    """The run that downloads SD 1.5 and every run after it (found in the cache), and a folder of one's own with the
+    same files, plan the same keys; a changed weight changes them. A dry run downloads nothing."""
+    import shutil
+
+    with weights.no_downloads() as pending:
+        dry_key, dry_provenance = _paper_backbone_key(tmp_path)
+    assert hub == [] and pending == ["stable-diffusion-v1-5: https://huggingface.co/stable-diffusion-v1-5/"
+                                     "stable-diffusion-v1-5 (the files its loader reads)"]
+    assert dry_provenance == "stable-diffusion-v1-5:pending:stable-diffusion-v1-5"
+    downloaded = _paper_backbone_key(tmp_path)
+    assert len(hub) == 1
+    cached = _paper_backbone_key(tmp_path)
+    assert len(hub) == 1 and cached == downloaded
+    own = tmp_path / "own"
+    shutil.copytree(weights.resolve_pipeline("stable-diffusion-v1-5").path, own)  # the links' files, copied
+    assert _paper_backbone_key(tmp_path, own) == downloaded  # plain files, hashed: the same content
+    assert downloaded[1].startswith("stable-diffusion-v1-5:sha256:") and dry_key != downloaded[0]
+    scheduler = own / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(scheduler.read_text().replace("0.012", "0.0125"))
+    assert _paper_backbone_key(tmp_path, own)[0] != downloaded[0]
+
+
+def test_a_dry_run_downloads_no_other_weights(offline, monkeypatch):
+    """Inception, LPIPS' trunk, the downstream networks: a dry run lists what it would download and resolves it as
+    pending, with the identity the download would have (its published hash, which the download is checked against)."""
+    monkeypatch.setattr(weights, "is_reachable", lambda url: True)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded in a dry run"))
+    with weights.no_downloads() as pending:
+        resolved = weights.resolve("inception-v3-fid", "paper")
+    assert resolved.source == "pending" and pending == [f"inception-v3-fid: {weights.KNOWN['inception-v3-fid'].url}"]
+    assert resolved.identity() == "sha256:" + weights.KNOWN["inception-v3-fid"].sha256[:16]

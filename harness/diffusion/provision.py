@@ -193,7 +193,8 @@ def tiny_backbone(normals: list[NormalImages], overrides: dict | None = None, re
 def paper_backbone(explicit: str | Path | None = None, name: str | None = None) -> tuple[Path, dict]:
     """A pretrained backbone's folder (default: Stable Diffusion 1.5), resolved by harness/weights.py."""
     resolved = weights.resolve_pipeline(name or PAPER_BACKBONE, explicit)
-    return resolved.path, {"kind": "pretrained", "weights": resolved.as_record(), "reused": True}
+    return resolved.path, {"kind": "pretrained", "weights": resolved.as_record(), "identity": resolved.identity(),
+                           "reused": True}
 
 
 def provision(profile: str | Profile, normals: list[NormalImages], overrides: dict | None = None,
@@ -213,5 +214,5 @@ def describe(info: dict, folder: Path) -> str:
         return f"defectbench-tiny:{info['shipped']}"
     if info.get("kind") == "tiny-finetuned":
         return f"defectbench-tiny-finetuned:{folder.name}"
-    record = info.get("weights", {})
-    return f"{record.get('name', PAPER_BACKBONE)}:{record.get('source', '?')}"
+    record = info.get("weights", {})  # by content, not by where it was found (cache, download or a folder)
+    return f"{record.get('name', PAPER_BACKBONE)}:{info.get('identity', '?')}"

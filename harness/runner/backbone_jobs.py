@@ -139,6 +139,9 @@ def run_backbone(job: Job, ctx: JobContext) -> list[dict]:
         folder, info = provision.finetuned_backbone(normals, config, announce=ctx.announce)
     else:
         folder, info = provision.paper_backbone(p["weights"], p["name"])
+        if provision.describe(info, folder) != p["provenance"]:
+            raise ConfigError(f"the weights of {p['name']} ({folder}) are not those the suite was planned with "
+                              f"({p['provenance']}); run the suite again")
     atomic_write_json(ctx.folder / JOB_FILE, {"key": folder.name, "provenance": p["provenance"], "name": p["name"],
                                               **{k: v for k, v in info.items() if k not in ("config", "weights")}})
     return []

@@ -57,7 +57,9 @@ def run_id_for(suite: Suite) -> str:
     return sha256_json(config)[:10]
 
 
-def dry_run(plan: Plan) -> str:
+def dry_run(plan: Plan, pending: list[str] = ()) -> str:
+    """The plan in words; `pending`: the weights a run would download first (weights.no_downloads), where the keys
+    of jobs that use a diffusion backbone are fixed only once its files are there."""
     jobs = plan.jobs
     kinds = Counter(j.kind for j in jobs)
     methods = Counter(j.tags.get("method", "-") for j in jobs)
@@ -72,6 +74,9 @@ def dry_run(plan: Plan) -> str:
         lines.append(f"  {job.key}  {job.label}" + (f"   <- {needs}" if needs else ""))
     if len(jobs) > 30:
         lines.append(f"  ... and {len(jobs) - 30} more")
+    if pending:
+        lines += ["", "not downloaded (a run downloads these first; the keys of jobs on a backbone shown here are "
+                      "final once it has):", *(f"  {line}" for line in pending)]
     return "\n".join(lines)
 
 
