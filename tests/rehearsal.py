@@ -81,3 +81,56 @@ def stable_diffusion_15(folder: Path, seed: int = 0) -> Path:
     PNDMScheduler(skip_prk_steps=True, **{k: v for k, v in SD15_SCHEDULER.items() if k != "clip_sample"}
                   ).save_pretrained(folder / "scheduler")
     return folder
+
+
+class FitWatch:
+    """What a fit trains, seen from outside: each backbone the method loads frozen (`harness.diffusion.backbone.
+    load_frozen`) and, at each fine-tuning the method starts (its module's `finetune`), the parameters it hands the
+    optimiser and those of the last loaded backbone that require a gradient then. Install with `watch(monkeypatch,
+    module)`."""
+
+    def __init__(self):
+        self.backbones: list = []
+        self.calls: list[dict] = []
+
+    def networks(self, backbone) -> list[torch.nn.Module]:
+        return [backbone.unet, backbone.vae, backbone.text_encoder]
+
+    def count(self, backbone, trainable: bool) -> int:
+        return sum(p.numel() for m in self.networks(backbone) for p in m.parameters() if p.requires_grad == trainable)
+
+
+def watch(monkeypatch, module) -> FitWatch:
+    from harness.diffusion import backbone as backbones
+
+    seen = FitWatch()
+    load_frozen, finetune = backbones.load_frozen, module.finetune
+
+    def watched_load(*args, **kwargs):
+        seen.backbones.append(load_frozen(*args, **kwargs))
+        return seen.backbones[-1]
+
+    def watched_finetune(params, *args, **kwargs):
+        backbone = seen.backbones[-1]
+        grad = {id(p) for m in seen.networks(backbone) for p in m.parameters() if p.requires_grad}
+        seen.calls.append({"params": list(params), "backbone_trainable": grad,
+                           "frozen": seen.count(backbone, False), "trained": sum(p.numel() for p in params)})
+        return finetune(params, *args, **kwargs)
+
+    monkeypatch.setattr(backbones, "load_frozen", watched_load)
+    monkeypatch.setattr(module, "finetune", watched_finetune)
+    return seen
+
+
+def lora_parameters(unet: torch.nn.Module, rank: int, targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+                    ) -> int:
+    """The size of a rank-`rank` LoRA on `targets` of every attention layer of a diffusers UNet: A (r x in) and
+    B (out x r) per projection."""
+    from diffusers.models.attention_processor import Attention
+
+    total = 0
+    for attention in (m for m in unet.modules() if isinstance(m, Attention)):
+        for name in targets:
+            layer = attention.get_submodule(name)
+            total += rank * (layer.in_features + layer.out_features)
+    return total

@@ -388,3 +388,54 @@ def test_backbone_settings_and_weights_errors_are_named(tmp_path, pretrained_bac
     jobs = backbone_jobs(prepare(suite))  # (the paper profile's Inception and VGG are not on this machine)
     assert [j.tags["backbone"][:29] for j in jobs] == ["stable-diffusion-v1-5:sha256:"]
     assert jobs[0].where["weights"] == str(pretrained_backbone[0])  # where it lies: not part of the key
+
+
+# ---- the `paper` profile rehearsed end to end on a model in SD 1.5's layout (tests/rehearsal.py) ------------------
+
+def test_the_paper_profile_fits_and_generates_on_sd15s_layout(equations, synth_root, sd15_rehearsal, tmp_path,
+                                                              monkeypatch):
+    """The paper configuration (Algorithm 1: the disentangled loss, DDIM inversion of the target's background, the
+    two paths, the attention-refined mask) once on 512-px content, with only the step counts cut: what trains (the
+    rank-16 LoRA on the attention projections, nothing else) and what stays frozen, counted; the adapter's size."""
+    from safetensors.torch import load_file
+
+    from harness.diffusion import ddim
+    from harness.diffusion.backbone import load_frozen
+    from harness.profiles import get_profile
+    from tests.rehearsal import lora_parameters, watch
+
+    method = load_method("background_aware", "paper", {"steps": 2, "inference_steps": 2})
+    c = method.config
+    assert (c["loss"], c["init"], c["refine_mask"], c["guidance_scale"], c["batch_size"], c["learning_rate"],
+            c["lora"]["rank"], c["lora"]["alpha"], tuple(c["lora"]["targets"]), c["flips"]) == (
+        "disentangled", "inversion", True, 1.0, 1, 1e-4, 16, None, ("to_q", "to_k", "to_v", "to_out.0"), True)
+    assert load_method("background_aware", "paper").config["steps"] == 500
+    assert load_method("background_aware", "paper").config["inference_steps"] == 50
+    size = method.working_resolution(get_profile("paper").resolution)
+    assert size == 512
+    task = build_task(make_split(read_category(synth_root, "washer", dataset="synthetic")), ["stain"], size, seed=0)
+    task.backbone = sd15_rehearsal
+    seen = watch(monkeypatch, sys.modules[type(method).__module__])
+    work = tmp_path / "fit"
+    fit_method(method, task, work)
+
+    backbone = load_frozen(sd15_rehearsal, torch.device("cpu"))
+    lora = lora_parameters(backbone.unet, 16)
+    (call,) = seen.calls
+    assert call["trained"] == lora and call["backbone_trainable"] == {id(p) for p in call["params"]}
+    assert call["frozen"] == seen.count(backbone, False)  # the whole SD 1.5 layout, text encoder and VAE included
+    saved = load_file(str(work / "lora" / "adapter_model.safetensors"))
+    assert sum(t.numel() for t in saved.values()) == lora
+    assert all(16 in t.shape for t in saved.values())
+    assert (work / "lora" / "adapter_model.safetensors").stat().st_size < 4 * lora + 100_000
+    print(f"rehearsal: frozen {call['frozen']:,} parameters, trained {lora:,}")
+
+    schedulers = []
+    real = ddim.invert
+    monkeypatch.setattr(ddim, "invert", lambda eps, z, scheduler, *a, **k: schedulers.append(scheduler) or
+                        real(eps, z, scheduler, *a, **k))
+    request = build_request(task, method, "stain", 2, seed=0)
+    samples = list(method.generate(request, work))
+    assert [type(s).__name__ for s in schedulers] == ["DDIMScheduler"]  # Algorithm 1's inversion
+    assert len(samples) == 2 and all(s.image.shape == (512, 512, 3) and s.mask.shape == (512, 512) for s in samples)
+    assert all(s.extra["init"] == "inversion" and s.extra["refined"] for s in samples)
