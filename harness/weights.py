@@ -276,8 +276,8 @@ def _listing(folder: Path) -> list[str]:
 
 
 def _content_hash(path: Path) -> str:
-    """A file's SHA-256. In the Hugging Face cache a large (LFS) file is a link to a blob named by its SHA-256, so
-    that name is its hash, read without reading the file."""
+    """A file's SHA-256. In the Hugging Face cache a large (LFS) file is a link to a blob named by its SHA-256 (the
+    hub's, as huggingface_hub names blobs by the ETag; not re-hashed here), so that name is read instead of 4 GB."""
     target = path.resolve()
     if path.is_symlink() and target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", target.name):
         return target.name

@@ -83,6 +83,50 @@ def stable_diffusion_15(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+# CompVis' LDM text2img-large in diffusers' layout (CompVis/ldm-text2im-large-256): its first stage in vqvae/ (a KL
+# autoencoder, f = 8, 4 latent channels, widths 128, 256, 512, 512; here 32, 32, 64, 64), the UNet at 32 x 32
+# latents with SD's block types and widths 320-1280 (here 32-64), cross-attention on LDMBert's 1280-d tokens (here
+# 32), LDMBert: 32 layers, 8 heads of 64, feed-forward 5120 (here 8 heads of 4), BERT's uncased WordPiece tokenizer,
+# 77 tokens; DDIM over the scaled-linear betas 0.00085-0.012
+LDM_UNET_LAYOUT = {**SD15_UNET_LAYOUT, "sample_size": 32}
+LDM_VAE_LAYOUT = {**SD15_VAE_LAYOUT, "sample_size": 256}
+LDM_BERT_LAYOUT = {"encoder_layers": 32, "max_position_embeddings": 77, "activation_function": "gelu"}
+LDM_WIDTHS = {"bert": 32, "bert_heads": 8, "bert_head_dim": 4}
+# BERT's vocabulary reduced to the words the methods' prompts use (the uncased vocabulary's 30,522 entries are not
+# on these machines): its specials first, as BERT's, then "*", AnomalyDiffusion's placeholder, one token as in BERT's
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def wordpiece_tokenizer(folder: Path, words: list[str]):
+    """A BertTokenizer (uncased WordPiece, 77 tokens) over BERT's specials, "*" and `words`, saved into `folder`."""
+    from transformers import BertTokenizer
+
+    vocabulary = list(dict.fromkeys([*WORDPIECE_SPECIALS, "*", "-", *words]))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocabulary) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), model_max_length=77, do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def ldm_text2img_large(folder: Path, words: list[str], seed: int = 0) -> Path:
+    """A random model in LDM text2img-large's layout (above) saved into `folder` (vqvae/, unet/, bert/, tokenizer/,
+    scheduler/, as the hub's); `words`: the tokenizer's vocabulary beyond BERT's specials and "*"."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+
+    torch.manual_seed(seed)
+    tokenizer = wordpiece_tokenizer(folder / "tokenizer", words)
+    AutoencoderKL(block_out_channels=WIDTHS["vae"], **LDM_VAE_LAYOUT).save_pretrained(folder / "vqvae")
+    UNet2DConditionModel(block_out_channels=WIDTHS["unet"], cross_attention_dim=LDM_WIDTHS["bert"],
+                         **LDM_UNET_LAYOUT).save_pretrained(folder / "unet")
+    LDMBertModel(LDMBertConfig(vocab_size=len(tokenizer), d_model=LDM_WIDTHS["bert"], encoder_ffn_dim=4 * LDM_WIDTHS["bert"],
+                               encoder_attention_heads=LDM_WIDTHS["bert_heads"], head_dim=LDM_WIDTHS["bert_head_dim"],
+                               **LDM_BERT_LAYOUT)).save_pretrained(folder / "bert")
+    DDIMScheduler(**{k: v for k, v in SD15_SCHEDULER.items()}).save_pretrained(folder / "scheduler")
+    return folder
+
+
 class FitWatch:
     """What a fit trains, seen from outside: each backbone the method loads frozen (`harness.diffusion.backbone.
     load_frozen`) and, at each fine-tuning the method starts (its module's `finetune`), the parameters it hands the
@@ -100,25 +144,28 @@ class FitWatch:
         return sum(p.numel() for m in self.networks(backbone) for p in m.parameters() if p.requires_grad == trainable)
 
 
-def watch(monkeypatch, module) -> FitWatch:
+def watch(monkeypatch, *modules) -> FitWatch:
     from harness.diffusion import backbone as backbones
 
     seen = FitWatch()
-    load_frozen, finetune = backbones.load_frozen, module.finetune
+    load_frozen = backbones.load_frozen
 
     def watched_load(*args, **kwargs):
         seen.backbones.append(load_frozen(*args, **kwargs))
         return seen.backbones[-1]
 
-    def watched_finetune(params, *args, **kwargs):
-        backbone = seen.backbones[-1]
-        grad = {id(p) for m in seen.networks(backbone) for p in m.parameters() if p.requires_grad}
-        seen.calls.append({"params": list(params), "backbone_trainable": grad,
-                           "frozen": seen.count(backbone, False), "trained": sum(p.numel() for p in params)})
-        return finetune(params, *args, **kwargs)
+    def watched(finetune, where):
+        def watched_finetune(params, *args, **kwargs):
+            backbone = seen.backbones[-1]
+            grad = {id(p) for m in seen.networks(backbone) for p in m.parameters() if p.requires_grad}
+            seen.calls.append({"where": where, "params": list(params), "backbone_trainable": grad,
+                               "frozen": seen.count(backbone, False), "trained": sum(p.numel() for p in params)})
+            return finetune(params, *args, **kwargs)
+        return watched_finetune
 
     monkeypatch.setattr(backbones, "load_frozen", watched_load)
-    monkeypatch.setattr(module, "finetune", watched_finetune)
+    for module in modules:
+        monkeypatch.setattr(module, "finetune", watched(module.finetune, module.__name__.rsplit(".", 1)[-1]))
     return seen
 
 

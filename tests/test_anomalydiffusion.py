@@ -241,35 +241,6 @@ def test_adaptive_textures_turns_the_reweighting_on_for_texture_categories_only(
     assert load_method("anomalydiffusion", "tiny", {"adaptive_mask": True})._adaptive({"texture": False})
 
 
-def ldm_stand_in(folder):
-    """A tiny model in LDM text2img-large's diffusers layout (vqvae/: AutoencoderKL with 8x down-sampling, bert/:
-    LDMBert, a WordPiece tokenizer where "*" is one token, unet/, scheduler/): the paper profile's code path."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
-    from transformers import BertTokenizer
-
-    torch.manual_seed(0)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "*", "anomaly", "crack",
-             "rendering", "cropped", "clean", "dirty", "dark", "my", "cool", "close", "-", "up", "bright", "good", "one",
-             "rendition", "nice", "small", "weird", "large"]
-    folder.mkdir(parents=True)
-    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    BertTokenizer(str(folder / "vocab.txt"), model_max_length=32).save_pretrained(folder / "tokenizer")
-    LDMBertModel(LDMBertConfig(vocab_size=len(words), max_position_embeddings=32, encoder_layers=1,
-                               encoder_ffn_dim=32, encoder_attention_heads=2, head_dim=8, d_model=16)
-                 ).save_pretrained(folder / "bert")
-    AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
-                  sample_size=64).save_pretrained(folder / "vqvae")
-    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-                         cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
-                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(folder / "unet")
-    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                  set_alpha_to_one=False).save_pretrained(folder / "scheduler")
-    return folder
-
-
 def test_ldm_text2img_large_loads_through_from_pretrained_and_carries_the_embedding(synth_root, tmp_path):
     from harness.data.layouts import read_category
     from harness.data.splits import make_split
@@ -277,7 +248,9 @@ def test_ldm_text2img_large_loads_through_from_pretrained_and_carries_the_embedd
     from harness.generation import fit_method
     from harness.tasks import build_request, build_task
 
-    folder = ldm_stand_in(tmp_path / "ldm")
+    from tests.rehearsal import ldm_text2img_large
+
+    folder = ldm_text2img_large(tmp_path / "ldm", ["a", "photo", "of", "the", "anomaly", "crack", "dirty", "small", "nice"])
     assert backbones.is_ldm(folder)
     backbone = backbones.load(folder)
     assert type(backbone.text_encoder).__name__ == "LDMBertModel" and backbone.latent_factor == 8
@@ -559,3 +532,78 @@ def test_the_mask_generators_masks_resemble_the_training_masks(modules, synth_ro
     print(f"steps {steps}: {len(drawn.masks)} of {drawn.drawn} passed; distance to the training masks "
           f"{generated:.3f} (random ellipses {ellipses:.3f})")
     assert generated < ellipses
+
+
+# ---- the `paper` profile rehearsed end to end on a model in LDM text2img-large's layout (tests/rehearsal.py) --------
+
+def test_the_paper_profile_fits_and_generates_on_ldm_text2img_larges_layout(modules, synth_root, tmp_path, monkeypatch):
+    """Every branch of the paper configuration once, with only the step counts cut: 256-px content, e_a and E_s (pSp
+    on IR-50 at 256 px) on the frozen LDM, the mask generator's textual inversion (16 vectors from "crack") and its
+    guided sampling with the targets' masks filling in what it did not draw, blended DDIM with eta 1 and the
+    attention re-weighting (weave is a texture); what trains and what stays frozen, counted."""
+    from safetensors.torch import load_file
+
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.diffusion import ddim
+    from harness.diffusion.backbone import load_frozen, split_words
+    from harness.generation import fit_method
+    from harness.profiles import get_profile
+    from harness.tasks import build_request, build_task
+    from tests.rehearsal import ldm_text2img_large, watch
+
+    method_module, _ = modules
+    maskgen = importlib.import_module(method_module.__package__ + ".maskgen")
+    paper = load_method("anomalydiffusion", "paper").config
+    assert (paper["steps_per_defect_type"], paper["batch_size"], paper["learning_rate"], paper["grad_clip"],
+            paper["unet_lora"], paper["placeholder"], paper["masks"], paper["inference_steps"], paper["eta"],
+            paper["blend"], paper["adaptive_mask"]) == (4167, 4, 0.02, 0.0, None, "*", "generated", 200, 1.0,
+                                                         "before", "textures")
+    e, g = paper["embedding"], paper["mask_generator"]
+    assert (e["anomaly_vectors"], e["mask_tokens"], e["init_word"], e["normalise_tokens"], e["encoder"]["input_size"],
+            e["encoder"]["units"]) == (4, 4, "anomaly", False, 256, [3, 4, 14, 3])
+    assert (g["vectors"], g["init_word"], g["steps"], g["learning_rate"], g["inference_steps"], g["eta"],
+            g["guidance_scale"], g["unet_lora"]) == (16, "crack", 30001, 0.02, 100, 1.0, 5.0, None)
+    method = load_method("anomalydiffusion", "paper", {
+        "steps_per_defect_type": 2, "inference_steps": 2, "generation_batch": 2,
+        "mask_generator": {"steps": 2, "inference_steps": 2, "max_batches": 1, "batch_size_sampling": 2}})
+    words = split_words(" ".join(paper["templates"] + [e["init_word"], g["init_word"]]))
+    folder = ldm_text2img_large(tmp_path / "ldm", words)
+    size = method.working_resolution(get_profile("paper").resolution)
+    assert size == 256
+    split = make_split(read_category(synth_root, "weave", dataset="synthetic"))
+    task = build_task(split, sorted(split.defects)[:1], size, seed=0)
+    task.backbone = folder
+    seen = watch(monkeypatch, method_module, maskgen)
+    work = tmp_path / "fit"
+    fit_method(method, task, work)
+
+    record = json.loads((work / method_module.MODEL_FILE).read_text())
+    backbone = load_frozen(folder, torch.device("cpu"))
+    width = backbone.text_encoder.get_input_embeddings().weight.shape[1]
+    image_fit, mask_fit = seen.calls
+    assert (image_fit["where"], mask_fit["where"]) == (method_module.__name__.rsplit(".", 1)[-1], "maskgen")
+    assert all(call["backbone_trainable"] == set() for call in seen.calls)  # LDM stays frozen throughout
+    assert all(call["frozen"] == seen.count(backbone, False) for call in seen.calls)
+    assert image_fit["trained"] == record["trained_parameters"] and mask_fit["trained"] == 16 * width
+    saved = load_file(str(work / method_module.EMBEDDING_FILE))
+    assert tuple(saved["anomaly.0"].shape) == (4, width)  # e_a of the one defect type
+    assert sum(t.numel() for t in saved.values()) >= record["trained_parameters"]  # with BatchNorm's statistics
+    (vectors,) = load_file(str(work / method_module.MASK_FILE)).values()
+    assert tuple(vectors.shape) == (16, width)
+    print(f"rehearsal: frozen {image_fit['frozen']:,} parameters, trained {record['trained_parameters']:,} "
+          f"(e_a and E_s) and {mask_fit['trained']:,} (the mask generator's vectors)")
+
+    calls = []
+    for name in ("sample", "blended_sample"):
+        real = getattr(ddim, name)
+        monkeypatch.setattr(ddim, name, lambda *a, _real=real, _name=name, **k: calls.append(
+            (_name, type(a[2] if _name == "sample" else a[4]).__name__, k["eta"])) or _real(*a, **k))
+    request = build_request(task, method, task.defect_types[0], 2, seed=0)
+    samples = list(method.generate(request, work))
+    assert calls == [("sample", "DDIMScheduler", 1.0), ("blended_sample", "DDIMScheduler", 1.0)]
+    assert len(samples) == 2 and all(s.image.shape == (256, 256, 3) for s in samples)
+    assert all(s.extra["adaptive_mask"] and "mask_generator" in s.extra for s in samples)
+    drawn = samples[0].extra["mask_generator"]
+    assert drawn["drawn"] == 2 and drawn["passed"] + (drawn["rejected"]) == 2
+    assert [s.extra["mask_source"] == "generated" for s in samples].count(True) == drawn["passed"]
