@@ -127,6 +127,30 @@ def ldm_text2img_large(folder: Path, words: list[str], seed: int = 0) -> Path:
     return folder
 
 
+# OpenAI's CLIP ViT-B/32 in open-clip's layout (AnomalyXFusion's caption and image features): a 224-px ViT, patches
+# of 32, 12 layers of width 768 (here 64, heads of 16); the text tower's 12 layers of width 512 (here 32, 4 heads),
+# 77 positions, CLIP's 49,408 BPE tokens (open-clip's own tokenizer, the real one); a 512-d joint space (here 32)
+CLIP_VIT_B_32 = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 12, "width": 64, "head_width": 16,
+                                                 "patch_size": 32},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 12}}
+CLIP_REHEARSAL = "ViT-B-32-rehearsal"
+
+
+def clip_vit_b_32(folder: Path, seed: int = 0) -> tuple[str, Path]:
+    """A random CLIP in ViT-B/32's layout (above), registered with open-clip as CLIP_REHEARSAL and saved as a
+    checkpoint in `folder`: (the model's name, the checkpoint)."""
+    import json
+
+    import open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{CLIP_REHEARSAL}.json").write_text(json.dumps(CLIP_VIT_B_32))
+    open_clip.add_model_config(folder / f"{CLIP_REHEARSAL}.json")
+    torch.manual_seed(seed)
+    torch.save(open_clip.create_model(CLIP_REHEARSAL).state_dict(), folder / "clip.pt")
+    return CLIP_REHEARSAL, folder / "clip.pt"
+
+
 class FitWatch:
     """What a fit trains, seen from outside: each backbone the method loads frozen (`harness.diffusion.backbone.
     load_frozen`) and, at each fine-tuning the method starts (its module's `finetune`), the parameters it hands the

@@ -305,12 +305,10 @@ def test_ddf_gives_the_unet_a_new_condition_at_every_denoising_step(fitted, part
         return forward(self, e_x, t)
 
     monkeypatch.setattr(emb.DynamicFusion, "forward", counted)
-    unet = None
     from harness.diffusion import backbone as backbones
     load = backbones.load_frozen
 
     def spied(*args, **kwargs):
-        nonlocal unet
         loaded = load(*args, **kwargs)
         original = loaded.unet.forward
 
@@ -592,3 +590,78 @@ def test_the_working_method_holds_every_claim(caption_claims):
 def test_each_control_fails_a_claim(caption_claims, broken):
     failed = [name for name, claim in AXF_CLAIMS.items() if not claim(caption_claims[broken])]
     assert failed, f"{broken} holds every claim: {caption_claims[broken]}"
+
+
+# ---- the `paper` profile rehearsed end to end on LDM text2img-large's and CLIP ViT-B/32's layouts -------------------
+
+def test_the_paper_profile_fits_and_generates_on_ldm_and_clips_layouts(parts, synth_root, tmp_path, monkeypatch):
+    """Every branch of the paper configuration once, with only the step counts cut (and CLIP's widths, as the
+    backbone's): 256-px content, the X-embedding (e_sem from CLIP's caption features, e_loc from ISTR's mask
+    auto-encoder trained here, the textural tokens from CLIP's image features, MIF, DDF) trained on the frozen LDM
+    with CLIP frozen; what trains and what stays frozen, counted; blended DDIM with eta 1, DDF's new condition at
+    every step."""
+    from safetensors.torch import load_file
+
+    from harness.diffusion import ddim
+    from harness.diffusion.backbone import load_frozen, split_words
+    from harness.generation import fit_method
+    from harness.profiles import get_profile
+    from harness.tasks import build_request
+    from tests.rehearsal import clip_vit_b_32, ldm_text2img_large, watch
+
+    paper = load_method("anomalyxfusion", "paper").config
+    e = paper["embedding"]
+    assert (paper["steps_per_defect_type"], paper["batch_size"], paper["learning_rate"], paper["unet_lora"],
+            paper["masks"], paper["inference_steps"], paper["eta"], paper["blend"], paper["adaptive_mask"],
+            paper["placeholder"]) == (4167, 4, 0.02, None, "data", 200, 1.0, "before", "textures", "*")
+    assert (e["tokens"], e["semantic"], e["mif"], e["ddf"], e["learning_rate"], e["normalise_tokens"], e["features"],
+            e["clip"]["model"], e["fusion"]["heads"], e["dynamic"]["time_dim"], e["dynamic"]["residual"],
+            e["location"]["size"], e["location"]["code"], e["location"]["steps"]) == (
+        4, True, True, True, 1e-4, False, "clip", "ViT-B-32", 8, 320, False, 112, 256, 2000)
+    model_name, checkpoint = clip_vit_b_32(tmp_path / "clip")
+    method = load_method("anomalyxfusion", "paper", {
+        "steps_per_defect_type": 2, "inference_steps": 2, "generation_batch": 2,
+        "embedding": {"location": {"steps": 2}, "clip": {"model": model_name, "weights": str(checkpoint)}}})
+    assert method.config["placeholder"] == "*"  # AnomalyDiffusion's for the profile
+    words = split_words(" ".join(method.config["templates"] + ["anomaly"]))
+    folder = ldm_text2img_large(tmp_path / "ldm", words)
+    size = method.working_resolution(get_profile("paper").resolution)
+    assert size == 256
+    task = _task(synth_root, folder, resolution=size)
+    task.defect_types = task.defect_types[:1]
+    task.anomalies = [a for a in task.anomalies if a.defect_type == task.defect_types[0]]
+    base = sys.modules[type(method).__mro__[1].__module__]  # the fit is AnomalyDiffusion's
+    clips = []
+    make_clip = type(method)._clip
+    monkeypatch.setattr(type(method), "_clip", lambda self, b: clips.append(make_clip(self, b)) or clips[-1])
+    seen = watch(monkeypatch, base)
+    work = tmp_path / "fit"
+    fit_method(method, task, work)
+
+    record = json.loads((work / "model.json").read_text())
+    (call,) = seen.calls
+    backbone = load_frozen(folder, torch.device("cpu"))
+    assert call["backbone_trainable"] == set() and call["frozen"] == seen.count(backbone, False)
+    assert call["trained"] == record["trained_parameters"]
+    clip_parameters = {id(p) for clip in clips for p in clip.network.parameters()}
+    assert clips and not clip_parameters & {id(p) for p in call["params"]}
+    assert not any(p.requires_grad for clip in clips for p in clip.network.parameters())
+    saved = load_file(str(work / "embedding.safetensors"))
+    groups = {name.split(".")[0] for name in saved}
+    assert {"semantic", "location", "textural", "fusion", "dynamic"} <= groups, groups
+    x = record["x_embedding"]
+    assert x["caption_encoder"]["model"] == model_name and x["image_features"]["model"] == model_name
+    print(f"rehearsal: frozen {call['frozen']:,} parameters (and CLIP's), trained {call['trained']:,}")
+
+    calls, steps = [], []
+    real, at_step = ddim.blended_sample, parts[1].XEmbedding.at_step
+    monkeypatch.setattr(ddim, "blended_sample", lambda *a, **k: calls.append((type(a[4]).__name__, k["eta"])) or
+                        real(*a, **k))
+    monkeypatch.setattr(parts[1].XEmbedding, "at_step", lambda self, e_x, t: steps.append(int(t)) or
+                        at_step(self, e_x, t))
+    request = build_request(task, method, task.defect_types[0], 2, seed=0)
+    samples = list(method.generate(request, work))
+    assert calls == [("DDIMScheduler", 1.0)]
+    assert len(set(steps)) == 2  # DDF: a new e_t at each of the 2 denoising steps
+    assert len(samples) == 2 and all(s.image.shape == (256, 256, 3) for s in samples)
+    assert all(s.extra["adaptive_mask"] and s.caption for s in samples)
