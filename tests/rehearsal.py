@@ -31,7 +31,11 @@ SD15_VAE_LAYOUT = {
 }
 CLIP_TEXT_LAYOUT = {"vocab_size": 49408, "num_hidden_layers": 12, "max_position_embeddings": 77,
                     "hidden_act": "quick_gelu", "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
-WIDTHS = {"unet": (32, 64, 64, 64), "cross_attention": 32, "vae": (32, 32, 64, 64), "text": 32, "text_heads": 4}
+WIDTHS = {"unet": (32, 64, 64, 64), "cross_attention": 32, "vae": (32, 32, 64, 64), "text": 32, "text_heads": 4,
+          "bert": 32, "bert_heads": 8, "bert_head_dim": 4, "clip": "reduced"}
+# the papers' own widths (SD 1.5's, LDM text2img-large's, ViT-B/32's): the same builders at full size, for make bench-gpu
+FULL_WIDTHS = {"unet": (320, 640, 1280, 1280), "cross_attention": 768, "vae": (128, 256, 512, 512), "text": 768,
+               "text_heads": 12, "bert": 1280, "bert_heads": 8, "bert_head_dim": 64, "clip": "full"}
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -59,23 +63,24 @@ def clip_tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocabulary)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)  # files
     tokenizer.save_pretrained(folder)
     return tokenizer
 
 
-def stable_diffusion_15(folder: Path, seed: int = 0) -> Path:
+def stable_diffusion_15(folder: Path, seed: int = 0, widths: dict = WIDTHS) -> Path:
     """A random model in SD 1.5's layout (module docstring) saved into `folder` (vae/, unet/, text_encoder/,
-    tokenizer/, scheduler/ with PNDM's config, as the hub's; DDIM reads the same file)."""
+    tokenizer/, scheduler/ with PNDM's config, as the hub's; DDIM reads the same file); `widths`: WIDTHS (reduced)
+    or FULL_WIDTHS."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    AutoencoderKL(block_out_channels=WIDTHS["vae"], **SD15_VAE_LAYOUT).save_pretrained(folder / "vae")
-    UNet2DConditionModel(block_out_channels=WIDTHS["unet"], cross_attention_dim=WIDTHS["cross_attention"],
+    AutoencoderKL(block_out_channels=widths["vae"], **SD15_VAE_LAYOUT).save_pretrained(folder / "vae")
+    UNet2DConditionModel(block_out_channels=widths["unet"], cross_attention_dim=widths["cross_attention"],
                          **SD15_UNET_LAYOUT).save_pretrained(folder / "unet")
-    text = CLIPTextConfig(hidden_size=WIDTHS["text"], intermediate_size=4 * WIDTHS["text"],
-                          num_attention_heads=WIDTHS["text_heads"], projection_dim=WIDTHS["text"], **CLIP_TEXT_LAYOUT)
+    text = CLIPTextConfig(hidden_size=widths["text"], intermediate_size=4 * widths["text"],
+                          num_attention_heads=widths["text_heads"], projection_dim=widths["text"], **CLIP_TEXT_LAYOUT)
     CLIPTextModel(text).save_pretrained(folder / "text_encoder")
     clip_tokenizer(folder / "tokenizer")
     PNDMScheduler(skip_prk_steps=True, **{k: v for k, v in SD15_SCHEDULER.items() if k != "clip_sample"}
@@ -91,7 +96,6 @@ def stable_diffusion_15(folder: Path, seed: int = 0) -> Path:
 LDM_UNET_LAYOUT = {**SD15_UNET_LAYOUT, "sample_size": 32}
 LDM_VAE_LAYOUT = {**SD15_VAE_LAYOUT, "sample_size": 256}
 LDM_BERT_LAYOUT = {"encoder_layers": 32, "max_position_embeddings": 77, "activation_function": "gelu"}
-LDM_WIDTHS = {"bert": 32, "bert_heads": 8, "bert_head_dim": 4}
 # BERT's vocabulary reduced to the words the methods' prompts use (the uncased vocabulary's 30,522 entries are not
 # on these machines): its specials first, as BERT's, then "*", AnomalyDiffusion's placeholder, one token as in BERT's
 WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -109,7 +113,7 @@ def wordpiece_tokenizer(folder: Path, words: list[str]):
     return tokenizer
 
 
-def ldm_text2img_large(folder: Path, words: list[str], seed: int = 0) -> Path:
+def ldm_text2img_large(folder: Path, words: list[str], seed: int = 0, widths: dict = WIDTHS) -> Path:
     """A random model in LDM text2img-large's layout (above) saved into `folder` (vqvae/, unet/, bert/, tokenizer/,
     scheduler/, as the hub's); `words`: the tokenizer's vocabulary beyond BERT's specials and "*"."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -117,11 +121,11 @@ def ldm_text2img_large(folder: Path, words: list[str], seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tokenizer = wordpiece_tokenizer(folder / "tokenizer", words)
-    AutoencoderKL(block_out_channels=WIDTHS["vae"], **LDM_VAE_LAYOUT).save_pretrained(folder / "vqvae")
-    UNet2DConditionModel(block_out_channels=WIDTHS["unet"], cross_attention_dim=LDM_WIDTHS["bert"],
+    AutoencoderKL(block_out_channels=widths["vae"], **LDM_VAE_LAYOUT).save_pretrained(folder / "vqvae")
+    UNet2DConditionModel(block_out_channels=widths["unet"], cross_attention_dim=widths["bert"],
                          **LDM_UNET_LAYOUT).save_pretrained(folder / "unet")
-    LDMBertModel(LDMBertConfig(vocab_size=len(tokenizer), d_model=LDM_WIDTHS["bert"], encoder_ffn_dim=4 * LDM_WIDTHS["bert"],
-                               encoder_attention_heads=LDM_WIDTHS["bert_heads"], head_dim=LDM_WIDTHS["bert_head_dim"],
+    LDMBertModel(LDMBertConfig(vocab_size=len(tokenizer), d_model=widths["bert"], encoder_ffn_dim=4 * widths["bert"],
+                               encoder_attention_heads=widths["bert_heads"], head_dim=widths["bert_head_dim"],
                                **LDM_BERT_LAYOUT)).save_pretrained(folder / "bert")
     DDIMScheduler(**{k: v for k, v in SD15_SCHEDULER.items()}).save_pretrained(folder / "scheduler")
     return folder
@@ -136,19 +140,21 @@ CLIP_VIT_B_32 = {"embed_dim": 32, "vision_cfg": {"image_size": 224, "layers": 12
 CLIP_REHEARSAL = "ViT-B-32-rehearsal"
 
 
-def clip_vit_b_32(folder: Path, seed: int = 0) -> tuple[str, Path]:
-    """A random CLIP in ViT-B/32's layout (above), registered with open-clip as CLIP_REHEARSAL and saved as a
-    checkpoint in `folder`: (the model's name, the checkpoint)."""
+def clip_vit_b_32(folder: Path, seed: int = 0, widths: dict = WIDTHS) -> tuple[str, Path]:
+    """A random CLIP in ViT-B/32's layout (above; at full width open-clip's own ViT-B-32), registered with open-clip
+    as CLIP_REHEARSAL and saved as a checkpoint in `folder`: (the model's name, the checkpoint)."""
     import json
 
     import open_clip
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{CLIP_REHEARSAL}.json").write_text(json.dumps(CLIP_VIT_B_32))
-    open_clip.add_model_config(folder / f"{CLIP_REHEARSAL}.json")
+    name = "ViT-B-32" if widths["clip"] == "full" else CLIP_REHEARSAL
+    if name == CLIP_REHEARSAL:
+        (folder / f"{CLIP_REHEARSAL}.json").write_text(json.dumps(CLIP_VIT_B_32))
+        open_clip.add_model_config(folder / f"{CLIP_REHEARSAL}.json")
     torch.manual_seed(seed)
-    torch.save(open_clip.create_model(CLIP_REHEARSAL).state_dict(), folder / "clip.pt")
-    return CLIP_REHEARSAL, folder / "clip.pt"
+    torch.save(open_clip.create_model(name).state_dict(), folder / "clip.pt")
+    return name, folder / "clip.pt"
 
 
 class FitWatch:

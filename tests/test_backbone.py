@@ -286,3 +286,23 @@ def test_a_cpu_capped_at_avx2_runs_auto_in_float32():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=shipped.REPO_ROOT,
                          env={**__import__("os").environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert out.stdout.split() == ["AVX2", "float32"]
+
+
+def test_a_checkpoint_missing_weights_is_refused_naming_the_network(sd15_rehearsal, tmp_path):
+    """from_pretrained would initialise the missing weights at random with a warning (transformers 4.x reading a
+    text encoder written by 5.x misses all of them): the loader stops instead, naming the folder."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from harness.diffusion.backbone import load
+    from harness.errors import WeightsError
+
+    folder = tmp_path / "model"
+    shutil.copytree(sd15_rehearsal, folder)
+    weights_file = folder / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(weights_file))
+    dropped = sorted(k for k in tensors if "layer_norm1" in k)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(weights_file), metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match=r"text_encoder: 1 of CLIPTextModel's weights are not in its checkpoint"):
+        load(folder)

@@ -210,6 +210,7 @@ def is_ldm(source: str | Path) -> bool:
 def load(source: str | Path, local_only: bool = True) -> Backbone:
     """A backbone from a folder (or hub id) in diffusers' layout: Stable Diffusion 1.5, a saved tiny backbone, or
     LDM text2img-large (its autoencoder in vqvae/, its LDMBert text encoder in bert/)."""
+    import diffusers
     from diffusers import AutoModel, DDIMScheduler, UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
     from transformers import AutoTokenizer, CLIPTextModel
@@ -223,13 +224,29 @@ def load(source: str | Path, local_only: bool = True) -> Backbone:
     quiet = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # some autoencoders save config keys they warn about when they read them
     try:
-        vae = AutoModel.from_pretrained(str(source), subfolder=folders["vae"], **common)  # AutoencoderKL or tiny
+        config = AutoModel.load_config(str(source), subfolder=folders["vae"], **common)
+        vae = complete(getattr(diffusers, config["_class_name"]), source, folders["vae"], **common)  # KL or tiny
     finally:
         diffusers_logging.set_verbosity(quiet)
     return Backbone(
         vae=vae,
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder=folders["unet"], **common),
-        text_encoder=text_class.from_pretrained(source, subfolder=folders["text_encoder"], **common),
+        unet=complete(UNet2DConditionModel, source, folders["unet"], **common),
+        text_encoder=complete(text_class, source, folders["text_encoder"], **common),
         tokenizer=AutoTokenizer.from_pretrained(source, subfolder=folders["tokenizer"], **common),
         scheduler=DDIMScheduler.from_pretrained(source, subfolder=folders["scheduler"], **common),
     )
+
+
+def complete(cls, source: str | Path, subfolder: str, **kwargs) -> torch.nn.Module:
+    """`cls.from_pretrained` of one network, which must find every weight in the checkpoint: the libraries would
+    initialise missing ones at random with only a warning (transformers 4.x reading a text encoder saved by 5.x
+    does so for all of them)."""
+    from harness.errors import WeightsError
+
+    model, info = cls.from_pretrained(str(source), subfolder=subfolder, output_loading_info=True, **kwargs)
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise WeightsError(f"{Path(source) / subfolder}: {len(missing)} of {type(model).__name__}'s weights are not in "
+                           f"its checkpoint (e.g. {', '.join(sorted(missing)[:3])}); written by another version of "
+                           f"the library? (DefectBench's tested versions: README.md, Development)")
+    return model
