@@ -291,6 +291,21 @@ def pipeline_identity(folder: Path) -> str:
     return sha256_json({f: _content_hash(folder / f) for f in files})[:16]
 
 
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot of a hub repository's main branch (the cache's documented layout: refs/main names the
+    commit, snapshots/<commit>/ holds its files), or None. Read directly: huggingface_hub >= 2.4's offline
+    snapshot_download refuses a snapshot that lacks any file of the repository's listing, and this one holds only
+    the files the loader reads."""
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    try:
+        snapshot = repo / "snapshots" / (repo / "refs" / "main").read_text().strip()
+    except OSError:
+        return None
+    return snapshot if snapshot.is_dir() else None
+
+
 def resolve_pipeline(name: str, explicit: str | Path | None = None) -> ResolvedWeights:
     """A diffusion backbone folder: the configured folder, the Hugging Face cache ($HF_HOME), or a download of the
     files its loader reads (loader_files; under no_downloads: pending).
@@ -309,12 +324,9 @@ def resolve_pipeline(name: str, explicit: str | Path | None = None) -> ResolvedW
         return ResolvedWeights(name, "config", path)
     from huggingface_hub import HfApi, snapshot_download
 
-    try:
-        cached = Path(snapshot_download(repo_id, local_files_only=True))
-        if not missing_parts(loader_files(_listing(cached))):
-            return ResolvedWeights(name, "cache", cached)
-    except Exception:  # not in the cache: try the hub
-        pass
+    cached = _cached_snapshot(repo_id)
+    if cached is not None and not missing_parts(loader_files(_listing(cached))):
+        return ResolvedWeights(name, "cache", cached)
     if is_reachable(PIPELINE_HOST):
         if _hold(f"{name}: {PIPELINE_HOST}/{repo_id} (the files its loader reads)"):
             return ResolvedWeights(name, "pending", None)

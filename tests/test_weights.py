@@ -1,6 +1,7 @@
 """Weights resolution with the network unreachable: no hang, no crash, a recorded and warned fallback."""
 from __future__ import annotations
 
+import json
 import socket
 import time
 import warnings
@@ -232,9 +233,11 @@ def _git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _into_hub_cache(source: Path, cache: Path, repo_id: str, files: list[str], revision: str = "f" * 40) -> Path:
+def _into_hub_cache(source: Path, cache: Path, repo_id: str, files: list[str], listing: list[str],
+                    revision: str = "f" * 40) -> Path:
     """`files` of `source` laid out as huggingface_hub's cache holds a download: blobs named by their SHA-256
-    (large, LFS files) or their git blob id (the others), linked from snapshots/<revision>/, refs/main."""
+    (large, LFS files) or their git blob id (the others), linked from snapshots/<revision>/, refs/main, and the
+    repository's `listing` in trees/<revision>.json."""
     import hashlib
     import os
 
@@ -251,6 +254,11 @@ def _into_hub_cache(source: Path, cache: Path, repo_id: str, files: list[str], r
         link.symlink_to(os.path.relpath(blob, link.parent))
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
+    # huggingface_hub >= 2.4 also keeps the commit's whole listing; its offline snapshot_download then calls a
+    # snapshot that lacks any listed file (the fp16 and .bin variants not downloaded) incomplete
+    (repo / "trees").mkdir(exist_ok=True)
+    (repo / "trees" / f"{revision}.json").write_text(json.dumps({"format_version": 1, "files": {
+        name: {"size": 1, "blob_id": "0" * 40} for name in listing}}))
     return snapshot
 
 
@@ -271,7 +279,8 @@ def hub(monkeypatch, tmp_path, sd15_rehearsal):
             return real(repo_id, local_files_only=True, cache_dir=str(cache), **kwargs)
         downloads.append(sorted(allow_patterns))
         served = set(weights.loader_files(SD15_LISTING)) & set(allow_patterns)
-        return str(_into_hub_cache(sd15_rehearsal, cache, repo_id, sorted(served & set(weights._listing(sd15_rehearsal)))))
+        return str(_into_hub_cache(sd15_rehearsal, cache, repo_id, sorted(served & set(weights._listing(sd15_rehearsal))),
+                                   SD15_LISTING))
 
     class Api:
         def list_repo_files(self, repo_id, **kwargs):
@@ -283,9 +292,10 @@ def hub(monkeypatch, tmp_path, sd15_rehearsal):
     return downloads
 
 
-def test_resolve_pipeline_downloads_those_files_and_then_finds_them_in_the_cache(hub):
+def test_resolve_pipeline_downloads_those_files_and_then_finds_them_in_the_cache(hub, monkeypatch):
     first = weights.resolve_pipeline("stable-diffusion-v1-5")
     assert first.source == "download" and hub == [SD15_READ]
+    monkeypatch.setattr(weights, "is_reachable", lambda url: False)  # offline: the cache alone
     second = weights.resolve_pipeline("stable-diffusion-v1-5")
     assert second.source == "cache" and len(hub) == 1 and second.path == first.path
     from harness.diffusion.backbone import load

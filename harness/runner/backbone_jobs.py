@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import weights
 from harness.diffusion import provision
 from harness.errors import ConfigError
 from harness.io import atomic_write_json
@@ -122,7 +123,9 @@ def backbone_folder(job: Job, ctx: JobContext) -> Path | None:
             made = json.loads(info.read_text())
             if made.get("kind") == "tiny-finetuned":
                 return cache_dir("backbones") / made["key"]
-            return provision.paper_backbone(job.where.get("backbone_weights"), made.get("name"))[0]
+            # the folder only: its identity was checked by the backbone job (hashing it again costs seconds per job)
+            return weights.resolve_pipeline(made.get("name") or provision.PAPER_BACKBONE,
+                                            job.where.get("backbone_weights")).path
     return None
 
 

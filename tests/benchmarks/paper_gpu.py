@@ -5,11 +5,13 @@ of tests/rehearsal.py with FULL_WIDTHS), so nothing is downloaded; speed and mem
 values. Each method runs at its `paper` settings (resolution, batch, scheduler, inference steps, ranks) on a
 synthetic category. Measured:
 - seconds per fit step: the difference of two fits of FIT_STEPS steps, so loading and saving cancel out; with the
-  paper's step count, the fit's estimated time per defect type (AnomalyDiffusion's mask generator: its own steps,
-  measured the same way);
-- seconds per image: the difference of two generations, of one and of two generation batches;
+  paper's step count, the fit's estimated time per defect type. A network trained with steps of its own (AUXILIARY:
+  AnomalyDiffusion's mask generator, AnomalyXFusion's ISTR auto-encoder) is measured the same way and added;
+- seconds per image: the difference of two generations, of one and of two generation batches (AnomalyDiffusion's:
+  plus its mask generator's seconds per mask drawn, measured apart; a lower bound, as rejected masks are drawn again);
 - the peak accelerator memory (torch.cuda.max_memory_allocated) of the fit and of the generation (on a CPU: the
   process's peak resident memory).
+Each measurement follows an untimed warm-up, and a garbage collection before it resets the peak.
 
 Writes results/bench/paper_gpu.json (tracked: CI has no GPU); `--render` prints the README's table from it.
 """
@@ -26,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from tabulate import tabulate
 
@@ -83,7 +86,12 @@ def _u2net_module():
     return importlib.import_module(sys.modules[get_method_info("dualanodiff").cls.__module__].__package__ + ".u2net")
 
 
-def overrides(name: str, built: dict, steps: int, mask_steps: int, inference_steps: int | None) -> dict:
+# The networks a method trains before (or beside) its main fit, with step counts of their own: measured the same way
+AUXILIARY = {"anomalydiffusion": ("mask generator", ("mask_generator", "steps")),
+             "anomalyxfusion": ("ISTR auto-encoder", ("embedding", "location", "steps"))}
+
+
+def overrides(name: str, built: dict, steps: int, aux_steps: int, inference_steps: int | None) -> dict:
     """The paper configuration with the fit's step counts set (and the inference steps, for a CPU's smoke run)."""
     sampling = {"inference_steps": inference_steps} if inference_steps else {}
     if name == "dualanodiff":
@@ -92,10 +100,45 @@ def overrides(name: str, built: dict, steps: int, mask_steps: int, inference_ste
         return {"steps": steps, **sampling}
     if name == "anomalydiffusion":  # a random mask generator's masks are rejected: one batch, then the targets'
         return {"steps_per_defect_type": steps, **sampling,
-                "mask_generator": {"steps": mask_steps, "max_batches": 1, **sampling}}
+                "mask_generator": {"steps": aux_steps, "max_batches": 1, **sampling}}
     clip, checkpoint = built["clip"]
     return {"steps_per_defect_type": steps, **sampling,
-            "embedding": {"location": {"steps": 2}, "clip": {"model": clip, "weights": str(checkpoint)}}}
+            "embedding": {"location": {"steps": aux_steps}, "clip": {"model": clip, "weights": str(checkpoint)}}}
+
+
+def _settle(device: torch.device) -> None:
+    """Frees what the previous measurement left, so that the next peak is its own."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def mask_seconds_per_draw(method, task, workdir: Path, device: torch.device) -> float:
+    """AnomalyDiffusion's mask generator at generation: seconds per mask drawn (one sampling batch, less than two;
+    a draw that is rejected, touching the border or empty, costs this again). The generation measured beside it
+    stops after one batch (`max_batches: 1`), in both of its runs, so its difference leaves this out."""
+    from safetensors.torch import load_file
+
+    from harness.diffusion import backbone as backbones
+
+    module = sys.modules[type(method).__module__]
+    maskgen = importlib.import_module(f"{module.__package__}.maskgen")
+    vectors = load_file(str(workdir / module.MASK_FILE))[DEFECT]
+    frozen = backbones.load_frozen(task.backbone, device)
+    settings = method._mask_settings()
+    size = int(json.loads((workdir / module.MODEL_FILE).read_text())["resolution"])
+    times = []
+    for batches in (1, 1, 2):  # the first, untimed: a warm-up
+        _settle(device)
+        begin = time.perf_counter()
+        maskgen.sample(frozen, vectors.to(frozen.device), {**settings, "max_batches": batches}, 10**9, size,
+                       np.random.default_rng(0))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - begin)
+    return (times[2] - times[1]) / int(settings["batch_size_sampling"])
 
 
 def measure(name: str, built: dict, work: Path, device: torch.device, fit_steps: tuple[int, int],
@@ -114,43 +157,56 @@ def measure(name: str, built: dict, work: Path, device: torch.device, fit_steps:
     split = make_split(read_category(cached(SynthConfig()), "washer", dataset="synthetic"))
     task = build_task(split, [DEFECT], size, seed=0)
     task.backbone = backbone
+    aux_name, aux_path = AUXILIARY.get(name, (None, ()))
+    aux_base = 2
 
-    def fit(steps: int, mask_steps: int, label: str) -> tuple[float, float, object]:
-        method = load_method(name, "paper", overrides(name, built, steps, mask_steps, inference_steps))
+    def fit(steps: int, aux_steps: int, label: str) -> tuple[float, float, object]:
+        method = load_method(name, "paper", overrides(name, built, steps, aux_steps, inference_steps))
+        _settle(device)
         with peak(device) as memory:
             begin = time.perf_counter()
             fit_method(method, task, work / label)
             seconds = time.perf_counter() - begin
         return seconds, memory[0], method
 
-    (short, _, _), (long, fit_peak, method) = fit(fit_steps[0], 2, "short"), fit(fit_steps[1], 2, "long")
-    per_step = (long - short) / (fit_steps[1] - fit_steps[0])
+    fit(1, 1, "warm-up")  # untimed: the first use of each kernel (and cuDNN's choice of algorithms)
+    (short, _, _), (long, fit_peak, method) = fit(fit_steps[0], aux_base, "short"), fit(fit_steps[1], aux_base, "long")
+    delta = fit_steps[1] - fit_steps[0]
+    per_step = (long - short) / delta
     steps_key = "steps" if "steps" in paper.config else "steps_per_defect_type"
     paper_steps = int(paper.config[steps_key])
-    estimate, mask = paper_steps * per_step, None
-    if name == "anomalydiffusion":  # its mask generator's textual inversion: steps of its own
-        masks = paper.config["mask_generator"]["steps"]
-        mask_short, mask_long = (fit(fit_steps[0], m, f"mask{m}")[0] for m in (2, 2 + fit_steps[1] - fit_steps[0]))
-        mask = (mask_long - mask_short) / (fit_steps[1] - fit_steps[0])
-        estimate += masks * mask
+    estimate, aux, aux_steps = paper_steps * per_step, None, None
+    if aux_name:  # the short fit again with the auxiliary network's steps raised by as many
+        aux = (fit(fit_steps[0], aux_base + delta, "auxiliary")[0] - short) / delta
+        aux_steps = int(_get(paper.config, aux_path))
+        estimate += aux_steps * aux
     batch = int(method.config["generation_batch"])
     times = []
-    for n in (batch, 2 * batch):
+    for n in (batch, batch, 2 * batch):  # the first, untimed: a warm-up
         request = build_request(task, method, DEFECT, n, seed=0)
+        _settle(device)
         with peak(device) as generation_peak:
             begin = time.perf_counter()
             samples = list(method.generate(request, work / "long"))
             times.append(time.perf_counter() - begin)
         assert len(samples) == n
+    per_image = (times[2] - times[1]) / batch
+    mask_draw = mask_seconds_per_draw(method, task, work / "long", device) if name == "anomalydiffusion" else None
     scheduler = method.config.get("scheduler", "DDIMScheduler")
     return {"method": name, "backbone": paper.backbone, "resolution": size, "batch": int(method.config["batch_size"]),
             "seconds_per_fit_step": round(per_step, 4), "paper_fit_steps": paper_steps,
-            "mask_generator_seconds_per_step": None if mask is None else round(mask, 4),
-            "mask_generator_steps": None if mask is None else int(paper.config["mask_generator"]["steps"]),
-            "paper_fit_minutes": round(estimate / 60, 1), "scheduler": scheduler,
+            "auxiliary": aux_name, "auxiliary_seconds_per_step": None if aux is None else round(aux, 4),
+            "auxiliary_steps": aux_steps, "paper_fit_minutes": round(estimate / 60, 1), "scheduler": scheduler,
             "inference_steps": int(method.config["inference_steps"]), "generation_batch": batch,
-            "seconds_per_image": round((times[1] - times[0]) / batch, 3), "fit_peak_gib": round(fit_peak, 2),
-            "generation_peak_gib": round(generation_peak[0], 2)}
+            "seconds_per_image": round(per_image + (mask_draw or 0.0), 3),
+            "mask_seconds_per_draw": None if mask_draw is None else round(mask_draw, 3),
+            "fit_peak_gib": round(fit_peak, 2), "generation_peak_gib": round(generation_peak[0], 2)}
+
+
+def _get(config: dict, path: tuple[str, ...]):
+    for key in path:
+        config = config[key]
+    return config
 
 
 def run(methods=METHODS, widths: str = "full", fit_steps: tuple[int, int] = FIT_STEPS,
@@ -162,22 +218,21 @@ def run(methods=METHODS, widths: str = "full", fit_steps: tuple[int, int] = FIT_
 
     device = default_device()
     chosen = FULL_WIDTHS if widths == "full" else WIDTHS
+    data = {"benchmark": "paper_gpu", "widths": widths, "device": _device_name(device),
+            "torch": torch.__version__, "code": code_version()["git"], "fit_steps": list(fit_steps),
+            "inference_steps": inference_steps or "paper", "methods": list(methods), "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         built = models(Path(tmp), chosen)
         u2net = _u2net_module()
         real = u2net.U2Net
         u2net.U2Net = partial(real, width=built["u2net"][1])  # the segmenter builds U2Net() at the checkpoint's width
         try:
-            rows = []
             for name in methods:
                 print(f"bench-gpu: {name} ...", flush=True)
-                rows.append(measure(name, built, Path(tmp) / name, device, fit_steps, inference_steps))
+                data["rows"].append(measure(name, built, Path(tmp) / name, device, fit_steps, inference_steps))
+                atomic_write_json(out, data)  # after each method: a run cut short keeps what it measured
         finally:
             u2net.U2Net = real
-    data = {"benchmark": "paper_gpu", "widths": widths, "device": _device_name(device),
-            "torch": torch.__version__, "code": code_version()["git"], "fit_steps": list(fit_steps),
-            "inference_steps": inference_steps or "paper", "rows": rows}
-    atomic_write_json(out, data)
     return data
 
 
@@ -194,12 +249,18 @@ def render(data: dict | None) -> str:
     rows = []
     for r in data["rows"]:
         fit = f"{r['paper_fit_minutes']} min ({r['paper_fit_steps']:,}"
-        if r.get("mask_generator_steps"):
-            fit += f" + {r['mask_generator_steps']:,} mask generator at {r['mask_generator_seconds_per_step']} s"
+        if r.get("auxiliary_steps"):
+            fit += f" + {r['auxiliary_steps']:,} {r['auxiliary']} at {r['auxiliary_seconds_per_step']} s"
+        image = r["seconds_per_image"]
+        if r.get("mask_seconds_per_draw") is not None:  # a lower bound: each rejected mask is drawn again
+            image = f"≥ {image} (mask draws {r['mask_seconds_per_draw']} s)"
         rows.append([r["method"], r["backbone"], r["resolution"], r["batch"], r["seconds_per_fit_step"], fit + ")",
-                     f"{r['scheduler'].removesuffix('Scheduler')} {r['inference_steps']}", r["seconds_per_image"],
+                     f"{r['scheduler'].removesuffix('Scheduler')} {r['inference_steps']}", image,
                      r["fit_peak_gib"], r["generation_peak_gib"]])
     where = f"{data['device']}, torch {data['torch']}, code {data['code']}, random weights at {data['widths']} widths"
+    missing = [m for m in data.get("methods", []) if m not in {r["method"] for r in data["rows"]}]
+    if missing:
+        where += f"; not measured (the run stopped): {', '.join(missing)}"
     return f"{tabulate(rows, headers=HEADERS, tablefmt='github')}\n\n({where}.)"
 
 
@@ -221,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         print(render(json.loads(args.out.read_text()) if args.out.is_file() else None))
         return 0
-    data = run(args.methods, args.widths, tuple(args.fit_steps), args.inference_steps, args.out)
-    print(render(data))
+    print(render(run(args.methods, args.widths, tuple(args.fit_steps), args.inference_steps, args.out)))
     return 0
 
 
