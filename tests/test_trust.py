@@ -3,7 +3,6 @@ bad input, file permissions and concurrent writers, GPU declarations. (Faults on
 the published evaluation rules: tests/test_published_metrics.py.)"""
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import os

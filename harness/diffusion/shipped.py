@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from harness.diffusion.corpus import CORPUS_VERSION, Corpus, CorpusConfig, build, corpus_id, vocabulary
 from harness.diffusion.pretrain import PretrainConfig
