@@ -13,6 +13,7 @@ import yaml
 from tabulate import tabulate
 
 from harness.errors import DefectBenchError
+from harness.io import NO_SPACE, no_space
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as err:  # a read-only results folder, a full disk: one line naming the file, not a traceback
+        if err.errno in NO_SPACE:
+            print(f"defectbench: error: {no_space(err.filename or Path.cwd() / '?')}", file=sys.stderr)
+            return 2
         if not err.filename:
             raise  # not about a file: a bug or a library's own failure, with its traceback
         print(f"defectbench: error: {err.filename}: {err.strerror or err} (could not read or write)", file=sys.stderr)

@@ -25,6 +25,10 @@ class MethodError(DefectBenchError):
     """A method directory is broken or a method was asked for something it cannot do."""
 
 
+class DiskFullError(DefectBenchError):
+    """A file could not be written for want of space; what was finished before is kept."""
+
+
 class WeightsError(DefectBenchError):
     """Pretrained weights are needed, cannot be found, and the profile forbids random ones."""
 

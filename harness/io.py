@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -9,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from harness.errors import DiskFullError
 
 
 def _umask() -> int:
@@ -31,19 +34,43 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     name (concurrent writers of one path do not collide; the last rename wins) and gets the permissions a plain
     open() would give (mkstemp makes it 0600 whatever the umask; published results must be readable)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in NO_SPACE:
+            raise no_space(path, len(data)) from None
         raise
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(path: Path, needed: int | None = None) -> DiskFullError:
+    """The one-line error for a write that found the disk (or the quota) full: the file, and the space needed."""
+    where = Path(path).parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    wanted = f"{_size(needed)} to write, " if needed is not None else ""
+    return DiskFullError(f"{path}: no space left on the device ({wanted}{_size(free)} free); free some space and run "
+                         f"again: finished work is kept")
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    return f"{n / 1024:.1f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

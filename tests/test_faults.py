@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -118,6 +119,65 @@ def test_a_deleted_sample_redoes_its_generate_job_and_what_needs_it(reference, c
     _assert_redone_and_identical(copy, reference, {generate.name, score.name})
 
 
+def _same_size_and_mtime(path: Path, edit) -> None:
+    """Change a file's content in place, keeping its size and modification time (a bit flip, an edited digit)."""
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    edit(data)
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def test_a_bit_flipped_sample_with_its_size_and_time_is_found_and_redone(reference, copy):
+    generate = _job(copy, "generate", "stain", "draem")
+    sample = generate / "samples" / "images" / "0001.png"
+
+    def flip(data: bytearray) -> None:
+        data[len(data) // 2] ^= 0x10
+
+    _same_size_and_mtime(sample, flip)
+    with pytest.raises(DefectBenchError, match="0001.png: content differs"):
+        board(copy)
+    score = _job(copy, "score", "stain", "draem")
+    _assert_redone_and_identical(copy, reference, {generate.name, score.name})
+
+
+def test_an_edited_digit_in_per_image_values_is_not_exported(reference, copy):
+    from harness.results import export_per_image
+    from harness.runner.store import PER_IMAGE_FILE
+
+    per_image = _job(copy, "score", "crack") / PER_IMAGE_FILE
+
+    def edit(data: bytearray) -> None:
+        at = data.index(b'"bg_count": ') + len(b'"bg_count": ')
+        data[at] = ord("1") if data[at] != ord("1") else ord("2")
+
+    _same_size_and_mtime(per_image, edit)
+    with pytest.raises(DefectBenchError, match=f"{PER_IMAGE_FILE}: content differs"):
+        export_per_image("faults", results=copy, out=copy.parent / "export")
+    assert not (copy.parent / "export").exists()
+
+
+def test_a_damaged_inception_feature_cache_is_named_and_rebuilt(reference, copy, isolated_cache):
+    """Truncated entries of the feature cache: the score jobs redone warn naming each and compute the features
+    again, with the same numbers."""
+    entries = sorted((isolated_cache / "inception").glob("*.pt"))
+    assert entries
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[:100])
+    scores = [p.parent.name for p in copy.glob("runs/faults/*/jobs/*/status.json")
+              if json.loads(p.read_text())["kind"] == "score"]
+    for key in scores:
+        shutil.rmtree(next(copy.glob(f"runs/faults/*/jobs/{key}")))
+    again = run(copy)
+    assert not again.failed
+    named = [w for key in scores for w in json.loads((again.store.job_dir(key) / "status.json").read_text())["warnings"]
+             if "damaged Inception feature cache entry" in w]
+    assert named and all(re.search(r"inception/[0-9a-f]+\.pt: damaged", w) for w in named)
+    assert board(copy) == reference[1]
+
+
 def test_a_truncated_manifest_is_named_then_rewritten(reference, copy):
     manifest = next(copy.glob("runs/faults/*/manifest.json"))
     manifest.write_text(manifest.read_text()[:100])
@@ -205,13 +265,17 @@ def _plugin(tmp_path, monkeypatch, name: str, failure: str, **suite_changes) -> 
 
 
 @pytest.mark.parametrize("failure, through_the_cli", [('raise RuntimeError("no cracks here")', False),
-                                                      ("sys.exit(3)", True)])
+                                                      ("sys.exit(3)", True), ("import os; os._exit(5)", False)])
 def test_a_method_failing_on_one_defect_type_marks_its_cells(tmp_path, monkeypatch, isolated_cache, failure,
                                                              through_the_cli):
     suite = _plugin(tmp_path, monkeypatch, "flaky", failure)
-    result = run(tmp_path / "results", suite)  # sys.exit in the serial executor must not end the run
+    result = run(tmp_path / "results", suite)  # sys.exit or os._exit in the serial executor must not end the run
     states = list(result.states.values())
     assert states.count("failed") == 1 and states.count("skipped") == 1 and states.count("done") == N_JOBS - 2
+    if "os._exit" in failure:
+        (failed,) = [k for k, state in result.states.items() if state == "failed"]
+        error = json.loads((result.store.job_dir(failed) / "status.json").read_text())["error"]
+        assert error.startswith("WorkerDied: the job's process ended before the job finished (exit code 5")
     md, _ = board(tmp_path / "results")
     flaky_cells = []
     for table in md.split("\n\n"):
@@ -245,6 +309,71 @@ def test_a_worker_crash_under_ray_is_recorded_and_marked(tmp_path, monkeypatch, 
     assert "generate crashing" in status["label"] and status["state"] == "failed"
     md, _ = board(tmp_path / "results")
     assert md.count("<sup>f 2/3") == 8  # the crashing method's 4 metrics, per category and Average
+
+
+@pytest.mark.parametrize("kind", ["serial", "ray"])
+def test_a_hanging_method_is_stopped_at_its_time_limit_and_the_run_goes_on(tmp_path, monkeypatch, isolated_cache,
+                                                                          kind):
+    suite = _plugin(tmp_path, monkeypatch, "hanging", "import time; time.sleep(3600)",
+                    executor={"kind": kind, "num_cpus": 2, "max_retries": 0, "timeouts": {"generate": 8}})
+    begin = time.monotonic()
+    result = run_suite(load_suite(suite), results=tmp_path / "results", progress=False)
+    assert time.monotonic() - begin < 240
+    failed = [k for k, state in result.states.items() if state == "failed"]
+    assert len(failed) == 1 and list(result.states.values()).count("skipped") == 1
+    status = json.loads((result.store.job_dir(failed[0]) / "status.json").read_text())
+    assert "generate hanging" in status["label"]
+    assert status["error"].startswith("TimeoutError: ran past its time limit of 8 s and was stopped "
+                                      "(executor.timeouts.generate in the suite; default 86400 s)")
+    assert board(tmp_path / "results")[0].count("<sup>f 2/3") == 8
+
+
+def _alive(pid: int, started: float) -> bool:
+    """Whether the process that had this pid and start time still runs (not a zombie, not a reused pid)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return abs(process.create_time() - started) < 0.01 and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def test_a_killed_ray_drivers_leftover_processes_are_ended_by_the_next_run(tmp_path, monkeypatch, isolated_cache):
+    """SIGKILL of the driver (only) leaves Ray's agents running, re-parented to init; the next run of the same
+    results folder ends them (each checked by its start time, so that a reused pid is left alone)."""
+    from harness.runner.store import end_leftovers
+
+    suite = _plugin(tmp_path, monkeypatch, "hanging", "import time; time.sleep(3600)",
+                    executor={"kind": "ray", "num_cpus": 2, "max_retries": 0})
+    results = tmp_path / "results"
+    driver = subprocess.Popen(CLI + ["run", str(suite), "--results", str(results)], env={**os.environ},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    noted = None
+    try:
+        deadline = time.time() + 240
+        while _done_count(results) < N_JOBS - 2 and time.time() < deadline:
+            time.sleep(0.5)
+        assert _done_count(results) == N_JOBS - 2  # all but the hanging job and its score
+        time.sleep(6)  # the list of Ray's processes is brought up to date every 5 s
+        noted = next(results.glob("runs/faults/.*.processes.json"))
+        recorded = json.loads(noted.read_text())["processes"]
+        driver.kill()
+        driver.wait()
+        time.sleep(3)
+        left = [pid for pid, started in recorded if _alive(pid, started)]
+        assert left  # Ray's agents, at least: what the next run must end
+        edited = json.loads(suite.read_text())
+        edited["executor"] = {"kind": "serial", "timeouts": {"generate": 5}}
+        suite.write_text(json.dumps(edited))
+        again = run_suite(load_suite(suite), results=results, progress=False)
+        assert list(again.states.values()).count("done") == N_JOBS - 2
+        assert not [pid for pid, started in recorded if _alive(pid, started)]
+        assert not noted.exists()
+    finally:
+        driver.kill()
+        if noted is not None:
+            end_leftovers(noted)
 
 
 # ---- concurrency, kill -9 -----------------------------------------------------------------------------------
@@ -287,6 +416,16 @@ def test_two_runs_at_once_leave_one_complete_run(reference, tmp_path, isolated_c
     assert board(results) == reference[1]
 
 
+def _tables(md: str) -> list[list[list[str]]]:
+    """The leaderboard's tables of values (header row first), as cells."""
+    tables = []
+    for block in md.split("\n\n"):
+        lines = [line for line in block.splitlines() if line.startswith("| ")]
+        if lines and lines[0].startswith("| Category |"):
+            tables.append([[c.strip() for c in line.split("|")[1:-1]] for line in lines if not line.startswith("|--")])
+    return tables
+
+
 def test_kill_9_mid_run_then_resume(reference, tmp_path, isolated_cache):
     results = tmp_path / "results"
     env = {**os.environ, "DEFECTBENCH_CACHE": str(isolated_cache)}
@@ -298,9 +437,44 @@ def test_kill_9_mid_run_then_resume(reference, tmp_path, isolated_cache):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert 0 < _done_count(results) < N_JOBS
+    md, _ = board(results)  # the stopped run's leaderboard: what has not run is marked so, no bare cell
+    cells = [cell for table in _tables(md) for row in table[1:] for cell in row[1:]]
+    assert cells and "—" not in cells
+    assert any(c.startswith("—<sup>0/") for c in cells) or any("/3</sup>" in c for c in cells)
+    assert "jobs have not run (the run was stopped)" in md
     # the lock died with the process: the next run resumes at once
     assert subprocess.run(CLI + ["run", str(FAULTS), "--results", str(results)], env=env).returncode == 0
     assert board(results) == reference[1]
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_finished_work(reference, tmp_path, isolated_cache):
+    """The results folder on a small tmpfs that fills mid-run (skipped where none can be mounted): one line naming
+    the file and the space, no traceback; the finished jobs intact, and the run resumes elsewhere to the same
+    leaderboard."""
+    size = sum(p.stat().st_size for p in reference[0].rglob("*") if p.is_file())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size // 2}", "tmpfs", str(disk)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        env = {**os.environ, "DEFECTBENCH_CACHE": str(isolated_cache)}
+        done = subprocess.run(CLI + ["run", str(FAULTS), "--results", str(disk / "results")], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 2, done.stderr[-2000:]
+        (error,) = [line for line in done.stderr.splitlines() if "error" in line.lower()]  # warnings, the bar aside
+        assert error.startswith("defectbench: error: ") and done.stderr.rstrip().endswith(error), done.stderr
+        assert "no space left on the device" in error and str(disk / "results") in error and " free)" in error
+        assert "Traceback" not in done.stderr
+        kept = tmp_path / "kept"
+        shutil.copytree(disk / "results", kept, symlinks=True)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert 0 < _done_count(kept) < N_JOBS
+    assert not list(kept.rglob("*.tmp"))  # nothing half-written
+    assert not run(kept).failed
+    assert board(kept) == reference[1]
 
 
 # ---- moved results and data ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Inception (He-normal convolutions, so activations neither vanish nor explode); e
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Sequence
 from unittest import mock
@@ -96,10 +97,27 @@ class InceptionFeatures:
                            "files": [cached_file_hash(Path(p)) for p in paths]})
         path = cache_dir("inception") / f"{key}.pt"
         if path.is_file():
-            return torch.load(path, weights_only=True)
+            cached = _cached_features(path, len(paths))
+            if cached is not None:
+                return cached
         features = self.extract(paths, resolution, progress)
         atomic_write_bytes(path, _tensor_bytes(features))
         return features
+
+
+def _cached_features(path: Path, n: int) -> dict[str, torch.Tensor] | None:
+    """A feature cache entry, or None (after a warning naming it, and deleting it) when it is damaged: a cache is a
+    shortcut, never a reason to fail, so the features are then computed again."""
+    try:
+        features = torch.load(path, weights_only=True)
+        if not (isinstance(features, dict) and all(len(features.get(k, ())) == n for k in ("pool", "logits"))):
+            raise ValueError(f"not the features of {n} images")
+    except Exception as err:
+        warnings.warn(f"{path}: damaged Inception feature cache entry ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); computing the features again")
+        path.unlink(missing_ok=True)
+        return None
+    return features
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 2020) -> dict:

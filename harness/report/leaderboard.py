@@ -25,7 +25,7 @@ from harness.report.reported import load_reported, table_rows
 from harness.report.render import (latex_document, latex_method_rows, latex_table, markdown_method_rows,
                                    markdown_table, tex_escape)
 from harness.report.tables import Coverage, Table, build_table
-from harness.results import run_records, run_states
+from harness.results import MISSING, run_records, run_states
 from harness.runner.store import FAILED as FAILED_STATE
 from harness.runner.store import SKIPPED
 from harness.runner.store import RunStore, latest_run, results_root
@@ -75,6 +75,10 @@ def render_leaderboard(suite: str, results: Path | None = None, out_dir: Path | 
     reported = load_reported(reported_dir) if show_reported else []
     caption = _caption(manifest)
     md = [f"# Leaderboard: `{suite}`", "", caption, ""]
+    not_run = sum(s["state"] == MISSING for s in states.values())
+    if not_run:  # a stopped run: its tables mark the cells these jobs feed
+        md += [f"**Incomplete run:** {not_run} of {len(states)} jobs have not run (the run was stopped); "
+               f"`defectbench run {suite}` resumes it.", ""]
     tex: list[str] = []
     figures_dir = out_dir / suite
     for dataset in config["datasets"]:
@@ -106,6 +110,7 @@ def _coverage(states: dict, dataset: str, kinds: tuple[str, ...], defect_type: s
     `defect_type`, only the jobs of that defect type (a LOCO table of one kind of anomaly)."""
     planned: Counter = Counter()
     failed: Counter = Counter()
+    not_run: Counter = Counter()
     for state in states.values():
         job, tags = state["job"], state["job"]["tags"]
         if defect_type is not None and tags.get("defect_type") != defect_type:
@@ -115,7 +120,8 @@ def _coverage(states: dict, dataset: str, kinds: tuple[str, ...], defect_type: s
             cell = (tags.get("category"), tags.get("method") + (TEST_SELECTED if marked else ""))
             planned[cell] += 1
             failed[cell] += state["state"] in (FAILED_STATE, SKIPPED)
-    return {cell: Coverage(n, failed[cell]) for cell, n in planned.items()}
+            not_run[cell] += state["state"] == MISSING
+    return {cell: Coverage(n, failed[cell], not_run[cell]) for cell, n in planned.items()}
 
 
 def _generation_tables(frame: pd.DataFrame, states: dict, manifest: dict, store: RunStore, dataset: dict,
@@ -270,6 +276,9 @@ def _failure_note(table: Table, store: RunStore) -> list[str]:
     if any(c.incomplete and not c.failed for c in cells):
         notes.append("<sup>k/n</sup>: the value covers k of the n values planned (the rest were not computed: the run "
                      "was stopped, or the metric lacked inputs, see below); not ranked.")
+    if any(c.state != "ok" and c.not_run for c in cells):
+        notes.append("—<sup>0/n</sup>: none of the n values planned was computed: the jobs feeding the cell have not "
+                     "run (the run was stopped; running the suite again resumes it).")
     if any(c.small for c in cells):
         notes.append("<sup>s</sup>: computed from fewer images than the metric's documented minimum ("
                      + "; ".join(f"{LABELS.get(m, m)}: {n} {what}" for m, (what, n) in MINIMUMS.items()) +

@@ -29,7 +29,9 @@ def _cell_text(table: Table, row: str, method: str, metric: str, mark_random: bo
     if cell.printed_average is not None:
         return _printed_average_text(cell, metric, style)
     if cell.state != "ok":
-        return style.missing + (style.sup.format("f") if cell.state == FAILED else "")
+        if cell.state == FAILED:
+            return style.missing + style.sup.format("f")
+        return style.missing + (style.sup.format(f"0/{cell.planned}") if cell.not_run else "")
     text = format_value(cell.value, metric) + (style.random_mark if mark_random and cell.random else "")
     if table.spread:
         text += style.plus_minus + format_value(cell.std, metric) if cell.std is not None else ""

@@ -42,6 +42,7 @@ class Cell:
     reported: bool = False  # a number the paper reports, not one measured here
     planned: int = 0  # how many values the run planned for it (0: unknown, taken as count)
     failed: int = 0  # of the planned values, how many come from jobs that failed (or were skipped for a failure)
+    not_run: int = 0  # of the planned values, how many come from jobs that have not run (a stopped run)
     small: bool = False  # computed from fewer reference images than the metric's documented minimum
     stand_in: bool = False  # some samples behind it were partly made by a stand-in (records' `stand_in`)
     printed_average: float | None = None  # reported Average rows: the paper's printed value, beside our mean
@@ -73,6 +74,7 @@ class Coverage:
 
     planned: int
     failed: int = 0
+    not_run: int = 0  # jobs with no status: the run was stopped before they ran
 
 
 @dataclass
@@ -130,6 +132,7 @@ def build_table(title: str, records: pd.DataFrame, coverage: dict[tuple[str, str
                 cell = cells.setdefault((category, method, metric), Cell())
                 cell.planned = max(plan.planned, cell.count) if plan else cell.count
                 cell.failed = plan.failed if plan else 0
+                cell.not_run = plan.not_run if plan else 0
                 if cell.state != "ok" and cell.failed:
                     cell.state = FAILED
     if reported is not None and not reported.empty:
@@ -188,6 +191,7 @@ def _averages(table: Table, categories: list[str]) -> None:
             if not ok:
                 if any(c.state == FAILED for c in present):
                     average.state = FAILED
+                average.not_run, average.planned = sum(c.not_run for c in present), sum(c.planned for c in present)
                 continue
             average.value = sum(c.value for c in ok) / len(ok)
             # the spread over runs of the category mean: each replicate's mean over the categories that have it all

@@ -5,22 +5,25 @@ numbers. Jobs exchange files in the run folder, never images through Ray's objec
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
 import sys
 import time
 import traceback
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from tqdm.auto import tqdm
 
-from harness.io import write_jsonl
-from harness.runner.jobs import ANNOUNCE_FILE, JOB_KINDS, Job, JobContext
+from harness.errors import DefectBenchError
+from harness.io import NO_SPACE, no_space, write_jsonl
+from harness.runner.jobs import ANNOUNCE_FILE, DEFAULT_TIMEOUTS, FALLBACK_TIMEOUT, JOB_KINDS, Job, JobContext
 from harness.runner.store import (DONE, FAILED, RECORDS_FILE, SKIPPED, outputs_digest, pin_outputs, read_status,
-                                  write_status)
+                                  record_processes, write_status)
 
 _PROCESS_CACHE: dict[str, Any] = {}  # per worker process: networks and splits built once
 # Settings of the driver that workers on every node must share.
@@ -54,7 +57,7 @@ def execute_job(job_dict: dict, folder: str, deps: dict[str, str], common: dict)
     try:
         # BLAS threads too: numpy/scipy linear algebra (FID) rounds differently with another thread count, and the
         # serial and Ray executors must give identical numbers
-        with threadpool_limits(limits=job_threads):
+        with threadpool_limits(limits=job_threads), kept_warnings() as status["warnings"]:
             records = JOB_KINDS[job.kind](job, JobContext(path, {k: Path(v) for k, v in deps.items()},
                                                           _PROCESS_CACHE)) or []
         finished = now()
@@ -63,14 +66,34 @@ def execute_job(job_dict: dict, folder: str, deps: dict[str, str], common: dict)
                                           for r in records])
         status.update(state=DONE, finished=finished, seconds=round(time.perf_counter() - clock, 3), records=len(records),
                       outputs=pin_outputs(path))
-    except (Exception, SystemExit) as err:  # one failing job is recorded and does not stop the others (a method
-        # calling sys.exit included: the serial executor runs it in this very process)
+    except (Exception, SystemExit) as err:  # one failing job is recorded and does not stop the others
+        if isinstance(err, OSError) and err.errno in NO_SPACE:  # not the job's failure: the run stops, kept so far
+            shutil.rmtree(path, ignore_errors=True)
+            raise no_space(err.filename or path) from None
         status.update(state=FAILED, finished=now(), seconds=round(time.perf_counter() - clock, 3),
                       error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
     finally:
         torch.set_num_threads(threads)
     write_status(path, status)
     return status
+
+
+@contextlib.contextmanager
+def kept_warnings(limit: int = 50) -> Iterator[list[str]]:
+    """The warnings a job shows (the filters as they are), kept for its status, as a Ray worker's console does not
+    reach the driver's: each message once, at most `limit`; still shown as usual."""
+    kept: list[str] = []
+    show = warnings.showwarning
+
+    def keep(message, category, *args, **kwargs):
+        line = f"{category.__name__}: {message}"
+        if line not in kept and len(kept) < limit:
+            kept.append(line)
+        show(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = keep
+        yield kept
 
 
 def describe_device() -> str:
@@ -230,20 +253,132 @@ class Scheduler:
             self.location[job.key] = self.job_dir(job.key)
 
 
-def run_serial(scheduler: Scheduler, common: dict, progress: Progress) -> None:
-    for job in scheduler.pending():
-        if scheduler.blocked(job):
-            scheduler.state[job.key] = SKIPPED
-            progress.skipped()
-            continue
-        progress.started()
-        status = execute_job(job.as_dict(), str(scheduler.job_dir(job.key)), scheduler.deps_of(job), common)
-        scheduler.record(job, status)
-        progress.finished(status["state"])
+def lost_status(job: Job, folder: Path, error: str) -> dict:
+    """Record a job that ended without writing its status (its process died, or it ran past its time limit) as
+    failed, with the reason, unless it did finish after all."""
+    status = {"state": FAILED, "key": job.key, "kind": job.kind, "label": job.label, "error": error,
+              "finished": now()}
+    folder.mkdir(parents=True, exist_ok=True)
+    if (read_status(folder) or {}).get("state") == DONE:
+        return read_status(folder)
+    write_status(folder, status)
+    return status
+
+
+def _timed_out(job: Job, limit: float) -> str:
+    return (f"TimeoutError: ran past its time limit of {limit:g} s and was stopped (executor.timeouts.{job.kind} "
+            f"in the suite; default {DEFAULT_TIMEOUTS.get(job.kind, FALLBACK_TIMEOUT):g} s)")
+
+
+def _serve(connection) -> None:
+    """The serial executor's worker process: runs the jobs it is sent, one after another, in its own session (so
+    that stopping it stops what the job started) and ended with the driver (PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    while True:
+        try:
+            arguments = connection.recv()
+        except EOFError:  # the driver is gone
+            return
+        try:
+            connection.send(("status", execute_job(*arguments)))
+        except BaseException as err:  # the status could not be written (a full disk): the driver raises it
+            connection.send(("error", (type(err).__name__, str(err), isinstance(err, DefectBenchError))))
+
+
+class JobProcess:
+    """One process that runs the serial executor's jobs: started once and reused (it keeps the networks it built,
+    as a Ray worker does), replaced when a job ends it (os._exit, a crash, the OOM killer) or runs past its time
+    limit. A job thus cannot end the run, serial as on Ray. It sees the driver's environment, not its other state
+    (as a Ray worker). Costs a process start (importing torch) per run, and per job lost."""
+
+    def __init__(self):
+        self.process = None
+        self.connection = None
+
+    def _start(self) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter, as a Ray worker: safe with CUDA
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child,), name="defectbench-job")
+        self.process.start()
+        child.close()
+
+    def run(self, job: Job, arguments: tuple, folder: Path, limit: float) -> dict:
+        if self.process is None or not self.process.is_alive():
+            self._start()
+        self.connection.send(arguments)
+        deadline = time.monotonic() + limit
+        while not self.connection.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
+            if not self.process.is_alive() and not self.connection.poll():
+                return lost_status(job, folder, self._death())
+            if time.monotonic() >= deadline:
+                self.stop()
+                return lost_status(job, folder, _timed_out(job, limit))
+        try:
+            kind, value = self.connection.recv()
+        except EOFError:
+            self.process.join(5)
+            return lost_status(job, folder, self._death())
+        if kind == "error":
+            name, message, ours = value
+            raise DefectBenchError(message) if ours else RuntimeError(f"{name}: {message}")
+        return value
+
+    def _death(self) -> str:
+        import signal
+
+        self.process.join(5)
+        code = self.process.exitcode
+        self.process = None
+        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        return (f"WorkerDied: the job's process ended before the job finished ({how}: os._exit, a crash, or the "
+                f"out-of-memory killer)")
+
+    def stop(self, wait: float = 0.0) -> None:
+        """End the worker: let it leave on its own within `wait` seconds (its job done), else end it and everything
+        its job started (its own process group)."""
+        import signal
+
+        if self.process is None:
+            return
+        self.connection.close()  # the worker's next recv ends its loop
+        self.process.join(wait)
+        if self.process.is_alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.join(5)
+        self.process = None
+
+
+def run_serial(scheduler: Scheduler, common: dict, progress: Progress, timeout: Callable[[str], float]) -> None:
+    worker = JobProcess()
+    try:
+        for job in scheduler.pending():
+            if scheduler.blocked(job):
+                scheduler.state[job.key] = SKIPPED
+                progress.skipped()
+                continue
+            progress.started()
+            folder = scheduler.job_dir(job.key)
+            status = worker.run(job, (job.as_dict(), str(folder), scheduler.deps_of(job), common), folder,
+                                timeout(job.kind))
+            scheduler.record(job, status)
+            progress.finished(status["state"])
+    finally:
+        worker.stop(wait=10)
 
 
 def run_ray(scheduler: Scheduler, common: dict, progress: Progress, num_cpus: int | None, address: str | None,
-            max_retries: int) -> None:
+            max_retries: int, timeout: Callable[[str], float] = lambda kind: FALLBACK_TIMEOUT,
+            processes: Path | None = None) -> None:
+    """`processes`: where the processes of a local Ray instance started here are written down (store.RunLock), so
+    that the next run ends those a killed driver left behind."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local instance needs no token
@@ -256,12 +391,18 @@ def run_ray(scheduler: Scheduler, common: dict, progress: Progress, num_cpus: in
             # "local": a new instance of its own, never one found on the machine (RAY_ADDRESS, `ray start`)
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
                      log_to_driver=False, logging_level="error")
+    noted = started_here and not address and processes is not None
+    next_note = time.monotonic()
     remote = ray.remote(execute_job)
     running: dict[Any, Job] = {}
+    deadlines: dict[Any, float] = {}  # when each running job's time is up
     announced: dict[str, int] = {}  # lines of JobContext.announce printed so far, per job
     waiting = scheduler.pending()
     try:
         while waiting or running:
+            if noted and time.monotonic() >= next_note:  # Ray starts its agents and workers as it goes
+                record_processes(processes)
+                next_note = time.monotonic() + 5
             cluster = _cluster(ray)
             for job in list(waiting):
                 if scheduler.blocked(job):
@@ -273,24 +414,29 @@ def run_ray(scheduler: Scheduler, common: dict, progress: Progress, num_cpus: in
                     ref = remote.options(**ray_options(job, cluster, max_retries)).remote(job.as_dict(), str(scheduler.job_dir(job.key)),
                                                            scheduler.deps_of(job), common)
                     running[ref] = job
+                    deadlines[ref] = time.monotonic() + timeout(job.kind)
                     progress.started()
             if not running:
                 continue
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for job in running.values():
                 _relay_announcements(job, scheduler.job_dir(job.key), progress, announced)
+            for ref in [r for r in running if r not in done and time.monotonic() > deadlines[r]]:
+                job = running.pop(ref)
+                ray.cancel(ref, force=True)  # ends its worker process
+                status = lost_status(job, scheduler.job_dir(job.key), _timed_out(job, timeout(job.kind)))
+                scheduler.record(job, status)
+                progress.finished(status["state"])
             for ref in done:
                 job = running.pop(ref)
                 try:
                     status = ray.get(ref)
                 except Exception as err:  # the worker died more often than max_retries allows
-                    status = {"state": FAILED, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-                    folder = scheduler.job_dir(job.key)
-                    folder.mkdir(parents=True, exist_ok=True)
-                    if (read_status(folder) or {}).get("state") != DONE:
-                        write_status(folder, {**status, "key": job.key, "label": job.label, "finished": now()})
+                    status = lost_status(job, scheduler.job_dir(job.key), f"{type(err).__name__}: {err}")
                 scheduler.record(job, status)
                 progress.finished(status["state"])
     finally:
         if started_here:
             ray.shutdown()
+        if noted:
+            processes.unlink(missing_ok=True)

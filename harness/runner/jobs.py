@@ -75,6 +75,15 @@ def job_resources(profile, num_cpus: int = 1, memory: int | None = None, gpu: bo
 
 ANNOUNCE_FILE = "announce.txt"
 
+# How long a job of each kind may run (seconds) before it is stopped and recorded as failed, unless the suite says
+# otherwise (executor.timeouts). Generous on purpose: the paper profile's longest jobs on one GPU with room to
+# spare (AnomalyDiffusion's fit of a category: its mask generator's 30k steps per defect type), so that only a hang
+# reaches them; the tiny profile's jobs take minutes.
+HOUR = 3600
+DEFAULT_TIMEOUTS = {"backbone": 12 * HOUR, "fit": 48 * HOUR, "generate": 24 * HOUR, "score": 6 * HOUR,
+                    "segment": 12 * HOUR, "classify": 12 * HOUR, "detect": 12 * HOUR}
+FALLBACK_TIMEOUT = 24 * HOUR  # a kind a plugin registers
+
 
 @dataclass
 class JobContext:

@@ -99,16 +99,16 @@ def intact_closure(jobs: list[Job], found: dict[str, Path]) -> dict[str, Path]:
 def run_suite(suite: Suite, executor: str | None = None, address: str | None = None, num_cpus: int | None = None,
               results: Path | None = None, fresh: bool = False, progress: bool = True) -> RunResult:
     store = RunStore(runs_root(results), suite.name, run_id_for(suite))
-    with RunLock(store):  # before planning, so that a second run of the suite stops at once
+    with RunLock(store) as lock:  # before planning, so that a second run of the suite stops at once
         plan = prepare(suite)
         expand(plan)
         for warning in plan.warnings:
             warnings.warn(warning, DataWarning, stacklevel=2)
-        return _run_locked(plan, store, executor, address, num_cpus, fresh, progress)
+        return _run_locked(plan, store, executor, address, num_cpus, fresh, progress, lock.processes)
 
 
 def _run_locked(plan: Plan, store: RunStore, executor: str | None, address: str | None, num_cpus: int | None,
-                fresh: bool, progress: bool) -> RunResult:
+                fresh: bool, progress: bool, processes: Path | None = None) -> RunResult:
     suite = plan.suite
     if fresh and store.run_dir.exists():
         shutil.rmtree(store.run_dir)
@@ -127,10 +127,10 @@ def _run_locked(plan: Plan, store: RunStore, executor: str | None, address: str 
     bar = Progress(len(plan.jobs), len(finished), enabled=progress)
     try:
         if (executor or suite.executor.kind) == "serial":
-            run_serial(scheduler, common, bar)
+            run_serial(scheduler, common, bar, suite.executor.timeout)
         else:
             run_ray(scheduler, common, bar, num_cpus or suite.executor.num_cpus, address or suite.executor.address,
-                    suite.executor.max_retries)
+                    suite.executor.max_retries, suite.executor.timeout, processes)
     finally:
         bar.close()
     manifest.update(finished=now(), states=dict(Counter(scheduler.state.values())), job_states=dict(scheduler.state),

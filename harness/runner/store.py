@@ -6,9 +6,10 @@ by key in every run of the suite, so a changed suite reuses what it still shares
 
 A `done` status pins what the job produced: the size, modification time and SHA-256 of every file in its folder
 (`outputs`). A job whose folder no longer holds exactly that (a truncated or deleted records.jsonl, a deleted
-sample) is not finished: `run` redoes it and every job that depends on it, and `leaderboard` refuses to render
-from it and names the damaged file. records.jsonl is hashed on every check; other files when their size or
-modification time changed (as git checks its work tree).
+sample) is not finished: `run` redoes it and every job that depends on it, and `leaderboard` and `export` refuse
+to read from it and name the damaged file. Every file is hashed on every check (a bit flip or an edited digit keeps
+the size and can keep the modification time), so what a downstream job, the leaderboard or an export reads is what
+was written.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def output_problem(folder: Path, status: dict) -> str | None:
             return f"{path}: missing (it was written when the job finished)"
         if stat.st_size != pin["size"]:
             return f"{path}: {stat.st_size} bytes, but the job wrote {pin['size']}"
-        if (relative == RECORDS_FILE or stat.st_mtime_ns != pin["mtime_ns"]) and sha256_file(path) != pin["sha256"]:
+        if sha256_file(path) != pin["sha256"]:  # every file, every time: an edit can keep size and mtime
             return f"{path}: content differs from what the job wrote"
     return None
 
@@ -178,6 +179,7 @@ class RunLock:
 
     def __init__(self, store: "RunStore"):
         self.path = store.suite_dir / f".{store.run_id}.lock"
+        self.processes = store.suite_dir / f".{store.run_id}.processes.json"  # what the run's local Ray started
         self.handle = None
 
     def __enter__(self) -> "RunLock":
@@ -201,12 +203,48 @@ class RunLock:
         handle.write(f"pid {os.getpid()} on host {platform.node()} since {now()}\n")
         handle.flush()
         self.handle = handle
+        end_leftovers(self.processes)  # a killed earlier run's Ray processes: nothing else holds the lock
         return self
 
     def __exit__(self, *exc) -> None:
         if self.handle is not None:
             self.handle.close()  # closing releases the flock
             self.handle = None
+
+
+def record_processes(path: Path) -> None:
+    """Write down this process's descendants (pid and start time) to `path`: the local Ray instance a run started.
+    Ray's agents outlive a driver killed with SIGKILL (they are re-parented to init); the next run ends them."""
+    import psutil
+
+    try:
+        children = [(p.pid, p.create_time()) for p in psutil.Process().children(recursive=True)]
+    except psutil.Error:
+        return
+    atomic_write_json(path, {"driver": os.getpid(), "processes": children})
+
+
+def end_leftovers(path: Path) -> list[int]:
+    """End the processes an earlier run wrote down (record_processes) that still run: each only if its start time
+    is the one recorded, so that a pid the system has reused since is never touched. Returns the pids ended."""
+    import psutil
+
+    try:
+        recorded = json.loads(path.read_text())["processes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    ended = []
+    for pid, started in recorded:
+        try:
+            process = psutil.Process(pid)
+            if abs(process.create_time() - started) < 0.01:
+                process.kill()
+                ended.append(process)
+        except psutil.Error:
+            continue
+    psutil.wait_procs(ended, timeout=5)
+    path.unlink(missing_ok=True)
+    return [p.pid for p in ended]
 
 
 def latest_run(suite: str, results: Path | None = None) -> RunStore | None:

@@ -21,6 +21,7 @@ from harness.metrics.iclpips import PRESETS
 from harness.metrics.score import METRICS
 from harness.paths import REPO_ROOT
 from harness.profiles import PROFILES
+from harness.runner.jobs import DEFAULT_TIMEOUTS, FALLBACK_TIMEOUT
 
 SUITES_DIR = REPO_ROOT / "suites"
 LAYOUTS = ("synthetic", "mvtec_ad", "mvtec_loco", "auto")
@@ -31,7 +32,7 @@ TOP_KEYS = {"name", "description", "datasets", "protocol", "profile", "methods",
 DATASET_KEYS = {"name", "layout", "root", "captions", "categories", "synth", "pretrain_categories"}
 METHOD_KEYS = {"method", "label", "config"}
 GENERATE_KEYS = {"n"}
-EXECUTOR_KEYS = {"kind", "num_cpus", "address", "max_retries"}
+EXECUTOR_KEYS = {"kind", "num_cpus", "address", "max_retries", "timeouts"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ class ExecutorSpec:
     num_cpus: int | None = None  # None: all CPUs of this machine
     address: str | None = None  # an existing Ray cluster; None starts one here
     max_retries: int = 2  # a job whose worker died is retried this often
+    timeouts: dict = field(default_factory=dict)  # job kind -> seconds; the rest: executors.DEFAULT_TIMEOUTS
+
+    def timeout(self, kind: str) -> float:
+        """How long a job of this kind may run before it is stopped and recorded as failed."""
+        return float(self.timeouts.get(kind, DEFAULT_TIMEOUTS.get(kind, FALLBACK_TIMEOUT)))
 
 
 @dataclass(frozen=True)
@@ -250,7 +256,13 @@ def _executor(value: Any, where: str) -> ExecutorSpec:
     address = value.get("address")
     if address is not None and not isinstance(address, str):
         raise ConfigError(f"{where}: executor.address must be HOST:PORT, not {address!r}")
-    return ExecutorSpec(kind, num_cpus, address, retries)
+    timeouts = value.get("timeouts") or {}
+    _mapping(timeouts, where, "executor.timeouts")
+    for job_kind, seconds in timeouts.items():
+        _choice(job_kind, tuple(DEFAULT_TIMEOUTS), where, "executor.timeouts' job kind")
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds < float("inf"):
+            raise ConfigError(f"{where}: executor.timeouts.{job_kind} must be a number of seconds > 0, not {seconds!r}")
+    return ExecutorSpec(kind, num_cpus, address, retries, dict(timeouts))
 
 
 def _seeds(value: Any, where: str) -> tuple[int, ...]:
