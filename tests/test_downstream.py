@@ -243,6 +243,29 @@ def test_bad_downstream_settings_name_the_key(change, message):
     assert message in str(info.value)
 
 
+def test_a_compat_protocol_segments_and_detects_on_test_images_read_as_published():
+    """Under a compat protocol the segment and detect jobs read the test images with OpenCV, as the published
+    localisation code, named in their keys; classify jobs (their classification code reads with PIL) and every job
+    of another protocol keep ours and their keys."""
+    import yaml
+
+    from harness.runner.plan import expand, prepare
+    from harness.runner.suite import parse_suite
+    from tests.test_runner import REPO
+
+    raw = yaml.safe_load((REPO / "tests" / "suites" / "downstream.yaml").read_text())
+
+    def downstream(protocol: str) -> list:
+        jobs = expand(prepare(parse_suite({**raw, "protocol": protocol}, None)))
+        return [job for job in jobs if job.kind in ("segment", "classify", "detect")]
+
+    compat = downstream("anomalydiffusion")
+    assert {job.kind for job in compat} == {"segment", "classify", "detect"}
+    for job in compat:
+        assert job.params.get("test_images") == (None if job.kind == "classify" else "cv2-bilinear"), job.label
+    assert all("test_images" not in job.params for job in downstream("clean-thirds"))
+
+
 def test_suite_runs_downstream_and_detectors_and_renders_their_tables(tmp_path):
     import yaml
 

@@ -180,6 +180,47 @@ def test_background_fidelity_and_mask_alignment():
     assert mask_iou(inside_only, normal, np.roll(mask, 12, axis=1)) < 0.5
 
 
+def test_bg_psnr_is_capped_at_100_db_and_the_record_says_when(tmp_path):
+    """README: capped at 100 dB, reached by an identical background and by one a single grey level away (uncapped
+    101 dB, above the identical one); the record marks the cap and says which; a visible change is not capped."""
+    rng = np.random.default_rng(0)
+    normal = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    mask = np.zeros((256, 256), bool)
+    mask[100:120, 100:120] = True
+    identical = normal.copy()
+    identical[mask] = 255 - normal[mask]
+    one_level = identical.copy()
+    one_level[0, 0, 0] = normal[0, 0, 0] ^ 1  # one value outside the mask, one grey level away
+    noisy = np.clip(identical + rng.integers(-3, 4, normal.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(normal).save(tmp_path / "normal.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    assert 10 * np.log10(255 ** 2 * (~mask).sum() * 3) > PSNR_CAP  # one_level's PSNR, uncapped
+    scorer = Scorer("tiny", ScoreConfig(resolution=256, metrics=("bg_psnr",)))
+    found = {}
+    for name, image in (("identical", identical), ("one_level", one_level), ("noisy", noisy)):
+        Image.fromarray(image).save(tmp_path / f"{name}.png")
+        inputs = ScoreInputs([tmp_path / f"{name}.png"], masks=[tmp_path / "mask.png"], normals=[tmp_path / "normal.png"])
+        (value,) = scorer.score(inputs)
+        found[name] = (value.value, value.details["capped"], value.details["identical"])
+    assert found["identical"] == (PSNR_CAP, True, True) and found["one_level"] == (PSNR_CAP, True, False)
+    assert found["noisy"][0] < 50 and found["noisy"][1:] == (False, False)
+
+
+def test_a_plain_folder_is_read_in_generation_order(tmp_path):
+    """Samples named 0.png ... 11.png come back as 0, 1, 2, ..., 11 (not 0, 1, 10, 11, 2, ...), masks paired."""
+    from harness.metrics.score import images_in
+
+    (tmp_path / "image").mkdir()
+    (tmp_path / "mask").mkdir()
+    for i in range(12):
+        Image.new("RGB", (8, 8), (i, i, i)).save(tmp_path / "image" / f"{i}.png")
+        Image.new("L", (8, 8), 255).save(tmp_path / "mask" / f"{i}.png")
+    order = [f"{i}.png" for i in range(12)]
+    inputs = ScoreInputs.from_folder(tmp_path)
+    assert [p.name for p in inputs.generated] == order and [m.name for m in inputs.masks] == order
+    assert [p.name for p in images_in(tmp_path / "image")] == order
+
+
 def test_scorer_reports_every_metric_with_provenance(tmp_path, synth_root):
     from harness.data.splits import make_split
     from harness.generation import fit_method, generate_to

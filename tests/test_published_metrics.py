@@ -1,9 +1,9 @@
 """The published evaluation (`*_compat` metrics) against transcriptions of the authors' own rules.
 
 Each transcription below restates, line by line in plain NumPy / torch / scikit-learn, what the published script
-does (AnomalyDiffusion's and DualAnoDiff's test-localization.py and unet_utils/au_pro_util.py, DFMGAN's
-metrics/lpips.py); our implementation is written differently and must give the same numbers. Where our own rule
-differs, a test shows the difference on a case built to expose it.
+does (AnomalyDiffusion's and DualAnoDiff's test-localization.py, unet_utils/data_loader.py and
+unet_utils/au_pro_util.py, DFMGAN's metrics/lpips.py); our implementation is written differently and must give the
+same numbers. Where our own rule differs, a test shows the difference on a case built to expose it.
 """
 from __future__ import annotations
 
@@ -170,6 +170,36 @@ def test_mask_levels_and_pixel_metrics_follow_their_loader(tmp_path):
     assert values["pixel_aupro_compat"] == pytest.approx(published_au_pro(gts, list(maps)), abs=1e-12)
     # our own rule (bilinear, >= 0.5) counts the half-covered pixels as defect pixels: a different number
     assert values["pixel_auroc_compat"] != pytest.approx(det.auroc(stack >= 128, maps), abs=1e-6)
+
+
+# ---- test images -------------------------------------------------------------------------------------------
+
+
+def published_test_image(path, size: int) -> np.ndarray:
+    """Their test loader, cv2.imread(path, IMREAD_COLOR) and cv2.resize(..., dsize=(size, size)), then their test
+    loop's gray_batch[:, [2, 1, 0]] (OpenCV's BGR to RGB)."""
+    image = cv2.resize(cv2.imread(str(path), cv2.IMREAD_COLOR), dsize=(size, size))
+    return image[:, :, [2, 1, 0]]
+
+
+def test_compat_test_images_are_read_as_their_loader_reads_them(tmp_path, synth_root):
+    from harness.data.images import read_image_cv2
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.downstream.data import test_samples, test_set
+
+    colours = np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8)  # not square, sharp detail
+    path = tmp_path / "000.png"
+    Image.fromarray(colours).save(path)
+    assert np.array_equal(read_image_cv2(path, 32), published_test_image(path, 32))
+    split = make_split(read_category(synth_root, "weave", dataset="synthetic"))
+    samples = test_samples(split)
+    published, ours = test_set(split, 32, "cv2-bilinear"), test_set(split, 32)
+    assert np.array_equal(published.images, np.stack([published_test_image(s.image, 32) for s in samples]))
+    # the default is unchanged: PIL's antialiased bicubic, a different image
+    pil = [np.asarray(Image.open(s.image).convert("RGB").resize((32, 32), Image.BICUBIC)) for s in samples]
+    assert np.array_equal(ours.images, np.stack(pil)) and not np.array_equal(ours.images, published.images)
+    assert np.array_equal(ours.masks, published.masks) and np.array_equal(ours.mask_levels, published.mask_levels)
 
 
 # ---- DFMGAN's IC-LPIPS ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ def test_saturation_areas_follow_the_official_rule():
     assert saturation_area(7, 0.5, relative=True) == 3  # truncated
     assert saturation_area(10, 30, relative=False) == 10  # at most the region
     assert saturation_area(10, 3, relative=False) == 3
+    assert saturation_area(10, 2.5, relative=False) == 2.5  # an absolute area is never truncated (np.minimum)
 
 
 def test_hand_cases():
@@ -51,6 +52,9 @@ def test_the_curve_is_the_definition_at_every_threshold():
     overlap = np.zeros((12, 12), dtype=bool)
     overlap[3:8, 3:8] = True  # overlaps the first region: its shared pixels count for both
     regions.append(Region(0, overlap, 10))
+    corner = np.zeros((12, 12), dtype=bool)
+    corner[0:4, 0:5] = True
+    regions.append(Region(1, corner, 7.5))  # an absolute area scaled to the working resolution: fractional
     fpr, spro = spro_curve(maps, regions)
     distinct = np.unique(maps)[::-1]
     thresholds = np.r_[distinct[1:], distinct[-1] - 1]  # just below each distinct score, descending
@@ -112,6 +116,10 @@ def test_regions_carry_their_defect_types_saturation(tmp_path):
         kind = samples[region.image].defect_type
         area = int(region.mask.sum())
         assert region.saturation == (area if kind == "structural_anomalies" else max(1, min(16, area)))
+    # at 20 px the logical regions' 64 pixels scale to 6.25, kept as they are (not truncated to 6)
+    logical = [r for r in test_regions(split, 20).regions if samples[r.image].defect_type == "logical_anomalies"]
+    assert all(r.saturation == min(6.25, int(r.mask.sum())) for r in logical)
+    assert any(r.saturation == 6.25 for r in logical)
     test = test_set(split, 32)
     rng = np.random.default_rng(0)
     maps = rng.random(test.masks.shape) + test.masks  # a detector that sees every defect pixel

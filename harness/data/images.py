@@ -1,6 +1,7 @@
 """Reading images and masks from disk: any size, grayscale or RGB, PNG or JPEG; resized at load time."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +16,13 @@ MASK_THRESHOLD = 127  # a mask pixel above this (of 255) belongs to the defect
 
 def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def natural_key(path: Path) -> tuple:
+    """Sort key of a file name with its digit runs compared as numbers: 0, 1, 2, ..., 10 (generation order), not
+    0, 1, 10, 2; the whole name breaks ties (01 and 1)."""
+    name = Path(path).name
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))), name
 
 
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "P;gray"})
@@ -56,6 +64,21 @@ def read_image(path: Path, size: int | None = None) -> np.ndarray:
     if size is not None and image.size != (size, size):
         image = image.resize((size, size), Image.BICUBIC)
     return np.asarray(image, dtype=np.uint8).copy()
+
+
+def read_image_cv2(path: Path, size: int | None = None) -> np.ndarray:
+    """An RGB uint8 array (H, W, 3) as the published localisation code reads its test images: cv2.imread, then
+    cv2.resize's default (bilinear, no antialiasing); their test loop turns OpenCV's BGR into RGB, as here."""
+    import cv2
+
+    if not Path(path).is_file():
+        raise DataError(path, "file not found")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError(path, "unreadable image (cv2.imread)")
+    if size is not None and image.shape[:2] != (size, size):
+        image = cv2.resize(image, (size, size))
+    return np.ascontiguousarray(image[:, :, ::-1])
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

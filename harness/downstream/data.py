@@ -16,12 +16,15 @@ import numpy as np
 from harness.data.model import DEFECTS_CONFIG, GOOD, Sample
 from harness.data.splits import Split
 from harness.errors import DataError
-from harness.data.images import read_image, read_mask, read_region, resize_mask
+from harness.data.images import read_image, read_image_cv2, read_mask, read_region, resize_mask
 from harness.generation import read_samples
 from harness.io import atomic_write_bytes
 from harness.metrics import detection, spro
 
 ALL = "all"  # the defect_type of a record computed over the whole test part
+# how a job reads the test part's images (its `test_images`): ours, or as the published localisation code reads them
+TEST_READERS = {"pil-bicubic": read_image, "cv2-bilinear": read_image_cv2}
+DEFAULT_TEST_IMAGES = "pil-bicubic"
 
 
 @dataclass
@@ -55,11 +58,11 @@ class ImageSet:
                    [d for p in parts for d in p.defect_types], [n for p in parts for n in p.names])
 
 
-def from_samples(samples: list[Sample], resolution: int) -> ImageSet:
+def from_samples(samples: list[Sample], resolution: int, read=read_image) -> ImageSet:
     if not samples:
         return ImageSet(np.zeros((0, resolution, resolution, 3), np.uint8), np.zeros((0, resolution, resolution), bool),
                         [], [])
-    images = np.stack([s.load_image(resolution) for s in samples])
+    images = np.stack([read(s.image, resolution) for s in samples])
     masks = np.stack([s.load_mask(resolution) for s in samples])
     return ImageSet(images, masks, [s.defect_type for s in samples], [s.key for s in samples])
 
@@ -69,10 +72,11 @@ def test_samples(split: Split) -> list[Sample]:
     return [*(s for d in sorted(split.defects) for s in split.defects[d].test), *split.normal_test]
 
 
-def test_set(split: Split, resolution: int) -> ImageSet:
-    """The real test part (`test_samples`), with the masks also as the published evaluation resizes them."""
+def test_set(split: Split, resolution: int, images: str = DEFAULT_TEST_IMAGES) -> ImageSet:
+    """The real test part (`test_samples`), its images read by `TEST_READERS[images]`, with the masks also as the
+    published evaluation resizes them."""
     samples = test_samples(split)
-    test = from_samples(samples, resolution)
+    test = from_samples(samples, resolution, TEST_READERS[images])
     if samples:
         test.mask_levels = np.stack([s.load_mask_levels(resolution) for s in samples])
     return test
@@ -138,6 +142,7 @@ def test_regions(split: Split, resolution: int) -> LocoRegions | None:
             if not small.any():
                 dropped += 1
                 continue
+            # an absolute area scales with the pixel count and is kept fractional (the official rule never truncates it)
             threshold = rule.threshold if rule.relative else rule.threshold * small.size / mask.size
             # a relative rule on a region of a few pixels truncates to 0 (the official code then divides by it)
             regions.append(spro.Region(index, small, max(1, spro.saturation_area(int(small.sum()), threshold,

@@ -3,9 +3,10 @@
 - background_fidelity: how much of the normal image survives outside the defect mask.
   `bg_psnr`: PSNR of the squared error over the pixels outside the mask (all channels), **pooled over the
   samples** (the summed squared error over the summed pixel count): one sample that left its background
-  identical (infinite PSNR) cannot dominate a mean of decibels; the value is capped at 100 dB only when every
-  background is identical. `bg_lpips`: the per-pixel LPIPS map between sample and normal image (lpips'
-  spatial=True), averaged over the pixels outside the mask; computed at the generated images' resolution.
+  identical (infinite PSNR) cannot dominate a mean of decibels. Capped at 100 dB, which identical backgrounds reach
+  and so does any mean squared error below 255² x 1e-10 (uncapped, a nearly identical background would rank above
+  an identical one): the record says so (`capped`, `identical`). `bg_lpips`: the per-pixel LPIPS map between sample
+  and normal image (lpips' spatial=True), averaged over the pixels outside the mask; at the generated images' size.
 - mask_alignment: `mask_iou`, the IoU between the sample's mask and the pixels that changed most: the |mask|
   pixels with the largest change (max over channels of |sample - normal|; ties at the cut included; unchanged
   pixels never count). No fixed threshold: a faint stain (+20/255) in the mask scores as well as a strong one,
@@ -41,6 +42,7 @@ def squared_error_outside(sample: np.ndarray, normal: np.ndarray, mask: np.ndarr
 
 
 def psnr_from_error(squared_error: float, count: int) -> float:
+    """PSNR of a summed squared error over `count` uint8 values, capped at PSNR_CAP (an identical image reaches it)."""
     if count == 0:
         return float("nan")
     mse = squared_error / count

@@ -13,12 +13,12 @@ from typing import Sequence
 
 import numpy as np
 
-from harness.data.images import is_image_file
+from harness.data.images import is_image_file, natural_key
 from harness.generation import normal_file, read_samples
 from harness.metrics.fidelity import RESIZE_PATH, InceptionFeatures, frechet_distance, inception_score, kernel_distance
 from harness.metrics.iclpips import ICLPIPSConfig, ic_lpips
 from harness.metrics.lpips_net import LPIPSNet
-from harness.metrics.paired import PairedSample, paired_metrics, psnr_from_error
+from harness.metrics.paired import PSNR_CAP, PairedSample, paired_metrics, psnr_from_error
 from harness.profiles import Profile, get_profile
 
 METRICS = ("is", "fid", "kid", "ic_lpips", "lpips_to_real", "bg_psnr", "bg_lpips", "mask_iou")
@@ -83,14 +83,16 @@ class ScoreInputs:
             return cls([folder / r["image"] for r in rows], list(real), list(centres),
                        [folder / r["mask"] for r in rows], [normal_file(folder, r, normals_root) for r in rows])
         image_dir = next((folder / n for n in IMAGE_FOLDERS if (folder / n).is_dir()), folder)
-        images = sorted(p for p in image_dir.iterdir() if is_image_file(p))
+        images = images_in(image_dir)
         mask_dir = next((folder / n for n in MASK_FOLDERS if (folder / n).is_dir()), None)
         by_stem = {p.stem: p for p in mask_dir.iterdir() if is_image_file(p)} if mask_dir else {}
         return cls(images, list(real), list(centres), [by_stem.get(p.stem) for p in images], [None] * len(images))
 
 
 def images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).iterdir() if is_image_file(p))
+    """A plain folder's images in generation order, numbers compared as numbers (0, 1, 2, ..., 10, not 0, 1, 10, 2):
+    DFMGAN's IC-LPIPS keeps the first 200 of each cluster in this order."""
+    return sorted((p for p in Path(folder).iterdir() if is_image_file(p)), key=natural_key)
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,10 @@ class Scorer:
                 out.append(not_computed(metric, len(paired), "no sample has pixels on both sides of its mask"))
             elif metric == "bg_psnr":  # pooled: the summed squared error over the summed count
                 value = psnr_from_error(sum(per_sample["bg_error"]), sum(per_sample["bg_count"]))
-                out.append(MetricValue(metric, value, len(values), float(np.std(values)), {**how, "pooled": True}))
+                # at the cap the value is a bound: say so, and whether every background was identical
+                capped = {"capped": bool(value >= PSNR_CAP), "identical": sum(per_sample["bg_error"]) == 0}
+                out.append(MetricValue(metric, value, len(values), float(np.std(values)),
+                                       {**how, "pooled": True, **capped}))
             else:
                 rule = {"changed": "the |mask| most-changed pixels"} if metric == "mask_iou" else {}
                 out.append(MetricValue(metric, float(np.mean(values)), len(values), float(np.std(values)),

@@ -15,8 +15,9 @@ copied):
 
 Exact here: one curve point per distinct score (the official code starts from 50 thresholds and refines them until
 neighbouring points lie within 0.01 of each other). In descending score order every pixel of a region among its
-first `saturation` pixels adds 1 / (saturation x #regions) to the mean sPRO, and every defect-free pixel adds
-1 / #defect-free pixels to the FPR; the curve is read at the end of each group of equal scores.
+first floor(saturation) pixels adds 1 / (saturation x #regions) to the mean sPRO (a fractional saturation area's
+next pixel adds the rest up to 1 / #regions), and every defect-free pixel adds 1 / #defect-free pixels to the FPR;
+the curve is read at the end of each group of equal scores.
 """
 from __future__ import annotations
 
@@ -35,12 +36,13 @@ class Region:
 
     image: int
     mask: np.ndarray
-    saturation: int
+    saturation: float  # pixels; fractional where an absolute area was scaled to the working resolution
 
 
-def saturation_area(area: int, threshold: float, relative: bool) -> int:
-    """The official rule: a fraction of the region (truncated to whole pixels) or a pixel count capped at its area."""
-    return int(threshold * area) if relative else int(min(threshold, area))
+def saturation_area(area: int, threshold: float, relative: bool) -> float:
+    """The official rule: a fraction of the region (truncated to whole pixels) or a pixel count capped at its area
+    (not truncated: the official np.minimum keeps a scaled, fractional count as it is)."""
+    return int(threshold * area) if relative else min(threshold, area)
 
 
 def _check(maps: np.ndarray, regions: list[Region]) -> np.ndarray:
@@ -79,7 +81,10 @@ def spro_curve(maps: np.ndarray, regions: list[Region]) -> tuple[np.ndarray, np.
     for region in regions:
         inside = np.sort(maps[region.image][region.mask])[::-1]
         counted = np.zeros(inside.size)
-        counted[:region.saturation] = 1.0 / (region.saturation * len(regions))
+        whole = int(region.saturation)
+        counted[:whole] = 1.0 / (region.saturation * len(regions))
+        if whole < inside.size:  # the pixel that passes a fractional saturation area brings the region to 1
+            counted[whole] = (region.saturation - whole) / (region.saturation * len(regions))
         scores.append(inside)
         fpr_weights.append(np.zeros(inside.size))
         spro_weights.append(counted)

@@ -320,7 +320,9 @@ def _notes(table: Table, manifest: dict, sources: list[str], store: RunStore) ->
     protocol = manifest["config"]["protocol"]
     if protocol in COMPAT_PROTOCOLS:
         notes.append(f"Protocol `{protocol}` reproduces a published split: images in both the generator's training "
-                     "part and the test part are possible (AnomalyDiffusion: exactly one per defect type).")
+                     "part and the test part are possible (AnomalyDiffusion: exactly one per defect type). The U-Nets "
+                     "and detectors read the test images as the published localisation code does (OpenCV's bilinear "
+                     "resize, no antialiasing).")
     return notes + _failure_note(table, store) + _reported_notes(sources)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from harness.data.splits import COMPAT_PROTOCOLS
 from harness.downstream import data as ddata
 from harness.downstream.config import model_config
 from harness.downstream.detectors import DETECTORS
@@ -64,11 +65,19 @@ def downstream_jobs(plan) -> list[Job]:
                         jobs += _downstream(model, suite, generated, tags, common, at, profile, where)
                     for params, files in detectors:
                         spec = DETECTORS[params["model"]]
-                        jobs.append(make_job("detect", f"detect {spec.label} {at}", {**common, **params}, (),
+                        jobs.append(make_job("detect", f"detect {spec.label} {at}",
+                                             {**common, **params, **_test_images(split.protocol)}, (),
                                              job_resources(profile, memory=DETECTOR_MEMORY),
                                              {**tags, "method": spec.label, "family": "unsupervised",
                                               "model": params["model"]}, {**where, **files}))
     return jobs
+
+
+def _test_images(protocol: str) -> dict:
+    """A compat protocol's segment and detect jobs read the test images as the published localisation code does
+    (cv2; its classification code reads them with PIL, so classify jobs keep ours). Named in the key only there, so
+    every other job keeps its key and its cached result."""
+    return {"test_images": "cv2-bilinear"} if protocol in COMPAT_PROTOCOLS else {}
 
 
 def _model_params(entry: dict, suite, profile) -> tuple[dict, dict]:
@@ -89,8 +98,9 @@ def _downstream(model: tuple[dict, dict], suite, generated: dict, tags: dict, co
         keys = generated.get((tags["dataset"], tags["category"], tags["fold"], tags["seed"], method.label), {})
         if not keys or (name == "classification" and len(keys) < 2):
             continue  # nothing generated; or one defect type: nothing to classify
+        reader = _test_images(tags["protocol"]) if name == "segmentation" else {}
         out.append(make_job(DOWNSTREAM_KINDS[name], f"{name} {method.label} {at}",
-                            {**common, **params, "method": method.label, "generated": dict(sorted(keys.items()))},
+                            {**common, **params, **reader, "method": method.label, "generated": dict(sorted(keys.items()))},
                             tuple(sorted(keys.values())), job_resources(profile, memory=DOWNSTREAM_MEMORY),
                             {**tags, "method": method.label, "family": "synthetic", "model": name,
                              "selection": params["config"].get("select_on", "validation")}, {**where, **files}))
@@ -117,7 +127,7 @@ def run_segment(job: Job, ctx: JobContext) -> list[dict]:
 
     p, config = job.inputs, job.params["config"]
     split = load_split(p, ctx.cache)
-    test = ddata.test_set(split, p["resolution"])
+    test = ddata.test_set(split, p["resolution"], p.get("test_images", ddata.DEFAULT_TEST_IMAGES))
     train, validation = ddata.hold_out(_generated(job, ctx), config["validation_fraction"], p["seed"])
     maps, scores, selection = segmentation.run(
         ddata.normal_set(split, "train", p["resolution"]), ddata.normal_set(split, "validation", p["resolution"]),
@@ -162,7 +172,7 @@ def run_detect(job: Job, ctx: JobContext) -> list[dict]:
 
     p = job.inputs
     split = load_split(p, ctx.cache)
-    test = ddata.test_set(split, p["resolution"])
+    test = ddata.test_set(split, p["resolution"], p.get("test_images", ddata.DEFAULT_TEST_IMAGES))
     maps, scores, resolved = detectors.run(p["model"], ddata.normal_set(split, "train", p["resolution"]), test,
                                            p["config"], p["resolution"], p["profile"], p["seed"], ctx.folder / "work",
                                            p.get("weights_file"))
