@@ -141,6 +141,9 @@ class Method:
     # the methods (directories under methods/) whose code this one extends (method_package): their files count in
     # its job keys, so that editing a base recomputes the methods built on it
     builds_on: ClassVar[tuple[str, ...]] = ()
+    # settings whose values are not all of their default's type, by key path -> the types they take (e.g.
+    # {"adaptive_mask": (bool, str)}): check_types accepts those; the method checks their values itself
+    setting_types: ClassVar[dict[str, tuple[type, ...]]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -189,10 +192,13 @@ class MethodInfo:
         return self.error is None
 
     def config(self, profile: str | Profile, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        """defaults <- profiles[profile] <- overrides; an override key absent from the defaults is an error."""
+        """defaults <- profiles[profile] <- overrides; an override key absent from the defaults, or of another type
+        than the profile's value (check_types), is an error."""
         profile = get_profile(profile)
+        where = f"overrides for method {self.name!r}"
         config = merge_config(copy.deepcopy(self.defaults), self.profiles.get(profile.name, {}), f"{self.name}.yaml")
-        return merge_config(config, overrides or {}, f"overrides for method {self.name!r}")
+        check_types(overrides or {}, config, self.defaults, where, getattr(self.cls, "setting_types", {}))
+        return merge_config(config, overrides or {}, where)
 
 
 def merge_config(base: dict, update: dict, where: str, prefix: str = "") -> dict:
@@ -206,6 +212,49 @@ def merge_config(base: dict, update: dict, where: str, prefix: str = "") -> dict
         else:
             base[key] = copy.deepcopy(value)
     return base
+
+
+def check_types(given: dict, expected: dict, defaults: dict, where: str, types: dict | None = None,
+                prefix: str = "") -> None:
+    """Each value of `given` is of the type of its key's value in `expected` (an int where a float is; mappings key by
+    key; a list's items as its first item), so a mistyped setting fails when a suite is read, not in every job.
+    Any value is taken where `defaults` holds null (null marks an optional or automatic setting, e.g. resolution)
+    and null where `expected` holds a mapping (a part switched off: text_lora: null); `types` (key path -> types)
+    names settings of several types. Unknown keys are left to merge_config."""
+    for key, value in given.items():
+        path = prefix + str(key)
+        if key not in expected or defaults.get(key) is None or expected[key] is None:
+            continue
+        default, allowed = expected[key], (types or {}).get(path)
+        if isinstance(default, dict) and value is None:
+            continue
+        if isinstance(default, dict) and isinstance(value, dict):
+            inner = defaults[key] if isinstance(defaults[key], dict) else {}
+            check_types(value, default, inner, where, types, path + ".")
+        elif not (isinstance(value, allowed) if allowed else _of_type(value, default)):
+            kind = " or ".join(t.__name__ for t in allowed) if allowed else _kind(default)
+            raise ConfigError(f"{where}: {path!r} must be {kind} (its default is {default!r}), not {value!r}")
+
+
+_KINDS = {bool: ("true or false", "true/false values"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+          str: ("a string", "strings"), list: ("a list", "lists"), dict: ("a mapping", "mappings")}
+
+
+def _of_type(value: Any, default: Any) -> bool:
+    if default is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):  # bool is an int to Python, not to a setting
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, list):
+        return isinstance(value, list) and (not default or all(_of_type(item, default[0]) for item in value))
+    return isinstance(value, type(default))
+
+
+def _kind(default: Any, plural: bool = False) -> str:
+    name = _KINDS.get(type(default), (type(default).__name__,) * 2)[plural]
+    return name + (f" of {_kind(default[0], plural=True)}" if isinstance(default, list) and default else "")
 
 
 def methods_dirs() -> list[Path]:

@@ -112,7 +112,11 @@ JOB_COLUMNS = ("suite", "run_id", "job_key", "kind", "method", "model", "dataset
 def find_run(suite: str, run: str | None = None, results: Path | None = None) -> RunStore:
     """A run of a suite (its latest by default); an error naming what is missing otherwise."""
     from harness.errors import DefectBenchError
+    from harness.runner.suite import path_component
 
+    path_component(suite, str(runs_root(results)), "suite")  # '..' or '/' would reach outside results/ (export)
+    if run:
+        path_component(run, str(runs_root(results)), "run")
     store = RunStore(runs_root(results), suite, run) if run else latest_run(suite, results)
     if store is None or not store.run_dir.is_dir():
         where = runs_root(results) / suite / (run or "")

@@ -109,8 +109,9 @@ def finetune_config(overrides: dict, resolution: int, where: str = "backbone"):
     for key in ("generic_share", "empty_prompt_rate"):
         if not settings[key] < 1:
             raise ConfigError(f"{where}.{key}: {settings[key]!r} must lie in [0, 1)")
-    if settings["batch_size"] < 1:
-        raise ConfigError(f"{where}.batch_size: {settings['batch_size']!r} must be at least 1")
+    for key in ("unet_steps", "batch_size"):  # 0 steps would fine-tune nothing, yet make a backbone job of its own
+        if settings[key] < 1:
+            raise ConfigError(f"{where}.{key}: {settings[key]!r} must be at least 1")
     return PretrainConfig(**{**settings, "resolution": resolution, "vae_steps": 0})
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from harness.device import AUTOCAST_TYPES
 from harness.errors import ConfigError
-from harness.methods import merge_config
+from harness.methods import check_types, merge_config
 from harness.profiles import Profile, get_profile
 
 MODELS_FILE = Path(__file__).with_name("models.yaml")
@@ -18,6 +18,9 @@ DOWNSTREAM_MODELS = ("segmentation", "classification")
 # Model selection of the segmentation U-Net: held-out generated + normal images, the test part (the published
 # practice, marked in every table), or the last epoch.
 SELECTIONS = ("validation", "test", "last")
+# shares of something: within [0, 1] (validation_fraction below 1: holding out every generated image leaves none to
+# train on). Every other number of models.yaml is a count (epochs, batch size, width: at least 1) or a rate (>= 0).
+SHARES = ("p_generated", "coreset_sampling_ratio", "validation_fraction")
 
 
 @lru_cache(maxsize=1)
@@ -38,7 +41,23 @@ def model_config(name: str, profile: str | Profile, overrides: dict[str, Any] | 
         raise ConfigError(f"unknown downstream model or detector {name!r}; known: {known}")
     profile = get_profile(profile)
     config = merge_config(copy.deepcopy(entry["all"]), entry.get(profile.name) or {}, f"{MODELS_FILE} ({name})")
+    check_types(overrides or {}, config, entry["all"], f"settings of {name!r}")
+    _check_ranges(overrides or {}, config, f"settings of {name!r}")
     return merge_config(config, overrides or {}, f"settings of {name!r}")
+
+
+def _check_ranges(given: dict, expected: dict, where: str) -> None:
+    """Counts at least 1, rates at least 0, shares within [0, 1]: `epochs: -1` fails when the suite is read."""
+    for key, value in given.items():
+        default = expected.get(key)
+        if isinstance(default, bool) or isinstance(value, bool) or not isinstance(default, (int, float)):
+            continue  # not a number (a value of the wrong type: check_types has named it)
+        if isinstance(default, int) and value < 1:
+            raise ConfigError(f"{where}: {key!r} must be a positive integer, not {value!r}")
+        if value < 0 or key in SHARES and value > 1 or key == "validation_fraction" and value == 1:
+            rule = ("lie in [0, 1)" if key == "validation_fraction" else "lie in [0, 1]" if key in SHARES
+                    else "be at least 0")
+            raise ConfigError(f"{where}: {key!r} must {rule}, not {value!r}")
 
 
 def parse_models(value, where: str, key: str, profile: str) -> tuple[dict, ...]:
@@ -53,8 +72,9 @@ def parse_models(value, where: str, key: str, profile: str) -> tuple[dict, ...]:
     out, seen = [], set()
     for i, item in enumerate(value):
         item = {"name": item} if isinstance(item, str) else item
-        if not isinstance(item, dict) or set(item) - {"name", "config"}:
-            raise ConfigError(f"{where}: {key}[{i}] must be a name or a mapping with 'name' and 'config'")
+        if (not isinstance(item, dict) or set(item) - {"name", "config"}
+                or not isinstance(item.get("config") or {}, dict)):
+            raise ConfigError(f"{where}: {key}[{i}] must be a name or a mapping with 'name' and 'config' (a mapping)")
         name = item.get("name")
         if name not in allowed:
             raise ConfigError(f"{where}: {key}[{i}]: unknown {key[:-1] if key == 'detectors' else 'downstream model'} "

@@ -29,6 +29,7 @@ from harness.results import MISSING, run_records, run_states
 from harness.runner.store import FAILED as FAILED_STATE
 from harness.runner.store import SKIPPED
 from harness.runner.store import RunStore, latest_run, results_root
+from harness.runner.suite import path_component
 
 DETECTION_METRICS = (*detection.IMAGE_METRICS, *detection.PIXEL_METRICS)
 LOCO_KINDS = (("logical_anomalies", "logical anomalies"), ("structural_anomalies", "structural anomalies"))
@@ -63,10 +64,11 @@ def leaderboard_dir(results: Path | None = None) -> Path:
 
 def render_leaderboard(suite: str, results: Path | None = None, out_dir: Path | None = None,
                        show_reported: bool = True, reported_dir: Path = REPORTED_DIR) -> tuple[Path, Path]:
+    out_dir = out_dir or leaderboard_dir(results)
+    path_component(suite, str(out_dir), "suite")  # '..' or '/' would write outside the leaderboard folder
     store = latest_run(suite, results)
     if store is None:
         raise ConfigError(f"no run of suite {suite!r} found; run `defectbench run {suite}` first")
-    out_dir = out_dir or leaderboard_dir(results)
     manifest = store.read_manifest()
     config = manifest["config"]
     states = run_states(store)  # raises DamagedError naming a damaged file: no table from damaged records

@@ -33,6 +33,8 @@ DATASET_KEYS = {"name", "layout", "root", "captions", "categories", "synth", "pr
 METHOD_KEYS = {"method", "label", "config"}
 GENERATE_KEYS = {"n"}
 EXECUTOR_KEYS = {"kind", "num_cpus", "address", "max_retries", "timeouts"}
+MAX_SUITE_BYTES = 2**20  # a suite is a page of settings; a larger file is a mistake (or an attack on the parser)
+MAX_PER_DEFECT = 10_000  # 10x the papers' 1000: a generate job holds its n masks in memory, and no data set bounds n
 
 
 @dataclass(frozen=True)
@@ -106,17 +108,35 @@ def suite_path(name_or_path: str | Path) -> Path:
     return candidate
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: no suite needs them, and a few nested ones (an alias bomb) expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1}: alias *{event.anchor}: suites take no YAML aliases")
+        return super().compose_node(parent, index)
+
+
 def load_suite(name_or_path: str | Path, data: str | Path | None = None, check_methods: bool = True) -> Suite:
     path = suite_path(name_or_path)
+    with path.open("rb") as file:
+        text = file.read(MAX_SUITE_BYTES + 1)
+    if len(text) > MAX_SUITE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_SUITE_BYTES // 2**20} MiB, the most a suite file may hold")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
+        raw = yaml.load(text.decode("utf-8"), Loader=_NoAliasLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: invalid YAML ({err})") from None
+    except ConfigError as err:  # an alias
+        raise ConfigError(f"{path}: {err}") from None
     return parse_suite(raw, path, data, check_methods)
 
 
 def parse_suite(raw: dict, path: Path | None, data: str | Path | None = None, check_methods: bool = True) -> Suite:
     where = str(path) if path else "suite"
+    if not raw:  # else every default at once: the synthetic data set, every method, every metric (403 jobs)
+        raise ConfigError(f"{where}: the suite is empty; give at least its data sets and methods (suites/smoke.yaml)")
     _mapping(raw, where, "the top level")
     _keys(raw, TOP_KEYS, where, "")
     name = path_component(raw.get("name") or (path.stem if path else "suite"), where, "name")
@@ -126,14 +146,20 @@ def parse_suite(raw: dict, path: Path | None, data: str | Path | None = None, ch
     _mapping(generate, where, "generate")
     _keys(generate, GENERATE_KEYS, where, "generate.")
     n = _positive_int(generate.get("n", 12), where, "generate.n")
+    if n > MAX_PER_DEFECT:
+        raise ConfigError(f"{where}: generate.n is {n}; at most {MAX_PER_DEFECT} images per defect type (the papers "
+                          "generate 1000)")
     metrics = tuple(_list(raw.get("metrics", list(METRICS)), where, "metrics"))
     for metric in metrics:
         _choice(metric, METRICS, where, "metrics")
     if not metrics:
         raise ConfigError(f"{where}: 'metrics' is empty; name at least one of {', '.join(METRICS)}")
     seeds = _seeds(raw.get("seeds", [0]), where)
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        raise ConfigError(f"{where}: description must be text, not {type(description).__name__}")
     return Suite(
-        name=name, path=path, description=str(raw.get("description", "")),
+        name=name, path=path, description=description,
         datasets=tuple(_datasets(raw.get("datasets"), where, data)),
         methods=tuple(_methods(raw.get("methods"), where, check_methods, profile)),
         protocol=protocol, profile=profile, n_per_defect=n, metrics=metrics,
@@ -178,10 +204,17 @@ def _datasets(value: Any, where: str, data: str | Path | None) -> list[DatasetSp
 
 
 def _category_names(value: Any, where: str, key: str, every: bool = True) -> tuple[str, ...] | None:
-    """A list of category names; None for a missing value (and for "all" where `every`)."""
-    if value is None or (every and value == "all"):
+    """A non-empty list of category names; None for "all" where `every` (`categories`), for a missing value where
+    not (`pretrain_categories`). An empty list is an error, not "every category": `all` says that."""
+    if (every and value == "all") or (not every and value is None):
         return None
-    return tuple(path_component(c, where, key) for c in _list(value, where, key))
+    if not isinstance(value, list):
+        named = "a list of category names" + (" or 'all'" if every else "")
+        raise ConfigError(f"{where}: {key} must be {named}, not {value!r}")
+    if not value:
+        instead = "write 'all' for every one" if every else "leave the key out"
+        raise ConfigError(f"{where}: {key} is empty; name at least one category, or {instead}")
+    return tuple(path_component(c, where, key) for c in value)
 
 
 def _root(value: Any, where: str, key: str, data: str | Path | None) -> Path:
@@ -223,6 +256,7 @@ def _methods(value: Any, where: str, check: bool, profile: str) -> list[MethodSp
             item = {"method": item}
         _mapping(item, where, key)
         _keys(item, METHOD_KEYS, where, key + ".")
+        _mapping(item.get("config") or {}, where, key + ".config")
         name = str(item.get("method", ""))
         label = _label(item.get("label") or name, where, key + ".label")
         if check:

@@ -67,6 +67,7 @@ class AnomalyDiffusion(Method):
     needs = frozenset({"target_normal", "target_mask"})
     backbone = "ldm-text2im-large-256"  # CompVis' LDM text2img-large (LDMBert, 256 px), as the authors
     resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
+    setting_types = {"adaptive_mask": (bool, str)}  # ADAPTIVE: true, false or "textures" (checked in __init__)
 
     def __init__(self, config, profile):
         super().__init__(config, profile)
