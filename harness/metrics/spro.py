@@ -95,7 +95,12 @@ def spro_curve(maps: np.ndarray, regions: list[Region]) -> tuple[np.ndarray, np.
     scores = scores[order]
     fpr, spro = np.cumsum(fpr_weights[order]), np.cumsum(spro_weights[order])
     ends = np.r_[np.flatnonzero(np.diff(scores) != 0), scores.size - 1]
-    return np.r_[0.0, np.minimum(fpr[ends], 1.0)], np.r_[0.0, np.minimum(spro[ends], 1.0)]
+    return np.r_[0.0, _at_most_one(fpr[ends])], np.r_[0.0, _at_most_one(spro[ends])]
+
+
+def _at_most_one(curve: np.ndarray) -> np.ndarray:
+    """A cumulative sum of fractions, with 1 where rounding left it a hair above or below (fractional areas)."""
+    return np.where(np.abs(curve - 1.0) < 1e-12, 1.0, np.minimum(curve, 1.0))
 
 
 def spro_at(maps: np.ndarray, regions: list[Region], threshold: float) -> tuple[float, float]:
