@@ -253,8 +253,10 @@ def cmd_generate(args) -> int:
     from harness.methods import load_method
     from harness.tasks import build_task
 
-    if args.n < 1:
-        raise DefectBenchError(f"--n must be a positive number of images, not {args.n}")
+    from harness.runner.suite import MAX_PER_DEFECT
+
+    if not 1 <= args.n <= MAX_PER_DEFECT:
+        raise DefectBenchError(f"--n must be a number of images from 1 to {MAX_PER_DEFECT}, not {args.n}")
     if args.seed < 0 or args.fold < 0:
         raise DefectBenchError(f"--seed and --fold must be >= 0 (got {args.seed}, {args.fold})")
     if args.out.exists() and not args.overwrite:
