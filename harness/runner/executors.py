@@ -270,19 +270,20 @@ def _timed_out(job: Job, limit: float) -> str:
             f"in the suite; default {DEFAULT_TIMEOUTS.get(job.kind, FALLBACK_TIMEOUT):g} s)")
 
 
-def _serve(connection) -> None:
-    """The serial executor's worker process: runs the jobs it is sent, one after another, in its own session (so
-    that stopping it stops what the job started) and ended with the driver (PR_SET_PDEATHSIG)."""
+def serve(fd: int) -> None:
+    """The serial executor's worker process (python -m harness.runner.worker FD): runs the jobs it is sent over the
+    socket `fd`, one after another, and ends with the driver (PR_SET_PDEATHSIG) or when the driver closes it."""
     import ctypes
     import signal
+    from multiprocessing.connection import Connection
 
-    os.setsid()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    connection = Connection(fd)
     while True:
         try:
             arguments = connection.recv()
-        except EOFError:  # the driver is gone
+        except EOFError:  # the driver is gone, or done
             return
         try:
             connection.send(("status", execute_job(*arguments)))
@@ -301,29 +302,32 @@ class JobProcess:
         self.connection = None
 
     def _start(self) -> None:
-        import multiprocessing
+        import socket
+        import subprocess
+        from multiprocessing.connection import Connection
 
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter, as a Ray worker: safe with CUDA
-        self.connection, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child,), name="defectbench-job")
-        self.process.start()
-        child.close()
+        # a fresh interpreter, as a Ray worker (safe with CUDA; the driver's script is not run again, as
+        # multiprocessing's spawn would), in a session of its own so that stopping it stops what its job started
+        ours, theirs = socket.socketpair()
+        self.process = subprocess.Popen([sys.executable, "-m", "harness.runner.worker", str(theirs.fileno())],
+                                        pass_fds=(theirs.fileno(),), start_new_session=True)
+        theirs.close()
+        self.connection = Connection(ours.detach())
 
     def run(self, job: Job, arguments: tuple, folder: Path, limit: float) -> dict:
-        if self.process is None or not self.process.is_alive():
+        if self.process is None or self.process.poll() is not None:
             self._start()
         self.connection.send(arguments)
         deadline = time.monotonic() + limit
         while not self.connection.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
-            if not self.process.is_alive() and not self.connection.poll():
+            if self.process.poll() is not None and not self.connection.poll():
                 return lost_status(job, folder, self._death())
             if time.monotonic() >= deadline:
                 self.stop()
                 return lost_status(job, folder, _timed_out(job, limit))
         try:
             kind, value = self.connection.recv()
-        except EOFError:
-            self.process.join(5)
+        except (EOFError, ConnectionResetError):
             return lost_status(job, folder, self._death())
         if kind == "error":
             name, message, ours = value
@@ -332,9 +336,11 @@ class JobProcess:
 
     def _death(self) -> str:
         import signal
+        import subprocess
 
-        self.process.join(5)
-        code = self.process.exitcode
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+        code = self.process.returncode
         self.process = None
         how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
         return (f"WorkerDied: the job's process ended before the job finished ({how}: os._exit, a crash, or the "
@@ -344,15 +350,17 @@ class JobProcess:
         """End the worker: let it leave on its own within `wait` seconds (its job done), else end it and everything
         its job started (its own process group)."""
         import signal
+        import subprocess
 
         if self.process is None:
             return
         self.connection.close()  # the worker's next recv ends its loop
-        self.process.join(wait)
-        if self.process.is_alive():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(wait)
+        if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.join(5)
+            self.process.wait(5)
         self.process = None
 
 
