@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from harness.data.images import read_image, read_mask
 from harness.generation import normal_file, read_samples
@@ -22,6 +22,14 @@ def _outline(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def _font() -> ImageFont.ImageFont:
+    """Pillow's default font at 12 px (its bitmap fallback runs words together: 'dualanodiffon tray')."""
+    try:
+        return ImageFont.load_default(size=12)
+    except (TypeError, OSError):  # a Pillow without FreeType
+        return ImageFont.load_default()
+
+
 def sample_grid(sample_folders: dict[str, Path], out: Path, title: str, normals_root: Path | None = None) -> Path | None:
     """Rows: up to two samples per defect type; columns: normal image | generated | generated with mask outline."""
     rows = []
@@ -30,19 +38,23 @@ def sample_grid(sample_folders: dict[str, Path], out: Path, title: str, normals_
             generated = read_image(folder / row["image"], TILE)
             mask = read_mask(folder / row["mask"], TILE)
             normal_path = normal_file(folder, row, normals_root)
-            normal = read_image(normal_path, TILE) if normal_path and normal_path.is_file() else np.full_like(generated, 255)
-            rows.append((defect, np.concatenate([normal, generated, _outline(generated, mask)], axis=1)))
+            has_normal = bool(normal_path and normal_path.is_file())
+            normal = read_image(normal_path, TILE) if has_normal else np.full_like(generated, 255)
+            missing = None if has_normal else "not found" if row.get("normal_path") else "none: drawn from noise"
+            rows.append((defect, np.concatenate([normal, generated, _outline(generated, mask)], axis=1), missing))
     if not rows:
         return None
     label_width, header = 150, 24
     canvas = Image.new("RGB", (label_width + 3 * TILE, header + TILE * len(rows)), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 6), title, fill="black")
+    draw, font = ImageDraw.Draw(canvas), _font()
+    draw.text((4, 6), title, fill="black", font=font)
     for i, name in enumerate(("normal", "generated", "mask")):
-        draw.text((label_width + i * TILE + 4, 6), name, fill="black")
-    for r, (defect, strip) in enumerate(rows):
+        draw.text((label_width + i * TILE + 4, 6), name, fill="black", font=font)
+    for r, (defect, strip, missing) in enumerate(rows):
         canvas.paste(Image.fromarray(strip), (label_width, header + r * TILE))
-        draw.text((4, header + r * TILE + TILE // 2 - 6), defect[:22], fill="black")
+        draw.text((4, header + r * TILE + TILE // 2 - 6), defect[:22], fill="black", font=font)
+        if missing:  # drawn from noise (DualAnoDiff), or the data set is not where the run found it
+            draw.text((label_width + 4, header + r * TILE + TILE // 2 - 6), missing, fill="gray", font=font)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)
     return out
