@@ -55,6 +55,7 @@ class FewShotTask:
     seed: int
     other_normals: dict[str, list[Path]] = field(default_factory=dict)  # train/good of the other categories
     backbone: Path | None = None  # the diffusion backbone folder (diffusers layout), for methods with uses_backbone
+    pretrained: Path | None = None  # what Method.pretrain wrote for this category, for methods with `pretrains`
     fold: int = 0
     root: Path | None = None  # the category's folder; item paths are recorded relative to it
 
@@ -144,6 +145,9 @@ class Method:
     # settings whose values are not all of their default's type, by key path -> the types they take (e.g.
     # {"adaptive_mask": (bool, str)}): check_types accepts those; the method checks their values itself
     setting_types: ClassVar[dict[str, tuple[type, ...]]] = {}
+    # True: the method first learns from a category's normal images alone (`pretrain`, e.g. DFMGAN's stage 1), once
+    # per category, fold and seed; its fits of that category read the result (FewShotTask.pretrained)
+    pretrains: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -165,6 +169,15 @@ class Method:
         for Stable Diffusion 1.5), else the profile's. The harness loads the task at this size, so the method sees
         content at its own resolution, not an upsampled copy, and brings the samples back to the profile's size."""
         return int(self.config.get("resolution") or profile_resolution)
+
+    @classmethod
+    def pretrain_settings(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """The part of the config `pretrain` reads: fits whose configs agree on it share one pretraining."""
+        return config
+
+    def pretrain(self, task: FewShotTask, workdir: Path) -> None:
+        """With `pretrains`: learn from task.normals (task.anomalies is empty) into workdir."""
+        raise NotImplementedError
 
     def fit(self, task: FewShotTask, workdir: Path) -> None:
         """Learn from the few training anomalies and the normal images; save what generate needs in workdir."""

@@ -1,6 +1,7 @@
 """fit -> generate -> score, for each method x category x defect type (or category) x fold x seed."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from harness.data.layouts import read_category
@@ -63,7 +64,7 @@ def generation_jobs(plan) -> list[Job]:
                                               [infos[base].directory for base in infos[spec.method].cls.builds_on])
                      for spec in suite.methods}
     configs = {spec.label: infos[spec.method].config(profile, spec.config) for spec in suite.methods}
-    jobs = []
+    jobs, pretrains = [], {}
     for dataset in plan.datasets:
         for category in dataset.categories:
             for split in plan.splits[(dataset.spec.name, category.name)]:
@@ -84,20 +85,34 @@ def generation_jobs(plan) -> list[Job]:
                         resources = job_resources(profile, int(declared["num_cpus"]), gpu=bool(declared["num_gpus"]))
                         groups = ([category.defect_types] if info.cls.granularity == "category"
                                   else [[d] for d in category.defect_types])
+                        at = f"{dataset.spec.name}/{category.name}"
+                        pretrain = None
+                        if info.cls.pretrains:  # one per category, shared by the fits whose settings agree
+                            pretrain = make_job("pretrain", f"pretrain {spec.method} {at} f{split.fold} s{seed}",
+                                                {**source, "method": spec.method,
+                                                 "settings": info.cls.pretrain_settings(configs[spec.label]),
+                                                 "method_hash": method_hashes[spec.method], "profile": profile.name,
+                                                 "resolution": profile.resolution, "seed": seed}, (), resources,
+                                                {"dataset": dataset.spec.name, "category": category.name,
+                                                 "method_name": spec.method, "fold": split.fold, "seed": seed},
+                                                where)
+                            if pretrain.key not in pretrains:
+                                pretrains[pretrain.key] = pretrain
+                                jobs.append(pretrain)
                         for defects in groups:
                             tags = {"dataset": dataset.spec.name, "category": category.name, "method": spec.label,
                                     "method_name": spec.method, "fold": split.fold, "seed": seed,
                                     "protocol": split.protocol, "split_hash": split.manifest_hash}
                             if backbone is not None:
                                 tags["backbone"] = backbone.provenance
-                            at = f"{dataset.spec.name}/{category.name}"
                             fit = make_job("fit", f"fit {spec.label} {at}/{defects[0] if len(defects) == 1 else '*'} f{split.fold} s{seed}",
                                            {**source, "method": spec.method, "config": configs[spec.label],
                                             "method_hash": method_hashes[spec.method], "profile": profile.name,
                                             "resolution": profile.resolution, "defect_types": defects, "seed": seed,
-                                            **({"backbone": backbone.provenance} if backbone and not backbone.job else {})},
-                                           (backbone.job.key,) if backbone and backbone.job else (), resources, tags,
-                                           where)
+                                            **({"backbone": backbone.provenance} if backbone and not backbone.job else {}),
+                                            **({"pretrain": pretrain.key} if pretrain else {})},
+                                           ((backbone.job.key,) if backbone and backbone.job else ())
+                                           + ((pretrain.key,) if pretrain else ()), resources, tags, where)
                             jobs.append(fit)
                             for defect in defects:
                                 defect_tags = {**tags, "defect_type": defect}
@@ -132,6 +147,22 @@ def _method(params: dict) -> Method:
     return info.cls(params["config"], get_profile(params["profile"]))
 
 
+@job_kind("pretrain")
+def run_pretrain(job: Job, ctx: JobContext) -> list[dict]:
+    """Method.pretrain on the category's normal images: the method built on its profile's defaults with the
+    pretraining settings of the job's key in place."""
+    p = job.inputs
+    info = discover()[p["method"]]
+    profile = get_profile(p["profile"])
+    method = info.cls({**info.config(profile), **p["settings"]}, profile)
+    task = build_task(load_split(p, ctx.cache), [], method.working_resolution(p["resolution"]), p["seed"])
+    start = time.perf_counter()
+    (ctx.folder / "work").mkdir(parents=True, exist_ok=True)
+    method.pretrain(task, ctx.folder / "work")
+    atomic_write_json(ctx.folder / "pretrain.json", {"seconds": round(time.perf_counter() - start, 3)})
+    return []
+
+
 @job_kind("fit")
 def run_fit(job: Job, ctx: JobContext) -> list[dict]:
     p = job.inputs
@@ -139,6 +170,7 @@ def run_fit(job: Job, ctx: JobContext) -> list[dict]:
     task = build_task(load_split(p, ctx.cache), p["defect_types"], method.working_resolution(p["resolution"]),
                       p["seed"])
     task.backbone = backbone_folder(job, ctx)
+    task.pretrained = ctx.deps[p["pretrain"]] / "work" if p.get("pretrain") else None
     seconds = fit_method(method, task, ctx.folder / "work")
     atomic_write_json(ctx.folder / "fit.json", {"seconds": round(seconds, 3)})
     return []

@@ -80,7 +80,7 @@ ANNOUNCE_FILE = "announce.txt"
 # spare (AnomalyDiffusion's fit of a category: its mask generator's 30k steps per defect type), so that only a hang
 # reaches them; the tiny profile's jobs take minutes.
 HOUR = 3600
-DEFAULT_TIMEOUTS = {"backbone": 12 * HOUR, "fit": 48 * HOUR, "generate": 24 * HOUR, "score": 6 * HOUR,
+DEFAULT_TIMEOUTS = {"backbone": 12 * HOUR, "pretrain": 24 * HOUR, "fit": 48 * HOUR, "generate": 24 * HOUR, "score": 6 * HOUR,
                     "segment": 12 * HOUR, "classify": 12 * HOUR, "detect": 12 * HOUR}
 FALLBACK_TIMEOUT = 24 * HOUR  # a kind a plugin registers
 

@@ -1,0 +1,162 @@
+"""DFMGAN (methods/dfmgan): StyleGAN2's equations as the networks compute them, DFMGAN's gate and what stage 2
+trains, and the pretrain -> fit -> generate chain through the runner (stage 1 once per category)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from methods.dfmgan import augment as ada
+from methods.dfmgan.networks import (Discriminator, GanShape, Generator, ToImage, downsample2, fir_kernel,
+                                     minibatch_std, modulated_conv, upsample2)
+from methods.dfmgan.train import Training, train_stage2
+
+SMALL = GanShape(32, z_dim=16, w_dim=16, channel_base=256, channel_max=32, defect_from=8)
+
+
+def test_modulated_convolution_is_the_papers_per_sample_weights():
+    torch.manual_seed(0)
+    x, weight, styles = torch.randn(3, 5, 8, 8), torch.randn(4, 5, 3, 3), torch.rand(3, 5) + 0.5
+    for demodulate in (True, False):
+        out = modulated_conv(x, weight, styles, demodulate)
+        for b in range(3):
+            w = weight * styles[b][None, :, None, None]  # Eq. 1: w' = s_i w_ijk
+            if demodulate:  # Eq. 3: w'' = w' / sqrt(sum_{i,k} w'^2 + eps)
+                w = w / (w.square().sum(dim=(1, 2, 3), keepdim=True) + 1e-8).sqrt()
+            torch.testing.assert_close(out[b], F.conv2d(x[b:b + 1], w, padding=1)[0], atol=1e-5, rtol=1e-5)
+    # demodulated: unit-variance inputs give unit-variance outputs, whatever the styles' scale
+    out = modulated_conv(torch.randn(64, 32, 16, 16), torch.randn(32, 32, 3, 3), torch.rand(64, 32) * 10, True)
+    assert 0.9 < out.std().item() < 1.1
+
+
+def test_fir_resampling_keeps_a_constant_and_doubles_or_halves_the_size():
+    k = fir_kernel()
+    assert torch.isclose(k.sum(), torch.tensor(1.0)) and torch.allclose(k, k.T)
+    x = torch.full((1, 2, 8, 8), 3.0)
+    up, down = upsample2(x, k), downsample2(x, k)
+    assert up.shape[-1] == 16 and down.shape[-1] == 4
+    torch.testing.assert_close(up[..., 2:-2, 2:-2], torch.full_like(up[..., 2:-2, 2:-2], 3.0))  # gain 4 after zeros
+    torch.testing.assert_close(down[..., 1:-1, 1:-1], torch.full_like(down[..., 1:-1, 1:-1], 3.0))
+
+
+def test_minibatch_std_is_the_mean_feature_std_over_groups_of_four():
+    x = torch.randn(8, 3, 4, 4)
+    y = minibatch_std(x, 4)
+    # the group of sample n is {n mod 2, n mod 2 + 2, ...} (reshape(4, -1, ...) as StyleGAN2)
+    for n in range(8):
+        group = x[n % 2::2]
+        expected = (group.var(dim=0, unbiased=False) + 1e-8).sqrt().mean()
+        torch.testing.assert_close(y[n], torch.full((1, 4, 4), expected.item()), atol=1e-6, rtol=1e-5)
+
+
+def test_torgb_is_not_demodulated_and_its_styles_are_scaled_by_one_over_sqrt_cin():
+    layer = ToImage(16, 3, 8)
+    x, w = torch.randn(2, 16, 4, 4), torch.randn(2, 8)
+    styles = layer.affine(w) / math.sqrt(16)
+    expected = torch.stack([F.conv2d(x[b:b + 1], layer.weight * styles[b][None, :, None, None])[0] for b in range(2)])
+    torch.testing.assert_close(layer(x, w), expected + layer.bias[None, :, None, None], atol=1e-5, rtol=1e-5)
+
+
+def test_shapes_widths_and_the_number_of_ws_are_stylegan2_ada_autos():
+    shape = GanShape(256)
+    assert shape.num_ws == 14 and shape.num_defect_ws == 7 and shape.defect_resolutions == [64, 128, 256]
+    assert [shape.channels(r) for r in shape.resolutions] == [512, 512, 512, 512, 256, 128, 64]
+    g = Generator(SMALL, defect=True)
+    assert len(g.mapping.layers) == 2 and g.mapping.layers[0].weight_gain == pytest.approx(0.01 / math.sqrt(16))
+    assert [r for r in g.defect_blocks] == ["8", "16", "32"] and g.defect_blocks["8"].tomask is not None
+    assert g.defect_blocks["16"].tomask is None  # no mask terms above defect_from: it is upsampled
+    image, mask = g(torch.randn(4, 16), torch.randn(4, 16))
+    assert image.shape == (4, 3, 32, 32) and mask.shape == (4, 1, 32, 32)
+    assert Discriminator(SMALL)(image).shape == (4,)
+
+
+def test_the_hard_gate_adds_defect_features_only_where_the_mask_is_non_negative():
+    torch.manual_seed(0)
+    g = Generator(SMALL, defect=True).eval()
+    with torch.no_grad():
+        for block in g.defect_blocks.values():  # make F_r large so that it shows wherever it is added
+            block.conv1.bias.fill_(3.0)
+        z = torch.randn(4, 16)
+        ws = g.mapping(z)
+        plain, _ = g.synthesis(ws, noise="const")
+        g.defect_blocks["8"].tomask.bias.fill_(-100.0)  # M < 0 everywhere: the gate is shut
+        shut, mask = g.synthesis(ws, g.defect_mapping(torch.randn(4, 16)), noise="const")
+        assert (mask < 0).all()
+        torch.testing.assert_close(shut, plain)
+        open_, _ = g.synthesis(ws, g.defect_mapping(torch.randn(4, 16)), noise="const", gate=False)
+        assert (open_ - plain).abs().mean() > 0.1
+
+
+def test_stage2_trains_the_defect_mapping_and_residual_blocks_and_leaves_stage1_frozen():
+    torch.manual_seed(0)
+    g, d = Generator(SMALL, defect=True), Discriminator(SMALL)
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    images, masks = torch.rand(8, 3, 32, 32) * 2 - 1, (torch.rand(8, 1, 32, 32) > 0.8).float() * 2 - 1
+    settings = Training(steps=3, batch=4, augment=("xflip", "brightness"), lambda_ms=0.1)
+    match = GanShape(32, z_dim=16, w_dim=16, channel_base=64, channel_max=8, defect_from=8)
+    g, g_ema, d, d_match, history = train_stage2(g, d, match, images, masks, settings, seed=0)
+    after = g.state_dict()
+    defect = [k for k in after if k.startswith(("defect_mapping.", "defect_blocks."))]
+    frozen = [k for k in after if k not in defect and not k.endswith("w_avg")]
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert sum(not torch.equal(before[k], after[k]) for k in defect) > len(defect) // 2
+    assert d_match.blocks[0].fromrgb.weight.shape[1] == 4  # D_match sees [image, mask]
+    assert {"loss_match", "loss_ms", "mask_area"} <= set(history.rows[0])
+
+
+def test_augmentation_keeps_the_mask_channel_out_of_colour_changes_and_p_follows_the_sign_of_d():
+    x = torch.rand(6, 4, 16, 16) * 2 - 1
+    out = ada.augment(x, 1.0, ("brightness", "contrast", "saturation"), torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, 3:], x[:, 3:]) and not torch.equal(out[:, :3], x[:, :3])
+    assert torch.equal(ada.augment(x, 0.0, ada.OPERATIONS), x)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        ada.check_operations(["xflip", "hue"])
+    p = ada.AdaptiveP(target=0.6, interval=4, kimg=1, batch=8, max_p=0.5)
+    for step in range(4):
+        p.observe(torch.ones(8), step)  # D sure that reals are real: overfitting, p rises
+    assert p.p == pytest.approx(8 * 4 / 1000)
+    for step in range(4, 400):
+        p.observe(torch.ones(8), step)
+    assert p.p == 0.5  # capped
+    assert not set(ada.LEAKING) & set(__import__("yaml").safe_load(
+        (Path(__file__).parents[1] / "methods/dfmgan/method.yaml").read_text())["defaults"]["stage1"]["ada"]["augment"])
+
+
+TINY_OVERRIDE = {"stage1": {"kimg": 0.016}, "stage2": {"kimg": 0.016}}  # 2 steps each: the chain, not the quality
+
+
+def test_stage1_runs_once_per_category_and_each_defect_types_fit_reads_it(tmp_path, monkeypatch, isolated_cache):
+    from harness.results import run_records
+    from harness.runner.run import run_suite
+    from harness.runner.suite import load_suite
+    from harness.methods import discover
+
+    monkeypatch.setattr(discover()["dfmgan"].cls, "in_progress", "")
+    suite = {"name": "dfmgan", "datasets": [{"name": "synthetic", "layout": "synthetic", "categories": ["tray"],
+                                            "synth": {"seed": 0, "size": 64, "n_train": 8, "n_validation": 2,
+                                                      "n_test_good": 2, "n_defect": 4}}],
+             "protocol": "clean-thirds", "profile": "tiny", "generate": {"n": 3},
+             "methods": [{"method": "dfmgan", "config": TINY_OVERRIDE},
+                         {"method": "dfmgan", "label": "dfmgan λms=0",
+                          "config": {**TINY_OVERRIDE, "stage2": {"kimg": 0.016, "lambda_ms": 0.0}}}],
+             "metrics": ["kid", "bg_psnr", "mask_iou"], "ic_lpips": "ic_lpips_alex", "seeds": [0],
+             "executor": {"kind": "serial"}}
+    path = tmp_path / "dfmgan.yaml"
+    path.write_text(json.dumps(suite))
+    result = run_suite(load_suite(path), executor="serial", results=tmp_path / "results", progress=False)
+    assert not result.failed
+    folders = sorted((tmp_path / "results").rglob("stage1.safetensors"))
+    assert len(folders) == 1  # one stage 1 for tray, shared by both labels' fits of both defect types
+    fits = sorted((tmp_path / "results").rglob("stage2.safetensors"))
+    assert len(fits) == 4
+    records = run_records(result.store)
+    bg = records[records["metric"] == "bg_psnr"]
+    assert bg["value"].isna().all() and bg["missing"].str.contains("normal image").all()
+    kid = records[records["metric"] == "kid"]
+    assert kid["value"].notna().all()
+    samples = [json.loads(line) for f in (tmp_path / "results").rglob("samples.jsonl") for line in f.open()]
+    assert samples and all(s.get("normal_id") is None for s in samples)
