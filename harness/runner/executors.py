@@ -198,8 +198,8 @@ class Progress:
 
 
 # rough relative costs of one job of a kind, for ordering only (never shown, never a result)
-KIND_WEIGHTS = {"backbone": 10.0, "pretrain": 6.0, "fit": 2.0, "generate": 1.0, "score": 1.0, "segment": 2.0, "classify": 2.0,
-                "detect": 3.0}
+KIND_WEIGHTS = {"backbone": 10.0, "pretrain": 6.0, "fit": 2.0, "generate": 1.0, "score": 1.0, "segment": 2.0,
+                "classify": 2.0, "detect": 3.0}
 
 
 def chain_heights(jobs: list[Job]) -> dict[str, float]:
