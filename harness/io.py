@@ -29,10 +29,11 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, replace: bool = True) -> bool:
     """Write `data` to `path` so that a reader never sees a half-written file. The temporary file has a unique
     name (concurrent writers of one path do not collide; the last rename wins) and gets the permissions a plain
-    open() would give (mkstemp makes it 0600 whatever the umask; published results must be readable)."""
+    open() would give (mkstemp makes it 0600 whatever the umask; published results must be readable).
+    `replace=False` keeps a file already at `path` (checked and written in one step) and returns False."""
     path = Path(path)
     tmp = None
     try:
@@ -43,7 +44,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)  # fails if the file exists, where a rename would replace it
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
     except BaseException as err:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -73,12 +83,12 @@ def _size(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, replace: bool = True) -> bool:
+    return atomic_write_bytes(path, text.encode("utf-8"), replace)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def atomic_write_json(path: Path, obj: Any, replace: bool = True) -> bool:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", replace)
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:

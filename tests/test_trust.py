@@ -313,3 +313,15 @@ def test_the_leaderboard_says_once_that_a_category_mixes_grayscale_and_colour(sy
         run_suite(parse_suite(raw, tmp_path / "gray.yaml"), executor="serial", results=tmp_path / "r", progress=False)
     md, _ = render_leaderboard("gray", tmp_path / "r")
     assert md.read_text().count("grayscale") == 1
+
+
+def test_a_job_stopped_at_its_time_limit_keeps_the_drivers_status_when_its_worker_writes_late(tmp_path):
+    """Ray's forced cancel raises SystemExit in the job, whose status can then land after the driver's timeout."""
+    from harness.runner.store import read_status, write_status
+
+    write_status(tmp_path, {"state": "failed", "error": "TimeoutError: ran past its time limit"})
+    assert not write_status(tmp_path, {"state": "failed", "error": "SystemExit: 1"}, replace=False)
+    assert read_status(tmp_path)["error"].startswith("TimeoutError")
+    assert not list(tmp_path.glob("*.tmp"))
+    assert write_status(tmp_path / "fresh", {"state": "done"}, replace=False)
+    assert read_status(tmp_path / "fresh")["state"] == "done"

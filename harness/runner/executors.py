@@ -74,7 +74,9 @@ def execute_job(job_dict: dict, folder: str, deps: dict[str, str], common: dict)
                       error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
     finally:
         torch.set_num_threads(threads)
-    write_status(path, status)
+    # the driver may have stopped this job at its time limit and recorded that (Ray's forced cancel raises
+    # SystemExit here, which would otherwise be written over the timeout): the driver's word stands
+    write_status(path, status, replace=False)
     return status
 
 

@@ -106,8 +106,8 @@ def finished_problem(folder: Path) -> str | None:
     return output_problem(folder, status)
 
 
-def write_status(folder: Path, status: dict) -> None:
-    atomic_write_json(folder / STATUS_FILE, status)
+def write_status(folder: Path, status: dict, replace: bool = True) -> bool:
+    return atomic_write_json(folder / STATUS_FILE, status, replace)
 
 
 def read_records(folder: Path) -> list[dict]:
