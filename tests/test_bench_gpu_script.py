@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.benchmarks import paper_gpu
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,6 +17,7 @@ def test_the_readme_table_is_rendered_from_the_benchmarks_json():
     assert paper_gpu.readme_block((REPO / "README.md").read_text()) == paper_gpu.render(data)
 
 
+@pytest.mark.slow  # 142 s on 2 cores (two methods' paper profiles at rehearsal widths): make test-slow
 def test_the_script_measures_each_method_at_its_paper_settings_on_the_rehearsal_models(tmp_path):
     """On a CPU at the rehearsal widths with the steps cut (a GPU runs the papers' widths and step counts): the two
     methods with an auxiliary network (and AnomalyDiffusion's mask draws), so that a GPU's run does not meet them
