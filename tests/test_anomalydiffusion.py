@@ -507,7 +507,7 @@ MASK_STEPS = 300  # the mask generator's inversion steps (tiny: 100 per defect t
     pytest.param(0, marks=pytest.mark.xfail(
         strict=True, reason="negative control: an untrained mask generator draws the category, no mask passes"))])
 def test_the_mask_generators_masks_resemble_the_training_masks(modules, synth_root, pretrained_backbone, steps):
-    """Sec. 3.4 on the tiny profile (weave/stain, 64 px): the masks drawn by the mask generator (with the tiny
+    """Sec. 3.4 on the tiny profile (weave/hole, 64 px): the masks drawn by the mask generator (with the tiny
     profile's LoRA and guidance) are closer to the training masks, in the distributions of area and position, than
     random ellipses are (the counts of drawn and rejected masks: test_mask_sampling_counts_what_it_rejects...)."""
     from harness.data.layouts import read_category
@@ -520,7 +520,7 @@ def test_the_mask_generators_masks_resemble_the_training_masks(modules, synth_ro
 
     method, _ = modules
     maskgen = importlib.import_module(method.__package__ + ".maskgen")
-    task = build_task(make_split(read_category(synth_root, "weave", dataset="synthetic")), ["stain"], 64, seed=0)
+    task = build_task(make_split(read_category(synth_root, "weave", dataset="synthetic")), ["hole"], 64, seed=0)
     training = resize_masks(np.stack([a.mask for a in task.anomalies]), 64)
     settings = {**load_method("anomalydiffusion", "tiny")._mask_settings(), "steps": steps}
     backbone = load_frozen(pretrained_backbone[0], torch.device("cpu"))
