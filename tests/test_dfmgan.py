@@ -160,3 +160,72 @@ def test_stage1_runs_once_per_category_and_each_defect_types_fit_reads_it(tmp_pa
     assert kid["value"].notna().all()
     samples = [json.loads(line) for f in (tmp_path / "results").rglob("samples.jsonl") for line in f.open()]
     assert samples and all(s.get("normal_id") is None for s in samples)
+
+
+# ---- the shipped stage 1 (methods/dfmgan/shipped.py) --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tray_task():
+    """Tray of the default synthetic set at the tiny profile's 64 px, as the demo and smoke suites load it."""
+    from harness.data.layouts import read_category
+    from harness.data.splits import make_split
+    from harness.data.synth import SynthConfig, cached
+    from harness.tasks import build_task
+
+    from methods.dfmgan import shipped
+
+    split = make_split(read_category(cached(SynthConfig(seed=shipped.DATA["synth_seed"])), "tray", dataset="synthetic"),
+                       shipped.DATA["protocol"], shipped.DATA["fold"])
+    return build_task(split, [], 64, shipped.DATA["seed"])
+
+
+def _tiny_config() -> dict:
+    from harness.methods import discover
+    from harness.profiles import get_profile
+
+    return discover()["dfmgan"].config(get_profile("tiny"))
+
+
+def test_the_shipped_stage1_is_what_the_code_would_train_on_the_demos_images(tray_task):
+    """Its card records the tiny profile's stage-1 settings and the pixels of tray's normal training images as a run
+    loads them; its weights open in the tiny generator and discriminator, every tensor in place."""
+    from methods.dfmgan import shipped
+    from methods.dfmgan.method import gan_shape, load, stage1_settings, training
+
+    config = _tiny_config()
+    folder = shipped.find("tiny", "tray", [n.image for n in tray_task.normals], stage1_settings(config))
+    assert folder == shipped.SHIPPED / "tiny" / "tray"
+    card = json.loads((folder / shipped.CARD).read_text())
+    assert card["steps"] == training(config["stage1"], 64).steps and card["images"] == len(tray_task.normals)
+    load(folder / shipped.WEIGHTS, {"g_ema": Generator(gan_shape(config, 64)), "d": Discriminator(gan_shape(config, 64))})
+    assert (folder / shipped.GRID).is_file()
+
+
+def test_pretrain_takes_the_shipped_stage1_only_for_the_same_images_and_settings(tray_task, tmp_path):
+    from harness.profiles import get_profile
+
+    from methods.dfmgan import shipped
+    from methods.dfmgan.method import DFMGAN, stage1_settings
+
+    config = _tiny_config()
+    images = [n.image for n in tray_task.normals]
+    assert shipped.find("tiny", "tray", images[:-1], stage1_settings(config)) is None  # one image fewer
+    assert shipped.find("tiny", "tray", [images[1], images[0], *images[2:]], stage1_settings(config))  # any order
+    longer = {**config, "stage1": {**config["stage1"], "kimg": 32.0}}
+    assert shipped.find("tiny", "tray", images, stage1_settings(longer)) is None
+    assert shipped.find("tiny", "weave", images, stage1_settings(config)) is None
+    DFMGAN(config, get_profile("tiny")).pretrain(tray_task, tmp_path)
+    record = json.loads((tmp_path / "dfmgan.json").read_text())
+    assert record["shipped"] == "methods/dfmgan/stage1/tiny/tray" and record["steps"] == 2000
+    assert (tmp_path / shipped.WEIGHTS).read_bytes() == (shipped.SHIPPED / "tiny/tray" / shipped.WEIGHTS).read_bytes()
+
+
+def test_a_stage1_file_from_other_network_settings_is_named_in_the_error(tmp_path):
+    from harness.errors import MethodError
+
+    from methods.dfmgan.method import load, save
+
+    save(tmp_path / "stage1.safetensors", {"g_ema": Generator(SMALL)})
+    wider = GanShape(32, z_dim=16, w_dim=16, channel_base=512, channel_max=64, defect_from=8)
+    with pytest.raises(MethodError, match="stage1.safetensors does not fit this configuration's g_ema"):
+        load(tmp_path / "stage1.safetensors", {"g_ema": Generator(wider)})

@@ -18,6 +18,7 @@ from harness import FewShotTask, GeneratedSample, GenerationRequest, Method
 from harness.diffusion.latents import to_tensor, to_uint8
 from harness.errors import MethodError
 
+from . import shipped
 from .augment import check_operations
 from .networks import Discriminator, GanShape, Generator
 from .train import Training, train_stage1, train_stage2
@@ -32,6 +33,11 @@ def gan_shape(config: dict, resolution: int) -> GanShape:
 def match_shape(config: dict, resolution: int) -> GanShape:
     """D_match: the discriminator's layout at its own channel_base / channel_max."""
     return replace(gan_shape(config, resolution), **config["match_network"])
+
+
+def stage1_settings(config: dict) -> dict:
+    """What stage 1 is made from besides the images (a shipped stage 1's card records it)."""
+    return {"resolution": config["resolution"], "network": config["network"], "stage1": config["stage1"]}
 
 
 def training(stage: dict, resolution: int) -> Training:
@@ -58,7 +64,11 @@ def load(path: Path, modules: dict[str, torch.nn.Module], strict: bool = True) -
     tensors = load_file(str(path))
     for name, module in modules.items():
         own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        missing, unexpected = module.load_state_dict(own, strict=False)
+        try:
+            missing, unexpected = module.load_state_dict(own, strict=False)
+        except RuntimeError as err:  # a tensor of another size: made with other network settings
+            raise MethodError(f"dfmgan: {path} does not fit this configuration's {name}: "
+                              f"{str(err).splitlines()[-1].strip()}") from None
         if unexpected or (strict and missing):
             raise MethodError(f"dfmgan: {path} does not fit this configuration's {name} "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -82,10 +92,16 @@ class DFMGAN(Method):
     @classmethod
     def pretrain_settings(cls, config: dict) -> dict:
         """What stage 1 reads: its job is shared by every fit whose config agrees on these."""
-        return {"resolution": config["resolution"], "network": config["network"], "stage1": config["stage1"]}
+        return {**stage1_settings(config), "shipped_stage1": config["shipped_stage1"]}
 
     def pretrain(self, task: FewShotTask, workdir: Path) -> None:
-        """Stage 1: StyleGAN2 from scratch on the category's normal training images."""
+        """Stage 1: StyleGAN2 from scratch on the category's normal training images, or the shipped one where it was
+        made from the same images with the same settings (shipped.py)."""
+        folder = (shipped.find(self.profile.name, task.category, [item.image for item in task.normals],
+                               stage1_settings(self.config)) if self.config["shipped_stage1"] else None)
+        if folder is not None:
+            (workdir / RECORD).write_text(json.dumps(shipped.copy_to(folder, workdir), indent=1))
+            return
         shape = gan_shape(self.config, task.resolution)
         settings = training(self.config["stage1"], task.resolution)
         normals = to_tensor(np.stack([item.image for item in task.normals]))
