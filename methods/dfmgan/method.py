@@ -82,7 +82,6 @@ class DFMGAN(Method):
     needs = frozenset()  # draws image and mask from noise (it cannot take a given mask: the authors' issue #44)
     pretrains = True  # stage 1, once per category
     resources = {"tiny": {"num_cpus": 1, "num_gpus": 1}, "paper": {"num_cpus": 2, "num_gpus": 1}}
-    in_progress = "stage 1 is not yet shipped for the synthetic categories, and the claim tests are not written"
 
     def __init__(self, config, profile):
         super().__init__(config, profile)
