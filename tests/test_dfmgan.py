@@ -92,6 +92,14 @@ def test_the_hard_gate_adds_defect_features_only_where_the_mask_is_non_negative(
         assert (open_ - plain).abs().mean() > 0.1
 
 
+def test_the_mask_alone_is_the_mask_that_synthesis_draws():
+    torch.manual_seed(0)
+    g = Generator(SMALL, defect=True).eval()
+    with torch.no_grad():
+        ws, defect_ws = g.mapping(torch.randn(3, 16)), g.defect_mapping(torch.randn(3, 16))
+        torch.testing.assert_close(g.mask(ws, defect_ws, noise="const"), g.synthesis(ws, defect_ws, noise="const")[1])
+
+
 def test_stage2_trains_the_defect_mapping_and_residual_blocks_and_leaves_stage1_frozen():
     torch.manual_seed(0)
     g, d = Generator(SMALL, defect=True), Discriminator(SMALL)
@@ -243,16 +251,16 @@ def test_a_stage1_file_from_other_network_settings_is_named_in_the_error(tmp_pat
 
 
 # ---- claims on the demo's tray with the shipped stage 1 (make test-slow) -------------------------------------------
-# tray/structural_anomalies at 64 px, the tiny profile's 150 stage-2 steps, 24 draws of G_ema (psi 1, constant noise,
-# no redraw of empty masks). Measured by this fixture, with two more working fits in brackets (the same settings run
-# from a script: float noise alone moves a GAN fit this far, so the bounds leave room for another CPU):
-#   variant                    KID      in/out            non-empty  shape (training masks)  distinct z_d
-#   working                    0.0024   16.1 (17.8, 4.6)  1.00       1.72 (1.07, 0.81)       0.88
-#   gate removed               0.1933   1.22              1.00       1.72                    0.88
-#   untrained stage 1          0.0755   36.3              0.92       1.74                    0.71
-#   random ellipses as masks   0.0024   0.92              1.00       2.53                    1.00
-#   no D_match (lambda 0)      0.0040   13.7              1.00       4.09 (4.63, 4.15)       0.79
-#   no mode seeking (lambda 0) 0.0031   185.7             0.12 (0.12, 0.42)  1.83            0.00
+# tray/structural_anomalies at 64 px, the tiny profile's 100 stage-2 steps, 24 draws of G_ema (psi 1, constant noise,
+# no redraw of empty masks). Measured by this fixture; in brackets, working fits of 150 steps from a script (float
+# noise alone moves a GAN fit this far, so the bounds leave room for another CPU):
+#   variant                    KID      in/out            non-empty  shape (training masks)   distinct z_d
+#   working                    0.0010   4.71 (17.8, 4.6)  1.00       1.20 (1.07, 0.81, 1.72)  0.58
+#   gate removed               0.1185   0.49              1.00       1.20                     0.58
+#   untrained stage 1          0.0699   30.1              0.75       1.22                     0.54
+#   random ellipses as masks   0.0010   0.93              1.00       2.53                     1.00
+#   no D_match (lambda 0)      0.0176   10.6              1.00       4.90 (4.63, 4.15)        0.79
+#   no mode seeking (lambda 0) 0.0020   -                 0.00 (0.12, 0.42)  -                0.00
 # The bounds sit between the working method and the nearest broken variant on each claim. IC-LPIPS (random AlexNet
 # trunk) did not separate working from no mode seeking (0.0085 vs 0.0133 in one pair of fits, 0.0139 vs 0.0122 on
 # logical_anomalies), so diversity is read from the masks that z_d draws for one z (methods/dfmgan/README.md).
@@ -348,7 +356,7 @@ CLAIMS = {
     "keeps the category": lambda m: m["kid"] <= 0.012,
     "defect where its mask says": lambda m: m["non_empty"] >= 0.5 and m["in_out"] >= 2.0,
     "masks like the training masks": lambda m: m["non_empty"] >= 0.5 and m["shape"] <= 2.0,
-    "diverse defects": lambda m: m["distinct"] >= 0.4,
+    "diverse defects": lambda m: m["distinct"] >= 0.35,
 }
 
 

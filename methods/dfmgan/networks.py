@@ -274,6 +274,20 @@ class Generator(nn.Module):
             img = block.image(x, img, block_ws[:, -1])
         return img, mask
 
+    def mask(self, ws: torch.Tensor, defect_ws: torch.Tensor, noise: str = "random") -> torch.Tensor:
+        """M_R alone, as `synthesis` computes it: the main features up to defect_from / 2, the first residual block
+        and its ToMask, upsampled (what L_ms reads; the blocks above defect_from are not run)."""
+        x, w_index = None, 0
+        for r, block in self.blocks.items():
+            if int(r) == self.shape.defect_from:
+                _, mask = self.defect_blocks[r](x, defect_ws[:, :3], noise)
+                while mask.shape[-1] < self.shape.resolution:
+                    mask = upsample2(mask, self.fir)
+                return mask
+            x = block.features(x, ws[:, w_index:w_index + block.num_conv + 1], noise)
+            w_index += block.num_conv
+        raise ValueError("dfmgan: a generator without defect blocks has no mask")
+
     def forward(self, z: torch.Tensor, z_defect: torch.Tensor | None = None, noise: str = "random",
                 psi: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         ws = self.mapping(z, psi)

@@ -204,7 +204,7 @@ def train_stage2(g: Generator, d: Discriminator, match_shape: GanShape, images: 
         if not with_ms:
             return out, mask, None
         # L_ms: the first half's backbone w with the second half's w_d, against the first half as drawn
-        _, mask2 = g.synthesis(ws[:half], defect_ws[half:2 * half], gate=gate)
+        mask2 = g.mask(ws[:half], defect_ws[half:2 * half])  # the mask alone: the image is not read
         w_gap = (defect_ws[:half, 0] - defect_ws[half:2 * half, 0]).abs().mean()
         m_gap = (torch.tanh(k * mask[:half]) - torch.tanh(k * mask2)).abs().mean()
         return out, mask, w_gap / (m_gap + 1e-5)
