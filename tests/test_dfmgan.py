@@ -216,7 +216,8 @@ def test_the_shipped_stage1_is_what_the_code_would_train_on_the_demos_images(tra
     assert folder == shipped.SHIPPED / "tiny" / "tray"
     card = json.loads((folder / shipped.CARD).read_text())
     assert card["steps"] == training(config["stage1"], 64).steps and card["images"] == len(tray_task.normals)
-    load(folder / shipped.WEIGHTS, {"g_ema": Generator(gan_shape(config, 64)), "d": Discriminator(gan_shape(config, 64))})
+    shape = gan_shape(config, 64)
+    load(folder / shipped.WEIGHTS, {"g_ema": Generator(shape), "d": Discriminator(shape)})
     assert (folder / shipped.GRID).is_file()
 
 

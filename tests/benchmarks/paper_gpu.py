@@ -193,12 +193,19 @@ def measure(name: str, built: dict, work: Path, device: torch.device, fit_steps:
     per_image = (times[2] - times[1]) / batch
     mask_draw = mask_seconds_per_draw(method, task, work / "long", device) if name == "anomalydiffusion" else None
     scheduler = method.config.get("scheduler", "DDIMScheduler")
-    return {"method": name, "backbone": paper.backbone, "resolution": size, "batch": int(method.config["batch_size"]),
-            "seconds_per_fit_step": round(per_step, 4), "paper_fit_steps": paper_steps,
-            "auxiliary": aux_name, "auxiliary_seconds_per_step": None if aux is None else round(aux, 4),
-            "auxiliary_steps": aux_steps, "paper_fit_minutes": round(estimate / 60, 1), "scheduler": scheduler,
+    # a difference of two timings at or below zero is noise, not a speed: said, never turned into an estimate
+    noisy = {what: round(value, 4) for what, value in (("fit step", per_step), ("auxiliary step", aux),
+                                                       ("image", per_image)) if value is not None and value <= 0}
+    fit_known = not {"fit step", "auxiliary step"} & set(noisy)
+    return {"method": name, "timing_noise": noisy or None, "backbone": paper.backbone, "resolution": size,
+            "batch": int(method.config["batch_size"]),
+            "seconds_per_fit_step": None if "fit step" in noisy else round(per_step, 4), "paper_fit_steps": paper_steps,
+            "auxiliary": aux_name,
+            "auxiliary_seconds_per_step": None if aux is None or "auxiliary step" in noisy else round(aux, 4),
+            "auxiliary_steps": aux_steps, "paper_fit_minutes": round(estimate / 60, 1) if fit_known else None,
+            "scheduler": scheduler,
             "inference_steps": int(method.config["inference_steps"]), "generation_batch": batch,
-            "seconds_per_image": round(per_image + (mask_draw or 0.0), 3),
+            "seconds_per_image": None if "image" in noisy else round(per_image + (mask_draw or 0.0), 3),
             "mask_seconds_per_draw": None if mask_draw is None else round(mask_draw, 3),
             "fit_peak_gib": round(fit_peak, 2), "generation_peak_gib": round(generation_peak[0], 2)}
 
@@ -248,16 +255,23 @@ def render(data: dict | None) -> str:
         return NOT_MEASURED
     rows = []
     for r in data["rows"]:
-        fit = f"{r['paper_fit_minutes']} min ({r['paper_fit_steps']:,}"
+        fit = (f"{r['paper_fit_minutes']} min (" if r["paper_fit_minutes"] is not None
+               else "not measured: timing noise (") + f"{r['paper_fit_steps']:,}"
         if r.get("auxiliary_steps"):
             fit += f" + {r['auxiliary_steps']:,} {r['auxiliary']} at {r['auxiliary_seconds_per_step']} s"
         image = r["seconds_per_image"]
-        if r.get("mask_seconds_per_draw") is not None:  # a lower bound: each rejected mask is drawn again
+        if image is None:
+            image = "timing noise"
+        elif r.get("mask_seconds_per_draw") is not None:  # a lower bound: each rejected mask is drawn again
             image = f"≥ {image} (mask draws {r['mask_seconds_per_draw']} s)"
         rows.append([r["method"], r["backbone"], r["resolution"], r["batch"], r["seconds_per_fit_step"], fit + ")",
                      f"{r['scheduler'].removesuffix('Scheduler')} {r['inference_steps']}", image,
                      r["fit_peak_gib"], r["generation_peak_gib"]])
     where = f"{data['device']}, torch {data['torch']}, code {data['code']}, random weights at {data['widths']} widths"
+    noisy = [f"{r['method']} ({', '.join(f'{k} {v} s' for k, v in r['timing_noise'].items())})"
+             for r in data["rows"] if r.get("timing_noise")]
+    if noisy:  # a difference of two timings at or below zero: the run needs more steps
+        where += f"; differences of two timings at or below zero, not speeds: {'; '.join(noisy)}"
     missing = [m for m in data.get("methods", []) if m not in {r["method"] for r in data["rows"]}]
     if missing:
         where += f"; not measured (the run stopped): {', '.join(missing)}"
