@@ -334,7 +334,8 @@ def _existing(path: Path) -> Path:
 
 def cmd_run(args) -> int:
     from harness.runner.plan import expand, prepare
-    from harness.runner.run import dry_run, run_suite, summary
+    from harness.report.summary import summary
+    from harness.runner.run import dry_run, run_suite
     from harness.runner.suite import load_suite
 
     if args.results:
@@ -368,10 +369,10 @@ def cmd_backbone_train(args) -> int:
 
 
 def cmd_backbone_measure(args) -> int:
-    from harness.diffusion import shipped
+    from harness.diffusion import measure, shipped
 
     folder = args.folder or shipped.SHIPPED
-    shipped.measure_folder(folder, baseline=not args.no_baseline, n_samples=args.samples)
+    measure.measure_folder(folder, baseline=not args.no_baseline, n_samples=args.samples)
     print(f"measured: {folder / shipped.MEASURES_FILE}; card: {shipped.render_card(folder)}")
     return 0
 

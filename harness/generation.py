@@ -5,7 +5,6 @@ The output folder appears only when generation finished: a killed or failing run
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Iterable
@@ -15,12 +14,11 @@ from tqdm.auto import tqdm
 
 from harness.data.images import resize_image, resize_mask, save_image, save_mask
 from harness.errors import MethodError
-from harness.io import atomic_directory, atomic_write_json, read_jsonl, write_jsonl
+from harness.io import atomic_directory, atomic_write_json, write_jsonl
 from harness.methods import FewShotTask, GeneratedSample, GenerationRequest, Method
 from harness.tasks import build_request
 
-SAMPLES_FILE = "samples.jsonl"
-META_FILE = "generation.json"
+from harness.data.samples import META_FILE, SAMPLES_FILE
 
 
 def fit_method(method: Method, task: FewShotTask, workdir: Path) -> float:
@@ -70,23 +68,6 @@ def _relative(path: Path | None, root: Path | None) -> str | None:
     return Path(path).relative_to(root).as_posix() if root and Path(path).is_relative_to(root) else str(path)
 
 
-def normal_file(folder: Path, row: dict, root: Path | None = None) -> Path | None:
-    """The normal image a sample was made on: its samples.jsonl `normal_path`, relative to the category folder
-    (`root`, else the one generation.json recorded); absolute paths (other tools' folders) as they are."""
-    if not row.get("normal_path"):
-        return None
-    path = Path(row["normal_path"])
-    if path.is_absolute():
-        return path
-    if root is None:
-        meta = Path(folder) / META_FILE
-        recorded = json.loads(meta.read_text()).get("category_root") if meta.is_file() else None
-        if not recorded:
-            return None
-        root = Path(recorded)
-    return Path(root) / path
-
-
 def write_samples(samples: Iterable[GeneratedSample], request: GenerationRequest, out: Path,
                   normal_paths: dict[str, str], method_name: str, progress: bool = True) -> list[dict]:
     rows = []
@@ -122,22 +103,3 @@ def _check_sample(sample: GeneratedSample, request: GenerationRequest, index: in
         raise MethodError(f"{where}: mask shape {mask.shape} differs from image shape {image.shape[:2]}")
     if sample.defect_type != request.defect_type:
         raise MethodError(f"{where}: defect type {sample.defect_type!r}, but {request.defect_type!r} was asked for")
-
-
-def stand_in_summary(rows: Iterable[dict]) -> str | None:
-    """What stand-ins made in these samples (samples.jsonl rows), e.g. "12 of 24 samples: mask: the stand-in
-    segmenter's"; None when every sample is the method's own."""
-    rows = list(rows)
-    counts: dict[str, int] = {}
-    for row in rows:
-        if row.get("stand_in"):
-            counts[row["stand_in"]] = counts.get(row["stand_in"], 0) + 1
-    if not counts:
-        return None
-    return "; ".join(f"{count} of {len(rows)} samples: {reason}" for reason, count in sorted(counts.items()))
-
-
-def read_samples(folder: Path) -> list[dict]:
-    """The rows of a generated folder's samples.jsonl (empty if the folder was not made by DefectBench)."""
-    path = Path(folder) / SAMPLES_FILE
-    return read_jsonl(path) if path.is_file() else []

@@ -128,7 +128,7 @@ class Method:
     granularity: ClassVar[str] = "defect_type"  # one model per defect type, or one per category
     needs: ClassVar[frozenset[str]] = frozenset()  # subset of NEEDS
     # CPUs a job of this method uses; num_gpus > 0: it runs networks and gets the profile's share of a GPU where
-    # the cluster has GPUs (harness.runner.jobs.job_resources). Either one dict for every profile or one per
+    # the cluster has GPUs (harness.runner.kind.job_resources). Either one dict for every profile or one per
     # profile name ({"tiny": {...}, "paper": {...}}); see resources_for.
     resources: ClassVar[dict] = {"num_cpus": 1, "num_gpus": 0}
     # the diffusion backbone it fine-tunes, by its name in harness/weights.py (PIPELINES), e.g.

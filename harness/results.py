@@ -131,82 +131,34 @@ def load_per_image(suite: str, run: str | None = None, results: Path | None = No
     score jobs: one row per generated image (its file, normal / mask ids, caption, nearest IC-LPIPS centre and the
     LPIPS to it, BG-PSNR with the squared error and pixel count it pools, BG-LPIPS, Mask-IoU: harness.metrics.score
     PER_IMAGE). segment and detect jobs: one row per test image (file, label, defect type, image score, and where
-    the image has defect pixels its own pixel AUROC and AP), from the job's maps.npz and the split's masks.
-    Score jobs finished before they wrote per-image files have no rows; `attrs["without_rows"]` names them."""
+    the image has defect pixels its own pixel AUROC and AP), from the job's maps.npz and the split's masks. Each
+    kind says what its rows are (JobKind.rows). Score jobs finished before they wrote per-image files have no rows;
+    `attrs["without_rows"]` names them."""
+    from harness.runner.kind import RowsContext
+    from harness.runner.kinds import KINDS, decode_job
+
     store = find_run(suite, run, results)
     states = run_states(store)
-    frames, without, cache = [], [], {}
+    manifest = store.read_manifest() or {}
+    data = {name: {"root": root, "captions": manifest.get("captions", {}).get(name)}
+            for name, root in manifest.get("data", {}).items()}
+    context = RowsContext({key: state["folder"] for key, state in states.items()}, data, {}, store.suite)
+    frames, without = [], []
     for state in states.values():
-        job = state["job"]
-        if state["state"] != DONE or job["kind"] not in kinds:
+        if state["state"] != DONE or state["job"]["kind"] not in kinds:
             continue
-        rows = _job_rows(store, job, state["folder"], states, cache)
+        job = decode_job(state["job"])
+        rows = KINDS[job.kind].rows(job, state["folder"], context)
         if rows is None:
-            without.append(f"{job['label']} ({state['folder']})")
+            without.append(f"{job.label} ({state['folder']})")
             continue
-        head = {"suite": store.suite, "run_id": store.run_id, "job_key": job["key"], "kind": job["kind"],
-                **{k: job["tags"].get(k, job["params"].get(k)) for k in JOB_COLUMNS[4:]}}
+        head = {"suite": store.suite, "run_id": store.run_id, "job_key": job.key, "kind": job.kind,
+                **{k: job.tags.get(k) for k in JOB_COLUMNS[4:]}}
         head["defect_type"] = head["defect_type"] or ALL  # a model's job covers the whole test part
         frames.append(pd.DataFrame([{**head, **row} for row in rows]))
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(JOB_COLUMNS))
     table.attrs["without_rows"] = without
     return table
-
-
-def _job_rows(store: RunStore, job: dict, folder: Path, states: dict, cache: dict) -> list[dict] | None:
-    if job["kind"] == "score":
-        return _score_rows(folder, states[job["deps"][0]]["folder"])
-    return _map_rows(store, job, folder, cache)
-
-
-def _score_rows(folder: Path, generated: Path) -> list[dict] | None:
-    from harness.io import read_jsonl
-    from harness.runner.store import PER_IMAGE_FILE
-
-    if not (folder / PER_IMAGE_FILE).is_file():
-        return None
-    samples = generated / "samples"
-    return [{"file": str(samples / row["image"]), **row} for row in read_jsonl(folder / PER_IMAGE_FILE)]
-
-
-def _map_rows(store: RunStore, job: dict, folder: Path, cache: dict) -> list[dict]:
-    """Per test image: label, defect type, image score, and its own pixel AUROC / AP where it has defect pixels."""
-    import numpy as np
-
-    from harness.downstream.data import GOOD, test_samples, test_set
-    from harness.metrics import detection
-    from harness.runner.generation_jobs import load_split
-
-    params = job["params"]
-    maps_file = folder / "maps.npz"
-    with np.load(maps_file, allow_pickle=False) as saved:
-        maps, scores, names = saved["maps"].astype(np.float32), saved["image_scores"], list(saved["names"])
-    split = load_split({**params, **_where(store, params["dataset"])}, cache)
-    key = ("test", id(split), params["resolution"])
-    if key not in cache:
-        cache[key] = (test_samples(split), test_set(split, params["resolution"]))
-    samples, test = cache[key]
-    if [s.key for s in samples] != names or maps.shape != test.masks.shape:
-        raise DamagedError(f"{maps_file}: its test images are not the split's ({len(names)} maps, "
-                           f"{len(samples)} test images); `defectbench run {store.suite}` redoes the job")
-    rows = []
-    for sample, mask, value_map, score in zip(samples, test.masks, maps, scores):
-        row = {"file": str(sample.image), "image_id": sample.key, "label": int(sample.defect_type != GOOD),
-               "test_defect_type": sample.defect_type, "image_score": float(score),
-               "pixel_auroc": None, "pixel_ap": None}
-        if mask.any() and not mask.all():
-            row.update(pixel_auroc=detection.auroc(mask, value_map), pixel_ap=detection.average_precision(mask, value_map))
-        rows.append(row)
-    return rows
-
-
-def _where(store: RunStore, dataset: str) -> dict:
-    """Where a run's data set lies (its manifest's record), as the job's `where` held it."""
-    manifest = store.read_manifest() or {}
-    root = manifest.get("data", {}).get(dataset)
-    if root is None:
-        raise DamagedError(f"{store.run_dir / 'manifest.json'}: records no root for data set {dataset!r}")
-    return {"root": root, "captions": manifest.get("captions", {}).get(dataset)}
 
 
 def export_per_image(suite: str, run: str | None = None, results: Path | None = None, out: Path | None = None,

@@ -368,3 +368,9 @@ def seeded(seed: int = RANDOM_SEED) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def identities(names: tuple[str, ...], profile: str | Profile, configured: dict) -> dict[str, str]:
+    """Which weights jobs will use, by content (ResolvedWeights.identity; `configured`: the suite's `weights:`): part
+    of their keys, so results follow the weights and not the folder they were found in."""
+    return {name: resolve(name, profile, configured.get(name)).identity() for name in names}

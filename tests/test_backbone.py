@@ -93,8 +93,8 @@ def test_a_run_on_the_shipped_backbones_categories_has_no_backbone_job(tmp_path)
     assert not [j for j in jobs if j.kind == "backbone"]
     fits = [j for j in jobs if j.kind == "fit"]
     identity = provision.shipped_identity(shipped.SHIPPED)
-    assert fits and all(j.deps == () and j.where["backbone_folder"] == str(shipped.SHIPPED) for j in fits)
-    assert {j.params["backbone"] for j in fits} == {j.tags["backbone"] for j in fits} == {f"defectbench-tiny:{identity}"}
+    assert fits and all(j.deps == () and j.where.backbone_folder == str(shipped.SHIPPED) for j in fits)
+    assert {j.params.backbone for j in fits} == {j.tags["backbone"] for j in fits} == {f"defectbench-tiny:{identity}"}
 
 
 def test_unseen_normal_images_are_fine_tuned_on_once_and_reused(tmp_path, isolated_cache):
@@ -107,7 +107,7 @@ def test_unseen_normal_images_are_fine_tuned_on_once_and_reused(tmp_path, isolat
     jobs = expand(prepare(_suite(tmp_path)))
     (backbone,) = [j for j in jobs if j.kind == "backbone"]
     fits = [j for j in jobs if j.kind == "fit"]
-    assert fits and all(j.deps == (backbone.key,) and not j.where["backbone_folder"] for j in fits)
+    assert fits and all(j.deps == (backbone.key,) and not j.where.backbone_folder for j in fits)
     first = run_suite(_suite(tmp_path), executor="serial", results=tmp_path / "a", progress=False)
     assert set(first.states.values()) == {"done"}, first.states
     info = json.loads((first.store.job_dir(backbone.key) / "backbone.json").read_text())
@@ -163,8 +163,8 @@ def test_a_category_the_backbone_has_not_seen_is_fine_tuned_from_it(tmp_path, mo
     assert not [j for j in seen if j.kind == "backbone"]
     unseen = expand(prepare(_suite(tmp_path, datasets=[{**SHIPPED_DATA[0], "categories": ["pill"]}])))
     (job,) = [j for j in unseen if j.kind == "backbone"]
-    normals = [provision.NormalImages("pill", tuple(Path(p) for p in job.where["paths"]["pill"]),
-                                      tuple(job.params["normals"][0]["hashes"]))]
+    normals = [provision.NormalImages("pill", tuple(Path(p) for p in job.where.paths["pill"]),
+                                      tuple(job.params.normals[0].hashes))]
     (pill,) = quality.synthetic_images(("pill",), HELD_OUT_SIZE)
 
     def error(folder: Path) -> float:
@@ -238,11 +238,11 @@ def test_the_backbone_can_be_fine_tuned_on_more_categories_than_the_suite_runs(t
 
     jobs = expand(prepare(_suite(tmp_path, datasets=data(pretrain_categories=["weave", "washer"]))))
     (backbone,) = [j for j in jobs if j.kind == "backbone"]
-    assert [n["category"] for n in backbone.params["normals"]] == ["weave", "washer"]
-    assert {j.params["category"] for j in jobs if j.kind == "fit"} == {"washer"}
+    assert [n.category for n in backbone.params.normals] == ["weave", "washer"]
+    assert {j.params.category for j in jobs if j.kind == "fit"} == {"washer"}
     alone = expand(prepare(_suite(tmp_path, datasets=data())))
     (own,) = [j for j in alone if j.kind == "backbone"]
-    assert [n["category"] for n in own.params["normals"]] == ["washer"] and own.key != backbone.key
+    assert [n.category for n in own.params.normals] == ["washer"] and own.key != backbone.key
     with pytest.raises(ConfigError, match="no category 'bolt'"):
         prepare(_suite(tmp_path, datasets=data(pretrain_categories=["bolt"])))
 

@@ -375,7 +375,7 @@ def _suite(tmp_path, **changes):
 def test_backbone_settings_and_weights_errors_are_named(tmp_path, pretrained_backbone):
     from harness import weights
     from harness.errors import ConfigError, WeightsError
-    from harness.runner.backbone_jobs import backbone_jobs
+    from harness.runner.kinds import KINDS
     from harness.runner.plan import prepare
 
     with pytest.raises(ConfigError, match=r"backbone: \['vae_step'\] cannot be set"):
@@ -385,9 +385,9 @@ def test_backbone_settings_and_weights_errors_are_named(tmp_path, pretrained_bac
     # the paper profile resolves SD 1.5 from the suite's weights: here the tiny stand-in's folder
     suite = _suite(tmp_path, profile="paper", backbone={},
                    weights={"stable-diffusion-v1-5": str(pretrained_backbone[0])})
-    jobs = backbone_jobs(prepare(suite))  # (the paper profile's Inception and VGG are not on this machine)
+    jobs = KINDS["backbone"].expand(prepare(suite))  # (the paper profile's Inception and VGG are not on this machine)
     assert [j.tags["backbone"][:29] for j in jobs] == ["stable-diffusion-v1-5:sha256:"]
-    assert jobs[0].where["weights"] == str(pretrained_backbone[0])  # where it lies: not part of the key
+    assert jobs[0].where.weights == str(pretrained_backbone[0])  # where it lies: not part of the key
 
 
 # ---- the `paper` profile rehearsed end to end on a model in SD 1.5's layout (tests/rehearsal.py) ------------------

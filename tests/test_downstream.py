@@ -262,8 +262,8 @@ def test_a_compat_protocol_segments_and_detects_on_test_images_read_as_published
     compat = downstream("anomalydiffusion")
     assert {job.kind for job in compat} == {"segment", "classify", "detect"}
     for job in compat:
-        assert job.params.get("test_images") == (None if job.kind == "classify" else "cv2-bilinear"), job.label
-    assert all("test_images" not in job.params for job in downstream("clean-thirds"))
+        assert job.params.test_images == (None if job.kind == "classify" else "cv2-bilinear"), job.label
+    assert all("test_images" not in job.as_dict()["params"] for job in downstream("clean-thirds"))
 
 
 def test_suite_runs_downstream_and_detectors_and_renders_their_tables(tmp_path):
@@ -284,7 +284,7 @@ def test_suite_runs_downstream_and_detectors_and_renders_their_tables(tmp_path):
     for job in result.plan.jobs:  # a downstream job needs the generate jobs of every defect type of its category
         if job.kind in ("segment", "classify"):
             needed = {by_key[d].tags["defect_type"] for d in job.deps}
-            assert {by_key[d].kind for d in job.deps} == {"generate"} and len(needed) == len(job.params["generated"]) >= 2
+            assert {by_key[d].kind for d in job.deps} == {"generate"} and len(needed) == len(job.params.generated) >= 2
         if job.kind == "detect":
             assert job.deps == ()
     frame = run_records(result.store)

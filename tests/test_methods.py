@@ -15,7 +15,8 @@ from harness import GeneratedSample, Method
 from harness.data import read_category
 from harness.data.splits import make_split
 from harness.errors import ConfigError, DataError, MethodError
-from harness.generation import fit_method, generate_to, read_samples
+from harness.data.samples import read_samples
+from harness.generation import fit_method, generate_to
 from harness.imaging import estimate_foreground, jitter_mask
 from harness.methods import REPO_METHODS_DIR, discover, get_method_info, load_method
 from harness.profiles import get_profile

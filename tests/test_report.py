@@ -109,7 +109,7 @@ def test_reported_average_is_shown_beside_the_mean_of_its_rows():
 def test_values_from_samples_a_stand_in_made_are_marked_and_explained():
     """A sample partly made by a stand-in (GeneratedSample.stand_in) is counted in the score and downstream records
     (`stand_in`), and every cell and average it feeds carries ‡ with a note saying what the stand-in made."""
-    from harness.generation import stand_in_summary
+    from harness.data.samples import stand_in_summary
     from harness.report.render import LATEX, MARKDOWN, _cell_text
 
     rows = [{"stand_in": None}, {"stand_in": "mask: the stand-in segmenter's"}, {"stand_in": "mask: the stand-in segmenter's"}]

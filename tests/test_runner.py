@@ -63,7 +63,7 @@ def test_shipped_suites_are_valid(tmp_path):
     for name in ("smoke", "mvtec-ad", "mvtec-loco", "mvtec-caption"):
         suite = load_suite(name, data=tmp_path)
         assert suite.methods and suite.metrics
-    assert load_suite("mvtec-ad", data=tmp_path).profile == "paper"
+    assert load_suite("mvtec-ad", data=tmp_path).profile.name == "paper"
     assert {m.method for m in load_suite("smoke").methods} >= {"cutpaste", "croppaste", "draem"}
 
 
@@ -337,9 +337,9 @@ def test_announcements_of_running_jobs_reach_the_driver_once(tmp_path):
     """A job's JobContext.announce line (the pretraining's time estimate) is kept in its folder, and the Ray driver
     prints each line once while the job runs (workers' own output does not reach its console)."""
     from harness.runner import executors
-    from harness.runner.jobs import JobContext, make_job
+    from harness.runner.kind import Job, JobContext
 
-    job = make_job("backbone", "backbone tiny synthetic", {"x": 1})
+    job = Job("backbone", "k", "backbone tiny synthetic", None)
     context = JobContext(tmp_path, {}, {})
     context.announce("pretraining the tiny backbone: about 4.0 min")
 
@@ -361,12 +361,12 @@ def test_announcements_of_running_jobs_reach_the_driver_once(tmp_path):
 def test_jobs_start_in_critical_path_order(tmp_path):
     """The scheduler hands out the heads of the longest chains first: the backbone before a detector."""
     from harness.runner.executors import Scheduler, chain_heights
-    from harness.runner.jobs import make_job
+    from harness.runner.kind import Job
 
-    detect = make_job("detect", "detect", {"d": 1})
-    backbone = make_job("backbone", "backbone", {"b": 1})
-    fit = make_job("fit", "fit", {"f": 1}, (backbone.key,))
-    generate = make_job("generate", "generate", {"g": 1}, (fit.key,))
+    detect = Job("detect", "d", "detect", None)
+    backbone = Job("backbone", "b", "backbone", None)
+    fit = Job("fit", "f", "fit", None, (backbone.key,))
+    generate = Job("generate", "g", "generate", None, (fit.key,))
     jobs = [detect, generate, fit, backbone]
     heights = chain_heights(jobs)
     assert heights[backbone.key] == 10 + 2 + 1 and heights[detect.key] == 3

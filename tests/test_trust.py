@@ -17,7 +17,8 @@ from harness.cli import main
 from harness.data import read_category
 from harness.data.splits import make_split
 from harness.errors import ConfigError
-from harness.generation import fit_method, generate_to, read_samples
+from harness.data.samples import read_samples
+from harness.generation import fit_method, generate_to
 from harness.methods import load_method
 from harness.runner.suite import parse_suite
 from harness.tasks import build_task
@@ -234,31 +235,47 @@ def test_concurrent_writers_of_one_cache_file_do_not_collide(tmp_path):
 def test_jobs_ask_for_a_gpu_share_only_where_the_cluster_has_gpus():
     from harness.profiles import get_profile
     from harness.runner.executors import _fits, ray_options
-    from harness.runner.jobs import job_resources, make_job
+    from harness.runner.kind import Job, job_resources
 
-    job = make_job("score", "s", {}, resources=job_resources(get_profile("tiny")))
-    paste = make_job("fit", "f", {}, resources=job_resources(get_profile("tiny"), gpu=False))
+    def make_job(kind, resources):
+        return Job(kind, kind, kind, None, resources=resources)
+
+    job = make_job("score", resources=job_resources(get_profile("tiny")))
+    paste = make_job("fit", resources=job_resources(get_profile("tiny"), gpu=False))
     assert ray_options(job, {"CPU": 16, "GPU": 0}, 2)["num_gpus"] == 0
     assert ray_options(job, {"CPU": 16, "GPU": 1}, 2)["num_gpus"] == pytest.approx(0.125)
     assert ray_options(paste, {"CPU": 16, "GPU": 1}, 2)["num_gpus"] == 0
     assert job_resources(get_profile("paper"))["num_gpus"] == 1.0
     running = [job] * 8  # eight tiny jobs fill one GPU
     assert not _fits(job, running, {"CPU": 16, "GPU": 1}) and _fits(job, running[:7], {"CPU": 16, "GPU": 1})
-    wide = make_job("backbone", "b", {}, resources=job_resources(get_profile("tiny"), num_cpus=2))
+    wide = make_job("backbone", resources=job_resources(get_profile("tiny"), num_cpus=2))
     assert ray_options(wide, {"CPU": 16, "GPU": 0}, 2)["num_cpus"] == 2
     assert ray_options(wide, {"CPU": 1, "GPU": 0}, 2)["num_cpus"] == 1  # capped: it still runs on a 1-CPU cluster
     assert _fits(wide, [], {"CPU": 1, "GPU": 0}) and not _fits(wide, [job], {"CPU": 2, "GPU": 0})
 
 
 def test_status_records_the_device(tmp_path):
-    from harness.runner.executors import execute_job
-    from harness.runner.jobs import JOB_KINDS, job_kind, make_job
+    from dataclasses import dataclass
 
-    job_kind("noop")(lambda job, ctx: [])
+    from harness.runner.executors import execute_job
+    from harness.runner.kind import JobKind
+    from harness.runner.kinds import KINDS
+
+    @dataclass(frozen=True)
+    class Nothing:
+        pass
+
+    class Noop(JobKind):
+        name, params_type = "noop", Nothing
+
+        def run(self, params, where, ctx):
+            return []
+
+    KINDS.add("noop", Noop())
     try:
-        status = execute_job(make_job("noop", "noop", {}).as_dict(), str(tmp_path / "job"), {}, {})
+        status = execute_job(Noop().job("noop", Nothing()).as_dict(), str(tmp_path / "job"), {}, {})
     finally:
-        JOB_KINDS.pop("noop")
+        KINDS.remove("noop")
     assert status["state"] == "done" and (status["device"] == "cpu" or status["device"].startswith("cuda:"))
     assert set(status["outputs"]) == {"records.jsonl"}
 
@@ -283,7 +300,8 @@ def test_pretraining_runs_on_the_harness_device(monkeypatch):
 
 def test_a_detector_with_non_finite_scores_fails_with_its_name(monkeypatch, tmp_path, isolated_cache):
     import harness.downstream.detectors as detectors
-    from harness.runner.jobs import JOB_KINDS, JobContext
+    from harness.runner.kind import JobContext
+    from harness.runner.kinds import KINDS
     from harness.runner.plan import expand, prepare
 
     suite = parse_suite(mini(detectors=["padim"], methods=["cutpaste"]), MINI)
@@ -291,7 +309,7 @@ def test_a_detector_with_non_finite_scores_fails_with_its_name(monkeypatch, tmp_
     monkeypatch.setattr(detectors, "run", lambda model, normal, test, *a, **k: (
         np.full(test.masks.shape, np.nan), np.zeros(len(test)), None))
     with pytest.raises(ValueError, match="padim produced non-finite anomaly scores"):
-        JOB_KINDS["detect"](job, JobContext(tmp_path, {}, {}))
+        KINDS["detect"].run(job.params, job.where, JobContext(tmp_path, {}, {}))
 
 
 def test_the_leaderboard_says_once_that_a_category_mixes_grayscale_and_colour(synth_root, tmp_path, isolated_cache):

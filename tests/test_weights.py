@@ -306,14 +306,14 @@ def test_resolve_pipeline_downloads_those_files_and_then_finds_them_in_the_cache
 def _paper_backbone_key(tmp_path: Path, folder: Path | None = None) -> tuple[str, str]:
     """The backbone job's key and provenance of a paper-profile suite with background_aware (SD 1.5) on synthetic
     data: the fits' keys follow it (it is their dependency)."""
-    from harness.runner.backbone_jobs import backbone_jobs
+    from harness.runner.kinds import KINDS
     from harness.runner.plan import prepare
     from harness.runner.suite import parse_suite
     from tests.test_runner import mini
 
     suite = parse_suite(mini(profile="paper", methods=["background_aware"],
                              weights={"stable-diffusion-v1-5": str(folder)} if folder else {}), tmp_path / "s.yaml")
-    jobs = backbone_jobs(prepare(suite))
+    jobs = KINDS["backbone"].expand(prepare(suite))
     return jobs[0].key, jobs[0].tags["backbone"]
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 from harness.diffusion.corpus import CORPUS_VERSION, Corpus, CorpusConfig, build, corpus_id, vocabulary
 from harness.diffusion.pretrain import PretrainConfig
 from harness.errors import ConfigError
-from harness.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_json
+from harness.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
 from harness.paths import REPO_ROOT
 from harness.provenance import code_version, machine, package_version
 
@@ -149,57 +149,6 @@ GENERIC_PROMPTS = ("a photo of a red circle on a grey metal surface", "a photo o
                    "a photo of a brown wood surface with a dark crack", "a photo of a white paper surface",
                    "a photo of a green checkered surface", "a photo of a small pink square on a teal fabric surface",
                    "a photo of a grey stone surface with a large dark stain")
-
-
-def per_run_baseline(categories: tuple[str, ...], announce: Callable[[str], None] = print) -> Path:
-    """The backbone a run pretrained for itself before the shipped one: PretrainConfig's defaults (the smoke suite's
-    recipe: 1,400 autoencoder + 600 UNet steps), from scratch, on the categories' normal training images prompted "a
-    photo of a <category>" (cached under results/cache/backbones by the images, the settings and the code)."""
-    import numpy as np
-
-    from harness.diffusion import provision
-    from harness.diffusion.pretrain import pretrain, prompt_for
-    from harness.diffusion.quality import synthetic_images
-    from harness.paths import cache_dir
-
-    config = PretrainConfig()
-    references = synthetic_images(categories, config.resolution)
-    key = sha256_json({"images": {r.category: hashlib.sha256(r.train.tobytes()).hexdigest() for r in references},
-                       "config": dataclasses.asdict(config), "code": provision.code_hash()})[:20]
-    folder = cache_dir("backbones") / f"per-run-{key}"
-    if not (folder / "unet").is_dir():
-        images = np.concatenate([r.train for r in references])
-        captions = [prompt_for(r.category) for r in references for _ in r.train]
-        backbone, _ = pretrain(images, captions, config, progress=True, announce=announce)
-        with atomic_directory(folder, overwrite=True) as tmp:
-            backbone.save(tmp)
-    return folder
-
-
-def measure_folder(folder: Path = SHIPPED, baseline: bool = True, n_samples: int = 64, write: bool = True,
-                   announce: Callable[[str], None] = print) -> dict:
-    """Measure the backbone in `folder` (and the per-run baseline); with `write`, write measures.json and the
-    sample grid into the folder."""
-    from harness.diffusion import quality
-    from harness.diffusion.backbone import load_frozen
-
-    folder = Path(folder)
-    training = read_json(folder, TRAINING_FILE)
-    categories = tuple(training["recipe"]["corpus"]["categories"])
-    references = quality.synthetic_images(categories, training["recipe"]["pretrain"]["resolution"])
-    start = time.perf_counter()
-    backbone = load_frozen(folder)
-    result = {"backbone": quality.measure(backbone, references, n_samples), "n_samples": n_samples,
-              "machine": machine(), "code": code_version()["git"], "date": time.strftime("%Y-%m-%d %H:%M %Z")}
-    if write:
-        write_grid(backbone, folder / GRID_FILE, categories)
-    if baseline:
-        announce("measuring the per-run backbone of before (PretrainConfig's defaults, pretrained now if not cached)")
-        result["per_run"] = quality.measure(load_frozen(per_run_baseline(categories, announce)), references, n_samples)
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    if write:
-        atomic_write_json(folder / MEASURES_FILE, result)
-    return result
 
 
 def write_grid(backbone, path: Path, categories: tuple[str, ...], per_row: int = 8, seed: int = 1) -> None:

@@ -17,7 +17,7 @@ from harness.data.model import DEFECTS_CONFIG, GOOD, Sample
 from harness.data.splits import Split
 from harness.errors import DataError
 from harness.data.images import read_image, read_image_cv2, read_mask, read_region, resize_mask
-from harness.generation import read_samples
+from harness.data.samples import read_samples
 from harness.io import atomic_write_bytes
 from harness.metrics import detection, spro
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from harness.data.images import is_image_file, natural_key
-from harness.generation import normal_file, read_samples
+from harness.data.samples import normal_file, read_samples
 from harness.metrics.fidelity import RESIZE_PATH, InceptionFeatures, frechet_distance, inception_score, kernel_distance
 from harness.metrics.iclpips import ICLPIPSConfig, ic_lpips
 from harness.metrics.lpips_net import LPIPSNet

@@ -8,7 +8,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from harness.data.images import read_image, read_mask
-from harness.generation import normal_file, read_samples
+from harness.data.samples import normal_file, read_samples
 from harness.metrics.score import DIRECTION, LABELS
 
 TILE = 128

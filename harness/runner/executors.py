@@ -13,7 +13,6 @@ import sys
 import time
 import traceback
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -21,8 +20,9 @@ from tqdm.auto import tqdm
 
 from harness.errors import DefectBenchError
 from harness.io import NO_SPACE, no_space, write_jsonl
-from harness.runner.jobs import ANNOUNCE_FILE, DEFAULT_TIMEOUTS, FALLBACK_TIMEOUT, JOB_KINDS, Job, JobContext
-from harness.runner.store import (DONE, FAILED, RECORDS_FILE, SKIPPED, outputs_digest, pin_outputs, read_status,
+from harness.runner.kind import ANNOUNCE_FILE, Job, JobContext
+from harness.runner.kinds import KINDS, decode_job
+from harness.runner.store import (DONE, FAILED, RECORDS_FILE, SKIPPED, now, outputs_digest, pin_outputs, read_status,
                                   record_processes, write_status)
 
 _PROCESS_CACHE: dict[str, Any] = {}  # per worker process: networks and splits built once
@@ -31,19 +31,12 @@ PASSED_ENV = ("DEFECTBENCH_CACHE", "DEFECTBENCH_RESULTS", "DEFECTBENCH_METHODS_P
               "DEFECTBENCH_OFFLINE", "DEFECTBENCH_LPIPS_MEMORY_GB", "TORCH_HOME", "HF_HOME")
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def execute_job(job_dict: dict, folder: str, deps: dict[str, str], common: dict) -> dict:
     """Run one job in `folder` (emptied first); records.jsonl then status.json are written last, atomically."""
     import torch
     from threadpoolctl import threadpool_limits
 
-    from harness.runner.registry import load_job_kinds
-
-    load_job_kinds()  # in a fresh worker process the kinds are not registered yet
-    job = Job.from_dict(job_dict)
+    job = decode_job(job_dict)
     path = Path(folder)
     if path.exists():
         shutil.rmtree(path)  # what a killed or failed attempt left
@@ -58,8 +51,8 @@ def execute_job(job_dict: dict, folder: str, deps: dict[str, str], common: dict)
         # BLAS threads too: numpy/scipy linear algebra (FID) rounds differently with another thread count, and the
         # serial and Ray executors must give identical numbers
         with threadpool_limits(limits=job_threads), kept_warnings() as status["warnings"]:
-            records = JOB_KINDS[job.kind](job, JobContext(path, {k: Path(v) for k, v in deps.items()},
-                                                          _PROCESS_CACHE)) or []
+            context = JobContext(path, {k: Path(v) for k, v in deps.items()}, _PROCESS_CACHE, job.label)
+            records = KINDS[job.kind].run(job.params, job.where, context) or []
         finished = now()
         write_jsonl(path / RECORDS_FILE, [{**common, **job.tags, "job_key": job.key, "kind": job.kind,
                                            "device": status["device"], **r, "started": started, "finished": finished}
@@ -199,19 +192,14 @@ class Progress:
         self.bar.close()
 
 
-# rough relative costs of one job of a kind, for ordering only (never shown, never a result)
-KIND_WEIGHTS = {"backbone": 10.0, "pretrain": 6.0, "fit": 2.0, "generate": 1.0, "score": 1.0, "segment": 2.0,
-                "classify": 2.0, "detect": 3.0}
-
-
 def chain_heights(jobs: list[Job]) -> dict[str, float]:
-    """Each job's weight plus the heaviest chain of jobs that depend on it (KIND_WEIGHTS)."""
+    """Each job's weight plus the heaviest chain of jobs that depend on it (JobKind.weight)."""
     children: dict[str, list[str]] = {j.key: [] for j in jobs}
     for job in jobs:
         for dep in job.deps:
             if dep in children:
                 children[dep].append(job.key)
-    weight = {j.key: KIND_WEIGHTS.get(j.kind, 1.0) for j in jobs}
+    weight = {j.key: KINDS[j.kind].weight for j in jobs}
     heights: dict[str, float] = {}
 
     def height(key: str) -> float:
@@ -269,7 +257,7 @@ def lost_status(job: Job, folder: Path, error: str) -> dict:
 
 def _timed_out(job: Job, limit: float) -> str:
     return (f"TimeoutError: ran past its time limit of {limit:g} s and was stopped (executor.timeouts.{job.kind} "
-            f"in the suite; default {DEFAULT_TIMEOUTS.get(job.kind, FALLBACK_TIMEOUT):g} s)")
+            f"in the suite; default {KINDS[job.kind].timeout:g} s)")
 
 
 def serve(fd: int) -> None:
@@ -385,7 +373,7 @@ def run_serial(scheduler: Scheduler, common: dict, progress: Progress, timeout: 
 
 
 def run_ray(scheduler: Scheduler, common: dict, progress: Progress, num_cpus: int | None, address: str | None,
-            max_retries: int, timeout: Callable[[str], float] = lambda kind: FALLBACK_TIMEOUT,
+            max_retries: int, timeout: Callable[[str], float] = lambda kind: KINDS[kind].timeout,
             processes: Path | None = None) -> None:
     """`processes`: where the processes of a local Ray instance started here are written down (store.RunLock), so
     that the next run ends those a killed driver left behind."""

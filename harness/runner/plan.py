@@ -11,7 +11,8 @@ from harness.data.synth import SynthConfig
 from harness.data.synth import cached as cached_synthetic
 from harness.errors import ConfigError, DataError
 from harness.methods import discover
-from harness.runner.jobs import EXPANDERS, Job, topological
+from harness.runner.kind import Job, topological
+from harness.runner.kinds import KINDS
 from harness.runner.suite import DatasetSpec, Suite
 
 
@@ -23,19 +24,40 @@ class PreparedDataset:
     pretrain: list[Category] = field(default_factory=list)  # whose normal images fine-tune the tiny backbone
 
 
+@dataclass(frozen=True)
+class BackboneRef:
+    """The backbone a data set's fits use: a job that makes or resolves it, or the shipped folder as it is."""
+
+    provenance: str  # by content: goes into the fits' keys and every record
+    job: Job | None = None
+    folder: str | None = None  # the shipped folder on this machine, where there is no job
+
+
+# (data set, category, fold, seed, method label): where a method's jobs of one category and split sit in the plan
+RunAt = tuple[str, str, int, int, str]
+
+
 @dataclass
 class Plan:
     suite: Suite
     datasets: list[PreparedDataset]
     splits: dict[tuple[str, str], list[Split]] = field(default_factory=dict)  # (dataset, category) -> folds
-    backbones: dict = field(default_factory=dict)  # (dataset, backbone name) -> BackboneRef (backbone_jobs.py)
     jobs: list[Job] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # what the data or the splits lack, said once per run
     # data set -> labels of the methods (chosen by `methods: all`) left out of it: they need captions it has none of
     left_out: dict[str, list[str]] = field(default_factory=dict)
+    # typed indexes, filled by the kinds as they expand (in KINDS order), read by the kinds after them
+    backbones: dict[tuple[str, str], BackboneRef] = field(default_factory=dict)  # (data set, backbone name) -> ref
+    pretrains: dict[RunAt, Job] = field(default_factory=dict)  # a method's pretraining of a category
+    fits: list[Job] = field(default_factory=list)
+    generated: dict[RunAt, dict[str, Job]] = field(default_factory=dict)  # defect type -> its generate job
 
     def by_key(self) -> dict[str, Job]:
         return {job.key: job for job in self.jobs}
+
+    def backbone_for(self, dataset: str, name: str) -> BackboneRef:
+        """The backbone the fits of a method that names backbone `name` use on a data set."""
+        return self.backbones[(dataset, name)]
 
 
 def prepare(suite: Suite) -> Plan:
@@ -96,19 +118,15 @@ def _has_captions(spec: DatasetSpec, root: Path, names: list[str]) -> bool:
 
 
 def expand(plan: Plan) -> list[Job]:
-    """Every registered expander's jobs, de-duplicated by key, in dependency order. An expander sees the jobs of
-    the expanders before it in plan.jobs (downstream jobs depend on generate jobs)."""
-    from harness.runner.registry import load_job_kinds
-
-    load_job_kinds()
-
+    """Every kind's jobs (KINDS, in order), de-duplicated by key, in dependency order. A kind reads what the kinds
+    before it made from the plan's typed indexes (score reads plan.generated)."""
     jobs: dict[str, Job] = {}
-    for make in EXPANDERS:
-        for job in make(plan):
+    for _, kind in KINDS.items():
+        for job in kind.expand(plan):
             jobs.setdefault(job.key, job)
         plan.jobs = list(jobs.values())
     missing = {dep for job in jobs.values() for dep in job.deps if dep not in jobs}
     if missing:
-        raise ValueError(f"jobs depend on keys no expander made: {sorted(missing)[:3]}")
+        raise ValueError(f"jobs depend on keys no kind made: {sorted(missing)[:3]}")
     plan.jobs = topological(list(jobs.values()))
     return plan.jobs

@@ -11,15 +11,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tabulate import tabulate
 
 from harness.errors import DataWarning
 from harness.io import sha256_json
 from harness.provenance import code_version
-from harness.runner.executors import Progress, Scheduler, now, run_ray, run_serial
+from harness.runner.executors import Progress, Scheduler, run_ray, run_serial
+from harness.runner.kind import Job
 from harness.runner.plan import Plan, expand, prepare
-from harness.runner.jobs import Job
-from harness.runner.store import (DONE, FAILED, SKIPPED, DamagedError, RunLock, RunStore, outputs_digest, read_status,
+from harness.runner.store import (FAILED, SKIPPED, DamagedError, RunLock, RunStore, now, outputs_digest, read_status,
                                   runs_root)
 from harness.runner.suite import Suite
 
@@ -39,6 +38,7 @@ def resolved_config(suite: Suite) -> dict:
     """The suite as run, with no machine path in it: data sets, caption files, weight files and the suite file
     by their names (their content is in the job keys: split manifest hashes, weight hashes)."""
     data = dataclasses.asdict(suite)
+    data["profile"] = suite.profile.name
     data.pop("executor")
     data.pop("description")
     data["path"] = suite.path.name if suite.path else None
@@ -121,7 +121,7 @@ def _run_locked(plan: Plan, store: RunStore, executor: str | None, address: str 
         "jobs": [j.as_dict(where=False) for j in plan.jobs],
     }
     store.write_manifest(manifest)
-    common = {"suite": suite.name, "run_id": store.run_id, "profile": suite.profile, "code_version": manifest["code"]["git"],
+    common = {"suite": suite.name, "run_id": store.run_id, "profile": suite.profile.name, "code_version": manifest["code"]["git"],
               "config_hash": store.run_id}
     scheduler = Scheduler(plan.jobs, finished, store.job_dir)
     bar = Progress(len(plan.jobs), len(finished), enabled=progress)
@@ -158,57 +158,3 @@ def _previous(store: RunStore) -> dict:
     except DamagedError as err:
         warnings.warn(f"{err.args[0].split(';')[0]}; writing a new one")
         return {}
-
-
-def _downstream_summary(frame) -> list[str]:
-    """Downstream models and detectors over the whole test part, in %."""
-    from harness.downstream.data import ALL
-    from harness.metrics.detection import LABELS
-
-    metrics = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro", "accuracy"]
-    rows = frame[frame["metric"].isin(metrics) & (frame["defect_type"] == ALL)]
-    if rows.empty:
-        return []
-    table = (100 * rows.pivot_table(index=["category", "method"], columns="metric", values="value", aggfunc="mean"))
-    table = table[[m for m in metrics if m in table.columns]].rename(columns=LABELS).reset_index()
-    table = table.astype(object).where(table.notna(), None)  # tabulate prints None as missingval, NaN as "nan"
-    return ["Downstream (segmentation U-Net / classifier on generated images) and detectors, whole test part, %:\n"
-            + tabulate(table, headers="keys", floatfmt=".1f", tablefmt="simple", showindex=False,
-                     missingval="—")]
-
-
-def _scored(result: RunResult, category: str, method: str) -> str:
-    jobs = [j for j in result.plan.jobs if j.kind == "score" and j.tags.get("category") == category
-            and j.tags.get("method") == method]
-    done = sum(result.states.get(j.key) == DONE for j in jobs)
-    return f"{done}/{len(jobs)}" + ("" if done == len(jobs) else " !")
-
-
-def summary(result: RunResult) -> str:
-    """A table per method and category: the headline metrics (mean over defect types) and job failures."""
-    from harness.metrics.score import LABELS, METRICS
-    from harness.results import run_records
-
-    frame = run_records(result.store)
-    lines = []
-    if not frame.empty:
-        metrics = [m for m in METRICS if m in set(frame["metric"])]
-        table = frame[frame["metric"].isin(metrics)].pivot_table(index=["category", "method"], columns="metric",
-                                                                 values="value", aggfunc="mean")
-        table = table[[m for m in metrics if m in table.columns]].rename(columns=LABELS).reset_index()
-        table["scored"] = [_scored(result, category, method) for category, method in zip(table["category"],
-                                                                                          table["method"])]
-        lines.append("Mean over defect types (scored: score jobs done of those planned; fewer means a partial mean):\n"
-                     + tabulate(table, headers="keys", floatfmt="#.4g", tablefmt="simple", showindex=False))
-        lines += _downstream_summary(frame)
-    failed = [k for k, s in result.states.items() if s == FAILED]
-    skipped = [k for k, s in result.states.items() if s == SKIPPED]
-    by_key = result.plan.by_key()
-    for key in failed:
-        status = read_status(result.store.job_dir(key)) or {}
-        lines.append(f"FAILED {by_key[key].label}: {status.get('error', '?')}  ({result.store.job_dir(key) / 'status.json'})")
-    if skipped:
-        lines.append(f"{len(skipped)} jobs skipped because a job they need failed")
-    counts = Counter(result.states.values())
-    lines.append(f"{counts.get(DONE, 0)} of {len(result.states)} jobs done; run folder {result.store.run_dir}")
-    return "\n".join(lines)

@@ -16,11 +16,17 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.errors import DefectBenchError
 from harness.io import atomic_write_json, read_jsonl, sha256_file, sha256_json
 from harness.paths import RESULTS_DIR
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
 
 STATUS_FILE = "status.json"
 RECORDS_FILE = "records.jsonl"
@@ -186,7 +192,6 @@ class RunLock:
         import fcntl
         import platform
 
-        from harness.runner.executors import now
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+", encoding="utf-8")

@@ -20,8 +20,8 @@ from harness.errors import ConfigError
 from harness.metrics.iclpips import PRESETS
 from harness.metrics.score import METRICS
 from harness.paths import REPO_ROOT
-from harness.profiles import PROFILES
-from harness.runner.jobs import DEFAULT_TIMEOUTS, FALLBACK_TIMEOUT
+from harness.profiles import PROFILES, TINY, Profile
+from harness.runner.kinds import KINDS
 
 SUITES_DIR = REPO_ROOT / "suites"
 LAYOUTS = ("synthetic", "mvtec_ad", "mvtec_loco", "auto")
@@ -64,11 +64,11 @@ class ExecutorSpec:
     num_cpus: int | None = None  # None: all CPUs of this machine
     address: str | None = None  # an existing Ray cluster; None starts one here
     max_retries: int = 2  # a job whose worker died is retried this often
-    timeouts: dict = field(default_factory=dict)  # job kind -> seconds; the rest: executors.DEFAULT_TIMEOUTS
+    timeouts: dict = field(default_factory=dict)  # job kind -> seconds; the rest: the kind's own (JobKind.timeout)
 
     def timeout(self, kind: str) -> float:
         """How long a job of this kind may run before it is stopped and recorded as failed."""
-        return float(self.timeouts.get(kind, DEFAULT_TIMEOUTS.get(kind, FALLBACK_TIMEOUT)))
+        return float(self.timeouts[kind]) if kind in self.timeouts else float(KINDS[kind].timeout)
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Suite:
     datasets: tuple[DatasetSpec, ...]
     methods: tuple[MethodSpec, ...]
     protocol: str = "clean-thirds"
-    profile: str = "tiny"
+    profile: Profile = TINY  # parsed once: its properties, never its name, decide what the plan does
     n_per_defect: int = 12
     metrics: tuple[str, ...] = METRICS
     ic_lpips: str = "ic_lpips"
@@ -141,7 +141,7 @@ def parse_suite(raw: dict, path: Path | None, data: str | Path | None = None, ch
     _keys(raw, TOP_KEYS, where, "")
     name = path_component(raw.get("name") or (path.stem if path else "suite"), where, "name")
     protocol = _choice(raw.get("protocol", "clean-thirds"), PROTOCOLS, where, "protocol")
-    profile = _choice(raw.get("profile", "tiny"), tuple(PROFILES), where, "profile")
+    profile = PROFILES[_choice(raw.get("profile", "tiny"), tuple(PROFILES), where, "profile")]
     generate = raw.get("generate") or {}
     _mapping(generate, where, "generate")
     _keys(generate, GENERATE_KEYS, where, "generate.")
@@ -171,12 +171,12 @@ def parse_suite(raw: dict, path: Path | None, data: str | Path | None = None, ch
     )
 
 
-def _backbone(value: Any, where: str, profile: str) -> dict:
+def _backbone(value: Any, where: str, profile: Profile) -> dict:
     """The fine-tuning settings of the shipped tiny backbone on unseen categories (provision.FINETUNE)."""
     from harness.diffusion.provision import finetune_config
 
     _mapping(value, where, "backbone")
-    finetune_config(value, PROFILES[profile].resolution, f"{where}: backbone")  # unknown keys, bad values fail here
+    finetune_config(value, profile.resolution, f"{where}: backbone")  # unknown keys, bad values fail here
     return dict(value)
 
 
@@ -237,7 +237,7 @@ def _root(value: Any, where: str, key: str, data: str | Path | None) -> Path:
     return path
 
 
-def _methods(value: Any, where: str, check: bool, profile: str) -> list[MethodSpec]:
+def _methods(value: Any, where: str, check: bool, profile: Profile) -> list[MethodSpec]:
     from harness.methods import discover
 
     known = discover() if check else {}
@@ -293,7 +293,7 @@ def _executor(value: Any, where: str) -> ExecutorSpec:
     timeouts = value.get("timeouts") or {}
     _mapping(timeouts, where, "executor.timeouts")
     for job_kind, seconds in timeouts.items():
-        _choice(job_kind, tuple(DEFAULT_TIMEOUTS), where, "executor.timeouts' job kind")
+        _choice(job_kind, tuple(KINDS.names()), where, "executor.timeouts' job kind")
         if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds < float("inf"):
             raise ConfigError(f"{where}: executor.timeouts.{job_kind} must be a number of seconds > 0, not {seconds!r}")
     return ExecutorSpec(kind, num_cpus, address, retries, dict(timeouts))

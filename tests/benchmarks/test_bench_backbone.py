@@ -19,7 +19,7 @@ import pytest
 import torch
 from tabulate import tabulate
 
-from harness.diffusion import quality, shipped
+from harness.diffusion import measure, quality, shipped
 from harness.io import atomic_write_json
 
 pytestmark = pytest.mark.bench
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.bench
 
 def test_the_shipped_backbone_against_the_per_run_one():
     torch.set_num_threads(int(os.environ.get("DEFECTBENCH_BENCH_THREADS", "2")))
-    result = shipped.measure_folder(shipped.SHIPPED, baseline=True, write=False)
+    result = measure.measure_folder(shipped.SHIPPED, baseline=True, write=False)
     out = Path(os.environ.get("DEFECTBENCH_BENCH_OUT", "results/bench/backbone.json"))
     atomic_write_json(out, {"benchmark": "backbone", **result})
     rows = []

@@ -1,0 +1,133 @@
+"""The modules' import graph has no cycle, and every module imports alone (no hidden order between them)."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "harness"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _type_checking_only(node: ast.AST, parents: dict) -> bool:
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return True
+    return False
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package's modules it imports, at module level or inside a function (both are edges: a
+    function-level import is a cycle put off, not removed); imports under `if TYPE_CHECKING` are not."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            else:
+                continue
+            if _type_checking_only(node, parents):
+                continue
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name and not name.startswith(target + "."):
+                    edges.add(target)
+                    break  # `from a.b import c`: c is the module if it is one, else a.b is
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in graph.get(node, ()):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    sys.setrecursionlimit(10000)
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return out
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = import_graph()
+    assert len(graph) > 50 and graph["harness.runner.run"]  # the walk found the package and its imports
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    """Negative control: the same check on a graph with a back-arrow added (store -> executors, as it once was)."""
+    graph = import_graph()
+    graph["harness.runner.store"] = graph["harness.runner.store"] | {"harness.runner.executors"}
+    assert ["harness.runner.executors", "harness.runner.store"] in cycles(graph)
+
+
+PRELOADED = ("numpy", "torch", "pandas", "yaml", "PIL.Image", "scipy.ndimage", "tabulate", "tqdm.auto")
+CHILD = r"""
+import importlib, os, sys
+for name in sys.argv[2:]:
+    importlib.import_module(name)  # the third-party libraries, once: each child then imports only our modules
+failed = []
+for module in sys.argv[1].split(","):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            importlib.import_module(module)
+        except BaseException as err:
+            print(f"{module}: {type(err).__name__}: {err}", flush=True)
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if status:
+        failed.append(module)
+print("FAILED", ",".join(failed))
+"""
+
+
+def test_every_module_imports_alone():
+    """Each module is imported in a fresh process of its own (forked after the third-party libraries loaded), so no
+    module works only because another was imported first."""
+    modules = [m for m in _modules() if not m.endswith("__main__") and m != "harness.runner.worker"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", CHILD, ",".join(modules), *PRELOADED], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "FAILED", result.stdout[-3000:]
