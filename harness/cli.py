@@ -14,6 +14,7 @@ from tabulate import tabulate
 
 from harness.errors import DefectBenchError
 from harness.io import NO_SPACE, no_space
+from harness.metrics.iclpips_presets import PRESETS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,10 +40,6 @@ def main(argv: list[str] | None = None) -> int:
             raise  # not about a file: a bug or a library's own failure, with its traceback
         print(f"defectbench: error: {err.filename}: {err.strerror or err} (could not read or write)", file=sys.stderr)
         return 2
-
-
-# harness.metrics.iclpips.PRESETS by name (importing it loads torch, too slow for --help); a test keeps them equal
-IC_LPIPS_PRESETS = ["ic_lpips", "ic_lpips_dfmgan", "ic_lpips_dfmgan_fixed", "ic_lpips_alex"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="clean-thirds")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--profile", default="tiny")
-    p.add_argument("--ic-lpips", default="ic_lpips", choices=IC_LPIPS_PRESETS,
+    p.add_argument("--ic-lpips", default="ic_lpips", choices=PRESETS.names(),
                    help="IC-LPIPS variant (also the LPIPS network of LPIPS-real and BG-LPIPS): DualAnoDiff (vgg, "
                         "256 px, 50 per cluster), DFMGAN's code (alex, 200, centres unscaled as in its code), DFMGAN's "
                         "rule with the centres scaled, or DualAnoDiff's rule with alex at the images' size (cheap)")
@@ -292,8 +289,8 @@ def _backbone_for(split, profile, name: str | None) -> Path:
 
 def cmd_score(args) -> int:
     from harness.data.splits import make_split
-    from harness.metrics.iclpips import PRESETS
-    from harness.metrics.score import LABELS, ScoreConfig, Scorer, ScoreInputs, images_in
+    from harness.metrics.score import ScoreConfig, Scorer, ScoreInputs, images_in
+    from harness.metrics.specs import format_value, label
 
     if args.data:
         if not (args.category and args.defect):
@@ -313,10 +310,11 @@ def cmd_score(args) -> int:
     scorer = Scorer(args.profile, ScoreConfig.for_profile(args.profile, ic_lpips=PRESETS[args.ic_lpips]))
     inputs = ScoreInputs.from_folder(args.generated, real, centres)
     values = scorer.score(inputs, progress=True)
-    rows = [[LABELS[v.metric], "—" if v.value is None else v.value, v.std, v.n,
+    rows = [[label(v.metric), "—" if v.value is None else format_value(v.value, v.metric),
+             "" if v.std is None else format_value(v.std, v.metric), v.n,
              v.missing or ("below the documented minimum of reference images" if v.below_minimum else "")]
             for v in values]
-    print(tabulate(rows, headers=["metric", "value", "std", "n", "note"], floatfmt=".5g", tablefmt="simple"))
+    print(tabulate(rows, headers=["metric", "value", "std", "n", "note"], tablefmt="simple", disable_numparse=True))
     if any(v.details.get("random") for v in values):
         print("note: some feature extractors had random weights (no pretrained weights found); see --json details")
     if args.json:

@@ -22,6 +22,7 @@ import yaml
 
 from harness.errors import ConfigError, MethodError
 from harness.profiles import Profile, get_profile
+from harness.registry import Registry
 from harness.seeding import stream
 
 NEEDS = frozenset({"target_normal", "target_mask", "caption"})
@@ -276,10 +277,10 @@ def methods_dirs() -> list[Path]:
     return [*extra, REPO_METHODS_DIR]
 
 
-_DISCOVERED: dict[tuple[str, ...], dict[str, MethodInfo]] = {}
+_DISCOVERED: dict[tuple[str, ...], Registry[MethodInfo]] = {}
 
 
-def discover(dirs: list[Path] | None = None, refresh: bool = False) -> dict[str, MethodInfo]:
+def discover(dirs: list[Path] | None = None, refresh: bool = False) -> Registry[MethodInfo]:
     """Every method directory found; a broken one is reported with its error and does not hide the others.
 
     Loaded once per process and set of folders (`refresh=True` reloads)."""
@@ -290,15 +291,18 @@ def discover(dirs: list[Path] | None = None, refresh: bool = False) -> dict[str,
     return _DISCOVERED[key]
 
 
-def _discover(roots: list[Path]) -> dict[str, MethodInfo]:
+def _discover(roots: list[Path]) -> Registry[MethodInfo]:
     found: dict[str, MethodInfo] = {}
-    for root in roots:
+    for root in roots:  # a folder listed earlier wins: $DEFECTBENCH_METHODS_PATH before methods/
         if not root.is_dir():
             continue
         for directory in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
             if directory.name not in found:
                 found[directory.name] = _load_info(directory)
-    return dict(sorted(found.items()))
+    methods: Registry[MethodInfo] = Registry("method", MethodInfo, hint=f" (folders: {', '.join(map(str, roots))})")
+    for name, info in sorted(found.items()):
+        methods.add(name, info)
+    return methods
 
 
 def _load_info(directory: Path) -> MethodInfo:
@@ -389,7 +393,7 @@ def _check_class(cls: type[Method]) -> None:
 def get_method_info(name: str, dirs: list[Path] | None = None) -> MethodInfo:
     methods = discover(dirs)
     if name not in methods:
-        raise MethodError(f"unknown method {name!r}; known: {', '.join(methods) or '(none)'}")
+        raise MethodError(methods.unknown(name))
     info = methods[name]
     if not info.ok:
         raise MethodError(f"method {name!r} in {info.directory} is broken: {info.error}")

@@ -1,6 +1,9 @@
-"""What the methods' claim tests measure on generated samples (tests/test_background_aware.py, test_anomalyxfusion.py,
-tests/test_anomalydiffusion.py): one definition, so that the claims of two methods read the same numbers."""
+"""What the methods' claim tests measure on generated samples (methods/<name>/tests/ of background_aware,
+anomalyxfusion and anomalydiffusion): one definition, so that the claims of two methods read the same numbers."""
 from __future__ import annotations
+
+import importlib
+import sys
 
 import numpy as np
 
@@ -185,3 +188,13 @@ def variant_measures(task, runs, classifier, cell: int) -> dict[str, float]:
             "defect": float(np.mean([m["defect"] for m in measured])),
             "type": float(np.mean([p == label for p, label in zip(picks, labels)])),
             "fills mask": mask_agreement(images, masks, np.stack([t.normal.image for _, t in samples]))}
+
+
+def blend_margin(method) -> int:
+    """Pixels to grow a mask by before measuring the background: the re-weighting's blend radius at the last step
+    (latent cells of the shipped backbone's 4x autoencoder) and one cell more, the decoder's reach."""
+    from harness.methods import get_method_info
+
+    package = sys.modules[get_method_info("anomalydiffusion").cls.__module__].__package__
+    adaptive = importlib.import_module(package + ".adaptive")  # AnomalyXFusion's sampler is AnomalyDiffusion's
+    return 4 * (1 + adaptive.radius(1, method.config["inference_steps"]))

@@ -10,7 +10,7 @@ from harness.data import read_category
 from harness.data.captions import PromptFolderCaptions
 from harness.errors import DataError
 from harness.inspection import inspect_dataset
-from tests.conftest import shared
+from tests.fixtures import shared
 
 
 def test_magnetic_tile_counts_and_empty_masks():

@@ -10,7 +10,7 @@ from harness.data import read_category
 from harness.data.splits import (anomalydiffusion_rule, clean_thirds, dualanodiff_rule, make_split, make_splits,
                                  two_fold_rule, write_manifests)
 from harness.errors import ConfigError
-from tests.conftest import shared
+from tests.fixtures import shared
 
 
 def real_counts() -> list[tuple[str, str, str, int]]:

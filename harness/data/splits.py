@@ -24,11 +24,10 @@ from typing import Callable
 
 from harness.data.model import Category, Sample
 from harness.errors import ConfigError
+from harness.registry import Registry
 from harness.io import atomic_write_json, cached_file_hash, sha256_json
 
-PROTOCOLS = ("clean-thirds", "anomalydiffusion", "dualanodiff", "two-fold")
 DEFAULT_PROTOCOL = "clean-thirds"
-COMPAT_PROTOCOLS = frozenset({"anomalydiffusion", "dualanodiff"})  # reproduce published rules, overlap included
 NORMAL_VALIDATION_FRACTION = 0.1
 
 
@@ -64,30 +63,39 @@ def two_fold_rule(n: int, fold: int) -> PartIndices:
     return PartIndices(train, test, list(train))
 
 
-RULES: dict[str, Callable[[int], PartIndices]] = {
-    "clean-thirds": clean_thirds,
-    "anomalydiffusion": anomalydiffusion_rule,
-    "dualanodiff": dualanodiff_rule,
-}
+@dataclass(frozen=True)
+class SplitRule:
+    """A split protocol: how many folds, which images of a defect type each part takes, and whether it reproduces a
+    published protocol (its overlap between parts included)."""
+
+    name: str
+    folds: int
+    parts: Callable[[int, int], PartIndices]  # (number of images, fold) -> the parts' indices
+    compat: bool = False
+
+    def for_fold(self, fold: int) -> Callable[[int], PartIndices]:
+        if not 0 <= fold < self.folds:
+            folds = "one fold" if self.folds == 1 else f"{self.folds} folds"
+            raise ConfigError(f"protocol {self.name!r} has {folds}; fold {fold} does not exist")
+        return lambda n: self.parts(n, fold)
+
+
+SPLIT_RULES: Registry[SplitRule] = Registry("split protocol", SplitRule)
+for _rule in (SplitRule("clean-thirds", 1, lambda n, fold: clean_thirds(n)),
+              SplitRule("anomalydiffusion", 1, lambda n, fold: anomalydiffusion_rule(n), compat=True),
+              SplitRule("dualanodiff", 1, lambda n, fold: dualanodiff_rule(n), compat=True),
+              SplitRule("two-fold", 2, two_fold_rule)):
+    SPLIT_RULES.add(_rule.name, _rule)
+PROTOCOLS = tuple(SPLIT_RULES)
+COMPAT_PROTOCOLS = frozenset(name for name, rule in SPLIT_RULES.items() if rule.compat)  # reproduce published rules
 
 
 def n_folds(protocol: str) -> int:
-    check_protocol(protocol)
-    return 2 if protocol == "two-fold" else 1
-
-
-def check_protocol(protocol: str) -> None:
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown split protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    return SPLIT_RULES[protocol].folds
 
 
 def rule_for(protocol: str, fold: int) -> Callable[[int], PartIndices]:
-    check_protocol(protocol)
-    if protocol == "two-fold":
-        return lambda n: two_fold_rule(n, fold)
-    if fold != 0:
-        raise ConfigError(f"protocol {protocol!r} has one fold; fold {fold} does not exist")
-    return RULES[protocol]
+    return SPLIT_RULES[protocol].for_fold(fold)
 
 
 @dataclass

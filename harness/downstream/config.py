@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,21 @@ from harness.device import AUTOCAST_TYPES
 from harness.errors import ConfigError
 from harness.methods import check_types, merge_config
 from harness.profiles import Profile, get_profile
+from harness.registry import Registry
 
 MODELS_FILE = Path(__file__).with_name("models.yaml")
-DOWNSTREAM_MODELS = ("segmentation", "classification")
+
+
+@dataclass(frozen=True)
+class DownstreamModel:
+    name: str  # in models.yaml and suites' `downstream:`
+    kind: str  # the job kind that trains and scores it (harness/runner/kinds/downstream.py)
+    trunk: str | None  # its pretrained network (harness/weights.py), if any; a detector's is its config's `backbone`
+
+
+DOWNSTREAM_MODELS: Registry[DownstreamModel] = Registry("downstream model", DownstreamModel)
+for _model in (DownstreamModel("segmentation", "segment", None), DownstreamModel("classification", "classify", "resnet34")):
+    DOWNSTREAM_MODELS.add(_model.name, _model)
 # Model selection of the segmentation U-Net: held-out generated + normal images, the test part (the published
 # practice, marked in every table), or the last epoch.
 SELECTIONS = ("validation", "test", "last")
@@ -37,8 +50,10 @@ def model_config(name: str, profile: str | Profile, overrides: dict[str, Any] | 
     table = _table()
     entry = table.get(name) if name in DOWNSTREAM_MODELS else table["detectors"].get(name)
     if entry is None:
-        known = ", ".join([*DOWNSTREAM_MODELS, *table["detectors"]])
-        raise ConfigError(f"unknown downstream model or detector {name!r}; known: {known}")
+        known: Registry[str] = Registry("downstream model or detector")
+        for other in [*DOWNSTREAM_MODELS, *table["detectors"]]:
+            known.add(other, other)
+        raise ConfigError(known.unknown(name))
     profile = get_profile(profile)
     config = merge_config(copy.deepcopy(entry["all"]), entry.get(profile.name) or {}, f"{MODELS_FILE} ({name})")
     check_types(overrides or {}, config, entry["all"], f"settings of {name!r}")
@@ -62,7 +77,7 @@ def _check_ranges(given: dict, expected: dict, where: str) -> None:
 
 def parse_models(value, where: str, key: str, profile: str) -> tuple[dict, ...]:
     """A suite's `downstream:` or `detectors:` list: names or {name: ..., config: {...}}; 'all' for detectors."""
-    allowed = DOWNSTREAM_MODELS if key == "downstream" else detector_names()
+    allowed = tuple(DOWNSTREAM_MODELS) if key == "downstream" else detector_names()
     if value in (None, []):
         return ()
     if value == "all":

@@ -20,6 +20,7 @@ from harness.data.images import read_image, read_image_cv2, read_mask, read_regi
 from harness.data.samples import read_samples
 from harness.io import atomic_write_bytes
 from harness.metrics import detection, spro
+from harness.metrics.specs import COMPAT_METRICS
 
 ALL = "all"  # the defect_type of a record computed over the whole test part
 # how a job reads the test part's images (its `test_images`): ours, or as the published localisation code reads them
@@ -208,7 +209,7 @@ def _compat_records(labels: np.ndarray, scores: np.ndarray, levels: np.ndarray, 
     reason = "no fully covered defect pixel after the published mask resizing (every defect is too small)"
     return ([{"metric": m, "value": v, "n": n, "defect_type": name} for m, v in images.items()] +
             [{"metric": m, "value": None, "n": n, "defect_type": name, "missing": reason}
-             for m in detection.COMPAT_METRICS if m not in images])
+             for m in COMPAT_METRICS if m not in images])
 
 
 def save_maps(path: Path, test: ImageSet, maps: np.ndarray, image_scores: np.ndarray) -> None:

@@ -31,6 +31,7 @@ from harness.device import default_device
 from harness.errors import WeightsError
 from harness.downstream.data import ImageSet
 from harness.profiles import Profile
+from harness.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,16 @@ class DetectorSpec:
     constructor_keys: tuple[str, ...]  # which config keys the anomalib constructor takes
 
 
-DETECTORS: dict[str, DetectorSpec] = {s.name: s for s in (
+DETECTORS: Registry[DetectorSpec] = Registry("detector", DetectorSpec, hint=" (harness/downstream/models.yaml)")
+for _spec in (
     DetectorSpec("patchcore", "PatchCore", "Patchcore", ("backbone", "layers", "coreset_sampling_ratio", "num_neighbors")),
     DetectorSpec("reverse_distillation", "RD4AD", "ReverseDistillation", ("backbone", "layers")),
     DetectorSpec("supersimplenet", "SuperSimpleNet", "Supersimplenet", ("backbone", "layers")),
     DetectorSpec("draem", "DRAEM (unsup.)", "Draem", ()),
     DetectorSpec("padim", "PaDiM", "Padim", ("backbone", "layers")),
     DetectorSpec("cfa", "CFA", "Cfa", ("backbone",)),
-)}
+):
+    DETECTORS.add(_spec.name, _spec)
 HAS_PRE_TRAINED_FLAG = {"Patchcore", "ReverseDistillation", "Padim"}
 
 

@@ -1,4 +1,3 @@
-"""Generation metrics: IS / FID / KID (torch-fidelity), IC-LPIPS and LPIPS to real, background and mask metrics."""
-from harness.metrics.score import DIRECTION, LABELS, METRICS, MetricValue, ScoreConfig, Scorer, ScoreInputs
-
-__all__ = ["DIRECTION", "LABELS", "METRICS", "MetricValue", "ScoreConfig", "ScoreInputs", "Scorer"]
+"""Generation metrics: IS / FID / KID (torch-fidelity), IC-LPIPS and LPIPS to real, background and mask metrics;
+detection metrics; what each metric is (specs.py). Import the submodules: this package imports nothing itself, so
+that the torch-free ones (specs, iclpips_presets) stay light."""

@@ -32,22 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
-PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
-COMPAT_METRICS = ("image_auroc_compat", "image_ap_compat", "image_f1max_compat", "pixel_auroc_compat",
-                  "pixel_ap_compat", "pixel_f1max_compat", "pixel_aupro_compat")
-CLASSIFICATION_METRICS = ("accuracy", "class_accuracy")
 COMPAT_THRESHOLDS = np.arange(0.0, 1.0 + 1e-3, 0.05)  # as printed in their code: 0.15000000000000002, ...
 COMPAT_AUPRO_THRESHOLDS = 100
 AUPRO_FPR_LIMIT = 0.3
-
-DIRECTION = {m: "up" for m in (*IMAGE_METRICS, *PIXEL_METRICS, *COMPAT_METRICS, *CLASSIFICATION_METRICS)}
-LABELS = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max", "pixel_auroc": "P-AUROC",
-          "pixel_ap": "P-AP", "pixel_f1max": "P-F1max", "pixel_aupro": "AUPRO", "accuracy": "Acc", "class_accuracy": "Acc"}
-LABELS.update({f"{m}_compat": f"{LABELS[m]}ᵖ" for m in (*IMAGE_METRICS, *PIXEL_METRICS)})  # ᵖ: published rules
-LOCO_METRICS = ("pixel_spro",)  # MVTec LOCO's own (harness.metrics.spro): recorded for LOCO-layout categories only
-DIRECTION.update({m: "up" for m in LOCO_METRICS})
-LABELS["pixel_spro"] = "AU-sPRO"
 
 
 def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,19 +19,17 @@ from harness.metrics.fidelity import RESIZE_PATH, InceptionFeatures, frechet_dis
 from harness.metrics.iclpips import ICLPIPSConfig, ic_lpips
 from harness.metrics.lpips_net import LPIPSNet
 from harness.metrics.paired import PSNR_CAP, PairedSample, paired_metrics, psnr_from_error
+from harness.metrics.specs import GENERATION, SPECS, names
 from harness.profiles import Profile, get_profile
 
-METRICS = ("is", "fid", "kid", "ic_lpips", "lpips_to_real", "bg_psnr", "bg_lpips", "mask_iou")
-# Which way is better: "up", "down", or None where the papers disagree on how to read it.
-DIRECTION = {"is": "up", "fid": "down", "kid": "down", "ic_lpips": "up", "lpips_to_real": None, "bg_psnr": "up",
-             "bg_lpips": "down", "mask_iou": "up"}
-LABELS = {"is": "IS", "fid": "FID", "kid": "KID", "ic_lpips": "IC-LPIPS", "lpips_to_real": "LPIPS-real",
-          "bg_psnr": "BG-PSNR", "bg_lpips": "BG-LPIPS", "mask_iou": "Mask-IoU"}
-METRIC_GROUPS = {"background_fidelity": ("bg_psnr", "bg_lpips"), "mask_alignment": ("mask_iou",)}
-# Below these sizes a value is still computed but flagged in the record and the leaderboard (`below_minimum`):
-# metric -> (what is counted, least number). FID and KID estimate 2048-d statistics of the real defects from the
-# test images of one defect type; IS over its standard 10 splits wants at least 10 images per split.
-MINIMUMS = {"fid": ("real images", 10), "kid": ("real images", 10), "is": ("generated images", 100)}
+METRICS = names(family=GENERATION)  # what each is, its label, direction and minimum: harness/metrics/specs.py
+
+
+def least(metric: str) -> int:
+    """The number of inputs below which `metric` is flagged (its MetricSpec.minimum)."""
+    return SPECS[metric].minimum[1]
+
+
 IS_SPLITS = 10
 # What `Scorer.score_per_image` measures per generated image. The set's values from them: lpips_to_real = mean of
 # lpips_to_centre; bg_lpips, mask_iou = means (NaN left out); bg_psnr = PSNR of sum(bg_squared_error) /
@@ -52,7 +50,7 @@ class MetricValue:
     missing: str | None = None
     n_real: int | None = None  # the FID / KID reference set
     n_centres: int | None = None  # the IC-LPIPS centres
-    below_minimum: bool = False  # see MINIMUMS
+    below_minimum: bool = False  # fewer inputs than its MetricSpec.minimum: computed, and flagged
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -163,7 +161,7 @@ class Scorer:
         if n >= cfg.isc_splits:
             isc = inception_score(generated["logits"], cfg.isc_splits, cfg.fidelity_seed)
             out.append(MetricValue("is", isc["value"], n, isc["std"], {**how, "splits": cfg.isc_splits},
-                                   below_minimum=n < MINIMUMS["is"][1]))
+                                   below_minimum=n < least("is")))
         else:
             out.append(not_computed("is", n, f"fewer generated images ({n}) than IS splits ({cfg.isc_splits})"))
         sizes = {"n_real": n_real}
@@ -172,13 +170,13 @@ class Scorer:
                       else f"{n} generated image: FID and KID need at least 2")
             return out + [not_computed("fid", n, reason, **sizes), not_computed("kid", n, reason, **sizes)]
         real = self.inception.extract_cached(inputs.real, res, progress)
-        small = n_real < MINIMUMS["fid"][1]
+        small = n_real < least("fid")
         out.append(MetricValue("fid", frechet_distance(generated["pool"], real["pool"])["value"], n, None, how,
                                below_minimum=small, **sizes))
         kid = kernel_distance(generated["pool"], real["pool"], cfg.kid_subsets, cfg.kid_subset_size, cfg.fidelity_seed)
         out.append(MetricValue("kid", kid["value"], n, kid["std"],
                                {**how, "subset_size": kid["subset_size"], "subsets": kid["subsets"]},
-                               below_minimum=n_real < MINIMUMS["kid"][1], **sizes))
+                               below_minimum=n_real < least("kid"), **sizes))
         return out
 
     def _ic_lpips(self, inputs: ScoreInputs, progress: bool, rows: list[dict]) -> list[MetricValue]:

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from harness.data.images import read_image, read_mask
 from harness.data.samples import normal_file, read_samples
-from harness.metrics.score import DIRECTION, LABELS
+from harness.metrics.specs import direction, label
 
 TILE = 128
 PER_DEFECT = 2
@@ -69,8 +69,8 @@ def bar_chart(averages: pd.DataFrame, metric: str, out: Path, title: str) -> Pat
 
     fig, ax = plt.subplots(figsize=(max(3.5, 0.9 * len(averages) + 1.5), 3.2), dpi=110)
     ax.bar(averages.index, averages["mean"], yerr=averages["std"].fillna(0), capsize=4, color="#4c72b0")
-    arrow = {"up": " (higher is better)", "down": " (lower is better)"}.get(DIRECTION.get(metric) or "", "")
-    ax.set_ylabel(LABELS.get(metric, metric) + arrow)
+    arrow = {"up": " (higher is better)", "down": " (lower is better)"}.get(direction(metric) or "", "")
+    ax.set_ylabel(label(metric) + arrow)
     ax.set_title(title, fontsize=9)
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()

@@ -17,8 +17,7 @@ from harness.errors import ConfigError
 from harness.io import atomic_write_text, sha256_json
 from harness.downstream.data import ALL
 from harness.downstream.detectors import DETECTORS
-from harness.metrics import detection
-from harness.metrics.score import LABELS, MINIMUMS
+from harness.metrics.specs import GENERATION, IMAGE_METRICS, LOCO_METRICS, PIXEL_METRICS, SPECS, label, names
 from harness.paths import RESULTS_DIR
 from harness.report.figures import bar_chart, sample_grid
 from harness.report.reported import load_reported, table_rows
@@ -31,18 +30,18 @@ from harness.runner.store import SKIPPED
 from harness.runner.store import RunStore, latest_run, results_root
 from harness.runner.suite import path_component
 
-DETECTION_METRICS = (*detection.IMAGE_METRICS, *detection.PIXEL_METRICS)
+DETECTION_METRICS = (*IMAGE_METRICS, *PIXEL_METRICS)
 LOCO_KINDS = (("logical_anomalies", "logical anomalies"), ("structural_anomalies", "structural anomalies"))
 TEST_SELECTED = " †"  # appended to a method whose U-Net was selected on the test part
-TABLE_GROUPS = (
-    ("quality", "Generation quality: IS and IC-LPIPS", ("is", "ic_lpips"),
-     "in the shape of DualAnoDiff Table 1 and AnomalyDiffusion Table 1"),
-    ("fidelity", "Closeness to the real defects: FID, KID and LPIPS to the nearest training defect", ("fid", "kid", "lpips_to_real"),
+# the generation tables: MetricSpec.group -> the title and the papers' table each takes its shape from
+TABLE_GROUPS = tuple((group, title, names(family=GENERATION, group=group), shape) for group, title, shape in (
+    ("quality", "Generation quality: IS and IC-LPIPS", "in the shape of DualAnoDiff Table 1 and AnomalyDiffusion Table 1"),
+    ("fidelity", "Closeness to the real defects: FID, KID and LPIPS to the nearest training defect",
      "in the shape of Cho et al. Table 1 (FID, LPIPS)"),
-    ("background", "Background fidelity and mask alignment", ("bg_psnr", "bg_lpips", "mask_iou"),
+    ("background", "Background fidelity and mask alignment",
      "samples made on a known normal image; not reported by the papers"),
-)
-HEADLINE = ("fid", "kid", "is", "ic_lpips", "bg_psnr", "mask_iou")
+))
+HEADLINE = names(family=GENERATION, headline=True)  # a bar chart each
 PUBLISHED_RULES = ("ᵖ: protocol `{protocol}` reproduces published numbers, so these columns use the published "
                    "evaluation code's rules (image score pooled with the zero padding counted, only fully covered mask "
                    "pixels as defects, pixel F1-max over 21 thresholds with `>`, AUPRO at 100 thresholds); the exact "
@@ -183,7 +182,7 @@ def _downstream_tables(frame: pd.DataFrame, states: dict, manifest: dict, store:
         subset = frame[frame["defect_type"] == defect_type] if not frame.empty else frame
         metrics = [m + suffix for m in DETECTION_METRICS]
         if set(cats) <= set(loco):  # MVTec LOCO's own localisation metric, for its categories
-            metrics += list(detection.LOCO_METRICS)
+            metrics += list(LOCO_METRICS)
         extra, sources = table_rows(reported, dataset.get("layout"), cats, metrics,
                                     "all" if defect_type == ALL else defect_type, suffix)
         table = build_table("Detection", subset, failed, metrics, [*detectors, *synthetic], cats, extra)
@@ -283,7 +282,7 @@ def _failure_note(table: Table, store: RunStore) -> list[str]:
                      "run (the run was stopped; running the suite again resumes it).")
     if any(c.small for c in cells):
         notes.append("<sup>s</sup>: computed from fewer images than the metric's documented minimum ("
-                     + "; ".join(f"{LABELS.get(m, m)}: {n} {what}" for m, (what, n) in MINIMUMS.items()) +
+                     + "; ".join(f"{s.label}: {s.minimum[1]} {s.minimum[0]}" for _, s in SPECS.items() if s.minimum) +
                      "); the record holds the sizes.")
     for summary, example in table.stand_ins.items():
         notes.append(f"<sup>‡</sup>: made partly by a stand-in (e.g. {example}): {summary}.")
@@ -352,8 +351,8 @@ def _figures(frame: pd.DataFrame, states: dict, manifest: dict, dataset: str, me
             averages = per_category.groupby("method").agg(["mean", "std", "count"]).reindex(
                 [m for m in methods if m in per_category.index.get_level_values(0)])
             path = bar_chart(averages, metric, figures_dir / file_name(dataset, "bar", metric),
-                             f"{LABELS[metric]}: mean over categories ({dataset})")
-            charts.append(f"![{LABELS[metric]}]({path.relative_to(out_dir).as_posix()})")
+                             f"{label(metric)}: mean over categories ({dataset})")
+            charts.append(f"![{label(metric)}]({path.relative_to(out_dir).as_posix()})")
         lines += [" ".join(charts), ""]
     root = (manifest.get("data") or {}).get(dataset)
     grids = _grids(states, dataset, methods, figures_dir, out_dir, config["seeds"][0], Path(root) if root else None)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from harness.report.tables import FAILED, Table, arrow, format_value, label
+from harness.metrics.specs import arrow, format_value, label
+from harness.report.tables import FAILED, Table
 
 
 @dataclass(frozen=True)

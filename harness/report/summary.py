@@ -5,26 +5,36 @@ from collections import Counter
 
 from tabulate import tabulate
 
+from harness.downstream.data import ALL
+from harness.metrics.specs import CLASSIFICATION, DETECTION, GENERATION, format_value, label, names
 from harness.results import run_records
 from harness.runner.run import RunResult
 from harness.runner.store import DONE, FAILED, SKIPPED, read_status
 
+MISSING = "—"
+
+
+def _metric_table(frame, metrics: tuple[str, ...]):
+    """Category x method rows, one column per metric of `metrics` recorded, each the mean as its MetricSpec prints
+    it ('—' where none), or None where none of them was recorded."""
+    metrics = [m for m in metrics if m in set(frame["metric"])]
+    if not metrics:
+        return None
+    table = frame[frame["metric"].isin(metrics)].pivot_table(index=["category", "method"], columns="metric",
+                                                             values="value", aggfunc="mean")
+    for metric in metrics:
+        table[metric] = [MISSING if value != value else format_value(value, metric) for value in table[metric]]
+    return table[metrics].rename(columns=label).reset_index()
+
 
 def _downstream_summary(frame) -> list[str]:
-    """Downstream models and detectors over the whole test part, in %."""
-    from harness.downstream.data import ALL
-    from harness.metrics.detection import LABELS
-
-    metrics = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro", "accuracy"]
-    rows = frame[frame["metric"].isin(metrics) & (frame["defect_type"] == ALL)]
-    if rows.empty:
+    """Downstream models and detectors over the whole test part (their headline metrics, in %)."""
+    table = _metric_table(frame[frame["defect_type"] == ALL],
+                          names(DETECTION, headline=True) + names(CLASSIFICATION, headline=True))
+    if table is None:
         return []
-    table = (100 * rows.pivot_table(index=["category", "method"], columns="metric", values="value", aggfunc="mean"))
-    table = table[[m for m in metrics if m in table.columns]].rename(columns=LABELS).reset_index()
-    table = table.astype(object).where(table.notna(), None)  # tabulate prints None as missingval, NaN as "nan"
     return ["Downstream (segmentation U-Net / classifier on generated images) and detectors, whole test part, %:\n"
-            + tabulate(table, headers="keys", floatfmt=".1f", tablefmt="simple", showindex=False,
-                     missingval="—")]
+            + tabulate(table, headers="keys", tablefmt="simple", showindex=False, disable_numparse=True)]
 
 
 def _scored(result: RunResult, category: str, method: str) -> str:
@@ -35,20 +45,18 @@ def _scored(result: RunResult, category: str, method: str) -> str:
 
 
 def summary(result: RunResult) -> str:
-    """A table per method and category: the headline metrics (mean over defect types) and job failures."""
-    from harness.metrics.score import LABELS, METRICS
-
+    """A table per method and category: the generation metrics (mean over defect types), the downstream models' and
+    detectors' headline metrics, and job failures."""
     frame = run_records(result.store)
     lines = []
     if not frame.empty:
-        metrics = [m for m in METRICS if m in set(frame["metric"])]
-        table = frame[frame["metric"].isin(metrics)].pivot_table(index=["category", "method"], columns="metric",
-                                                                 values="value", aggfunc="mean")
-        table = table[[m for m in metrics if m in table.columns]].rename(columns=LABELS).reset_index()
-        table["scored"] = [_scored(result, category, method) for category, method in zip(table["category"],
-                                                                                          table["method"])]
-        lines.append("Mean over defect types (scored: score jobs done of those planned; fewer means a partial mean):\n"
-                     + tabulate(table, headers="keys", floatfmt="#.4g", tablefmt="simple", showindex=False))
+        table = _metric_table(frame, names(GENERATION))
+        if table is not None:
+            table["scored"] = [_scored(result, category, method) for category, method in zip(table["category"],
+                                                                                              table["method"])]
+            lines.append("Mean over defect types (scored: score jobs done of those planned; fewer means a partial "
+                         "mean):\n" + tabulate(table, headers="keys", tablefmt="simple", showindex=False,
+                                               disable_numparse=True))
         lines += _downstream_summary(frame)
     failed = [k for k, s in result.states.items() if s == FAILED]
     skipped = [k for k, s in result.states.items() if s == SKIPPED]

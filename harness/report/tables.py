@@ -5,7 +5,7 @@ category rows that exist, with how many went in (a published average was once wr
 missing). With several seeds or folds, a cell is the mean over those runs of each run's mean over defect types,
 shown with the sample standard deviation over the runs (`0.412 ± 0.013`); the Average's spread is that of each
 run's mean over the categories (runs every category has), not a pooled one. In each row, per metric, the best
-method is bold and the second best underlined (direction from `DIRECTION`), judged on the values as displayed,
+method is bold and the second best underlined (direction from its MetricSpec), judged on the values as displayed,
 so ties share a mark; numbers reported by papers are shown but not ranked.
 
 Every cell knows how many values were planned for it (one per job of the run that feeds it) and how many it got.
@@ -21,13 +21,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from harness.metrics import detection
-from harness.metrics.score import DIRECTION as GENERATION_DIRECTION
-from harness.metrics.score import LABELS as GENERATION_LABELS
-
-DIRECTION = {**GENERATION_DIRECTION, **detection.DIRECTION}
-LABELS = {**GENERATION_LABELS, **detection.LABELS}
-PERCENT = frozenset(detection.DIRECTION)  # detection metrics print as percentages, as the papers print them
+from harness.metrics.specs import direction, format_value
 
 MISSING, FAILED = "missing", "failed"
 
@@ -214,37 +208,14 @@ def _rank(table: Table) -> None:
     reported numbers are not measured under this protocol and are left out."""
     for row in table.rows:
         for metric in table.metrics:
-            direction = DIRECTION.get(metric)
-            if direction is None:
+            better = direction(metric)
+            if better is None:
                 continue
             cells = [table.cells[(row, m, metric)] for m in table.methods if table.cell(row, m, metric).state == "ok"
                      and not table.cell(row, m, metric).reported and not table.cell(row, m, metric).incomplete]
-            shown = sorted({float(format_value(c.value, metric)) for c in cells}, reverse=direction == "up")
+            shown = sorted({float(format_value(c.value, metric)) for c in cells}, reverse=better == "up")
             if len(shown) < 2:
                 continue
             for cell in cells:
                 place = shown.index(float(format_value(cell.value, metric))) + 1
                 cell.rank = place if place <= 2 else None
-
-
-def arrow(metric: str, latex: bool = False) -> str:
-    direction = DIRECTION.get(metric)
-    if direction is None:
-        return ""
-    if latex:
-        return r"$\uparrow$" if direction == "up" else r"$\downarrow$"
-    return "↑" if direction == "up" else "↓"
-
-
-def label(metric: str) -> str:
-    return LABELS.get(metric, metric)
-
-
-def format_value(value: float, metric: str) -> str:
-    if metric in PERCENT:
-        return f"{100 * value:.1f}"
-    if metric in ("bg_psnr", "fid"):
-        return f"{value:.2f}"
-    if metric == "kid":
-        return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
-    return f"{value:.3f}"

@@ -17,8 +17,8 @@ import yaml
 from harness.data.splits import PROTOCOLS
 from harness.downstream.config import parse_models
 from harness.errors import ConfigError
-from harness.metrics.iclpips import PRESETS
-from harness.metrics.score import METRICS
+from harness.metrics.iclpips_presets import PRESETS
+from harness.metrics.specs import GENERATION, names
 from harness.paths import REPO_ROOT
 from harness.profiles import PROFILES, TINY, Profile
 from harness.runner.kinds import KINDS
@@ -80,7 +80,7 @@ class Suite:
     protocol: str = "clean-thirds"
     profile: Profile = TINY  # parsed once: its properties, never its name, decide what the plan does
     n_per_defect: int = 12
-    metrics: tuple[str, ...] = METRICS
+    metrics: tuple[str, ...] = names(GENERATION)
     ic_lpips: str = "ic_lpips"
     seeds: tuple[int, ...] = (0,)
     downstream: tuple[dict, ...] = ()  # {name: segmentation | classification, config: {...}}
@@ -149,11 +149,12 @@ def parse_suite(raw: dict, path: Path | None, data: str | Path | None = None, ch
     if n > MAX_PER_DEFECT:
         raise ConfigError(f"{where}: generate.n is {n}; at most {MAX_PER_DEFECT} images per defect type (the papers "
                           "generate 1000)")
-    metrics = tuple(_list(raw.get("metrics", list(METRICS)), where, "metrics"))
+    known = names(GENERATION)  # what a score job computes (harness/metrics/specs.py)
+    metrics = tuple(_list(raw.get("metrics", list(known)), where, "metrics"))
     for metric in metrics:
-        _choice(metric, METRICS, where, "metrics")
+        _choice(metric, known, where, "metrics")
     if not metrics:
-        raise ConfigError(f"{where}: 'metrics' is empty; name at least one of {', '.join(METRICS)}")
+        raise ConfigError(f"{where}: 'metrics' is empty; name at least one of {', '.join(known)}")
     seeds = _seeds(raw.get("seeds", [0]), where)
     description = raw.get("description") or ""
     if not isinstance(description, str):

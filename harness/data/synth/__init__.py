@@ -70,7 +70,7 @@ def _rng(config: SynthConfig, *keys: int) -> np.random.Generator:
 
 def write_category(folder: Path, category: SynthCategory, cat_index: int, config: SynthConfig) -> None:
     """One category's images, masks and captions under `folder`, drawn from the streams of (config.seed, cat_index);
-    also for categories outside the data set (a test's own: tests/test_anomalyxfusion.py)."""
+    also for categories outside the data set (a test's own: methods/anomalyxfusion/tests/test_anomalyxfusion.py)."""
     parts = [("train", config.n_train, 0), ("test", config.n_test_good, 1)]
     if category.layout == "mvtec_loco":
         parts.append(("validation", config.n_validation, 2))

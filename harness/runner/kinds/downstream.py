@@ -19,7 +19,7 @@ from harness.data.samples import read_samples, stand_in_summary
 from harness.data.source import DataWhere, Source, load_split
 from harness.data.splits import COMPAT_PROTOCOLS
 from harness.downstream import data as ddata
-from harness.downstream.config import model_config
+from harness.downstream.config import DOWNSTREAM_MODELS, model_config
 from harness.downstream.detectors import DETECTORS
 from harness.runner.store import DamagedError
 from harness.io import atomic_write_json
@@ -72,7 +72,8 @@ def _models(plan: Plan, entries) -> list[_Model]:
     out = []
     for entry in entries:
         config = model_config(entry["name"], profile, entry.get("config"))
-        trunk = "resnet34" if entry["name"] == "classification" else config.get("backbone")
+        declared = DOWNSTREAM_MODELS.get(entry["name"])
+        trunk = declared.trunk if declared else config.get("backbone")
         used = weights.identities((trunk,), profile, plan.suite.weights)[trunk] if trunk else None
         out.append(_Model(entry["name"], config, used, plan.suite.weights.get(trunk) if trunk else None))
     return out
@@ -109,6 +110,7 @@ class Downstream(JobKind[DownstreamParams, ModelWhere]):
     timeout = 12 * 3600
     model: str  # which of the suite's `downstream:` entries
     reads_cv2: bool  # reads the test images as the published code does under a compat protocol
+    least_defect_types: int = 1  # a category with fewer generated defect types gets no job
 
     def expand(self, plan: Plan) -> list[Job]:
         jobs = []
@@ -119,8 +121,8 @@ class Downstream(JobKind[DownstreamParams, ModelWhere]):
                 for method in plan.suite.methods:
                     generated = plan.generated.get((dataset.spec.name, split.category.name, split.fold, seed,
                                                     method.label), {})
-                    if not generated or (self.model == "classification" and len(generated) < 2):
-                        continue  # nothing generated; or one defect type: nothing to classify
+                    if len(generated) < self.least_defect_types:
+                        continue  # nothing generated (or, for the classifier, one defect type: nothing to tell apart)
                     keys = {defect: job.key for defect, job in sorted(generated.items())}
                     params = DownstreamParams(**common, method=method.label, generated=keys)
                     jobs.append(self.job(f"{self.model} {method.label} {at}", params, tuple(sorted(keys.values())),
@@ -176,6 +178,7 @@ class Segment(Downstream):
 
 class Classify(Downstream):
     name, model, reads_cv2 = "classify", "classification", False
+    least_defect_types = 2
 
     def run(self, params: DownstreamParams, where: ModelWhere, ctx: JobContext) -> list[dict]:
         from harness.downstream import classification

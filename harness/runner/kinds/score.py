@@ -8,7 +8,7 @@ from harness import weights
 from harness.data.samples import read_samples, stand_in_summary
 from harness.data.source import DataWhere, Source, load_split
 from harness.io import read_jsonl, write_jsonl
-from harness.metrics.iclpips import PRESETS
+from harness.metrics.iclpips_presets import PRESETS
 from harness.metrics.score import ScoreConfig, Scorer, ScoreInputs
 from harness.runner.kind import Job, JobContext, JobKind, RowsContext, job_resources
 from harness.runner.plan import Plan

@@ -16,7 +16,7 @@ import torch
 from harness.errors import MethodError
 from harness.methods import get_method_info, load_method
 
-from .spotted import COLOURS, spotted_split
+from tests.spotted import COLOURS, spotted_split
 
 
 @pytest.fixture(scope="module")
@@ -475,7 +475,7 @@ def test_the_caption_claims_classifier_tells_real_stains_apart_at_the_generators
 
     from harness.tasks import build_task, to_item
 
-    from .claims import DefectTypeClassifier, weaker
+    from tests.claims import DefectTypeClassifier, weaker
 
     training = build_task(spotted, COLOURS, 64, seed=0).anomalies
     held_out = [to_item(s, 64) for c in COLOURS for s in spotted.defects[c].test]
@@ -512,8 +512,7 @@ def caption_claims(parts, pretrained_backbone, tmp_path_factory):
     from harness.generation import fit_method
     from harness.tasks import build_request, build_task
 
-    from .claims import DefectTypeClassifier, variant_measures
-    from .test_anomalydiffusion import blend_margin
+    from tests.claims import DefectTypeClassifier, blend_margin, variant_measures
 
     _, emb = parts
     task = build_task(spotted_split(tmp_path_factory.mktemp("axf_spotted"), CLAIM_SIZE), COLOURS, CLAIM_SIZE, seed=0)

@@ -487,7 +487,7 @@ def claim_variants(dual, synth_root, pretrained_backbone, tmp_path_factory):
     from harness.generation import fit_method
     from harness.tasks import build_request, build_task
 
-    from .claims import mask_agreement, shape_distance
+    from tests.claims import mask_agreement, shape_distance
 
     task = build_task(make_split(read_category(synth_root, "weave", dataset="synthetic")), ["hole"], 64, seed=0)
     task.backbone = pretrained_backbone[0]
@@ -534,7 +534,7 @@ def claim_variants(dual, synth_root, pretrained_backbone, tmp_path_factory):
 def test_the_agreement_measure_sees_a_drawn_defect_under_its_mask_only():
     """The instrument on a known answer: textured normal images, one with a dark blob. Its own mask scores near 1, a
     mask elsewhere near 0.5 or below, and a blob-free image near 0.5 whatever the mask."""
-    from .claims import mask_agreement
+    from tests.claims import mask_agreement
 
     rng = np.random.default_rng(0)
     normals = np.clip(rng.normal(120, 12, (4, 64, 64, 3)), 0, 255)
@@ -578,6 +578,7 @@ def test_each_broken_variant_fails_its_claims(claim_variants, broken, claims):
 
 # ---- the `paper` profile rehearsed end to end on a model in SD 1.5's layout (tests/rehearsal.py) ------------------
 
+@pytest.mark.slow  # the claims and rehearsals too slow for make test run in CI's second step
 def test_the_paper_profile_fits_and_generates_on_sd15s_layout(dual, synth_root, sd15_rehearsal, tmp_path,
                                                               monkeypatch):
     """Every branch of the paper configuration (BCM, SAIM, the text LoRA, PNDM, U2-Net masks: a narrow random

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # tests/ is one level down
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

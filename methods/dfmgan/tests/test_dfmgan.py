@@ -132,7 +132,7 @@ def test_augmentation_keeps_the_mask_channel_out_of_colour_changes_and_p_follows
         p.observe(torch.ones(8), step)
     assert p.p == 0.5  # capped
     assert not set(ada.LEAKING) & set(__import__("yaml").safe_load(
-        (Path(__file__).parents[1] / "methods/dfmgan/method.yaml").read_text())["defaults"]["stage1"]["ada"]["augment"])
+        (Path(__file__).parents[1] / "method.yaml").read_text())["defaults"]["stage1"]["ada"]["augment"])
 
 
 TINY_OVERRIDE = {"stage1": {"kimg": 0.016}, "stage2": {"kimg": 0.016}}  # 2 steps each: the chain, not the quality
@@ -291,7 +291,7 @@ def claim_variants(tmp_path_factory):
     from methods.dfmgan import shipped
     from methods.dfmgan.method import DFMGAN, gan_shape
 
-    from .claims import grown, random_ellipses, shape_distance
+    from tests.claims import grown, random_ellipses, shape_distance
 
     split = make_split(read_category(cached(SynthConfig(seed=shipped.DATA["synth_seed"])), "tray", dataset="synthetic"),
                        shipped.DATA["protocol"], shipped.DATA["fold"])

@@ -400,14 +400,6 @@ CLAIM_SAMPLES = 12  # per defect type
 CONTROLS = ("no fine-tuning", "no blend", "e_a swapped", "e_a zeroed", "e_s zeroed")
 
 
-def blend_margin(method) -> int:
-    """Pixels to grow a mask by before measuring the background: the re-weighting's blend radius at the last step
-    (latent cells of the shipped backbone's 4x autoencoder) and one cell more, the decoder's reach."""
-    package = sys.modules[get_method_info("anomalydiffusion").cls.__module__].__package__
-    adaptive = importlib.import_module(package + ".adaptive")  # AnomalyXFusion's sampler is AnomalyDiffusion's
-    return 4 * (1 + adaptive.radius(1, method.config["inference_steps"]))
-
-
 @pytest.fixture(scope="module")
 def claim_variants(pretrained_backbone, tmp_path_factory, modules):
     """AnomalyDiffusion's tiny profile (the UNet frozen; e_a and E_s trained) fitted on SpottedWeave's dark and pale
@@ -421,8 +413,8 @@ def claim_variants(pretrained_backbone, tmp_path_factory, modules):
     from harness.generation import fit_method
     from harness.tasks import build_request, build_task
 
-    from .claims import DefectTypeClassifier, variant_measures
-    from .spotted import COLOURS, spotted_split
+    from tests.claims import DefectTypeClassifier, blend_margin, variant_measures
+    from tests.spotted import COLOURS, spotted_split
 
     _, embedding = modules
     task = build_task(spotted_split(tmp_path_factory.mktemp("ad_spotted"), CLAIM_SIZE), COLOURS, CLAIM_SIZE, seed=0)
@@ -516,7 +508,7 @@ def test_the_mask_generators_masks_resemble_the_training_masks(modules, synth_ro
     from harness.diffusion.latents import resize_masks
     from harness.tasks import build_task
 
-    from .claims import random_ellipses, shape_distance
+    from tests.claims import random_ellipses, shape_distance
 
     method, _ = modules
     maskgen = importlib.import_module(method.__package__ + ".maskgen")
@@ -536,6 +528,7 @@ def test_the_mask_generators_masks_resemble_the_training_masks(modules, synth_ro
 
 # ---- the `paper` profile rehearsed end to end on a model in LDM text2img-large's layout (tests/rehearsal.py) --------
 
+@pytest.mark.slow  # the claims and rehearsals too slow for make test run in CI's second step
 def test_the_paper_profile_fits_and_generates_on_ldm_text2img_larges_layout(modules, synth_root, tmp_path, monkeypatch):
     """Every branch of the paper configuration once, with only the step counts cut: 256-px content, e_a and E_s (pSp
     on IR-50 at 256 px) on the frozen LDM, the mask generator's textual inversion (16 vectors from "crack") and its
