@@ -528,7 +528,6 @@ def test_the_mask_generators_masks_resemble_the_training_masks(modules, synth_ro
 
 # ---- the `paper` profile rehearsed end to end on a model in LDM text2img-large's layout (tests/rehearsal.py) --------
 
-@pytest.mark.slow  # the claims and rehearsals too slow for make test run in CI's second step
 def test_the_paper_profile_fits_and_generates_on_ldm_text2img_larges_layout(modules, synth_root, tmp_path, monkeypatch):
     """Every branch of the paper configuration once, with only the step counts cut: 256-px content, e_a and E_s (pSp
     on IR-50 at 256 px) on the frozen LDM, the mask generator's textual inversion (16 vectors from "crack") and its

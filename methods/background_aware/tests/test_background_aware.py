@@ -266,21 +266,21 @@ def variants(weave_task, tmp_path_factory, equations):
     return out
 
 
-@pytest.mark.slow  # the claims and rehearsals too slow for make test run in CI's second step
+@pytest.mark.slow  # the claims: too slow for make test, run in CI's second step
 def test_the_working_method_holds_every_claim(variants):
     working = variants["working"]
     assert all(claim(working) for claim in CLAIMS.values()), {k: c(working) for k, c in CLAIMS.items()}
 
 
 @pytest.mark.parametrize("broken", ["no fine-tuning", "C1/C2 swapped", "no background path", "no inversion"])
-@pytest.mark.slow  # the claims and rehearsals too slow for make test run in CI's second step
+@pytest.mark.slow  # the claims: too slow for make test, run in CI's second step
 def test_each_broken_variant_fails_a_claim(variants, broken):
     """Negative controls: a claim test that a broken method also passes tests nothing."""
     failed = [name for name, claim in CLAIMS.items() if not claim(variants[broken])]
     assert failed, f"{broken} passes every claim: {variants[broken]}"
 
 
-@pytest.mark.slow  # the claims and rehearsals too slow for make test run in CI's second step
+@pytest.mark.slow  # the claims: too slow for make test, run in CI's second step
 def test_samples_are_seeded_and_masks_refined_inside_the_target(weave_task, variants):
     samples, request = variants["working"]["samples"], variants["working"]["request"]
     refined_differs = False
@@ -395,7 +395,6 @@ def test_backbone_settings_and_weights_errors_are_named(tmp_path, pretrained_bac
 
 # ---- the `paper` profile rehearsed end to end on a model in SD 1.5's layout (tests/rehearsal.py) ------------------
 
-@pytest.mark.slow  # the claims and rehearsals too slow for make test run in CI's second step
 def test_the_paper_profile_fits_and_generates_on_sd15s_layout(equations, synth_root, sd15_rehearsal, tmp_path,
                                                               monkeypatch):
     """The paper configuration (Algorithm 1: the disentangled loss, DDIM inversion of the target's background, the

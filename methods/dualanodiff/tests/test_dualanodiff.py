@@ -578,7 +578,6 @@ def test_each_broken_variant_fails_its_claims(claim_variants, broken, claims):
 
 # ---- the `paper` profile rehearsed end to end on a model in SD 1.5's layout (tests/rehearsal.py) ------------------
 
-@pytest.mark.slow  # the claims and rehearsals too slow for make test run in CI's second step
 def test_the_paper_profile_fits_and_generates_on_sd15s_layout(dual, synth_root, sd15_rehearsal, tmp_path,
                                                               monkeypatch):
     """Every branch of the paper configuration (BCM, SAIM, the text LoRA, PNDM, U2-Net masks: a narrow random
