@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo smoke test test-slow bench bench-gpu bench-gpu-table backbone leaderboard suite-mvtec-ad suite-mvtec-loco suite-mvtec-caption clean-cache help
+.PHONY: install demo smoke test test-slow bench bench-table bench-gpu bench-gpu-table backbone leaderboard suite-mvtec-ad suite-mvtec-loco suite-mvtec-caption clean-cache help
 
 help:
 	@echo "make demo                 every method, downstream model and four detectors on one synthetic category, on Ray"
@@ -15,6 +15,7 @@ help:
 	@echo "make suite-mvtec-ad DATA=/path/to/mvtec_anomaly_detection     (also suite-mvtec-loco, suite-mvtec-caption)"
 	@echo "make leaderboard          re-render results/leaderboard/*.md and *.tex from the records"
 	@echo "make bench                speed benchmarks in tests/benchmarks (slow; prints ratios)"
+	@echo "make bench-table          the README's CPU benchmark table, rendered from results/bench/cpu-*.json"
 	@echo "make bench-gpu            the paper profile's cost per method on this machine's GPU (random full-width models)"
 	@echo "make backbone             train the tiny backbone again into $(RETRAINED), measure it, render its card"
 
@@ -51,6 +52,9 @@ bench: $(STAMP)
 # results/bench/paper_gpu.json, from which the README's table is rendered (make bench-gpu-table prints it)
 bench-gpu: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.paper_gpu
+
+bench-table: $(STAMP)
+	@$(BIN)/python -m tests.benchmarks.record --write-readme
 
 bench-gpu-table: $(STAMP)
 	@$(BIN)/python -m tests.benchmarks.paper_gpu --render

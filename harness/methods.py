@@ -109,7 +109,7 @@ class GeneratedSample:
     extra: dict[str, Any] = field(default_factory=dict)
     # what of this sample a stand-in made instead of the method's own part (e.g. "mask: the target's, the mask
     # generator gave too few"); None: all the method's. Scores and downstream models computed from such samples
-    # say so in their records and the leaderboard (harness.generation.stand_in_summary).
+    # say so in their records and the leaderboard (harness.data.samples.stand_in_summary).
     stand_in: str | None = None
 
     @classmethod
@@ -287,29 +287,29 @@ def discover(dirs: list[Path] | None = None, refresh: bool = False) -> Registry[
     roots = list(dirs) if dirs is not None else methods_dirs()
     key = tuple(str(r) for r in roots)
     if refresh or key not in _DISCOVERED:
-        _DISCOVERED[key] = _discover(roots)
+        _DISCOVERED[key] = _discover(roots, refresh)
     return _DISCOVERED[key]
 
 
-def _discover(roots: list[Path]) -> Registry[MethodInfo]:
+def _discover(roots: list[Path], reload: bool = False) -> Registry[MethodInfo]:
     found: dict[str, MethodInfo] = {}
     for root in roots:  # a folder listed earlier wins: $DEFECTBENCH_METHODS_PATH before methods/
         if not root.is_dir():
             continue
         for directory in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
             if directory.name not in found:
-                found[directory.name] = _load_info(directory)
+                found[directory.name] = _load_info(directory, reload)
     methods: Registry[MethodInfo] = Registry("method", MethodInfo, hint=f" (folders: {', '.join(map(str, roots))})")
     for name, info in sorted(found.items()):
         methods.add(name, info)
     return methods
 
 
-def _load_info(directory: Path) -> MethodInfo:
+def _load_info(directory: Path, reload: bool = False) -> MethodInfo:
     info = MethodInfo(name=directory.name, directory=directory)
     try:
         info.defaults, info.profiles = _read_yaml(directory / "method.yaml")
-        info.cls = _load_class(directory)
+        info.cls = _load_class(directory, reload)
         if info.cls.name != directory.name:
             raise MethodError(f"class {info.cls.__name__} has name {info.cls.name!r}, but its directory is {directory.name!r}")
         _check_class(info.cls)
@@ -337,11 +337,11 @@ def _read_yaml(path: Path) -> tuple[dict, dict]:
 PACKAGE = "defectbench_methods"  # methods/<name>/ is imported as the package defectbench_methods.<name>
 
 
-def _load_class(directory: Path) -> type[Method]:
+def _load_class(directory: Path, reload: bool = False) -> type[Method]:
     """Import methods/<name>/ as a package whose top module is method.py, so a method may keep helper modules
     beside it (`from .noise import perlin`) and code that serves one method lives in its directory."""
     source = directory / "method.py"
-    module = _import_package(directory)
+    module = _import_package(directory, reload)
     module_name = module.__name__
     classes = [obj for obj in vars(module).values()
                if inspect.isclass(obj) and issubclass(obj, Method) and obj is not Method and obj.__module__ == module_name]
@@ -350,12 +350,17 @@ def _load_class(directory: Path) -> type[Method]:
     return classes[0]
 
 
-def _import_package(directory: Path) -> types.ModuleType:
+def _import_package(directory: Path, reload: bool = False) -> types.ModuleType:
+    """The method's package, imported once per process: discovering other folders beside it (a plugin path) finds the
+    same module and so the same classes; `reload` (discover(refresh=True)) imports it and its helpers afresh."""
     source = directory / "method.py"
     if not source.is_file():
         raise MethodError(f"{source}: missing method.py")
     sys.modules.setdefault(PACKAGE, types.ModuleType(PACKAGE))
     module_name = f"{PACKAGE}.{directory.name}"
+    loaded = sys.modules.get(module_name)
+    if not reload and loaded is not None and getattr(loaded, "__file__", None) == str(source):
+        return loaded
     for loaded in [m for m in sys.modules if m == module_name or m.startswith(module_name + ".")]:
         del sys.modules[loaded]  # a reload (discover(refresh=True)) imports the helpers afresh too
     spec = importlib.util.spec_from_file_location(module_name, source, submodule_search_locations=[str(directory)])

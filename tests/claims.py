@@ -198,3 +198,40 @@ def blend_margin(method) -> int:
     package = sys.modules[get_method_info("anomalydiffusion").cls.__module__].__package__
     adaptive = importlib.import_module(package + ".adaptive")  # AnomalyXFusion's sampler is AnomalyDiffusion's
     return 4 * (1 + adaptive.radius(1, method.config["inference_steps"]))
+
+
+def assert_holds(claims: dict, measured: dict) -> None:
+    """Every claim holds for the working method's measures (the message gives each claim's verdict)."""
+    verdicts = {name: bool(claim(measured)) for name, claim in claims.items()}
+    assert all(verdicts.values()), (verdicts, measured)
+
+
+def assert_fails(claims: dict, measured: dict, label: str, which: list[str] | None = None) -> None:
+    """A negative control fails each claim in `which` (the claims resting on what it breaks), or at least one claim:
+    a claim test that a broken method also passes tests nothing."""
+    if which is None:
+        assert not all(claim(measured) for claim in claims.values()), f"{label} holds every claim: {measured}"
+    else:
+        passed = [name for name in which if claims[name](measured)]
+        assert not passed, f"{label} passes {passed}: {measured}"
+
+
+def claim_tests(claims: dict, fixture: str, controls: list[tuple[str, list[str] | None]]):
+    """A method's two claim tests (make test-slow), over the measures its `fixture` returns per variant: the working
+    method holds every claim, and each control, named with the claims it must fail (None: at least one), fails them.
+
+        test_the_working_method_holds_every_claim, test_each_control_fails_its_claims = claim_tests(
+            CLAIMS, "claim_variants", [("e_a zeroed", ["the defect is its type's (e_a)"]), ("no blend", None)])
+    """
+    import pytest
+
+    @pytest.mark.slow
+    def test_the_working_method_holds_every_claim(request):
+        assert_holds(claims, request.getfixturevalue(fixture)["working"])
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("broken, which", controls, ids=[broken for broken, _ in controls])
+    def test_each_control_fails_its_claims(request, broken, which):
+        assert_fails(claims, request.getfixturevalue(fixture)[broken], broken, which)
+
+    return test_the_working_method_holds_every_claim, test_each_control_fails_its_claims

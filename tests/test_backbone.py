@@ -97,6 +97,7 @@ def test_a_run_on_the_shipped_backbones_categories_has_no_backbone_job(tmp_path)
     assert {j.params.backbone for j in fits} == {j.tags["backbone"] for j in fits} == {f"defectbench-tiny:{identity}"}
 
 
+@pytest.mark.slow  # 48 s: make test keeps within its 15 minutes
 def test_unseen_normal_images_are_fine_tuned_on_once_and_reused(tmp_path, isolated_cache):
     """mini.yaml's 48 px images are not the shipped backbone's: one fine-tuning job per data set, before every fit;
     its result is cached; other settings are another backbone and other fits."""

@@ -266,6 +266,7 @@ def test_a_compat_protocol_segments_and_detects_on_test_images_read_as_published
     assert all("test_images" not in job.as_dict()["params"] for job in downstream("clean-thirds"))
 
 
+@pytest.mark.slow  # 42 s: make test keeps within its 15 minutes
 def test_suite_runs_downstream_and_detectors_and_renders_their_tables(tmp_path):
     import yaml
 

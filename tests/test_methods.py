@@ -76,6 +76,15 @@ def test_a_new_method_is_a_directory(tmp_path):
     assert load_method("identity", "paper", dirs=[tmp_path]).config == {"gain": 2.0}
 
 
+def test_discovering_another_folder_beside_the_methods_keeps_their_classes(tmp_path):
+    """A plugin folder (DEFECTBENCH_METHODS_PATH) discovered beside methods/ finds the same packages, so code that
+    imported a method before (its tests, a running suite) and code that looks it up now agree on its classes."""
+    before = discover()["draem"].cls
+    _method_dir(tmp_path, "identity", "defaults: {}\n", "image = target.normal.image")
+    assert discover([tmp_path, REPO_METHODS_DIR])["draem"].cls is before
+    assert sys.modules[before.__module__].__file__ == str(REPO_METHODS_DIR / "draem" / "method.py")
+
+
 def test_a_method_directory_is_a_package_with_its_own_helper_modules(tmp_path):
     """methods/<name>/ may keep helper modules beside method.py and import them relatively (DRAEM's noise.py); a
     refreshed discovery reads an edited helper afresh."""
@@ -86,7 +95,7 @@ def test_a_method_directory_is_a_package_with_its_own_helper_modules(tmp_path):
     info = discover([tmp_path], refresh=True)["darken"]
     assert info.ok, info.error
     assert info.cls.__module__ == "defectbench_methods.darken"
-    assert discover(refresh=True)["draem"].ok  # the repository's DRAEM imports its own noise.py so
+    assert discover()["draem"].ok  # the repository's DRAEM imports its own noise.py so
     (folder / "shade.py").write_text("FACTOR = 0.25\n")
     assert sys.modules["defectbench_methods.darken.shade"].FACTOR == 0.5
     discover([tmp_path], refresh=True)

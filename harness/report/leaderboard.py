@@ -41,7 +41,9 @@ TABLE_GROUPS = tuple((group, title, names(family=GENERATION, group=group), shape
     ("background", "Background fidelity and mask alignment",
      "samples made on a known normal image; not reported by the papers"),
 ))
-HEADLINE = names(family=GENERATION, headline=True)  # a bar chart each
+# closeness to the real defects first, then quality, then the background: the bar charts' and footnotes' order
+BY_GROUP = tuple(m for group in ("fidelity", "quality", "background") for m in names(family=GENERATION, group=group))
+HEADLINE = tuple(m for m in BY_GROUP if SPECS[m].headline)  # a bar chart each
 PUBLISHED_RULES = ("ᵖ: protocol `{protocol}` reproduces published numbers, so these columns use the published "
                    "evaluation code's rules (image score pooled with the zero padding counted, only fully covered mask "
                    "pixels as defects, pixel F1-max over 21 thresholds with `>`, AUPRO at 100 thresholds); the exact "
@@ -282,7 +284,7 @@ def _failure_note(table: Table, store: RunStore) -> list[str]:
                      "run (the run was stopped; running the suite again resumes it).")
     if any(c.small for c in cells):
         notes.append("<sup>s</sup>: computed from fewer images than the metric's documented minimum ("
-                     + "; ".join(f"{s.label}: {s.minimum[1]} {s.minimum[0]}" for _, s in SPECS.items() if s.minimum) +
+                     + "; ".join(f"{s.label}: {s.minimum[1]} {s.minimum[0]}" for s in map(SPECS.__getitem__, BY_GROUP) if s.minimum) +
                      "); the record holds the sizes.")
     for summary, example in table.stand_ins.items():
         notes.append(f"<sup>‡</sup>: made partly by a stand-in (e.g. {example}): {summary}.")

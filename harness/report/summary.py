@@ -22,6 +22,9 @@ def _metric_table(frame, metrics: tuple[str, ...]):
         return None
     table = frame[frame["metric"].isin(metrics)].pivot_table(index=["category", "method"], columns="metric",
                                                              values="value", aggfunc="mean")
+    metrics = [m for m in metrics if m in table.columns]  # a metric recorded but never computed has no column
+    if not metrics:
+        return None
     for metric in metrics:
         table[metric] = [MISSING if value != value else format_value(value, metric) for value in table[metric]]
     return table[metrics].rename(columns=label).reset_index()

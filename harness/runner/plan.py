@@ -51,6 +51,7 @@ class Plan:
     pretrains: dict[RunAt, Job] = field(default_factory=dict)  # a method's pretraining of a category
     fits: list[Job] = field(default_factory=list)
     generated: dict[RunAt, dict[str, Job]] = field(default_factory=dict)  # defect type -> its generate job
+    method_hashes: dict[str, str] = field(default_factory=dict)  # method -> its files' hash, computed once per plan
 
     def by_key(self) -> dict[str, Job]:
         return {job.key: job for job in self.jobs}
@@ -121,6 +122,7 @@ def expand(plan: Plan) -> list[Job]:
     """Every kind's jobs (KINDS, in order), de-duplicated by key, in dependency order. A kind reads what the kinds
     before it made from the plan's typed indexes (score reads plan.generated)."""
     jobs: dict[str, Job] = {}
+    plan.backbones, plan.pretrains, plan.fits, plan.generated, plan.method_hashes = {}, {}, [], {}, {}
     for _, kind in KINDS.items():
         for job in kind.expand(plan):
             jobs.setdefault(job.key, job)

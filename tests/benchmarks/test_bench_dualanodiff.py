@@ -2,14 +2,14 @@
 tiny backbone. Per defect type of washer, with BCM (the default) and without: fit time, generation time per image,
 the peak resident memory of the process during the fit and the generation (sampled every 0.1 s), the part masks found.
 
-Times are printed in seconds and relative to the first fit of the same run, and written to results/bench/dualanodiff.json
-(or $DEFECTBENCH_BENCH_OUT). Set DEFECTBENCH_BENCH_THREADS to change the thread count (default 1).
+Times are printed in seconds and relative to the first fit of the same run, and written as the README's row to
+results/bench/cpu-dualanodiff.json (tests/benchmarks/record.py). Set DEFECTBENCH_BENCH_THREADS to change the thread
+count (default 1).
 """
 from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,10 +21,11 @@ from harness.data.splits import make_split
 from harness.data.synth import SynthConfig, cached
 from harness.diffusion import provision
 from harness.generation import fit_method
-from harness.io import atomic_write_json, cached_file_hash
+from harness.io import cached_file_hash
 from harness.methods import load_method
 from harness.tasks import build_request, build_task
 
+from . import record
 from .memory import peak_memory
 
 pytestmark = pytest.mark.bench
@@ -62,7 +63,18 @@ def test_dualanodiff_cost_per_defect_type(tmp_path):
                f"non-empty masks of {N}", "mask area"]
     print()
     print(tabulate(rows, headers=headers))
-    out = Path(os.environ.get("DEFECTBENCH_BENCH_OUT", "results/bench/dualanodiff.json"))
-    atomic_write_json(out, {"benchmark": "dualanodiff", "threads": torch.get_num_threads(),
-                            "rows": [dict(zip(headers, row)) for row in rows]})
+    bcm = [r for r in rows if r[0] == "dualanodiff"]
+    plain = [r for r in rows if r[0] != "dualanodiff"]
+    ratio = sum(r[2] for r in plain) / sum(r[2] for r in bcm)
+    record.write(
+        "dualanodiff", what="DualAnoDiff per defect type of washer (tiny, its 64-px working size, "
+                            f"{torch.get_num_threads()} thread(s), the shipped backbone), with BCM (the default) and "
+                            "without: fit, generation per image, peak resident memory, part masks found",
+        baseline="the first fit",
+        result=(f"fit {record.span([r[2] for r in bcm])} s with BCM, {record.span([r[2] for r in plain])} s without "
+                f"({ratio:.2f}x); {record.span([r[4] for r in bcm], 2)} s per image with BCM, "
+                f"{record.span([r[4] for r in plain], 2)} s without; peak {record.span([r[5] / 1024 for r in rows], 2)} GB; "
+                f"{record.span([r[7] for r in rows], 0)} of {N} parts non-empty, mask area {record.span([r[8] for r in rows], 3)}"),
+        target="printed, no target",
+        measured={"threads": torch.get_num_threads(), "rows": [dict(zip(headers, row)) for row in rows]})
     assert all(row[2] > 0 for row in rows)

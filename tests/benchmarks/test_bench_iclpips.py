@@ -23,6 +23,7 @@ from harness.methods import load_method
 from harness.metrics.iclpips import ICLPIPSConfig, ic_lpips, ic_lpips_bruteforce
 from harness.metrics.lpips_net import LPIPSNet
 from harness.tasks import build_task
+from tests.benchmarks import record
 
 pytestmark = pytest.mark.bench
 
@@ -53,7 +54,16 @@ def test_cached_ic_lpips_vs_bruteforce(tmp_path):
     print(f"  brute force     : {brute_wall:9.1f} s wall {brute_cpu:9.1f} s CPU   IC-LPIPS = {brute.value:.8f}")
     print(f"  speed-up        : {ratio:9.1f}x CPU, {brute_wall / cached_wall:.1f}x wall  (target >= 20x)"
           f"   |difference| = {abs(cached.value - brute.value):.2e}")
-    assert abs(cached.value - brute.value) < 1e-5
+    difference = abs(cached.value - brute.value)
+    record.write("iclpips", what=f"IC-LPIPS on {len(generated)} generated images and {len(centres)} centres (VGG, "
+                                 "256 px), cached features vs one LPIPS forward per pair",
+                 baseline=f"brute force {brute_cpu:,.0f} s CPU ({brute_wall:,.0f} s wall)",
+                 result=f"cached {cached_cpu:,.0f} s CPU ({cached_wall:,.0f} s wall): **{ratio:.1f}x** CPU, "
+                        f"{brute_wall / cached_wall:.1f}x wall; same value (\\|Δ\\| = {difference:.1e})",
+                 target="≥ 20x, same value",
+                 measured={"cached": {"wall": cached_wall, "cpu": cached_cpu, "value": cached.value},
+                           "brute_force": {"wall": brute_wall, "cpu": brute_cpu, "value": brute.value}})
+    assert difference < 1e-5
     assert ratio >= 20
 
 

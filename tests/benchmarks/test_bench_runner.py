@@ -11,6 +11,7 @@ import pytest
 
 from harness.runner.run import run_suite
 from harness.runner.suite import load_suite
+from tests.benchmarks import record
 
 pytestmark = pytest.mark.bench
 
@@ -29,4 +30,7 @@ def test_smoke_suite_ray_vs_serial(tmp_path):
     ratio = timings["ray"] / timings["serial"]
     print(f"\nsmoke suite ({len(result.states)} jobs): serial {timings['serial']:.1f} s, Ray {timings['ray']:.1f} s, "
           f"Ray / serial = {ratio:.2f} (target <= 0.65)")
+    record.write("runner", what=f"the smoke suite ({len(result.states)} jobs) on Ray vs the serial executor",
+                 baseline=f"serial {timings['serial']:.0f} s", result=f"Ray {timings['ray']:.0f} s, **{ratio:.2f}x**",
+                 target="≤ 0.65x", measured={"jobs": len(result.states), "seconds": timings, "ratio": ratio})
     assert ratio <= 0.65

@@ -255,7 +255,8 @@ def map_rows(job: Job, folder: Path, ctx: RowsContext) -> list[dict]:
         maps, scores, names = saved["maps"].astype(np.float32), saved["image_scores"], list(saved["names"])
     data = ctx.data.get(params.dataset)
     if data is None:
-        raise DamagedError(f"the run's manifest records no root for data set {params.dataset!r}")
+        raise DamagedError(f"the run's manifest.json records no root for data set {params.dataset!r}; "
+                           f"`defectbench run {ctx.suite}` writes it again")
     split = load_split(params, DataWhere(data["root"], data.get("captions")), ctx.cache)
     key = ("test", id(split), params.resolution)
     if key not in ctx.cache:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from harness.methods import get_method_info, load_method
+from tests.claims import claim_tests
 
 
 @pytest.fixture(scope="module")
@@ -478,17 +479,8 @@ AD_CLAIMS = {
 }
 
 
-@pytest.mark.slow
-def test_the_working_method_holds_every_claim(claim_variants):
-    working = claim_variants["working"]
-    assert all(claim(working) for claim in AD_CLAIMS.values()), {k: c(working) for k, c in AD_CLAIMS.items()}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("broken", CONTROLS)
-def test_each_control_fails_a_claim(claim_variants, broken):
-    failed = [name for name, claim in AD_CLAIMS.items() if not claim(claim_variants[broken])]
-    assert failed, f"{broken} holds every claim: {claim_variants[broken]}"
+test_the_working_method_holds_every_claim, test_each_control_fails_its_claims = claim_tests(
+    AD_CLAIMS, "claim_variants", [(control, None) for control in CONTROLS])
 
 
 MASK_STEPS = 300  # the mask generator's inversion steps (tiny: 100 per defect type in a suite)

@@ -16,6 +16,7 @@ import torch
 from harness.errors import MethodError
 from harness.methods import get_method_info, load_method
 
+from tests.claims import claim_tests
 from tests.spotted import COLOURS, spotted_split
 
 
@@ -578,17 +579,8 @@ AXF_CLAIMS = {
 }
 
 
-@pytest.mark.slow
-def test_the_working_method_holds_every_claim(caption_claims):
-    working = caption_claims["working"]
-    assert all(claim(working) for claim in AXF_CLAIMS.values()), {k: c(working) for k, c in AXF_CLAIMS.items()}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("broken", CONTROLS)
-def test_each_control_fails_a_claim(caption_claims, broken):
-    failed = [name for name, claim in AXF_CLAIMS.items() if not claim(caption_claims[broken])]
-    assert failed, f"{broken} holds every claim: {caption_claims[broken]}"
+test_the_working_method_holds_every_claim, test_each_control_fails_its_claims = claim_tests(
+    AXF_CLAIMS, "caption_claims", [(control, None) for control in CONTROLS])
 
 
 # ---- the `paper` profile rehearsed end to end on LDM text2img-large's and CLIP ViT-B/32's layouts -------------------

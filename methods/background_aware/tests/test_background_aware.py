@@ -19,7 +19,7 @@ from harness.generation import fit_method, generate_to
 from harness.methods import get_method_info, load_method
 from harness.tasks import build_request, build_task
 
-from tests.claims import grown, measure
+from tests.claims import claim_tests, grown, measure
 
 
 @pytest.fixture(scope="module")
@@ -266,18 +266,10 @@ def variants(weave_task, tmp_path_factory, equations):
     return out
 
 
-@pytest.mark.slow  # the claims: too slow for make test, run in CI's second step
-def test_the_working_method_holds_every_claim(variants):
-    working = variants["working"]
-    assert all(claim(working) for claim in CLAIMS.values()), {k: c(working) for k, c in CLAIMS.items()}
-
-
-@pytest.mark.parametrize("broken", ["no fine-tuning", "C1/C2 swapped", "no background path", "no inversion"])
-@pytest.mark.slow  # the claims: too slow for make test, run in CI's second step
-def test_each_broken_variant_fails_a_claim(variants, broken):
-    """Negative controls: a claim test that a broken method also passes tests nothing."""
-    failed = [name for name, claim in CLAIMS.items() if not claim(variants[broken])]
-    assert failed, f"{broken} passes every claim: {variants[broken]}"
+# Negative controls: a claim test that a broken method also passes tests nothing.
+test_the_working_method_holds_every_claim, test_each_control_fails_its_claims = claim_tests(
+    CLAIMS, "variants",
+    [(control, None) for control in ("no fine-tuning", "C1/C2 swapped", "no background path", "no inversion")])
 
 
 @pytest.mark.slow  # the claims: too slow for make test, run in CI's second step

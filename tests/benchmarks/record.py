@@ -1,0 +1,108 @@
+"""The CPU benchmarks' results as data: each `make bench` test writes results/bench/cpu-<name>.json (tracked) with
+what it measured, on which machine, at which commit and when; the README's table is rendered from those files
+(`make bench-table`), and a test checks that it is. A row transcribed from an earlier README, before its benchmark
+wrote JSON, says so and names the commit that recorded it."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "results" / "bench"
+PREFIX = "cpu-"
+README_START = "<!-- bench: rendered from results/bench/cpu-*.json by `make bench-table` -->"
+README_END = "<!-- /bench -->"
+HEADERS = ["benchmark", "baseline", "result", "target", "measured"]
+FIELDS = ("benchmark", "what", "baseline", "result", "target")
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+            f"{torch.backends.cpu.get_cpu_capability()}")
+
+
+def commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def write(name: str, *, what: str, baseline: str, result: str, target: str, measured: dict,
+          out: Path = OUT) -> Path:
+    """Write one benchmark's row and its raw numbers (`measured`) as results/bench/cpu-<name>.json."""
+    record = {"benchmark": f"test_bench_{name}.py", "what": what, "baseline": baseline, "result": result,
+              "target": target, "date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(),
+              "measured": measured}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{PREFIX}{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def span(values, digits: int = 1) -> str:
+    """'3.1-4.2' (or '3.1' where every value rounds the same), for a result's sentence."""
+    low, high = round(min(values), digits), round(max(values), digits)
+    return f"{low:g}" if low == high else f"{low:g}-{high:g}"
+
+
+def load(folder: Path = OUT) -> list[dict]:
+    records = []
+    for path in sorted(folder.glob(f"{PREFIX}*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        missing = [f for f in (*FIELDS, "date", "commit") if not record.get(f)]
+        if missing:
+            raise ValueError(f"{path}: missing {', '.join(missing)}")
+        records.append(record)
+    return records
+
+
+def render(records: list[dict]) -> str:
+    """The README's table (Markdown): one row per benchmark, with when, where and at which commit it was measured."""
+    rows = []
+    for r in records:
+        when = f"{r['date']}, {r['commit']}" + (f", {r['machine']}" if r.get("machine") else "")
+        if r.get("transcribed"):
+            when += f"; transcribed from the README of {r['commit']} (`make bench` rewrites it)"
+        rows.append([f"`{r['benchmark']}`: {r['what']}", r["baseline"], r["result"], r["target"], when])
+    if not rows:
+        return "No benchmark has written results/bench/cpu-*.json yet."
+    lines = [HEADERS, ["---"] * len(HEADERS), *rows]  # unpadded: the cells are sentences
+    return "\n".join("| " + " | ".join(cell.replace("\n", " ") for cell in line) + " |" for line in lines)
+
+
+def readme_block(readme: str) -> str:
+    start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
+    return readme[start:end].strip()
+
+
+def update_readme(path: Path, table: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    path.write_text(text[:start] + "\n" + table + "\n" + text[end:], encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="render the README's CPU benchmark table from results/bench")
+    parser.add_argument("--write-readme", action="store_true", help="put the table into README.md")
+    args = parser.parse_args(argv)
+    table = render(load())
+    if args.write_readme:
+        update_readme(REPO / "README.md", table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
