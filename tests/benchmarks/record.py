@@ -25,8 +25,17 @@ FIELDS = ("benchmark", "what", "baseline", "result", "target")
 def machine() -> str:
     import torch
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-            f"{torch.backends.cpu.get_cpu_capability()}")
+    return f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.backends.cpu.get_cpu_capability()}"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def commit() -> str:

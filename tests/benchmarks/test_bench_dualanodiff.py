@@ -68,7 +68,7 @@ def test_dualanodiff_cost_per_defect_type(tmp_path):
     ratio = sum(r[2] for r in plain) / sum(r[2] for r in bcm)
     record.write(
         "dualanodiff", what="DualAnoDiff per defect type of washer (tiny, its 64-px working size, "
-                            f"{torch.get_num_threads()} thread(s), the shipped backbone), with BCM (the default) and "
+                            f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}, the shipped backbone), with BCM (the default) and "
                             "without: fit, generation per image, peak resident memory, part masks found",
         baseline="the first fit",
         result=(f"fit {record.span([r[2] for r in bcm])} s with BCM, {record.span([r[2] for r in plain])} s without "
