@@ -45,7 +45,9 @@ def test_the_script_measures_each_method_at_its_paper_settings_on_the_rehearsal_
     assert diffusion["mask_seconds_per_draw"] > 0 and fusion["mask_seconds_per_draw"] is None
     assert data["widths"] == "rehearsal" and data["device"].startswith("cpu")
     table = paper_gpu.render(data)
-    assert "| anomalyxfusion " in table and "rehearsal widths" in table and "not measured" not in table
+    # (a difference of timings at or below zero is said in its row, checked above; no method may be missing)
+    assert "| anomalyxfusion " in table and "rehearsal widths" in table
+    assert "not measured (the run stopped)" not in table
     data["rows"][0] = {**fusion, "timing_noise": {"auxiliary step": -0.01}, "auxiliary_seconds_per_step": None,
                        "paper_fit_minutes": None}  # noise is said, not estimated from
     assert "not measured: timing noise" in paper_gpu.render(data) and "anomalyxfusion (auxiliary step -0.01 s)" in (
