@@ -60,9 +60,7 @@ class Registry(Generic[T]):
 
     def unknown(self, name: str) -> str:
         """The message for a name nobody registered: the known names, and the nearest one."""
-        near = difflib.get_close_matches(str(name), list(self._entries), n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        return f"unknown {self.what} {name!r}{hint} (known: {', '.join(self._entries) or 'none'}){self.hint}"
+        return unknown_name(self.what, name, list(self._entries)) + self.hint
 
     def check(self, name: str, where: str = "") -> str:
         """`name` if it is registered, else a ConfigError that says where the name came from."""
@@ -85,6 +83,13 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def unknown_name(what: str, name: str, known: list[str]) -> str:
+    """'unknown <what> <name>; did you mean <nearest>? (known: ...)' for a name none of `known` is."""
+    near = difflib.get_close_matches(str(name), known, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return f"unknown {what} {name!r}{hint} (known: {', '.join(known) or 'none'})"
 
 
 def _resolve(entry: str) -> object:

@@ -81,3 +81,14 @@ def sd15_rehearsal(tmp_path_factory) -> Path:
     from tests.rehearsal import stable_diffusion_15
 
     return stable_diffusion_15(tmp_path_factory.mktemp("sd15") / "model")
+
+
+def method_modules(name: str, *helpers: str) -> tuple:
+    """A method's module (as discovery imported it) and its helper modules, for tests that reach inside."""
+    import importlib
+    import sys
+
+    from harness.methods import get_method_info
+
+    method = sys.modules[get_method_info(name).cls.__module__]
+    return method, *(importlib.import_module(f"{method.__package__}.{helper}") for helper in helpers)

@@ -13,7 +13,7 @@ from harness.device import AUTOCAST_TYPES
 from harness.errors import ConfigError
 from harness.methods import check_types, merge_config
 from harness.profiles import Profile, get_profile
-from harness.registry import Registry
+from harness.registry import Registry, unknown_name
 
 MODELS_FILE = Path(__file__).with_name("models.yaml")
 
@@ -26,7 +26,8 @@ class DownstreamModel:
 
 
 DOWNSTREAM_MODELS: Registry[DownstreamModel] = Registry("downstream model", DownstreamModel)
-for _model in (DownstreamModel("segmentation", "segment", None), DownstreamModel("classification", "classify", "resnet34")):
+for _model in (DownstreamModel("segmentation", "segment", None),
+               DownstreamModel("classification", "classify", "resnet34")):
     DOWNSTREAM_MODELS.add(_model.name, _model)
 # Model selection of the segmentation U-Net: held-out generated + normal images, the test part (the published
 # practice, marked in every table), or the last epoch.
@@ -50,10 +51,7 @@ def model_config(name: str, profile: str | Profile, overrides: dict[str, Any] | 
     table = _table()
     entry = table.get(name) if name in DOWNSTREAM_MODELS else table["detectors"].get(name)
     if entry is None:
-        known: Registry[str] = Registry("downstream model or detector")
-        for other in [*DOWNSTREAM_MODELS, *table["detectors"]]:
-            known.add(other, other)
-        raise ConfigError(known.unknown(name))
+        raise ConfigError(unknown_name("downstream model or detector", name, [*DOWNSTREAM_MODELS, *table["detectors"]]))
     profile = get_profile(profile)
     config = merge_config(copy.deepcopy(entry["all"]), entry.get(profile.name) or {}, f"{MODELS_FILE} ({name})")
     check_types(overrides or {}, config, entry["all"], f"settings of {name!r}")

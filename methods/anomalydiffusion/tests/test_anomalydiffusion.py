@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from harness.methods import get_method_info, load_method
+from harness.methods import load_method
 from tests.claims import claim_tests
+from tests.fixtures import method_modules
 
 
 @pytest.fixture(scope="module")
 def modules():
-    method = sys.modules[get_method_info("anomalydiffusion").cls.__module__]
-    return method, importlib.import_module(method.__package__ + ".embedding")
+    return method_modules("anomalydiffusion", "embedding")
 
 
 def test_the_masked_loss_is_the_mean_over_the_whole_latent_of_the_masked_error(modules):

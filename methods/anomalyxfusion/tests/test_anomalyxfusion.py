@@ -14,16 +14,16 @@ import pytest
 import torch
 
 from harness.errors import MethodError
-from harness.methods import get_method_info, load_method
+from harness.methods import load_method
 
 from tests.claims import claim_tests
+from tests.fixtures import method_modules
 from tests.spotted import COLOURS, spotted_split
 
 
 @pytest.fixture(scope="module")
 def parts():
-    method = sys.modules[get_method_info("anomalyxfusion").cls.__module__]
-    return method, importlib.import_module(method.__package__ + ".embedding")
+    return method_modules("anomalyxfusion", "embedding")
 
 
 def test_the_semantic_embedding_is_the_projected_normalised_caption_feature_k_times(parts):
