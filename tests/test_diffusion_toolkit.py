@@ -103,21 +103,53 @@ def _inputs(seed: int = 1):
     return torch.randn(2, 4, 8, 8), torch.randn(2, 3, 16)
 
 
-def test_toolkit_processor_equals_diffusers_attention_with_an_empty_context():
+def test_a_layer_processor_equals_diffusers_attention_with_no_input_for_its_behaviours():
     unet = small_unet()
     z, c = _inputs()
+    every = proc.each_layer(proc.Record, proc.Reweight)
     with torch.no_grad():
         expected = unet(z, 10, encoder_hidden_states=c).sample
         with proc.installed(unet):
             plain = unet(z, 10, encoder_hidden_states=c).sample
+        with proc.installed(unet, every):
             with_context = unet(z, 10, encoder_hidden_states=c,
                                 cross_attention_kwargs={"context": proc.AttentionContext()}).sample
+            # an input for a behaviour the layers do not have changes nothing either
+            other = unet(z, 10, encoder_hidden_states=c, cross_attention_kwargs={"context": proc.AttentionContext(
+                proc.SampleBranches(torch.tensor([0, 1])))}).sample
     assert torch.allclose(plain, expected, atol=1e-5) and torch.allclose(with_context, expected, atol=1e-5)
+    assert torch.allclose(other, expected, atol=1e-5)
+
+
+def test_a_context_holds_one_input_per_type_and_layers_one_behaviour_per_slot():
+    recorder = proc.Recorder(tokens=(1,))
+    context = proc.AttentionContext(recorder, None)
+    assert context.get(proc.Recorder) is recorder and context.get(proc.TokenReweight) is None
+    with pytest.raises(ValueError, match="two Recorder"):
+        proc.AttentionContext(recorder, proc.Recorder(tokens=(2,)))
+    with pytest.raises(ValueError, match="slot"):
+        proc.LayerProcessor("layer", [proc.Record(), proc.Record()])
+
+    class Rule(proc.Behaviour):
+        slot = "rule"
+
+        def attend(self, attend, query, source, call):
+            return None
+
+    class Other(Rule):
+        slot = "other"
+
+    with pytest.raises(ValueError, match="replace the attention"):
+        proc.LayerProcessor("layer", [Rule(), Other()])
 
 
 def _cross_layer(unet):
     name, module = next((n, m) for n, m in unet.named_modules() if n.endswith("attn2"))
     return name, module
+
+
+def _processor(name, *behaviours):
+    return proc.LayerProcessor(name, list(behaviours))
 
 
 def test_recording_returns_the_softmax_of_a_token_averaged_over_heads():
@@ -126,13 +158,17 @@ def test_recording_returns_the_softmax_of_a_token_averaged_over_heads():
     hidden = torch.randn(2, 16, attn.to_q.in_features)  # a 4 x 4 map
     c = torch.randn(2, 3, 16)
     recorder = proc.Recorder(tokens=(1,))
-    processor = proc.ToolkitAttnProcessor(name, attn)
+    processor = _processor(name, proc.Record())
     with torch.no_grad():
-        processor(attn, hidden, c, context=proc.AttentionContext(record=recorder))
+        processor(attn, hidden, c, context=proc.AttentionContext(recorder))
         q, k = attn.head_to_batch_dim(attn.to_q(hidden)), attn.head_to_batch_dim(attn.to_k(c))
         direct = (q @ k.transpose(1, 2) * attn.scale).softmax(-1)[..., 1].reshape(2, attn.heads, 16).mean(1)
     assert torch.allclose(recorder.maps[name][0], direct.reshape(2, 1, 4, 4), atol=1e-6)
     assert recorder.mean(8).shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="no attention map"):  # a layer without Record keeps nothing
+        recorder = proc.Recorder(tokens=(1,))
+        _processor(name)(attn, hidden, c, context=proc.AttentionContext(recorder))
+        recorder.mean(8)
 
 
 def test_reweighting_adds_a_spatial_map_to_the_logits_of_a_token_range():
@@ -142,9 +178,9 @@ def test_reweighting_adds_a_spatial_map_to_the_logits_of_a_token_range():
     weights = torch.zeros(1, 1, 4, 4)
     weights[..., :2, :] = 1.0
     reweight = proc.TokenReweight(start=1, stop=3, weights=weights, scale=2.0)
-    processor = proc.ToolkitAttnProcessor(name, attn)
+    processor = _processor(name, proc.Reweight())
     with torch.no_grad():
-        out = processor(attn, hidden, c, context=proc.AttentionContext(reweight=reweight))
+        out = processor(attn, hidden, c, context=proc.AttentionContext(reweight))
         q, k, v = (attn.head_to_batch_dim(f(x)) for f, x in ((attn.to_q, hidden), (attn.to_k, c), (attn.to_v, c)))
         logits = q @ k.transpose(1, 2) * attn.scale
         logits[:, :, 1:3] += 2.0 * weights.flatten(1)[:, :, None]
@@ -158,9 +194,9 @@ def test_reweighting_can_multiply_the_logits_of_a_token_range():
     hidden, c = torch.randn(2, 16, attn.to_q.in_features), torch.randn(2, 3, 16)
     weights = 1 + torch.rand(2, 1, 4, 4) * 0.5
     reweight = proc.TokenReweight(start=1, stop=3, weights=weights, multiply=True)
-    processor = proc.ToolkitAttnProcessor(name, attn)
+    processor = _processor(name, proc.Reweight())
     with torch.no_grad():
-        out = processor(attn, hidden, c, context=proc.AttentionContext(reweight=reweight))
+        out = processor(attn, hidden, c, context=proc.AttentionContext(reweight))
         q, k, v = (attn.head_to_batch_dim(f(x)) for f, x in ((attn.to_q, hidden), (attn.to_k, c), (attn.to_v, c)))
         logits = q @ k.transpose(1, 2) * attn.scale  # (batch * heads, positions, tokens), sample-major
         per_row = weights.flatten(1).repeat_interleave(attn.heads, 0)
@@ -168,7 +204,7 @@ def test_reweighting_can_multiply_the_logits_of_a_token_range():
         direct = attn.to_out[0](attn.batch_to_head_dim(logits.softmax(-1) @ v))
         # per-sample tokens: the second sample's re-weighted token is 0, not 1 and 2
         columns = torch.tensor([[False, True, True], [True, False, False]])
-        per_sample = processor(attn, hidden, c, context=proc.AttentionContext(reweight=proc.TokenReweight(
+        per_sample = processor(attn, hidden, c, context=proc.AttentionContext(proc.TokenReweight(
             start=0, stop=0, weights=weights, multiply=True, columns=columns)))
         logits = q @ k.transpose(1, 2) * attn.scale
         heads = attn.heads
@@ -179,33 +215,17 @@ def test_reweighting_can_multiply_the_logits_of_a_token_range():
     assert torch.allclose(per_sample, direct_per_sample, atol=1e-5)
 
 
-def test_key_value_store_written_then_read_beside_the_layers_own():
-    unet = small_unet()
-    name, attn = next((n, m) for n, m in unet.named_modules() if n.endswith("attn1"))
-    reference, hidden = torch.randn(1, 16, attn.to_q.in_features), torch.randn(1, 16, attn.to_q.in_features)
-    processor, store = proc.ToolkitAttnProcessor(name, attn), proc.KVStore()
-    with torch.no_grad():
-        processor(attn, reference, context=proc.AttentionContext(kv=store))
-        store.mode = "read"
-        out = processor(attn, hidden, context=proc.AttentionContext(kv=store))
-        both = torch.cat([hidden, reference], dim=1)
-        q = attn.head_to_batch_dim(attn.to_q(hidden))
-        k, v = attn.head_to_batch_dim(attn.to_k(both)), attn.head_to_batch_dim(attn.to_v(both))
-        direct = attn.to_out[0](attn.batch_to_head_dim((q @ k.transpose(1, 2) * attn.scale).softmax(-1) @ v))
-    assert torch.allclose(out, direct, atol=1e-5)
-
-
 def test_per_branch_lora_trains_two_adapters_in_one_batch(tmp_path):
     unet = small_unet()
     z, c = _inputs()
-    proc.install(unet, branches=2, rank=2)
+    proc.install(unet, lambda name, attn: [proc.BranchLoRA(attn, branches=2, rank=2)])
     unet.requires_grad_(False)
     params = proc.branch_lora_parameters(unet)
     for p in params:
         p.requires_grad_(True)
     branch = torch.tensor([0, 1])
-    run = lambda b, zz=z, cc=c: unet(zz, 10, encoder_hidden_states=cc,  # noqa: E731
-                                     cross_attention_kwargs={"context": proc.AttentionContext(branch=b)}).sample
+    run = lambda b, zz=z, cc=c: unet(zz, 10, encoder_hidden_states=cc, cross_attention_kwargs={  # noqa: E731
+        "context": proc.AttentionContext(proc.SampleBranches(b))}).sample
     loss = (run(branch) - torch.stack([torch.ones_like(z[0]), -torch.ones_like(z[0])])).pow(2).mean()
     loss.backward()
     ups = [p for n, p in unet.named_parameters() if n.endswith(".lora.q.up")]
@@ -215,6 +235,8 @@ def test_per_branch_lora_trains_two_adapters_in_one_batch(tmp_path):
         mixed = run(branch)
         only_0 = run(torch.tensor([0, 0]))
         only_1 = run(torch.tensor([1, 1]))
+        with pytest.raises(ValueError, match="SampleBranches"):
+            unet(z, 10, encoder_hidden_states=c)
     assert torch.allclose(mixed[0], only_0[0], atol=1e-5) and torch.allclose(mixed[1], only_1[1], atol=1e-5)
     assert not torch.allclose(only_0[0], only_1[0], atol=1e-4)  # the two adapters differ
     state = proc.branch_lora_state(unet)
@@ -451,7 +473,7 @@ def test_installed_processors_live_where_their_layers_are():
     """A processor's own parameters (per-branch LoRA) follow the UNet's device: on a GPU they must not stay on the
     CPU (the meta device stands in for a GPU here)."""
     unet = small_unet().to("meta")
-    proc.install(unet, branches=2, rank=2)
+    proc.install(unet, lambda name, attn: [proc.BranchLoRA(attn, branches=2, rank=2)])
     devices = {p.device.type for n, p in unet.named_parameters() if ".processor." in n}
     assert devices == {"meta"}
 

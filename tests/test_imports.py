@@ -1,4 +1,5 @@
-"""The modules' import graph has no cycle, and every module imports alone (no hidden order between them)."""
+"""The modules' import graph has no cycle, every module imports alone (no hidden order between them), and methods
+use only the harness's public names."""
 from __future__ import annotations
 
 import ast
@@ -131,3 +132,48 @@ def test_every_module_imports_alone():
                             text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "FAILED", result.stdout[-3000:]
+
+
+def private_uses(source: str) -> list[str]:
+    """Where code reaches a private name of the harness: `from harness.x import _y`, `module._y` on a harness module
+    it imported, or `super()._y` in a class built on a harness class."""
+    tree = ast.parse(source)
+    modules, classes, found = set(), set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == PACKAGE:
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    found.append(f"from {node.module} import {alias.name}")
+                (modules if alias.name.islower() else classes).add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            modules.update(a.asname or a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = ast.unparse(node.value)
+            if owner in modules or owner.split(".")[0] in modules or owner in classes:
+                found.append(f"{owner}.{node.attr}")
+        if isinstance(node, ast.ClassDef) and any(ast.unparse(b).split(".")[0] in modules | classes
+                                                  for b in node.bases):
+            found += [ast.unparse(n) for n in ast.walk(node) if isinstance(n, ast.Attribute)
+                      and n.attr.startswith("_") and not n.attr.startswith("__")
+                      and ast.unparse(n.value) == "super()"]
+    return found
+
+
+def test_methods_use_only_public_names_of_the_harness():
+    uses = {str(path.relative_to(ROOT)): private_uses(path.read_text())
+            for path in sorted((ROOT / "methods").rglob("*.py")) if "tests" not in path.parts}
+    assert uses and not {path: found for path, found in uses.items() if found}
+
+
+def test_the_private_name_check_finds_a_toolkit_override():
+    old = """
+from harness.diffusion.processors import ToolkitAttnProcessor, _reweighted
+from harness.diffusion import processors
+
+class Masked(ToolkitAttnProcessor):
+    def _attend(self, attn, query, source):
+        return super()._attend(attn, query, source) + processors._probabilities(attn)
+"""
+    assert sorted(private_uses(old)) == ["from harness.diffusion.processors import _reweighted",
+                                         "processors._probabilities", "super()._attend"]

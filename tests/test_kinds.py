@@ -115,3 +115,25 @@ def test_the_job_kinds_are_registered_once_and_in_plan_order():
     assert KINDS.names()[:5] == ["backbone", "pretrain", "fit", "generate", "score"]
     with pytest.raises(ConfigError, match="job kind 'fit' is registered twice"):
         KINDS.add("fit", "harness.runner.kinds.score:SCORE")
+
+
+def test_a_methods_hash_follows_its_code_and_settings_not_its_tests_or_markdown(tmp_path):
+    """The measured numbers rendered into a method's README, and its tests, recompute nothing; its code and its
+    method.yaml do (and so do those of a method it builds on)."""
+    from harness.runner.kinds.generation import method_hash
+
+    method, base = tmp_path / "method", tmp_path / "base"
+    for folder in (method, method / "tests", base):
+        folder.mkdir()
+        (folder / "code.py").write_text("x = 1\n")
+    (method / "README.md").write_text("fit: 12 s\n")
+    first = method_hash(method, [base])
+    (method / "README.md").write_text("fit: 13 s\n")
+    (method / "tests" / "code.py").write_text("x = 2\n")
+    assert method_hash(method, [base]) == first
+    for edited in (method / "code.py", base / "code.py"):
+        edited.write_text("x = 3\n")
+        assert method_hash(method, [base]) != first
+        edited.write_text("x = 1\n")
+    (method / "method.yaml").write_text("defaults: {}\n")
+    assert method_hash(method, [base]) != first

@@ -1,31 +1,108 @@
-"""Attention processors of the diffusion toolkit: every per-call input travels with the call, as
-`unet(..., cross_attention_kwargs={"context": AttentionContext(...)})`; the processors hold no per-call state.
+"""Attention processors of the diffusion toolkit: one behaviour per class, composed per layer.
 
-One processor class serves self- and cross-attention layers alike and does, where the context asks for it:
-- per-branch LoRA: low-rank updates of the q, k, v and output projections, one adapter per branch, chosen per
-  sample of the batch by `context.branch` (peft switches adapters per call, so it cannot train two branches in
-  one batch; these adapters can);
-- recording: the cross-attention maps of chosen tokens, averaged over heads, into `context.record`;
-- a key/value store: self-attention keys and values written in one UNet pass and, in a later pass, attended to
-  beside the layer's own (`context.kv`, mode "write" then "read");
-- re-weighting: a spatial map added to, or multiplying, the cross-attention logits of a token range
-  (`context.reweight`).
-With an empty context it computes exactly what diffusers' AttnProcessor computes (tested).
+Every attention layer gets one `LayerProcessor` holding the behaviours a method installs on it (`install`). The
+processor computes diffusers' attention and gives each behaviour its hooks:
+
+    hidden -> q = project("q")                                    BranchLoRA
+    source (the layer's own states, or the text condition)
+           -> keys_from(source)                                   a method's (DualAnoDiff's BCM)
+    attend: one behaviour may replace it, calling the plain one   a method's (Cho et al.'s masked rule)
+           k, v = project("k"), project("v")                      BranchLoRA
+           logits = Q K^T scale (+ mask) -> logits(...)           Reweight
+           softmax -> observe(...)                                Record
+    out = project("out") -> output(...)                           a method's (DualAnoDiff's SAIM)
+
+Every per-call input travels with the call, as `unet(..., cross_attention_kwargs={"context": AttentionContext(
+...)})`: a typed value per behaviour (`Recorder` for Record, `TokenReweight` for Reweight, `SampleBranches` for
+BranchLoRA, a method's own types for its behaviours), found by its type. A behaviour whose input the call does
+not carry does nothing (BranchLoRA, which cannot, raises). The processors hold no per-call state. With no
+behaviour, or none with an input, a layer computes exactly what diffusers' AttnProcessor computes (tested).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 
+T = TypeVar("T")
+
+
+class AttentionContext:
+    """The per-call inputs of the layers' behaviours: at most one value of each type (None values are left out)."""
+
+    def __init__(self, *inputs: object):
+        self._inputs: dict[type, object] = {}
+        for value in inputs:
+            if value is None:
+                continue
+            if type(value) in self._inputs:
+                raise ValueError(f"one attention context holds two {type(value).__name__} inputs")
+            self._inputs[type(value)] = value
+
+    def get(self, kind: type[T]) -> T | None:
+        return self._inputs.get(kind)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a behaviour knows of the call it is in."""
+
+    layer: str  # the attention layer's module name
+    cross: bool  # cross-attention (the text condition) or self-attention
+    batch: int  # samples in the call (the heads are folded into the batch of q, k, v, the logits)
+    context: AttentionContext
+
+
+class Attend(Protocol):
+    def __call__(self, query: torch.Tensor, source: torch.Tensor, attention_mask: torch.Tensor | None,
+                 observe: bool = True) -> torch.Tensor: ...
+
+
+class Behaviour(torch.nn.Module):
+    """One behaviour of an attention layer; every hook leaves its input as it is. Its parameters are the layer
+    processor's, under the behaviour's `slot` (`<layer>.processor.<slot>.<name>` in the UNet's state dict)."""
+
+    slot = ""
+
+    def project(self, part: str, x: torch.Tensor, out: torch.Tensor, call: Call) -> torch.Tensor:
+        """The projection `part` (q, k, v or out) of x, `out` as the layer computes it."""
+        return out
+
+    def keys_from(self, source: torch.Tensor, call: Call) -> torch.Tensor:
+        """The states the keys and values are projected from."""
+        return source
+
+    def attend(self, attend: Attend, query: torch.Tensor, source: torch.Tensor, call: Call) -> torch.Tensor | None:
+        """The attention output (heads merged) in place of `attend(query, source, mask)`; None: the plain one."""
+        return None
+
+    def needs_map(self, call: Call, observe: bool) -> bool:
+        """Whether this call must form the attention map (else the fused kernel runs, which never holds it)."""
+        return False
+
+    def logits(self, logits: torch.Tensor, call: Call) -> torch.Tensor:
+        return logits
+
+    def observe(self, probabilities: torch.Tensor, call: Call) -> None:
+        """The attention map softmax(logits): (batch * heads, queries, keys)."""
+
+    def output(self, hidden_states: torch.Tensor, call: Call) -> torch.Tensor:
+        """The layer's output after the output projection (before the 4-D reshape and the residual)."""
+        return hidden_states
+
+
+# ---- the toolkit's behaviours -------------------------------------------------------------------------------------
+
 
 @dataclass
 class Recorder:
-    tokens: tuple[int, ...]  # token positions whose maps are kept
+    """Record's input: the token positions whose cross-attention maps are kept, and the maps."""
+
+    tokens: tuple[int, ...]
     maps: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # layer -> [(B, len(tokens), h, w), ...]
 
     def mean(self, size: int) -> torch.Tensor:
@@ -37,15 +114,28 @@ class Recorder:
         return torch.stack(resized).mean(0)
 
 
-@dataclass
-class KVStore:
-    mode: str = "write"  # write: keep each self-attention layer's keys and values; read: attend to them too
-    keys: dict[str, torch.Tensor] = field(default_factory=dict)
-    values: dict[str, torch.Tensor] = field(default_factory=dict)
+class Record(Behaviour):
+    """Keeps the cross-attention maps of the Recorder's tokens, averaged over heads."""
+
+    slot = "record"
+
+    def needs_map(self, call: Call, observe: bool) -> bool:
+        return call.cross and observe and call.context.get(Recorder) is not None
+
+    def observe(self, probabilities: torch.Tensor, call: Call) -> None:
+        recorder = call.context.get(Recorder)
+        if not call.cross or recorder is None:
+            return
+        heads, positions = probabilities.shape[0] // call.batch, probabilities.shape[1]
+        side = int(round(math.sqrt(positions)))
+        chosen = probabilities[..., list(recorder.tokens)].reshape(call.batch, heads, positions, -1).mean(1)
+        recorder.maps.setdefault(call.layer, []).append(chosen.transpose(1, 2).reshape(call.batch, -1, side, side))
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenReweight:
+    """Reweight's input."""
+
     start: int  # token range [start, stop) of the cross-attention
     stop: int
     weights: torch.Tensor  # (B, 1, h, w) spatial map, resized to each layer's resolution
@@ -54,16 +144,41 @@ class TokenReweight:
     columns: torch.Tensor | None = None  # (B, tokens) bool: per-sample tokens instead of [start, stop)
 
 
-@dataclass
-class AttentionContext:
-    branch: torch.Tensor | None = None  # (B,) branch index of each sample, for per-branch LoRA
-    record: Recorder | None = None
-    kv: KVStore | None = None
-    reweight: TokenReweight | None = None
-    extras: dict = field(default_factory=dict)  # inputs of method-specific processors (methods/<name>/)
+class Reweight(Behaviour):
+    """A spatial map added to, or multiplying, the cross-attention logits of a token range."""
+
+    slot = "reweight"
+
+    def needs_map(self, call: Call, observe: bool) -> bool:
+        return call.cross and call.context.get(TokenReweight) is not None
+
+    def logits(self, logits: torch.Tensor, call: Call) -> torch.Tensor:
+        reweight = call.context.get(TokenReweight)
+        if not call.cross or reweight is None:
+            return logits
+        side = int(round(math.sqrt(logits.shape[1])))
+        weights = F.interpolate(reweight.weights.float(), size=(side, side), mode="bilinear", align_corners=False)
+        weights = weights.flatten(1).to(logits.dtype)  # (B, positions)
+        heads = logits.shape[0] // call.batch
+        per_row = weights.repeat_interleave(heads, 0)[:, :, None]  # (B * heads, positions, 1)
+        if reweight.columns is not None:
+            columns = reweight.columns.to(logits.device).repeat_interleave(heads, 0)[:, None, :]  # (B * heads, 1, T)
+        else:
+            columns = torch.zeros(1, 1, logits.shape[-1], dtype=torch.bool, device=logits.device)
+            columns[..., reweight.start:reweight.stop] = True
+        if reweight.multiply:
+            return logits * torch.where(columns, per_row, torch.ones_like(per_row))
+        return logits + torch.where(columns, reweight.scale * per_row, torch.zeros_like(per_row))
 
 
-class BranchLoRA(torch.nn.Module):
+@dataclass(frozen=True)
+class SampleBranches:
+    """BranchLoRA's input: the branch index of each sample of the call, (B,)."""
+
+    index: torch.Tensor
+
+
+class BranchAdapters(torch.nn.Module):
     """Low-rank updates of one Linear layer, one per branch: x -> B_b A_b x for the sample's branch b."""
 
     def __init__(self, branches: int, features_in: int, features_out: int, rank: int, alpha: float | None = None):
@@ -77,27 +192,48 @@ class BranchLoRA(torch.nn.Module):
         return torch.einsum("bor,bri,bni->bno", up, down, x) * self.scaling
 
 
-def _projection_sizes(attn) -> dict[str, tuple[int, int]]:
-    return {"q": (attn.to_q.in_features, attn.to_q.out_features), "k": (attn.to_k.in_features, attn.to_k.out_features),
-            "v": (attn.to_v.in_features, attn.to_v.out_features),
-            "out": (attn.to_out[0].in_features, attn.to_out[0].out_features)}
+class BranchLoRA(Behaviour):
+    """Per-branch LoRA on q, k, v and out: one adapter per branch, chosen per sample by `SampleBranches` (peft
+    switches adapters per call, so it cannot train two branches in one batch; these adapters can)."""
+
+    slot = "lora"
+
+    def __init__(self, attn, branches: int, rank: int = 4, alpha: float | None = None):
+        super().__init__()
+        sizes = {"q": attn.to_q, "k": attn.to_k, "v": attn.to_v, "out": attn.to_out[0]}
+        for part, layer in sizes.items():
+            self.add_module(part, BranchAdapters(branches, layer.in_features, layer.out_features, rank, alpha))
+
+    def project(self, part: str, x: torch.Tensor, out: torch.Tensor, call: Call) -> torch.Tensor:
+        branches = call.context.get(SampleBranches)
+        if branches is None:
+            raise ValueError(f"{call.layer}: per-branch LoRA needs the branch of each sample (SampleBranches)")
+        return out + self.get_submodule(part)(x, branches.index.to(x.device))
 
 
-class ToolkitAttnProcessor(torch.nn.Module):
-    """diffusers attention with the context's per-call inputs (see the module docstring)."""
+# ---- the layer processor ------------------------------------------------------------------------------------------
 
-    def __init__(self, name: str, attn, branches: int = 0, rank: int = 4, alpha: float | None = None):
+
+class LayerProcessor(torch.nn.Module):
+    """diffusers' attention with the behaviours' hooks (see the module docstring), applied in their order."""
+
+    def __init__(self, name: str, behaviours: list[Behaviour]):
         super().__init__()
         self.name = name
-        self.lora = torch.nn.ModuleDict({p: BranchLoRA(branches, i, o, rank, alpha)
-                                         for p, (i, o) in _projection_sizes(attn).items()}) if branches else None
+        self.behaviours = list(behaviours)
+        for behaviour in self.behaviours:
+            if not behaviour.slot or hasattr(self, behaviour.slot):
+                raise ValueError(f"{name}: behaviour {type(behaviour).__name__} has no slot of its own "
+                                 f"({behaviour.slot!r})")
+            self.add_module(behaviour.slot, behaviour)
+        self._attends = [b for b in self.behaviours if type(b).attend is not Behaviour.attend]
+        if len(self._attends) > 1:
+            raise ValueError(f"{name}: two behaviours replace the attention ({[type(b).__name__ for b in self._attends]})")
 
-    def _project(self, part: str, layer, x: torch.Tensor, context: AttentionContext | None) -> torch.Tensor:
+    def _project(self, part: str, layer, x: torch.Tensor, call: Call) -> torch.Tensor:
         out = layer(x)
-        if self.lora is not None:
-            if context is None or context.branch is None:
-                raise ValueError(f"{self.name}: per-branch LoRA needs the branch of each sample (context.branch)")
-            out = out + self.lora[part](x, context.branch.to(x.device))
+        for behaviour in self.behaviours:
+            out = behaviour.project(part, x, out, call)
         return out
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -112,14 +248,24 @@ class ToolkitAttnProcessor(torch.nn.Module):
             hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
         is_cross = encoder_hidden_states is not None
         batch, tokens = (hidden_states if not is_cross else encoder_hidden_states).shape[:2]
+        call = Call(self.name, is_cross, batch, context if context is not None else AttentionContext())
         attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.head_to_batch_dim(self._project("q", attn.to_q, hidden_states, context))
+        query = attn.head_to_batch_dim(self._project("q", attn.to_q, hidden_states, call))
         source = hidden_states if not is_cross else (attn.norm_encoder_hidden_states(encoder_hidden_states)
                                                      if attn.norm_cross else encoder_hidden_states)
-        hidden_states = self._attend(attn, query, source, attention_mask, context, batch, is_cross)
-        hidden_states = attn.to_out[1](self._project("out", attn.to_out[0], hidden_states, context))
+        for behaviour in self.behaviours:
+            source = behaviour.keys_from(source, call)
+
+        def attend(q: torch.Tensor, s: torch.Tensor, mask: torch.Tensor | None, observe: bool = True) -> torch.Tensor:
+            return self._attend(attn, q, s, mask, call, observe)
+
+        replaced = self._attends[0].attend(attend, query, source, call) if self._attends else None
+        hidden_states = replaced if replaced is not None else attend(query, source, attention_mask)
+        hidden_states = attn.to_out[1](self._project("out", attn.to_out[0], hidden_states, call))
+        for behaviour in self.behaviours:
+            hidden_states = behaviour.output(hidden_states, call)
         if four_d:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
         if attn.residual_connection:
@@ -127,96 +273,64 @@ class ToolkitAttnProcessor(torch.nn.Module):
         return hidden_states / attn.rescale_output_factor
 
     def _attend(self, attn, query: torch.Tensor, source: torch.Tensor, attention_mask: torch.Tensor | None,
-                context: AttentionContext | None, batch: int, is_cross: bool, record: bool = True) -> torch.Tensor:
-        """softmax(Q K^T / sqrt(d)) V over `source` (the layer's own states, or the text condition), heads merged:
-        (B, queries, inner dim). Methods with their own attention rule override this (methods/<name>/)."""
-        key = attn.head_to_batch_dim(self._project("k", attn.to_k, source, context))
-        value = attn.head_to_batch_dim(self._project("v", attn.to_v, source, context))
-        if not is_cross and context is not None and context.kv is not None:
-            key, value = self._store(context.kv, key, value)
-        recording = is_cross and record and context is not None and context.record is not None
-        reweighting = is_cross and context is not None and context.reweight is not None
+                call: Call, observe: bool) -> torch.Tensor:
+        """softmax(Q K^T scale + mask) V over `source`, heads merged: (B, queries, inner dim)."""
+        key = attn.head_to_batch_dim(self._project("k", attn.to_k, source, call))
+        value = attn.head_to_batch_dim(self._project("v", attn.to_v, source, call))
         upcast = (attn.upcast_attention or attn.upcast_softmax) and query.dtype != torch.float32
-        if not (recording or reweighting or upcast):  # no map to keep or change: the fused kernel, which never holds
-            return attn.batch_to_head_dim(F.scaled_dot_product_attention(  # the queries x keys matrix (SD's 64 x 64
-                query, key, value, attn_mask=attention_mask, scale=attn.scale))  # latents: 4096 x 4096 per head)
-        probabilities = self._probabilities(attn, query, key, attention_mask, context if is_cross else None, batch)
-        if recording:
-            self._record(context.record, probabilities, batch)
-        return attn.batch_to_head_dim(torch.bmm(probabilities, value))
-
-    def _store(self, kv: KVStore, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if kv.mode == "write":
-            kv.keys[self.name], kv.values[self.name] = key.detach(), value.detach()
-            return key, value
-        if kv.mode != "read":
-            raise ValueError(f"KVStore.mode must be 'write' or 'read', not {kv.mode!r}")
-        if self.name not in kv.keys:
-            raise ValueError(f"{self.name}: nothing was written to the key/value store for this layer")
-        return torch.cat([key, kv.keys[self.name]], dim=1), torch.cat([value, kv.values[self.name]], dim=1)
-
-    @staticmethod
-    def _probabilities(attn, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-                       context: AttentionContext | None, batch: int) -> torch.Tensor:
-        """softmax(Q K^T scale + mask [+ the re-weighting map on a token range]), as attn.get_attention_scores."""
+        if not (upcast or any(b.needs_map(call, observe) for b in self.behaviours)):
+            # no map to keep or change: the fused kernel, which never holds the queries x keys matrix (SD's 64 x 64
+            # latents: 4096 x 4096 per head)
+            return attn.batch_to_head_dim(F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, scale=attn.scale))
         dtype = query.dtype
         if attn.upcast_attention:
             query, key = query.float(), key.float()
         base = attention_mask if attention_mask is not None else torch.zeros(
             query.shape[0], query.shape[1], key.shape[1], dtype=query.dtype, device=query.device)
         logits = torch.baddbmm(base, query, key.transpose(-1, -2), beta=0 if attention_mask is None else 1,
-                               alpha=attn.scale)
-        if context is not None and context.reweight is not None:
-            logits = _reweighted(logits, context.reweight, batch)
+                               alpha=attn.scale)  # as attn.get_attention_scores
+        for behaviour in self.behaviours:
+            logits = behaviour.logits(logits, call)
         if attn.upcast_softmax:
             logits = logits.float()
-        return logits.softmax(dim=-1).to(dtype)
-
-    def _record(self, recorder: Recorder, probabilities: torch.Tensor, batch: int) -> None:
-        heads, positions = probabilities.shape[0] // batch, probabilities.shape[1]
-        side = int(round(math.sqrt(positions)))
-        chosen = probabilities[..., list(recorder.tokens)].reshape(batch, heads, positions, -1).mean(1)
-        recorder.maps.setdefault(self.name, []).append(chosen.transpose(1, 2).reshape(batch, -1, side, side))
+        probabilities = logits.softmax(dim=-1).to(dtype)
+        if observe:
+            for behaviour in self.behaviours:
+                behaviour.observe(probabilities, call)
+        return attn.batch_to_head_dim(torch.bmm(probabilities, value))
 
 
-def _reweighted(logits: torch.Tensor, reweight: TokenReweight, batch: int) -> torch.Tensor:
-    positions = logits.shape[1]
-    side = int(round(math.sqrt(positions)))
-    weights = F.interpolate(reweight.weights.float(), size=(side, side), mode="bilinear", align_corners=False)
-    weights = weights.flatten(1).to(logits.dtype)  # (B, positions)
-    heads = logits.shape[0] // batch
-    per_row = weights.repeat_interleave(heads, 0)[:, :, None]  # (B * heads, positions, 1)
-    if reweight.columns is not None:
-        columns = reweight.columns.to(logits.device).repeat_interleave(heads, 0)[:, None, :]  # (B * heads, 1, T)
-    else:
-        columns = torch.zeros(1, 1, logits.shape[-1], dtype=torch.bool, device=logits.device)
-        columns[..., reweight.start:reweight.stop] = True
-    if reweight.multiply:
-        return logits * torch.where(columns, per_row, torch.ones_like(per_row))
-    return logits + torch.where(columns, reweight.scale * per_row, torch.zeros_like(per_row))
+Behaviours = Callable[[str, torch.nn.Module], list[Behaviour]]  # (name, attention layer) -> its behaviours
 
 
-def install(unet: torch.nn.Module, branches: int = 0, rank: int = 4, alpha: float | None = None,
-            processor: Callable[..., ToolkitAttnProcessor] | None = None) -> dict:
-    """A ToolkitAttnProcessor (or `processor(name, layer, branches, rank, alpha)`, a method's own) on every
-    attention layer of `unet` (with `branches` per-branch LoRA adapters, trainable parameters of the UNet from then
-    on); returns the previous processors (`unet.set_attn_processor(previous)`)."""
-    make = processor or ToolkitAttnProcessor
+def no_behaviours(name: str, attn: torch.nn.Module) -> list[Behaviour]:
+    return []
+
+
+def each_layer(*kinds: type[Behaviour]) -> Behaviours:
+    """A fresh behaviour of each kind (ones without settings: Record, Reweight) on every layer."""
+    return lambda name, attn: [kind() for kind in kinds]
+
+
+def install(unet: torch.nn.Module, behaviours: Behaviours = no_behaviours) -> dict:
+    """A LayerProcessor with `behaviours(name, layer)` on every attention layer of `unet` (their parameters trainable
+    parameters of the UNet from then on, placed where the layer is: a GPU, a dtype); returns the previous processors
+    (`unet.set_attn_processor(previous)`)."""
     previous = dict(unet.attn_processors)
     modules = dict(unet.named_modules())
     made = {}
     for key in previous:
-        layer = modules[key.removesuffix(".processor")]
-        reference = layer.to_q.weight  # a processor's own parameters go where its layer is (a GPU, a dtype)
-        made[key] = make(key.removesuffix(".processor"), layer, branches, rank, alpha).to(reference.device)
+        name = key.removesuffix(".processor")
+        layer = modules[name]
+        made[key] = LayerProcessor(name, behaviours(name, layer)).to(layer.to_q.weight.device)
     unet.set_attn_processor(made)
     return previous
 
 
 @contextlib.contextmanager
-def installed(unet: torch.nn.Module, branches: int = 0, rank: int = 4,
-              processor: Callable[..., ToolkitAttnProcessor] | None = None) -> Iterator[None]:
-    previous = install(unet, branches, rank, processor=processor)
+def installed(unet: torch.nn.Module, behaviours: Behaviours = no_behaviours) -> Iterator[None]:
+    previous = install(unet, behaviours)
     try:
         yield
     finally:
@@ -224,9 +338,9 @@ def installed(unet: torch.nn.Module, branches: int = 0, rank: int = 4,
 
 
 def branch_lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in unet.named_parameters() if ".processor.lora." in n]
+    return [p for n, p in unet.named_parameters() if f".processor.{BranchLoRA.slot}." in n]
 
 
 def branch_lora_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The per-branch adapters alone (to save beside the backbone instead of a full UNet)."""
-    return {n: t.detach().cpu() for n, t in unet.state_dict().items() if ".processor.lora." in n}
+    return {n: t.detach().cpu() for n, t in unet.state_dict().items() if f".processor.{BranchLoRA.slot}." in n}

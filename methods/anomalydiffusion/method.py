@@ -194,7 +194,7 @@ class AnomalyDiffusion(Method):
         embedding = self._load_embedding(backbone, model, workdir)
         adaptive_on = self._adaptive(model)
         if adaptive_on:
-            processors.install(backbone.unet)  # the toolkit's attention, for the re-weighting's per-call map
+            processors.install(backbone.unet, processors.each_layer(processors.Reweight))  # the per-call map
         text = self._text(backbone, embedding.tokens, model["placeholder"], model["templates"])
         size, batch = model["resolution"], self.config["generation_batch"]
         masks, sources, record = self._masks(backbone, request, workdir, model)  # before the images' LoRA
@@ -300,7 +300,7 @@ class AnomalyDiffusion(Method):
             if adaptive_on:
                 weights = adaptive.attention_weights(z, z0, mask_at(t))
                 kwargs["cross_attention_kwargs"] = {"context": processors.AttentionContext(
-                    reweight=processors.TokenReweight(0, 0, weights, multiply=True, columns=columns))}
+                    processors.TokenReweight(0, 0, weights, multiply=True, columns=columns))}
             out = backbone.unet(z, t, encoder_hidden_states=condition_at(t), **kwargs).sample
             return ddim.predicted_noise(backbone.scheduler, out, z, t)
 

@@ -1,4 +1,4 @@
-"""Cho et al.'s masked cross-attention (Eq. 10-11), as a processor of the diffusion toolkit.
+"""Cho et al.'s masked cross-attention (Eq. 10-11), as a behaviour of the diffusion toolkit's attention layers.
 
 The text condition is two encoded prompts side by side on the token axis, C = [C_a; C_b] (each `tokens` long): C_a
 the prompt of the masked region (the defect token in C1, the mask token in C2), C_b the background token's prompt.
@@ -7,8 +7,9 @@ With m' the mask resized to the attention map's resolution and tau = sqrt(d),
     Attn(z, C) = m' * softmax(Q K_a^T / tau) V_a + (1 - m') * softmax(Q K_b^T / tau) V_b
 
 per head, so inside the mask a query attends only to the region's prompt and outside only to the background's.
-The mask and the token count travel with each UNet call (`TwoPrompts` in the toolkit's AttentionContext.extras);
-a recorder in the context keeps the region prompt's maps (Eq. 13 reads the defect token's).
+The mask and the token count travel with each UNet call (`TwoPrompts` in the toolkit's AttentionContext); the
+toolkit's Record keeps the region prompt's maps where the context carries a Recorder (Eq. 13 reads the defect
+token's).
 """
 from __future__ import annotations
 
@@ -18,20 +19,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from harness.diffusion.processors import AttentionContext, ToolkitAttnProcessor
-
-KEY = "two_prompts"
+from harness.diffusion.processors import Attend, AttentionContext, Behaviour, Call, Record, Recorder
 
 
 @dataclass(frozen=True)
 class TwoPrompts:
+    """The masked rule's input."""
+
     mask: torch.Tensor  # (B, 1, h, w) at latent resolution, 1 inside the region
     tokens: int  # tokens of each prompt: C_a is condition[:, :tokens], C_b condition[:, tokens:]
 
 
-def context_for(mask: torch.Tensor, tokens: int, **toolkit) -> AttentionContext:
-    """The per-call context: the masked rule's inputs, and any of the toolkit's (record, ...)."""
-    return AttentionContext(extras={KEY: TwoPrompts(mask, tokens)}, **toolkit)
+def context_for(mask: torch.Tensor, tokens: int, record: Recorder | None = None) -> AttentionContext:
+    """The per-call context: the masked rule's inputs and, to keep the region prompt's maps, a recorder."""
+    return AttentionContext(TwoPrompts(mask, tokens), record)
 
 
 def mask_for(mask: torch.Tensor, n_queries: int) -> torch.Tensor:
@@ -51,22 +52,28 @@ def mask_for(mask: torch.Tensor, n_queries: int) -> torch.Tensor:
     return resized.flatten(2).transpose(1, 2)
 
 
-class MaskedTwoPromptProcessor(ToolkitAttnProcessor):
+class MaskedTwoPrompts(Behaviour):
     """Eq. 10-11 on every cross-attention call whose context carries `TwoPrompts`; any other call (self-attention,
-    or no two prompts) is the toolkit's attention."""
+    or no two prompts) is the layer's plain attention."""
 
-    def _attend(self, attn, query: torch.Tensor, source: torch.Tensor, attention_mask: torch.Tensor | None,
-                context: AttentionContext | None, batch: int, is_cross: bool, record: bool = True) -> torch.Tensor:
-        two = context.extras.get(KEY) if context is not None else None
-        if not is_cross or two is None:
-            return super()._attend(attn, query, source, attention_mask, context, batch, is_cross, record)
+    slot = "two_prompts"
+
+    def attend(self, attend: Attend, query: torch.Tensor, source: torch.Tensor, call: Call) -> torch.Tensor | None:
+        two = call.context.get(TwoPrompts)
+        if not call.cross or two is None:
+            return None
         if source.shape[1] != 2 * two.tokens:
-            raise ValueError(f"{self.name}: the condition has {source.shape[1]} tokens, not two prompts of "
+            raise ValueError(f"{call.layer}: the condition has {source.shape[1]} tokens, not two prompts of "
                              f"{two.tokens}")
-        region = super()._attend(attn, query, source[:, :two.tokens], None, context, batch, True, record=True)
-        background = super()._attend(attn, query, source[:, two.tokens:], None, context, batch, True, record=False)
+        region = attend(query, source[:, :two.tokens], None, observe=True)
+        background = attend(query, source[:, two.tokens:], None, observe=False)
         m = mask_for(two.mask, query.shape[1]).to(region.dtype)
         return m * region + (1 - m) * background
+
+
+def behaviours(name: str, attn) -> list[Behaviour]:
+    """Every layer's: the masked rule, and the toolkit's recording of the region prompt's maps."""
+    return [MaskedTwoPrompts(), Record()]
 
 
 def two_prompt_condition(backbone, region_prompt: str, background_prompt: str) -> tuple[torch.Tensor, int]:

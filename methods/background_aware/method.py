@@ -26,7 +26,7 @@ from harness.diffusion.latents import decode, encode, initial_noise, latent_mask
 from harness.diffusion.lora import LoraSettings, add_lora, load_lora, save_lora
 from harness.errors import MethodError
 
-from .attention import MaskedTwoPromptProcessor, context_for, token_index, two_prompt_condition
+from .attention import behaviours, context_for, token_index, two_prompt_condition
 
 MODEL_FILE, ADAPTER = "model.json", "lora"
 LOSSES, INITS = ("disentangled", "naive"), ("inversion", "random")
@@ -182,7 +182,7 @@ class BackgroundAware(Method):
         settings = self._lora_settings()
         seed = int(task.rng().integers(2**63 - 1))
         params = add_lora(backbone.unet, settings, seed=seed)
-        processors.install(backbone.unet, processor=MaskedTwoPromptProcessor)
+        processors.install(backbone.unet, behaviours)
         size = task.resolution  # the method's working resolution (Method.working_resolution)
         data = LatentData.encode(backbone, resize_images(np.stack([a.image for a in task.anomalies]), size),
                                  resize_masks(np.stack([a.mask for a in task.anomalies]), size),
@@ -226,7 +226,7 @@ class BackgroundAware(Method):
         # the backbone as this machine has it (the folder recorded at fit time may have moved with the results)
         backbone = backbones.load_frozen(request.backbone or Path(model["backbone"]))
         load_lora(backbone.unet, workdir / ADAPTER)
-        processors.install(backbone.unet, processor=MaskedTwoPromptProcessor)
+        processors.install(backbone.unet, behaviours)
         conditions = Conditions(backbone, Prompts(**model["prompts"]))
         size, batch = model["resolution"], self.config["generation_batch"]
         with torch.no_grad():

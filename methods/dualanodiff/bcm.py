@@ -23,14 +23,31 @@ import numpy as np
 import torch
 
 from harness.diffusion.latents import to_tensor
+from harness.diffusion.processors import AttentionContext, Behaviour, Call
 from harness.imaging import estimate_foreground
 
-KEY = "bcm"  # AttentionContext.extras[KEY]: a BackgroundFeatures store
 GAMMA_INIT = 0.1
+WHOLE = slice(0, None, 2)  # the whole branch's samples of the dual pass's interleaved (whole, part) pairs (saim.py)
 
 
-class BackgroundCompensation(torch.nn.Module):
-    """phi(z) + gamma * MLP(phi(z_b)) for one self-attention layer."""
+@dataclass
+class BackgroundFeatures:
+    """BCM's per-call input: mode "write" (the background pass) keeps each self-attention layer's input features;
+    mode "read" (the dual pass) hands them to the same layer."""
+
+    mode: str = "write"
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def background_pass(context: AttentionContext) -> bool:
+    store = context.get(BackgroundFeatures)
+    return store is not None and store.mode == "write"
+
+
+class BackgroundCompensation(Behaviour):
+    """phi(z) + gamma * MLP(phi(z_b)) for one self-attention layer: the whole branch's keys and values."""
+
+    slot = "bcm"
 
     def __init__(self, channels: int, hidden: int):
         super().__init__()
@@ -44,14 +61,19 @@ class BackgroundCompensation(torch.nn.Module):
                              f"{tuple(features.shape)} (one background per whole image)")
         return features + self.gamma * self.mlp(background)
 
-
-@dataclass
-class BackgroundFeatures:
-    """Per-call store: mode "write" keeps each self-attention layer's input features of the background pass;
-    mode "read" hands them to the same layer in the dual pass."""
-
-    mode: str = "write"
-    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    def keys_from(self, source: torch.Tensor, call: Call) -> torch.Tensor:
+        """Eq. 5-6: the background pass writes phi(z_b); the dual pass compensates the whole branch's phi(z)."""
+        if call.cross:
+            return source
+        store = call.context.get(BackgroundFeatures)
+        if store is not None and store.mode == "write":
+            store.features[call.layer] = source
+            return source
+        if store is None or store.mode != "read" or call.layer not in store.features:
+            raise ValueError(f"{call.layer}: BCM needs the background pass's features (saim.background_context)")
+        source = source.clone()
+        source[WHOLE] = self(source[WHOLE], store.features[call.layer])
+        return source
 
 
 def background_image(images: np.ndarray, objects: np.ndarray) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""DualAnoDiff's dual-branch attention (Jin et al., CVPR 2025, Sec. 3.2), as a processor of the diffusion toolkit.
+"""DualAnoDiff's dual-branch attention (Jin et al., CVPR 2025, Sec. 3.2), as behaviours of the diffusion toolkit's
+attention layers.
 
 The UNet's batch is interleaved branch pairs [whole_0, part_0, whole_1, part_1, ...]: branch 0 denoises the
 whole anomaly image, branch 1 its anomaly part. In every attention layer, self- and cross-attention alike:
 
 1. each branch attends over its own tokens with the frozen projections plus its own LoRA on q, k, v and out (the
-   toolkit's per-branch LoRA, `AttentionContext.branch` = 0, 1, 0, 1, ...);
+   toolkit's BranchLoRA, `SampleBranches` = 0, 1, 0, 1, ...);
 2. SAIM, the self-attention interaction module, lets the two branches exchange information at every spatial
    position: with O the attention output (after the output projection),
        u = W_i LN(O)                        per branch (one W_i, LN shared by both)
@@ -18,25 +19,36 @@ whole anomaly image, branch 1 its anomaly part. In every attention layer, self- 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from harness.diffusion import processors
-from harness.diffusion.processors import AttentionContext, ToolkitAttnProcessor
+from harness.diffusion.processors import AttentionContext, Behaviour, BranchLoRA, Call, SampleBranches
 
 from . import bcm
 
 BRANCHES = 2  # whole image, anomaly part
-KEY = "saim"  # AttentionContext.extras[KEY] = False switches SAIM off for a call (the "no SAIM" ablation)
 
 
-class SAIM(torch.nn.Module):
+@dataclass(frozen=True)
+class Pairs:
+    """SAIM's input: the call's batch is `count` interleaved (whole, part) pairs; `interact` False switches SAIM off
+    for the call (the "no SAIM" ablation)."""
+
+    count: int
+    interact: bool = True
+
+
+class SAIM(Behaviour):
     """The interaction of a pair of branches at each position (the module docstring's equations).
 
     `zero_init`: W_o starts at zero, so SAIM starts as the identity (the authors' code keeps PyTorch's default
     initialisation, which changes the pretrained UNet's output from the first step)."""
+
+    slot = "saim"
 
     def __init__(self, channels: int, zero_init: bool = False):
         super().__init__()
@@ -64,8 +76,14 @@ class SAIM(torch.nn.Module):
                                                                                                  channels)
         return hidden_states + self.proj_out(s)
 
-
-PAIRED = "interleaved_pairs"  # extras marker: the batch is (whole, part) pairs, set by context_for alone
+    def output(self, hidden_states: torch.Tensor, call: Call) -> torch.Tensor:
+        pairs = call.context.get(Pairs)
+        if pairs is None and bcm.background_pass(call.context):  # the whole branch alone: nothing to interact with
+            return hidden_states
+        if pairs is None or BRANCHES * pairs.count != len(hidden_states):
+            raise ValueError(f"{call.layer}: the batch must be interleaved (whole, part) pairs with "
+                             "SampleBranches = 0, 1, 0, 1, ... (saim.context_for)")
+        return self(hidden_states) if pairs.interact else hidden_states
 
 
 def pair_branches(pairs: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -74,11 +92,10 @@ def pair_branches(pairs: int, device: torch.device | str = "cpu") -> torch.Tenso
 
 
 def context_for(pairs: int, saim: bool = True, device: torch.device | str = "cpu",
-                background: bcm.BackgroundFeatures | None = None, **toolkit) -> AttentionContext:
+                background: bcm.BackgroundFeatures | None = None) -> AttentionContext:
     """The per-call context of a UNet call on `pairs` interleaved (whole, part) pairs: each sample's branch (on the
-    UNet's device), SAIM on or off, BCM's background features (mode "read"), and any of the toolkit's inputs."""
-    extras = {KEY: saim, PAIRED: pairs, **({bcm.KEY: background} if background is not None else {})}
-    return AttentionContext(branch=pair_branches(pairs, device), extras=extras, **toolkit)
+    UNet's device), SAIM on or off, and BCM's background features (mode "read")."""
+    return AttentionContext(SampleBranches(pair_branches(pairs, device)), Pairs(pairs, saim), background)
 
 
 def background_context(count: int, device: torch.device | str = "cpu") -> tuple[AttentionContext,
@@ -87,67 +104,37 @@ def background_context(count: int, device: torch.device | str = "cpu") -> tuple[
     the store it fills for the dual pass."""
     store = bcm.BackgroundFeatures(mode="write")
     branch = torch.zeros(count, dtype=torch.long, device=device)
-    return AttentionContext(branch=branch, extras={bcm.KEY: store}), store
+    return AttentionContext(SampleBranches(branch), store), store
 
 
-class DualBranchProcessor(ToolkitAttnProcessor):
-    """The toolkit's attention with per-branch LoRA (two branches), then SAIM on its output; with `bcm_hidden`, BCM
-    on the whole branch's self-attention (bcm.py)."""
-
-    def __init__(self, name: str, attn, branches: int = BRANCHES, rank: int = 4, alpha: float | None = None,
-                 zero_init: bool = False, bcm_hidden: int | None = None):
-        if branches != BRANCHES:
-            raise ValueError(f"{name}: DualAnoDiff has {BRANCHES} branches, not {branches}")
-        super().__init__(name, attn, branches, rank, alpha)
-        self.saim = SAIM(attn.to_out[0].out_features, zero_init=zero_init)
-        self.bcm = (bcm.BackgroundCompensation(attn.to_k.in_features, bcm_hidden)
-                    if bcm_hidden and not attn.is_cross_attention else None)
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 context: AttentionContext | None = None) -> torch.Tensor:
-        store = context.extras.get(bcm.KEY) if context is not None else None
-        if store is not None and store.mode == "write":  # BCM's background pass: the whole branch alone
-            if encoder_hidden_states is None:
-                store.features[self.name] = hidden_states
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, context)
-        if context is None or context.extras.get(PAIRED) != len(hidden_states) // BRANCHES or len(hidden_states) % 2:
-            raise ValueError(f"{self.name}: the batch must be interleaved (whole, part) pairs with "
-                             "context.branch = 0, 1, 0, 1, ... (saim.context_for)")
-        if attn.residual_connection or attn.rescale_output_factor != 1 or hidden_states.ndim != 3:
-            raise ValueError(f"{self.name}: SAIM follows SD's attention layers (3-D states, no residual inside)")
-        out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, context)
-        return self.saim(out) if context.extras.get(KEY, True) else out
-
-    def _attend(self, attn, query: torch.Tensor, source: torch.Tensor, attention_mask: torch.Tensor | None,
-                context: AttentionContext | None, batch: int, is_cross: bool, record: bool = True) -> torch.Tensor:
-        store = context.extras.get(bcm.KEY) if context is not None else None
-        if store is not None and store.mode != "write" and not is_cross and self.bcm is not None:  # Eq. 5-6: K, V
-            if store.mode != "read" or self.name not in store.features:
-                raise ValueError(f"{self.name}: BCM needs the background pass's features (saim.background_context)")
-            source = source.clone()
-            source[0::BRANCHES] = self.bcm(source[0::BRANCHES], store.features[self.name])
-        return super()._attend(attn, query, source, attention_mask, context, batch, is_cross, record)
+def behaviours(name: str, attn, rank: int, alpha: float | None = None, zero_init: bool = False,
+               bcm_hidden: int | None = None) -> list[Behaviour]:
+    """One layer's: both branches' LoRAs, SAIM on the output, and with `bcm_hidden` BCM on a self-attention layer."""
+    if attn.residual_connection or attn.rescale_output_factor != 1:
+        raise ValueError(f"{name}: SAIM follows SD's attention layers (no residual inside, no output rescaling)")
+    made = [BranchLoRA(attn, BRANCHES, rank, alpha), SAIM(attn.to_out[0].out_features, zero_init=zero_init)]
+    if bcm_hidden and not attn.is_cross_attention:
+        made.append(bcm.BackgroundCompensation(attn.to_k.in_features, bcm_hidden))
+    return made
 
 
 def install(unet: torch.nn.Module, rank: int, alpha: float | None = None, zero_init: bool = False,
             bcm_hidden: int | None = None) -> None:
-    """The dual-branch processor on every attention layer of `unet` (its LoRAs, SAIM and, with `bcm_hidden`, BCM
+    """The dual-branch behaviours on every attention layer of `unet` (its LoRAs, SAIM and, with `bcm_hidden`, BCM
     trainable from then on)."""
-    processors.install(unet, BRANCHES, rank, alpha,
-                       processor=partial(DualBranchProcessor, zero_init=zero_init, bcm_hidden=bcm_hidden))
+    processors.install(unet, partial(behaviours, rank=rank, alpha=alpha, zero_init=zero_init, bcm_hidden=bcm_hidden))
 
 
 def saim_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in unet.named_parameters() if ".processor.saim." in n]
+    return [p for n, p in unet.named_parameters() if f".processor.{SAIM.slot}." in n]
 
 
 def bcm_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in unet.named_parameters() if ".processor.bcm." in n]
+    return [p for n, p in unet.named_parameters() if f".processor.{bcm.BackgroundCompensation.slot}." in n]
 
 
 def dual_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The branch LoRAs, SAIM and BCM of every layer: what a fit trains on the frozen UNet, saved alone."""
     own = {n: t.detach().cpu() for n, t in unet.state_dict().items()
-           if ".processor.saim." in n or ".processor.bcm." in n}
+           if f".processor.{SAIM.slot}." in n or f".processor.{bcm.BackgroundCompensation.slot}." in n}
     return {**processors.branch_lora_state(unet), **own}

@@ -57,11 +57,12 @@ class MethodWhere(DataWhere):
 
 def method_hash(directory: Path, bases: list[Path] = ()) -> str:
     """Content hash of a method directory and of the methods it builds on: editing a method recomputes its jobs (and
-    those of the methods built on it), and only those. Its tests/ are not part of it."""
+    those of the methods built on it), and only those. Its tests/ and its Markdown (README: the measured numbers
+    rendered into it) are not part of it."""
     out = {}
     for root in [directory, *bases]:
-        files = sorted(p for p in root.rglob("*") if p.is_file() and not {"__pycache__", "tests"} & set(
-            p.relative_to(root).parts))
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".md" and not {
+            "__pycache__", "tests"} & set(p.relative_to(root).parts))
         prefix = "" if root == directory else f"{root.name}:"
         out.update({prefix + str(p.relative_to(root)): sha256_file(p) for p in files})
     return sha256_json(out)[:16]

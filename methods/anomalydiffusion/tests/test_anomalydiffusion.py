@@ -222,9 +222,9 @@ def test_adaptive_reweighting_changes_generation_and_reaches_only_the_embeddings
     request = build_request(task, plain_method, defect, 2, seed=0)
     plain = list(plain_method.generate(request, tmp_path))
     seen = []
-    real = processors._reweighted
-    monkeypatch.setattr(processors, "_reweighted", lambda logits, reweight, batch: seen.append(reweight) or real(
-        logits, reweight, batch))
+    real = processors.Reweight.logits
+    monkeypatch.setattr(processors.Reweight, "logits", lambda self, logits, call: seen.append(
+        call.context.get(processors.TokenReweight)) or real(self, logits, call))
     adaptive = list(load_method("anomalydiffusion", "tiny", {**settings, "adaptive_mask": True}).generate(request,
                                                                                                         tmp_path))
     assert seen and all(r.multiply and r.columns.sum(1).tolist() == [8, 8] for r in seen)

@@ -37,7 +37,7 @@ def attention(equations):
 def test_masked_cross_attention_matches_equations_10_and_11(attention):
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
-    from harness.diffusion.processors import Recorder
+    from harness.diffusion.processors import LayerProcessor, Recorder
 
     torch.manual_seed(0)
     heads, dim_head, tokens = 2, 4, 3
@@ -45,7 +45,7 @@ def test_masked_cross_attention_matches_equations_10_and_11(attention):
     z = torch.randn(2, 16, 8)  # a 4x4 map of queries
     c_a, c_b = torch.randn(2, tokens, 6), torch.randn(2, tokens, 6)
     mask = (torch.rand(2, 1, 8, 8) > 0.5).float()  # latent resolution, twice the map's
-    processor = attention.MaskedTwoPromptProcessor("layer", attn)
+    processor = LayerProcessor("layer", attention.behaviours("layer", attn))
     recorder = Recorder(tokens=(1,))
     with torch.no_grad():
         ours = processor(attn, z, torch.cat([c_a, c_b], 1), context=attention.context_for(mask, tokens, record=recorder))
@@ -90,7 +90,7 @@ def test_the_masked_rule_reaches_every_cross_attention_layer_of_a_unet(attention
     z, c_a, c_b = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 16), torch.randn(1, 3, 16)
     with torch.no_grad():
         plain = {name: unet(z, 10, encoder_hidden_states=c).sample for name, c in (("a", c_a), ("b", c_b))}
-        with processors.installed(unet, processor=attention.MaskedTwoPromptProcessor):
+        with processors.installed(unet, attention.behaviours):
             recorder = processors.Recorder(tokens=(0,))
             for value, name in ((1.0, "a"), (0.0, "b")):
                 context = attention.context_for(torch.full((1, 1, 8, 8), value), 3, record=recorder)

@@ -102,7 +102,7 @@ def test_the_text_lora_is_shared_and_trained_through_both_prompts():
 def test_a_batch_that_is_not_interleaved_pairs_is_an_error(dual):
     _, saim, _ = dual
     unet = _dual_unet(saim)
-    context = saim.AttentionContext(branch=torch.tensor([0, 0, 1, 1]))  # no pairs marker: not from context_for
+    context = saim.AttentionContext(saim.SampleBranches(torch.tensor([0, 0, 1, 1])))  # no Pairs: not context_for
     with pytest.raises(ValueError, match="interleaved"):
         unet(torch.randn(4, 4, 8, 8), 10, encoder_hidden_states=torch.randn(4, 3, 16),
              cross_attention_kwargs={"context": context})
@@ -165,7 +165,7 @@ def test_bcm_changes_the_whole_branch_alone_and_needs_the_background_pass(dual):
 
     def predict(background_latents):
         features = module._background_features(unet, background_latents, 10, c[0::2])
-        self_layers = {n.removesuffix(".processor") for n, p in unet.attn_processors.items() if p.bcm is not None}
+        self_layers = {n.removesuffix(".processor") for n, p in unet.attn_processors.items() if hasattr(p, "bcm")}
         assert set(features.features) == self_layers and self_layers
         return unet(z, 10, encoder_hidden_states=c, cross_attention_kwargs={
             "context": saim.context_for(2, saim=False, background=features)}).sample
