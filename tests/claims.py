@@ -225,9 +225,16 @@ def claim_tests(claims: dict, fixture: str, controls: list[tuple[str, list[str] 
     """
     import pytest
 
+    from tests.benchmarks import record
+
     @pytest.mark.slow
     def test_the_working_method_holds_every_claim(request):
-        assert_holds(claims, request.getfixturevalue(fixture)["working"])
+        """(Writes every variant's measures to results/bench/claims-<method>.json first: the README's table.)"""
+        variants = request.getfixturevalue(fixture)
+        method_dir = request.path.parents[1]
+        record.write_claims(method_dir.name, str(request.path.relative_to(record.REPO)), claims, dict(controls),
+                            {"working": variants["working"], **{name: variants[name] for name, _ in controls}})
+        assert_holds(claims, variants["working"])
 
     @pytest.mark.slow
     @pytest.mark.parametrize("broken, which", controls, ids=[broken for broken, _ in controls])

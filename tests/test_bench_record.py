@@ -33,3 +33,32 @@ def test_a_row_missing_its_date_is_an_error_naming_the_file(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"cpu-example.json: missing date"):
         record.load(tmp_path)
+
+
+def test_each_methods_claims_table_is_rendered_from_its_claim_tests_json():
+    methods = record.methods_with_claims()
+    with_claim_tests = sorted(p.parents[1].name for p in (record.REPO / "methods").glob("*/tests/test_*.py")
+                              if "claim_tests(" in p.read_text(encoding="utf-8"))
+    assert methods == with_claim_tests and len(methods) == 5
+    for method in methods:
+        readme = (record.REPO / "methods" / method / "README.md").read_text(encoding="utf-8")
+        assert record.claims_block(readme, method) == record.render_claims(method), method
+
+
+def test_a_claim_tests_record_keeps_every_variants_measures_and_what_it_fails(tmp_path):
+    import numpy as np
+
+    claims = {"kept": lambda m: m["psnr"] >= 36, "drawn": lambda m: m["contrast"] >= 1.5}
+    variants = {"working": {"psnr": np.float32(40.0), "contrast": 2.0, "samples": ["an image"], "flag": True},
+                "no blend": {"psnr": 12.5, "contrast": 1.0}}
+    path = record.write_claims("example", "methods/example/tests/test_example.py", claims, {"no blend": None},
+                               variants, out=tmp_path)
+    assert path.name == "claims-example.json"
+    table = record.render_claims("example", tmp_path)
+    assert "| working | 40 | 2 | nothing |" in table and "| no blend | 12.5 | 1 | kept; drawn |" in table
+    assert "flag" not in table and "samples" not in table and "`methods/example/tests/test_example.py`" in table
+    assert record.render_claims("other", tmp_path).startswith("Not measured yet")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Example\n\n{record.claims_start('example')}\nold\n{record.CLAIMS_END}\n\nafter\n")
+    record.update_claims(readme, "example", tmp_path)
+    assert record.claims_block(readme.read_text(), "example") == table and readme.read_text().endswith("after\n")

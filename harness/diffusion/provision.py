@@ -204,7 +204,7 @@ def provision(profile: str | Profile, normals: list[NormalImages], overrides: di
     """The backbone folder for a profile: the shipped tiny one (fine-tuned on `normals` where it has not seen
     them), or the pretrained backbone `name`."""
     profile = get_profile(profile)
-    if profile.name == "tiny":
+    if profile.shipped_backbone:
         return tiny_backbone(normals, overrides, profile.resolution, progress, announce)
     return paper_backbone(explicit, name)
 

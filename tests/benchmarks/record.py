@@ -1,7 +1,12 @@
-"""The CPU benchmarks' results as data: each `make bench` test writes results/bench/cpu-<name>.json (tracked) with
-what it measured, on which machine, at which commit and when; the README's table is rendered from those files
-(`make bench-table`), and a test checks that it is. A row transcribed from an earlier README, before its benchmark
-wrote JSON, says so and names the commit that recorded it."""
+"""Measurements as data.
+
+- The CPU benchmarks: each `make bench` test writes results/bench/cpu-<name>.json (tracked) with what it measured,
+  on which machine, at which commit and when; the README's table is rendered from those files. A row transcribed
+  from an earlier README, before its benchmark wrote JSON, says so and names the commit that recorded it.
+- The methods' claims: each method's claim test (`make test-slow`) writes results/bench/claims-<method>.json, every
+  variant's measures and the claims it fails; the method README's claims table is rendered from it.
+
+`make bench-table` renders both; a test checks that the READMEs hold what the files say."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +16,7 @@ import os
 import platform
 import subprocess
 import sys
+from numbers import Real
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,6 +24,8 @@ OUT = REPO / "results" / "bench"
 PREFIX = "cpu-"
 README_START = "<!-- bench: rendered from results/bench/cpu-*.json by `make bench-table` -->"
 README_END = "<!-- /bench -->"
+CLAIMS_PREFIX = "claims-"
+CLAIMS_END = "<!-- /claims -->"
 HEADERS = ["benchmark", "baseline", "result", "target", "measured"]
 FIELDS = ("benchmark", "what", "baseline", "result", "target")
 
@@ -102,6 +110,64 @@ def update_readme(path: Path, table: str) -> None:
     path.write_text(text[:start] + "\n" + table + "\n" + text[end:], encoding="utf-8")
 
 
+def claims_start(method: str) -> str:
+    return f"<!-- claims: rendered from results/bench/{CLAIMS_PREFIX}{method}.json by `make bench-table` -->"
+
+
+def write_claims(method: str, test: str, claims: dict, controls: dict, variants: dict, out: Path = OUT) -> Path:
+    """A method's claim test's result: each variant's numeric measures and the claims it fails (`claims`: name ->
+    predicate over the measures; `controls`: control -> the claims it must fail, None: at least one)."""
+    recorded = {}
+    for variant, measured in variants.items():
+        numbers = {k: float(v) for k, v in measured.items() if isinstance(v, Real) and not isinstance(v, bool)}
+        recorded[variant] = {"measures": numbers, "fails": [name for name, claim in claims.items()
+                                                            if not claim(measured)]}
+    record = {"method": method, "test": test, "date": datetime.date.today().isoformat(), "commit": commit(),
+              "machine": machine(), "claims": list(claims), "controls": controls, "variants": recorded}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{CLAIMS_PREFIX}{method}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def render_claims(method: str, folder: Path = OUT) -> str:
+    """A method README's claims table: a row per variant (the working method first), its measures and what it fails."""
+    path = folder / f"{CLAIMS_PREFIX}{method}.json"
+    if not path.exists():
+        return f"Not measured yet: `make test-slow` writes results/bench/{path.name}."
+    record = json.loads(path.read_text(encoding="utf-8"))
+    variants = record["variants"]
+    measures = list(dict.fromkeys(k for v in variants.values() for k in v["measures"]))
+    lines = [["Variant", *measures, "Fails"], ["---"] * (len(measures) + 2)]
+    for name, variant in variants.items():
+        cells = [f"{variant['measures'][m]:.3g}" if m in variant["measures"] else "" for m in measures]
+        lines.append([name, *cells, "; ".join(variant["fails"]) or "nothing"])
+    table = "\n".join("| " + " | ".join(line) + " |" for line in lines)
+    return (f"{table}\n\nMeasured {record['date']}, {record['commit']}, {record['machine']}, by "
+            f"`{record['test']}` (`make test-slow`).")
+
+
+def claims_block(readme: str, method: str) -> str | None:
+    start = readme.find(claims_start(method))
+    if start < 0:
+        return None
+    return readme[start + len(claims_start(method)):readme.index(CLAIMS_END, start)].strip()
+
+
+def update_claims(path: Path, method: str, folder: Path = OUT) -> None:
+    text = path.read_text(encoding="utf-8")
+    marker = claims_start(method)
+    start, end = text.index(marker) + len(marker), text.index(CLAIMS_END, text.index(marker))
+    path.write_text(text[:start] + "\n" + render_claims(method, folder) + "\n" + text[end:], encoding="utf-8")
+
+
+def methods_with_claims() -> list[str]:
+    return sorted(p.parent.name for p in (REPO / "methods").glob("*/README.md")
+                  if claims_start(p.parent.name) in p.read_text(encoding="utf-8"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="render the README's CPU benchmark table from results/bench")
     parser.add_argument("--write-readme", action="store_true", help="put the table into README.md")
@@ -109,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     table = render(load())
     if args.write_readme:
         update_readme(REPO / "README.md", table)
+        for method in methods_with_claims():
+            update_claims(REPO / "methods" / method / "README.md", method)
     print(table)
     return 0
 

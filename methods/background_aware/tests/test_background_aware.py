@@ -200,13 +200,8 @@ def _generate(task, workdir, n=6, **overrides):
     return list(method.generate(request, workdir)), request
 
 
-# The claims on the shipped backbone (trained at 128 px, used here at 64 px), with the values measured for the working
-# method and the broken variants (weave/hole, 150 steps, guidance 4, 25 DDIM steps, 2 threads):
-#   working              background 39.20 dB  contrast 1.67  defect -0.13
-#   no fine-tuning       39.77                2.37           -0.48
-#   C1/C2 swapped        38.89                4.01           -0.90
-#   no background path   32.62                2.03           -0.30
-#   no inversion         23.82                1.26            0.10
+# The claims on the shipped backbone (trained at 128 px, used here at 64 px; weave/hole, 150 steps, guidance 4, 25 DDIM
+# steps); each run writes every variant's values to results/bench/claims-background_aware.json (the README's table).
 # The shipped backbone draws a bright blob in the mask even untuned, so contrast alone no longer tells a fitted model
 # from an untuned one; the colour does: the fitted model's mask stays near the line from the normal colour to the
 # training defects' (its hole comes with a bright rim: slightly away), the untuned prior's and the swapped prompts'
