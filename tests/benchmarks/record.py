@@ -57,11 +57,19 @@ def commit() -> str:
 def write(name: str, *, what: str, baseline: str, result: str, target: str, measured: dict,
           out: Path = OUT) -> Path:
     """Write one benchmark's row and its raw numbers (`measured`) as results/bench/cpu-<name>.json."""
-    record = {"benchmark": f"test_bench_{name}.py", "what": what, "baseline": baseline, "result": result,
-              "target": target, "date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(),
-              "measured": measured}
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{PREFIX}{name}.json"
+    return _save(out / f"{PREFIX}{name}.json", {"benchmark": f"test_bench_{name}.py", "what": what,
+                                                  "baseline": baseline, "result": result, "target": target,
+                                                  **_stamp(), "measured": measured})
+
+
+def _stamp() -> dict:
+    """When, at which commit and on which machine a measurement was made."""
+    return {"date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine()}
+
+
+def _save(path: Path, record: dict) -> Path:
+    """The record as JSON, written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
@@ -122,14 +130,9 @@ def write_claims(method: str, test: str, claims: dict, controls: dict, variants:
         numbers = {k: float(v) for k, v in measured.items() if isinstance(v, Real) and not isinstance(v, bool)}
         recorded[variant] = {"measures": numbers, "fails": [name for name, claim in claims.items()
                                                             if not claim(measured)]}
-    record = {"method": method, "test": test, "date": datetime.date.today().isoformat(), "commit": commit(),
-              "machine": machine(), "claims": list(claims), "controls": controls, "variants": recorded}
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{CLAIMS_PREFIX}{method}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return _save(out / f"{CLAIMS_PREFIX}{method}.json", {"method": method, "test": test, **_stamp(),
+                                                          "claims": list(claims), "controls": controls,
+                                                          "variants": recorded})
 
 
 def render_claims(method: str, folder: Path = OUT) -> str:
