@@ -15,7 +15,7 @@ help:
 	@echo "make suite-mvtec-ad DATA=/path/to/mvtec_anomaly_detection     (also suite-mvtec-loco, suite-mvtec-caption)"
 	@echo "make leaderboard          re-render results/leaderboard/*.md and *.tex from the records"
 	@echo "make bench                speed benchmarks in tests/benchmarks (slow; prints ratios)"
-	@echo "make bench-table          the README's CPU benchmark table, rendered from results/bench/cpu-*.json"
+	@echo "make bench-table          the README's CPU benchmark table and the methods' claims tables, from results/bench"
 	@echo "make bench-gpu            the paper profile's cost per method on this machine's GPU (random full-width models)"
 	@echo "make backbone             train the tiny backbone again into $(RETRAINED), measure it, render its card"
 

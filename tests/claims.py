@@ -231,9 +231,10 @@ def claim_tests(claims: dict, fixture: str, controls: list[tuple[str, list[str] 
     def test_the_working_method_holds_every_claim(request):
         """(Writes every variant's measures to results/bench/claims-<method>.json first: the README's table.)"""
         variants = request.getfixturevalue(fixture)
-        method_dir = request.path.parents[1]
-        record.write_claims(method_dir.name, str(request.path.relative_to(record.REPO)), claims, dict(controls),
-                            {"working": variants["working"], **{name: variants[name] for name, _ in controls}})
+        missing = [name for name in ["working", *(broken for broken, _ in controls)] if name not in variants]
+        assert not missing, f"the fixture {fixture!r} has no variant {missing}"
+        test = request.path.resolve().relative_to(record.REPO / "methods")  # <method>/tests/test_<method>.py
+        record.write_claims(test.parts[0], f"methods/{test}", claims, dict(controls), variants)
         assert_holds(claims, variants["working"])
 
     @pytest.mark.slow

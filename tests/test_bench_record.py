@@ -62,3 +62,11 @@ def test_a_claim_tests_record_keeps_every_variants_measures_and_what_it_fails(tm
     readme.write_text(f"# Example\n\n{record.claims_start('example')}\nold\n{record.CLAIMS_END}\n\nafter\n")
     record.update_claims(readme, "example", tmp_path)
     assert record.claims_block(readme.read_text(), "example") == table and readme.read_text().endswith("after\n")
+
+
+def test_a_claim_record_names_a_measure_that_is_not_a_number_and_stays_valid_json(tmp_path):
+    claims = {"masks drawn": lambda m: m["shape"] <= 2.0}
+    path = record.write_claims("example", "methods/example/tests/test_example.py", claims, {},
+                               {"working": {"shape": float("inf"), "background": float("nan")}}, out=tmp_path)
+    json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert "| working | inf | nan | masks drawn |" in record.render_claims("example", tmp_path)

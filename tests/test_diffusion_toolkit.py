@@ -142,6 +142,15 @@ def test_a_context_holds_one_input_per_type_and_layers_one_behaviour_per_slot():
     with pytest.raises(ValueError, match="replace the attention"):
         proc.LayerProcessor("layer", [Rule(), Other()])
 
+    class Blind(proc.Behaviour):  # changes the logits, never asks for the map: the fused kernel would skip it
+        slot = "blind"
+
+        def logits(self, logits, call):
+            return logits * 2
+
+    with pytest.raises(ValueError, match="needs_map"):
+        proc.LayerProcessor("layer", [Blind()])
+
 
 def _cross_layer(unet):
     name, module = next((n, m) for n, m in unet.named_modules() if n.endswith("attn2"))

@@ -14,9 +14,10 @@ processor computes diffusers' attention and gives each behaviour its hooks:
 
 Every per-call input travels with the call, as `unet(..., cross_attention_kwargs={"context": AttentionContext(
 ...)})`: a typed value per behaviour (`Recorder` for Record, `TokenReweight` for Reweight, `SampleBranches` for
-BranchLoRA, a method's own types for its behaviours), found by its type. A behaviour whose input the call does
-not carry does nothing (BranchLoRA, which cannot, raises). The processors hold no per-call state. With no
-behaviour, or none with an input, a layer computes exactly what diffusers' AttnProcessor computes (tested).
+BranchLoRA, a method's own types for its behaviours), found by its exact type. A behaviour whose input the call
+does not carry does nothing, or raises where it cannot do without (BranchLoRA; DualAnoDiff's SAIM and BCM). The
+processors hold no per-call state. With no behaviour, or none with an input, a layer computes exactly what
+diffusers' AttnProcessor computes (tested).
 """
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ class Call:
 
 
 class Attend(Protocol):
+    """The layer's plain attention of `query` over `source`; `observe` False keeps its map from the observers."""
+
     def __call__(self, query: torch.Tensor, source: torch.Tensor, attention_mask: torch.Tensor | None,
                  observe: bool = True) -> torch.Tensor: ...
 
@@ -76,12 +79,15 @@ class Behaviour(torch.nn.Module):
         """The states the keys and values are projected from."""
         return source
 
-    def attend(self, attend: Attend, query: torch.Tensor, source: torch.Tensor, call: Call) -> torch.Tensor | None:
-        """The attention output (heads merged) in place of `attend(query, source, mask)`; None: the plain one."""
+    def attend(self, attend: Attend, query: torch.Tensor, source: torch.Tensor, attention_mask: torch.Tensor | None,
+               call: Call) -> torch.Tensor | None:
+        """The attention output (heads merged) in place of `attend(query, source, attention_mask)`; None (having
+        called nothing): the plain one."""
         return None
 
     def needs_map(self, call: Call, observe: bool) -> bool:
-        """Whether this call must form the attention map (else the fused kernel runs, which never holds it)."""
+        """Whether this call must form the attention map (else the fused kernel runs, which never holds it, and no
+        `logits` or `observe` hook runs): a behaviour with either hook says when it needs them."""
         return False
 
     def logits(self, logits: torch.Tensor, call: Call) -> torch.Tensor:
@@ -222,9 +228,13 @@ class LayerProcessor(torch.nn.Module):
         self.name = name
         self.behaviours = list(behaviours)
         for behaviour in self.behaviours:
+            kind = type(behaviour)
             if not behaviour.slot or hasattr(self, behaviour.slot):
-                raise ValueError(f"{name}: behaviour {type(behaviour).__name__} has no slot of its own "
-                                 f"({behaviour.slot!r})")
+                raise ValueError(f"{name}: behaviour {kind.__name__}'s slot {behaviour.slot!r} is empty or taken")
+            if (kind.logits is not Behaviour.logits or kind.observe is not Behaviour.observe) and (
+                    kind.needs_map is Behaviour.needs_map):
+                raise ValueError(f"{name}: behaviour {kind.__name__} changes or reads the attention map but never "
+                                 "asks for it (needs_map): the fused kernel would skip it")
             self.add_module(behaviour.slot, behaviour)
         self._attends = [b for b in self.behaviours if type(b).attend is not Behaviour.attend]
         if len(self._attends) > 1:
@@ -258,10 +268,11 @@ class LayerProcessor(torch.nn.Module):
         for behaviour in self.behaviours:
             source = behaviour.keys_from(source, call)
 
-        def attend(q: torch.Tensor, s: torch.Tensor, mask: torch.Tensor | None, observe: bool = True) -> torch.Tensor:
-            return self._attend(attn, q, s, mask, call, observe)
+        def attend(query: torch.Tensor, source: torch.Tensor, attention_mask: torch.Tensor | None,
+                   observe: bool = True) -> torch.Tensor:
+            return self._attend(attn, query, source, attention_mask, call, observe)
 
-        replaced = self._attends[0].attend(attend, query, source, call) if self._attends else None
+        replaced = self._attends[0].attend(attend, query, source, attention_mask, call) if self._attends else None
         hidden_states = replaced if replaced is not None else attend(query, source, attention_mask)
         hidden_states = attn.to_out[1](self._project("out", attn.to_out[0], hidden_states, call))
         for behaviour in self.behaviours:
@@ -315,7 +326,7 @@ def each_layer(*kinds: type[Behaviour]) -> Behaviours:
 
 def install(unet: torch.nn.Module, behaviours: Behaviours = no_behaviours) -> dict:
     """A LayerProcessor with `behaviours(name, layer)` on every attention layer of `unet` (their parameters trainable
-    parameters of the UNet from then on, placed where the layer is: a GPU, a dtype); returns the previous processors
+    parameters of the UNet from then on, on the layer's device); returns the previous processors
     (`unet.set_attn_processor(previous)`)."""
     previous = dict(unet.attn_processors)
     modules = dict(unet.named_modules())

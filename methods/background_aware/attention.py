@@ -58,15 +58,18 @@ class MaskedTwoPrompts(Behaviour):
 
     slot = "two_prompts"
 
-    def attend(self, attend: Attend, query: torch.Tensor, source: torch.Tensor, call: Call) -> torch.Tensor | None:
+    def attend(self, attend: Attend, query: torch.Tensor, source: torch.Tensor, attention_mask: torch.Tensor | None,
+               call: Call) -> torch.Tensor | None:
         two = call.context.get(TwoPrompts)
         if not call.cross or two is None:
             return None
         if source.shape[1] != 2 * two.tokens:
             raise ValueError(f"{call.layer}: the condition has {source.shape[1]} tokens, not two prompts of "
                              f"{two.tokens}")
-        region = attend(query, source[:, :two.tokens], None, observe=True)
-        background = attend(query, source[:, two.tokens:], None, observe=False)
+        region_mask, background_mask = ((None, None) if attention_mask is None else
+                                        (attention_mask[..., :two.tokens], attention_mask[..., two.tokens:]))
+        region = attend(query, source[:, :two.tokens], region_mask, observe=True)
+        background = attend(query, source[:, two.tokens:], background_mask, observe=False)
         m = mask_for(two.mask, query.shape[1]).to(region.dtype)
         return m * region + (1 - m) * background
 

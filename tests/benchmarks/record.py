@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -71,7 +72,8 @@ def _save(path: Path, record: dict) -> Path:
     """The record as JSON, written whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(_valid_json(record), indent=1, ensure_ascii=False, allow_nan=False) + "\n",
+                   encoding="utf-8")
     tmp.replace(path)
     return path
 
@@ -126,13 +128,35 @@ def write_claims(method: str, test: str, claims: dict, controls: dict, variants:
     """A method's claim test's result: each variant's numeric measures and the claims it fails (`claims`: name ->
     predicate over the measures; `controls`: control -> the claims it must fail, None: at least one)."""
     recorded = {}
-    for variant, measured in variants.items():
-        numbers = {k: float(v) for k, v in measured.items() if isinstance(v, Real) and not isinstance(v, bool)}
+    for variant in sorted(variants, key=lambda name: name != "working"):  # the working method first
+        measured = variants[variant]
+        numbers = {k: _number(v) for k, v in measured.items() if isinstance(v, Real) and not isinstance(v, bool)}
         recorded[variant] = {"measures": numbers, "fails": [name for name, claim in claims.items()
                                                             if not claim(measured)]}
     return _save(out / f"{CLAIMS_PREFIX}{method}.json", {"method": method, "test": test, **_stamp(),
                                                           "claims": list(claims), "controls": controls,
                                                           "variants": recorded})
+
+
+def _number(value: Real) -> float | str:
+    """A measure as JSON holds it: a float, or "inf" / "-inf" / "nan" (no mask drawn, nothing to compare)."""
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+def _valid_json(value):
+    """NaN and infinities, which JSON has no numbers for, as "nan" / "inf" / "-inf", anywhere in `value`."""
+    if isinstance(value, dict):
+        return {k: _valid_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_valid_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _cell(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:.3g}"
 
 
 def render_claims(method: str, folder: Path = OUT) -> str:
@@ -145,7 +169,7 @@ def render_claims(method: str, folder: Path = OUT) -> str:
     measures = list(dict.fromkeys(k for v in variants.values() for k in v["measures"]))
     lines = [["Variant", *measures, "Fails"], ["---"] * (len(measures) + 2)]
     for name, variant in variants.items():
-        cells = [f"{variant['measures'][m]:.3g}" if m in variant["measures"] else "" for m in measures]
+        cells = [_cell(variant["measures"][m]) if m in variant["measures"] else "" for m in measures]
         lines.append([name, *cells, "; ".join(variant["fails"]) or "nothing"])
     table = "\n".join("| " + " | ".join(line) + " |" for line in lines)
     return (f"{table}\n\nMeasured {record['date']}, {record['commit']}, {record['machine']}, by "

@@ -175,9 +175,10 @@ def test_bcm_changes_the_whole_branch_alone_and_needs_the_background_pass(dual):
         assert not torch.allclose(one[0::2], other[0::2], atol=1e-4)
         assert torch.allclose(one[1::2], other[1::2], atol=1e-6)
         empty = saim.bcm.BackgroundFeatures(mode="read")
-        with pytest.raises(ValueError, match="background pass"):
-            unet(z, 10, encoder_hidden_states=c, cross_attention_kwargs={
-                "context": saim.context_for(2, background=empty)})
+        for background in (empty, None):  # nothing written, or no store at all: never a silent pass without BCM
+            with pytest.raises(ValueError, match="background pass"):
+                unet(z, 10, encoder_hidden_states=c, cross_attention_kwargs={
+                    "context": saim.context_for(2, background=background)})
 
 
 def test_bcm_compensates_the_keys_and_values_and_not_the_queries(dual):
