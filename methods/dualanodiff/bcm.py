@@ -23,25 +23,26 @@ import numpy as np
 import torch
 
 from harness.diffusion.latents import to_tensor
-from harness.diffusion.processors import AttentionContext, Behaviour, Call
+from harness.diffusion.processors import Behaviour, Call
 from harness.imaging import estimate_foreground
 
 GAMMA_INIT = 0.1
 WHOLE = slice(0, None, 2)  # the whole branch's samples of the dual pass's interleaved (whole, part) pairs (saim.py)
 
 
-@dataclass
-class BackgroundFeatures:
-    """BCM's per-call input: mode "write" (the background pass) keeps each self-attention layer's input features;
-    mode "read" (the dual pass) hands them to the same layer."""
+@dataclass(frozen=True)
+class BackgroundPass:
+    """BCM's input in the background pass (the whole branch alone): each self-attention layer's input features are
+    written to `features`."""
 
-    mode: str = "write"
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def background_pass(context: AttentionContext) -> bool:
-    store = context.get(BackgroundFeatures)
-    return store is not None and store.mode == "write"
+@dataclass(frozen=True)
+class BackgroundFeatures:
+    """BCM's input in the dual pass: the background pass's features, read by the same layers."""
+
+    features: dict[str, torch.Tensor]
 
 
 class BackgroundCompensation(Behaviour):
@@ -65,14 +66,15 @@ class BackgroundCompensation(Behaviour):
         """Eq. 5-6: the background pass writes phi(z_b); the dual pass compensates the whole branch's phi(z)."""
         if call.cross:
             return source
-        store = call.context.get(BackgroundFeatures)
-        if store is not None and store.mode == "write":
-            store.features[call.layer] = source
+        written = call.context.get(BackgroundPass)
+        if written is not None:
+            written.features[call.layer] = source
             return source
-        if store is None or store.mode != "read" or call.layer not in store.features:
+        background = call.context.get(BackgroundFeatures)
+        if background is None or call.layer not in background.features:
             raise ValueError(f"{call.layer}: BCM needs the background pass's features (saim.background_context)")
         source = source.clone()
-        source[WHOLE] = self(source[WHOLE], store.features[call.layer])
+        source[WHOLE] = self(source[WHOLE], background.features[call.layer])
         return source
 
 

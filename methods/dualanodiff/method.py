@@ -268,11 +268,10 @@ class DualAnoDiff(Method):
 
 def _background_features(unet, z_b: torch.Tensor, t, text: torch.Tensor) -> bcm.BackgroundFeatures:
     """BCM's background pass: the whole branch (its LoRA, its prompt, no SAIM) denoises the noised background
-    latents; returns the store of each self-attention layer's input features, ready for the dual pass to read."""
-    context, store = saim.background_context(len(z_b), z_b.device)
+    latents; returns each self-attention layer's input features, for the dual pass to read."""
+    context, written = saim.background_context(len(z_b), z_b.device)
     unet(z_b, t, encoder_hidden_states=text, cross_attention_kwargs={"context": context})
-    store.mode = "read"
-    return store
+    return bcm.BackgroundFeatures(written.features)
 
 
 def _text_settings(config: dict) -> LoraSettings:

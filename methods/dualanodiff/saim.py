@@ -78,7 +78,7 @@ class SAIM(Behaviour):
 
     def output(self, hidden_states: torch.Tensor, call: Call) -> torch.Tensor:
         pairs = call.context.get(Pairs)
-        if pairs is None and bcm.background_pass(call.context):  # the whole branch alone: nothing to interact with
+        if pairs is None and call.context.get(bcm.BackgroundPass) is not None:  # the whole branch alone
             return hidden_states
         if pairs is None or BRANCHES * pairs.count != len(hidden_states):
             raise ValueError(f"{call.layer}: the batch must be interleaved (whole, part) pairs with "
@@ -94,17 +94,16 @@ def pair_branches(pairs: int, device: torch.device | str = "cpu") -> torch.Tenso
 def context_for(pairs: int, saim: bool = True, device: torch.device | str = "cpu",
                 background: bcm.BackgroundFeatures | None = None) -> AttentionContext:
     """The per-call context of a UNet call on `pairs` interleaved (whole, part) pairs: each sample's branch (on the
-    UNet's device), SAIM on or off, and BCM's background features (mode "read")."""
+    UNet's device), SAIM on or off, and BCM's background features."""
     return AttentionContext(SampleBranches(pair_branches(pairs, device)), Pairs(pairs, saim), background)
 
 
-def background_context(count: int, device: torch.device | str = "cpu") -> tuple[AttentionContext,
-                                                                                 bcm.BackgroundFeatures]:
+def background_context(count: int, device: torch.device | str = "cpu") -> tuple[AttentionContext, bcm.BackgroundPass]:
     """The context of BCM's background pass on `count` background latents (the whole branch's LoRA, no SAIM), and
-    the store it fills for the dual pass."""
-    store = bcm.BackgroundFeatures(mode="write")
+    what it writes the features into."""
+    written = bcm.BackgroundPass()
     branch = torch.zeros(count, dtype=torch.long, device=device)
-    return AttentionContext(SampleBranches(branch), store), store
+    return AttentionContext(SampleBranches(branch), written), written
 
 
 def behaviours(name: str, attn, rank: int, alpha: float | None = None, zero_init: bool = False,

@@ -174,7 +174,7 @@ def test_bcm_changes_the_whole_branch_alone_and_needs_the_background_pass(dual):
         one, other = predict(torch.randn(2, 4, 8, 8)), predict(torch.randn(2, 4, 8, 8))
         assert not torch.allclose(one[0::2], other[0::2], atol=1e-4)
         assert torch.allclose(one[1::2], other[1::2], atol=1e-6)
-        empty = saim.bcm.BackgroundFeatures(mode="read")
+        empty = saim.bcm.BackgroundFeatures({})
         for background in (empty, None):  # nothing written, or no store at all: never a silent pass without BCM
             with pytest.raises(ValueError, match="background pass"):
                 unet(z, 10, encoder_hidden_states=c, cross_attention_kwargs={
@@ -191,7 +191,7 @@ def test_bcm_compensates_the_keys_and_values_and_not_the_queries(dual):
     processor = attn.processor
     _randomised(processor.bcm)
     phi, phi_b = torch.randn(2, 16, attn.to_q.in_features), torch.randn(1, 16, attn.to_q.in_features)
-    store = saim.bcm.BackgroundFeatures(mode="read", features={name: phi_b})
+    store = saim.bcm.BackgroundFeatures({name: phi_b})
     with torch.no_grad():
         out = processor(attn, phi, context=saim.context_for(1, saim=False, background=store))
 
