@@ -20,6 +20,8 @@ from harness.downstream import data, detectors, segmentation
 from harness.downstream.config import model_config
 from harness.profiles import get_profile
 
+from . import record
+
 pytestmark = pytest.mark.bench
 CATEGORIES = ("weave", "washer", "tray")
 
@@ -34,7 +36,7 @@ def test_downstream_and_detector_times_per_category(tmp_path):
     torch.set_num_threads(1)  # as a job runs in the suite (1 CPU each)
     resolution = get_profile("tiny").resolution
     root = cached(SynthConfig())
-    rows = []
+    rows, seconds_of = [], {}
     for name in CATEGORIES:
         split = make_split(read_category(root, name, dataset="synthetic"))
         test = data.test_set(split, resolution)
@@ -51,6 +53,22 @@ def test_downstream_and_detector_times_per_category(tmp_path):
             assert np.isfinite(maps).all() and np.isfinite(scores).all()
             times[detectors.DETECTORS[detector].label] = seconds
         rows.append([name, *(f"{t:.1f} s ({t / times['PaDiM']:.1f}x)" for t in times.values())])
+        seconds_of[name] = times
     print(f"\nTiny profile, 1 thread, {len(normal)} normal training images at {resolution} px "
           f"(time, and x PaDiM in the same run):")
     print(tabulate(rows, headers=["category", *times], tablefmt="github"))
+    models = list(times)
+
+    def spread(model: str) -> str:
+        values = [t[model] for t in seconds_of.values()]
+        ratios = [t[model] / t["PaDiM"] for t in seconds_of.values()]
+        return f"{model} {record.span(values)} s ({record.span(ratios)}x)"
+
+    record.write(
+        "downstream",
+        what=(f"one downstream U-Net training and one run of each detector per smoke category (tiny profile, 1 thread, "
+              f"{len(normal)} normal training images at {resolution} px)"),
+        baseline=f"PaDiM {record.span([t['PaDiM'] for t in seconds_of.values()])} s",
+        result=", ".join(spread(m) for m in models if m != "PaDiM"),
+        target="printed, no target",
+        measured=seconds_of)
